@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""Generate the sample training set data/sample_train.jsonl (deterministic; output committed).
+
+Multi-turn dialogues over generated documents about fictional public services. Each document is
+cut into sections (the passages); each user turn asks about one section, the agent answers from it.
+A training example is the dialogue up to a user turn (``messages``), the section it asks about
+(``positive``) and hard negatives: the other sections of the same document, most word overlap with
+the query first. The format is that of ``../shared/data/doc2dial/train_triples.jsonl``.
+
+    python data/make_sample_data.py            # rewrites data/sample_train.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+from pathlib import Path
+
+SERVICES = [
+    "resident parking permit", "library membership", "small business licence", "bulky waste collection",
+    "community garden plot", "dog licence", "street festival permit", "home energy grant",
+    "youth sports subsidy", "market stall booking", "tree removal permit", "senior transport pass",
+]
+ASPECTS = {
+    "eligibility": ("Who can apply for the {s}", [
+        "Anyone who has lived in the district for at least {n} months can apply for the {s}.",
+        "Applicants must be at least {age} years old and registered at an address in the district.",
+        "Households with more than {k} members may hold two {s}s at the same time.",
+        "Students living in university housing are not eligible unless they pay council tax.",
+    ]),
+    "documents": ("What you need to bring", [
+        "To apply for the {s} you need a photo ID and a proof of address dated within {n} weeks.",
+        "A utility bill, a bank statement or a tenancy agreement is accepted as proof of address.",
+        "If you apply on behalf of someone else you also need a signed letter of authority.",
+        "Copies are fine for online applications; bring the originals to the {office} office.",
+    ]),
+    "fees": ("How much it costs", [
+        "The {s} costs {fee} euros a year, paid when you apply.",
+        "People receiving housing benefit pay a reduced fee of {low} euros.",
+        "You can pay by card online or at the {office} office; cash is no longer accepted.",
+        "The fee is refunded in part if you cancel within the first {n} weeks.",
+    ]),
+    "processing": ("How long it takes", [
+        "Most {s} applications are processed within {days} working days.",
+        "You will receive an email with a reference number as soon as your application is logged.",
+        "Applications missing a document are put on hold until the document arrives.",
+        "In August processing can take up to {late} working days because of holidays.",
+    ]),
+    "renewal": ("Renewing or changing your {s}", [
+        "The {s} must be renewed every {years} years; we send a reminder {n} weeks before it expires.",
+        "You can renew online with your reference number, without new documents if nothing changed.",
+        "If you move within the district, update your address within {days} days to keep the {s} valid.",
+        "A lost {s} can be replaced for {low} euros at the {office} office.",
+    ]),
+    "complaints": ("Problems and complaints", [
+        "If your {s} application is refused you can ask for a review within {n} days.",
+        "Write to the {office} office and explain why you think the decision is wrong.",
+        "A different officer reviews the case and replies within {days} working days.",
+        "If you are still unhappy you can contact the district ombudsman free of charge.",
+    ]),
+}
+QUESTIONS = {
+    "eligibility": ["Can I apply for a {s}?", "Who is eligible for the {s}?", "Am I allowed to get a {s} if I just moved here?"],
+    "documents": ["What documents do I need for the {s}?", "What should I bring to apply?", "Is a bank statement ok as proof of address?"],
+    "fees": ["How much does the {s} cost?", "Is there a reduced fee?", "Can I pay in cash?"],
+    "processing": ["How long does the {s} take to process?", "When will I hear back about my application?", "Why is my application on hold?"],
+    "renewal": ["How do I renew my {s}?", "What if I move house?", "I lost my {s}, what now?"],
+    "complaints": ["My {s} application was refused, what can I do?", "How do I complain about a decision?", "Who reviews my complaint?"],
+}
+FOLLOW_UPS = ["And what about {a}?", "One more thing: {q}", "Thanks. {q}", "ok, {q}"]
+OFFICES = ["Town Hall", "North Civic Centre", "Harbour Street", "Riverside Service Point"]
+
+
+def make_document(service: str, rng: random.Random) -> dict[str, str]:
+    values = {
+        "s": service, "n": rng.randint(2, 12), "age": rng.choice([16, 18, 21]), "k": rng.randint(3, 6),
+        "office": rng.choice(OFFICES), "fee": rng.choice([15, 25, 40, 60, 85, 120]), "low": rng.choice([5, 8, 10]),
+        "days": rng.randint(5, 20), "late": rng.randint(25, 40), "years": rng.randint(1, 5),
+    }
+    sections = {}
+    for aspect, (title, sentences) in ASPECTS.items():
+        chosen = sentences[:2] + rng.sample(sentences[2:], rng.randint(1, 2))
+        sections[aspect] = (title + "\n" + " ".join(chosen)).format(**values)
+    return sections
+
+
+def words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z]+", text.lower()))
+
+
+def make_examples(seed: int = 13, dialogues_per_service: int = 9) -> list[dict]:
+    rng = random.Random(seed)
+    examples = []
+    for service in SERVICES:
+        sections = make_document(service, rng)
+        for dialogue in range(dialogues_per_service):
+            messages = []
+            aspects = rng.sample(list(ASPECTS), rng.randint(1, 3))
+            for turn, aspect in enumerate(aspects):
+                question = rng.choice(QUESTIONS[aspect]).format(s=service)
+                if turn:
+                    question = rng.choice(FOLLOW_UPS).format(q=question[0].lower() + question[1:], a=aspect)
+                messages.append({"role": "user", "content": question})
+                positive = sections[aspect]
+                query_words = words(" ".join(m["content"] for m in messages))
+                others = [a for a in ASPECTS if a != aspect]
+                others.sort(key=lambda a: (-len(query_words & words(sections[a])), a))
+                examples.append({
+                    "id": f"{service.replace(' ', '_')}-{dialogue}-{turn}",
+                    "messages": [dict(m) for m in messages],
+                    "document": service,
+                    "positive": positive,
+                    "hard_negatives": [sections[a] for a in others[:3]],
+                })
+                answer = positive.split("\n", 1)[1].split(". ")[0].rstrip(".") + "."
+                messages.append({"role": "assistant", "content": answer})
+    return examples
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default=str(Path(__file__).with_name("sample_train.jsonl")))
+    parser.add_argument("--seed", type=int, default=13)
+    args = parser.parse_args(argv)
+    examples = make_examples(args.seed)
+    with open(args.output, "w", encoding="utf-8") as handle:
+        for example in examples:
+            handle.write(json.dumps(example) + "\n")
+    print(f"wrote {len(examples)} examples to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""Training data: reading the three record formats, query formatting, tokenising and padding."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import UserError
+
+logger = logging.getLogger(__name__)
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+@dataclass
+class Example:
+    """One training example: a query text, its positive passage and its hard negatives."""
+
+    query: str
+    positive: str
+    negatives: list[str] = field(default_factory=list)
+
+
+def format_query(messages: list[dict], num_turns: int = 5) -> str:
+    """A conversation as ChatRAG-Bench's retrievers see it: the last ``num_turns`` turns, one line each.
+
+    ``[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]`` becomes
+    ``"user: hi\\nagent: hello"`` (the role ``assistant`` is written ``agent``). Training and
+    evaluation both call this, so they see the same strings.
+    """
+    lines = []
+    for turn in messages[-num_turns:]:
+        role = "agent" if turn["role"] == "assistant" else turn["role"]
+        lines.append(f"{role}: {turn['content'].strip()}")
+    return "\n".join(lines).strip()
+
+
+def _text(value, what: str, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(f"{where}: {what} must be a non-empty string, got {value!r:.80}")
+    return value
+
+
+def _text_list(value, what: str, where: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise UserError(f"{where}: {what} must be a string or a list of strings, got {type(value).__name__}")
+    return [_text(v, what, where) for v in value]
+
+
+def parse_record(record, where: str, num_turns: int = 5) -> Example:
+    """An :class:`Example` from one record in any of the three formats.
+
+    (a) ``messages`` (role/content turns), ``positive``, ``hard_negatives``;
+    (b) ``anchor``, ``positive``, ``negative`` (a string or a list);
+    (c) ``query``, ``positive``, ``negatives``.
+    ``where`` names the record in error messages (``file:line``).
+    """
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise UserError(f"{where}: 'messages' must be a non-empty list of turns")
+        for turn in messages:
+            if not isinstance(turn, dict) or not isinstance(turn.get("role"), str):
+                raise UserError(f"{where}: each turn in 'messages' needs a 'role' and a 'content'")
+            _text(turn.get("content"), "each turn's 'content'", where)
+        query = format_query(messages, num_turns)
+        negatives = record.get("hard_negatives")
+        negatives_key = "hard_negatives"
+    elif "anchor" in record:
+        query = _text(record["anchor"], "'anchor'", where)
+        negatives, negatives_key = record.get("negative"), "negative"
+    elif "query" in record:
+        query = _text(record["query"], "'query'", where)
+        negatives, negatives_key = record.get("negatives"), "negatives"
+    else:
+        raise UserError(f"{where}: no query: expected a 'messages', 'anchor' or 'query' field")
+    if "positive" not in record:
+        raise UserError(f"{where}: no 'positive' field")
+    positive = _text(record["positive"], "'positive'", where)
+    return Example(query, positive, _text_list(negatives, f"'{negatives_key}'", where))
+
+
+def _iter_file_records(path: Path):
+    """(where, record) pairs of one data file."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            with open(path, encoding="utf-8") as handle:
+                for line_number, line in enumerate(handle, start=1):
+                    if not line.strip():
+                        continue
+                    where = f"{path}:{line_number}"
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise UserError(f"{where}: malformed JSON line ({err.msg})") from err
+                    yield where, record
+        elif suffix == ".json":
+            with open(path, encoding="utf-8") as handle:
+                try:
+                    records = json.load(handle)
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{path}: malformed JSON at line {err.lineno} ({err.msg})") from err
+            if isinstance(records, dict) and isinstance(records.get("data"), list):
+                records = records["data"]
+            if not isinstance(records, list):
+                raise UserError(f"{path}: a .json data file must hold a list of records")
+            for index, record in enumerate(records):
+                yield f"{path}: record {index}", record
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            for index, record in enumerate(pq.read_table(path).to_pylist()):
+                yield f"{path}: row {index}", record
+        else:
+            raise UserError(f"{path}: unsupported data file type; use {', '.join(DATA_SUFFIXES)}")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not valid UTF-8 text ({err.reason} at byte {err.start})") from err
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror or err})") from err
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    return (folder / "dataset_info.json").is_file() or (folder / "dataset_dict.json").is_file()
+
+
+def _iter_folder_records(folder: Path):
+    if _is_saved_dataset(folder):
+        import datasets
+
+        dataset = datasets.load_from_disk(str(folder))
+        if isinstance(dataset, datasets.DatasetDict):
+            if "train" not in dataset:
+                raise UserError(f"{folder}: a saved DatasetDict needs a 'train' split, found {list(dataset)}")
+            dataset = dataset["train"]
+        for index, record in enumerate(dataset):
+            yield f"{folder}: row {index}", record
+        return
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+    if not files:
+        raise UserError(f"{folder}: no data files ({', '.join(DATA_SUFFIXES)}) in this folder")
+    for path in files:
+        yield from _iter_file_records(path)
+
+
+def load_examples(paths: list[str], num_turns: int = 5, query_instruction: str = "") -> list[Example]:
+    """Every example of the given files and folders, in order.
+
+    A folder is either a ``datasets.save_to_disk`` folder or holds data files, read in name order.
+    Any problem (a missing file, a malformed line, a record without a query or positive, no
+    examples at all) raises :class:`UserError` naming the file and line.
+    """
+    if not paths:
+        raise UserError("no training data given (--train_data)")
+    examples = []
+    for name in paths:
+        path = Path(name)
+        if not path.exists():
+            raise UserError(f"training data not found: {name}")
+        records = _iter_folder_records(path) if path.is_dir() else _iter_file_records(path)
+        count = len(examples)
+        for where, record in records:
+            example = parse_record(record, where, num_turns)
+            example.query = query_instruction + example.query
+            examples.append(example)
+        logger.info("read %d examples from %s", len(examples) - count, name)
+    if not examples:
+        raise UserError(f"the training data is empty: {', '.join(paths)}")
+    return examples
+
+
+class ExampleDataset(torch.utils.data.Dataset):
+    """Examples with at most ``num_hard_negatives`` hard negatives each.
+
+    Hard negatives are taken in their listed order (mined lists put the hardest first); an example
+    with fewer uses what it has, so the number of passages per batch may vary.
+    """
+
+    def __init__(self, examples: list[Example], num_hard_negatives: int):
+        self.examples = examples
+        self.num_hard_negatives = num_hard_negatives
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> Example:
+        example = self.examples[index]
+        return Example(example.query, example.positive, example.negatives[: self.num_hard_negatives])
+
+
+def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The special token ids a tokenizer puts before and after a single text (BERT: [CLS], [SEP])."""
+    full = tokenizer("a")["input_ids"]
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    start = next(i for i in range(len(full)) if full[i : i + len(bare)] == bare)
+    return full[:start], full[start + len(bare) :]
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int, truncation_side: str) -> list[list[int]]:
+    """Token ids with special tokens, at most ``max_length`` each, cut on ``truncation_side``.
+
+    Queries are cut on the left (a dialogue's latest turns are kept), passages on the right; the
+    special tokens are kept either way.
+    """
+    prefix, suffix = special_tokens(tokenizer)
+    budget = max_length - len(prefix) - len(suffix)
+    if budget < 1:
+        raise UserError(f"max length {max_length} leaves no room for text")
+    ids = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    return [prefix + (x[-budget:] if truncation_side == "left" else x[:budget]) + suffix for x in ids]
+
+
+def pad(sequences: list[list[int]], pad_token_id: int, device=None) -> dict[str, torch.Tensor]:
+    """Right-pad token id lists to their own longest: ``input_ids`` and ``attention_mask``, (N, L)."""
+    length = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)  # (N, L)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)  # (N, L)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        attention_mask[row, : len(sequence)] = 1
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+
+
+@dataclass
+class ContrastiveCollator:
+    """Tokenises a list of :class:`Example` into one contrastive batch (not padded yet).
+
+    Returns ``query_ids`` (B lists of token ids), ``passage_ids`` (P lists: the B positives in
+    query order, then every example's hard negatives) and ``passage_text_ids`` (P,): equal integers
+    for identical passage texts, which the loss uses to mask duplicates of a query's positive.
+    """
+
+    tokenizer: object
+    query_max_len: int
+    passage_max_len: int
+
+    def __call__(self, examples: list[Example]) -> dict:
+        passages = [e.positive for e in examples] + [n for e in examples for n in e.negatives]
+        text_ids: dict[str, int] = {}
+        passage_text_ids = torch.tensor([text_ids.setdefault(p, len(text_ids)) for p in passages])  # (P,)
+        return {
+            "query_ids": tokenize(self.tokenizer, [e.query for e in examples], self.query_max_len, "left"),
+            "passage_ids": tokenize(self.tokenizer, passages, self.passage_max_len, "right"),
+            "passage_text_ids": passage_text_ids,
+        }
+
+
+def split_into_mini_batches(
+    sequences: list[list[int]], mini_batch_size: int | None, pad_token_id: int, device=None
+) -> list[dict[str, torch.Tensor]]:
+    """Consecutive mini-batches of at most ``mini_batch_size`` (``None``: one), each padded to its own longest."""
+    size = mini_batch_size or len(sequences)
+    return [pad(sequences[i : i + size], pad_token_id, device) for i in range(0, len(sequences), size)]
+
+
+def default_train_data() -> str:
+    """The sample training set the project generates into ``data/``."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sample_train.jsonl")

