@@ -56,12 +56,12 @@ class RandState:
 def embed_without_grad(
     encode: EncodeFn, mini_batches: Sequence[dict], device: torch.device
 ) -> tuple[torch.Tensor, list[RandState]]:
-    """Pass 1: (N, D) float32 embeddings of all mini-batches, and the RNG state before each."""
+    """Pass 1: (N, D) embeddings of all mini-batches, and the RNG state before each."""
     states, embeddings = [], []
     with torch.no_grad():
         for inputs in mini_batches:
             states.append(RandState.capture(device))
-            embeddings.append(encode(inputs).float())  # (n_i, D)
+            embeddings.append(encode(inputs))  # (n_i, D)
     return torch.cat(embeddings), states  # (N, D)
 
 
@@ -101,11 +101,12 @@ def replay(
         context = sync_context(is_last) if sync_context is not None else contextlib.nullcontext()
         with context:
             with state.restored():
-                embeddings = encode(inputs).float()  # (n_i, D)
+                embeddings = encode(inputs)  # (n_i, D)
             cached = gradients[start : start + embeddings.size(0)]  # (n_i, D)
             start += embeddings.size(0)
             # d(surrogate)/d(params) = sum_k cached_k * d(embedding_k)/d(params): this mini-batch's
-            # share of the full-batch gradient. The dot product runs in float32.
+            # share of the full-batch gradient. Embeddings come out of the encoder in float32 (or
+            # float64) even under mixed precision, so the product runs at full precision.
             surrogate = torch.dot(embeddings.flatten(), cached.flatten())
             backward(surrogate)
     if start != gradients.size(0):

@@ -212,7 +212,9 @@ class DualEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, side: str) -> torch.Tensor:
         # input_ids, attention_mask: (N, L)
         hidden = self.encoder_for(side)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return pool(hidden.float(), attention_mask, self.pooling)  # (N, D), pooled in float32
+        if hidden.dtype in (torch.float16, torch.bfloat16):
+            hidden = hidden.float()  # pool, normalise and score in float32 under mixed precision
+        return pool(hidden, attention_mask, self.pooling)  # (N, D)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
         for encoder in {self.query_encoder, self.encoder_for("passage")}:

@@ -1,0 +1,78 @@
+"""Shared fixtures: a tiny BERT (2 layers, hidden 32) and tokenizer built offline in a temp folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+TINY_MAX_POSITIONS = 64
+WORDS = (
+    "the a an of to and in is for on with what how can i my you your do does apply permit fee cost "
+    "days office document proof address renew user agent question answer passage library parking"
+).split()
+
+
+def make_tiny_model(folder: Path, dropout: float = 0.1, seed: int = 0) -> str:
+    """A randomly initialised 2-layer BERT with a character-level WordPiece vocabulary."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    letters = list(string.ascii_lowercase + string.digits)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ":", ".", ",", "?", "!", "'", "-"]
+    vocab += WORDS + letters + ["##" + c for c in letters]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizer(vocab=str(folder / "vocab.txt"))
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=37, max_position_embeddings=TINY_MAX_POSITIONS,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+        # With BERT's usual 0.02 a random tiny model maps every text to nearly the same unit vector
+        # (cosines > 0.9999), and float32 gradient comparisons drown in cancellation; 0.3 gives
+        # distinct embeddings (cosines down to ~0.6), as a trained model has.
+        initializer_range=0.3,
+    )
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_bert"))
+
+
+def write_jsonl(path: Path, records) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def conversation_records(n: int = 10, negatives: int = 2) -> list[dict]:
+    """Format (a) records whose passages repeat across examples (to exercise duplicate masking)."""
+    records = []
+    for i in range(n):
+        records.append({
+            "messages": [
+                {"role": "user", "content": f"how can i apply for permit {i}?"},
+                {"role": "assistant", "content": f"you apply at the office {i % 3}."},
+                {"role": "user", "content": f"what does it cost {i}?"},
+            ],
+            "positive": f"the permit {i % 7} fee is {i % 7} and the office is open {i} days.",
+            "hard_negatives": [f"the library {i}{j} document proof address {j}." for j in range(negatives)],
+        })
+    return records
+
+
+@pytest.fixture
+def tiny_train_file(tmp_path) -> str:
+    return write_jsonl(tmp_path / "train.jsonl", conversation_records(12))

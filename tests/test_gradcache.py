@@ -1,0 +1,188 @@
+"""GradCache parity: cached gradients equal full-batch gradients (the sentence-transformers and
+open_clip style of test), with a negative control that must differ."""
+
+import contextlib
+from functools import partial
+
+import pytest
+import torch
+
+from longcontrast import gradcache
+from longcontrast.data import split_into_mini_batches
+from longcontrast.gradcache import RandState, grad_cache_step
+from longcontrast.loss import contrastive_loss
+from longcontrast.modeling import DualEncoder, load_encoder
+from longcontrast.training import full_batch_step
+
+NUM_QUERIES, NUM_PASSAGES = 5, 12  # 5 positives + 7 hard negatives (uneven per query)
+
+
+def sequences(count, low, high, seed):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(low, high, (count,), generator=g)
+    return [[2] + torch.randint(5, 60, (int(n),), generator=g).tolist() + [3] for n in lengths]
+
+
+def make_model(model_dir, dropout, untie=False, pooling="cls"):
+    torch.manual_seed(0)
+    encoder, _ = load_encoder(model_dir, max_position_embeddings=None, dropout=dropout)
+    # float64: the parity checks then test the mathematics, not float32 rounding (a random tiny
+    # model maps all texts to nearly the same vector, which makes float32 gradients noisy).
+    return DualEncoder(encoder.double(), pooling=pooling, untie=untie).train()
+
+
+def batch():
+    queries = sequences(NUM_QUERIES, 3, 20, seed=1)
+    passages = sequences(NUM_PASSAGES, 5, 40, seed=2)
+    passages[8] = list(passages[1])  # a hard negative identical to query 1's positive
+    text_ids = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 1, 8, 9, 10])
+    return queries, passages, partial(contrastive_loss, temperature=0.05, passage_text_ids=text_ids)
+
+
+def gradients(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def run_grad_cache(model, mini_batch_size, seed=123):
+    queries, passages, loss_fn = batch()
+    model.zero_grad()
+    torch.manual_seed(seed)
+    out = grad_cache_step(
+        lambda b, side: model(**b, side=side),
+        split_into_mini_batches(queries, mini_batch_size, 0),
+        split_into_mini_batches(passages, mini_batch_size, 0),
+        loss_fn, torch.device("cpu"),
+    )
+    return out, gradients(model)
+
+
+def run_reference(model, mini_batch_size, seed=123):
+    """Full-batch gradient with the masks GradCache draws: the same mini-batches, forward with
+    autograd in the same order from the same seed, one backward through the whole graph."""
+    queries, passages, loss_fn = batch()
+    model.zero_grad()
+    torch.manual_seed(seed)
+    q = torch.cat([model(**b, side="query") for b in split_into_mini_batches(queries, mini_batch_size, 0)])
+    p = torch.cat([model(**b, side="passage") for b in split_into_mini_batches(passages, mini_batch_size, 0)])
+    out = loss_fn(q, p)
+    out.loss.backward()
+    return out, gradients(model)
+
+
+def assert_same(a, b, rtol=1e-9):
+    """Equal up to float64 rounding. Some gradients are zero in exact arithmetic (attention key
+    biases: softmax ignores a shift shared by all keys), so the tolerance is relative to the
+    largest gradient as well as to each entry."""
+    assert a.keys() == b.keys() and a
+    scale = max(g.abs().max().item() for g in b.values())
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=rtol * scale)
+
+
+def max_relative_difference(a, b):
+    return max(((a[n] - b[n]).norm() / b[n].norm().clamp(min=1e-12)).item() for n in a)
+
+
+@pytest.mark.parametrize("mini_batch_size", [1, 3, None])  # 1, uneven, whole batch
+def test_no_dropout_equals_plain_full_batch(tiny_model_dir, mini_batch_size):
+    model = make_model(tiny_model_dir, dropout=0.0)
+    queries, passages, loss_fn = batch()
+    model.zero_grad()
+    plain = full_batch_step(
+        model, split_into_mini_batches(queries, None, 0)[0], split_into_mini_batches(passages, None, 0)[0],
+        loss_fn, 1.0, torch.Tensor.backward,
+    )
+    expected = gradients(model)
+    out, got = run_grad_cache(model, mini_batch_size)
+    assert out.loss.item() == pytest.approx(plain.loss.item(), rel=1e-6)
+    assert_same(got, expected)
+
+
+@pytest.mark.parametrize("untie", [False, True])
+@pytest.mark.parametrize("mini_batch_size", [1, 3, None])
+def test_dropout_on_equals_full_batch_with_same_masks(tiny_model_dir, mini_batch_size, untie):
+    model = make_model(tiny_model_dir, dropout=0.1, untie=untie, pooling="mean")
+    out, got = run_grad_cache(model, mini_batch_size)
+    ref_out, expected = run_reference(model, mini_batch_size)
+    assert out.loss.item() == pytest.approx(ref_out.loss.item(), rel=1e-6)
+    assert_same(got, expected)
+    if untie:
+        assert any(n.startswith("context_encoder.") for n in got)
+
+
+def test_whole_mini_batch_draws_the_plain_steps_masks(tiny_model_dir):
+    """With one mini-batch, GradCache and the plain step consume the RNG identically."""
+    model = make_model(tiny_model_dir, dropout=0.1)
+    queries, passages, loss_fn = batch()
+    model.zero_grad()
+    torch.manual_seed(7)
+    full_batch_step(model, split_into_mini_batches(queries, None, 0)[0],
+                    split_into_mini_batches(passages, None, 0)[0], loss_fn, 1.0, torch.Tensor.backward)
+    expected = gradients(model)
+    _, got = run_grad_cache(model, None, seed=7)
+    assert_same(got, expected)
+
+
+def test_negative_control_without_rng_replay_differs(tiny_model_dir, monkeypatch):
+    """If the replay does not restore the RNG, dropout draws other masks and the gradients are wrong."""
+    model = make_model(tiny_model_dir, dropout=0.1)
+    _, expected = run_reference(model, 3)
+    monkeypatch.setattr(RandState, "restored", lambda self: contextlib.nullcontext())
+    _, broken = run_grad_cache(model, 3)
+    assert max_relative_difference(broken, expected) > 1e-2
+
+
+def test_negative_control_other_masks_differ(tiny_model_dir):
+    model = make_model(tiny_model_dir, dropout=0.1)
+    _, got = run_grad_cache(model, 3, seed=1)
+    _, other = run_reference(model, 3, seed=2)
+    assert max_relative_difference(got, other) > 1e-2
+
+
+def test_scale_multiplies_gradients(tiny_model_dir):
+    model = make_model(tiny_model_dir, dropout=0.0)
+    _, once = run_grad_cache(model, 2)
+    queries, passages, loss_fn = batch()
+    model.zero_grad()
+    grad_cache_step(lambda b, side: model(**b, side=side), split_into_mini_batches(queries, 2, 0),
+                    split_into_mini_batches(passages, 2, 0), loss_fn, torch.device("cpu"), scale=0.25)
+    quarter = gradients(model)
+    assert_same({n: g * 4 for n, g in quarter.items()}, once)
+
+
+def test_rand_state_replays_dropout_and_restores_outer_stream():
+    torch.manual_seed(0)
+    state = RandState.capture(torch.device("cpu"))
+    first = torch.nn.functional.dropout(torch.ones(100), 0.5)
+    after_first = torch.get_rng_state()
+    with state.restored():
+        again = torch.nn.functional.dropout(torch.ones(100), 0.5)
+    assert torch.equal(first, again)
+    assert torch.equal(torch.get_rng_state(), after_first)  # the outer stream goes on untouched
+
+
+def test_replay_checks_gradient_count():
+    encode = lambda inputs: inputs["x"] * torch.ones(1, requires_grad=True)  # noqa: E731
+    mini_batches = [{"x": torch.ones(2, 3)}]
+    states = [RandState.capture(torch.device("cpu"))]
+    with pytest.raises(ValueError):
+        gradcache.replay(encode, mini_batches, states, torch.ones(3, 3))
+
+
+def test_only_one_mini_batch_graph_alive(tiny_model_dir, monkeypatch):
+    """Each replayed mini-batch is back-propagated before the next one is encoded."""
+    model = make_model(tiny_model_dir, dropout=0.0)
+    events = []
+    original_forward = DualEncoder.forward
+
+    def forward(self, *args, **kwargs):
+        events.append("forward" if torch.is_grad_enabled() else "no_grad")
+        return original_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(DualEncoder, "forward", forward)
+    queries, passages, loss_fn = batch()
+    grad_cache_step(lambda b, side: model(**b, side=side), split_into_mini_batches(queries, 2, 0),
+                    split_into_mini_batches(passages, 4, 0), loss_fn, torch.device("cpu"),
+                    backward=lambda t: (events.append("backward"), t.backward()))
+    replay_events = [e for e in events if e != "no_grad"]
+    assert replay_events == ["forward", "backward"] * (3 + 3)
