@@ -1,0 +1,163 @@
+import json
+
+import pytest
+import torch
+
+from conftest import conversation_records, write_jsonl
+from longcontrast import UserError
+from longcontrast.data import (
+    ContrastiveCollator, ExampleDataset, format_query, load_examples, parse_record, split_into_mini_batches, tokenize,
+)
+
+MESSAGES = [
+    {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+    {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"},
+    {"role": "user", "content": "q3"}, {"role": "assistant", "content": "a3"},
+    {"role": "user", "content": " q4 "},
+]
+
+
+def test_format_query_keeps_last_turns_as_user_agent_lines():
+    assert format_query(MESSAGES, 3) == "user: q3\nagent: a3\nuser: q4"
+    assert format_query(MESSAGES[:1], 5) == "user: q1"
+    assert format_query(MESSAGES).splitlines()[0] == "user: q2"
+
+
+@pytest.mark.parametrize("record, expected", [
+    ({"messages": MESSAGES[-1:], "positive": "p", "hard_negatives": ["n1", "n2"]}, ("user: q4", "p", ["n1", "n2"])),
+    ({"anchor": "a", "positive": "p", "negative": "n"}, ("a", "p", ["n"])),
+    ({"anchor": "a", "positive": "p", "negative": ["n", "m"]}, ("a", "p", ["n", "m"])),
+    ({"anchor": "a", "positive": "p"}, ("a", "p", [])),
+    ({"query": "q", "positive": "p", "negatives": ["n"]}, ("q", "p", ["n"])),
+])
+def test_three_formats(record, expected):
+    example = parse_record(record, "x:1")
+    assert (example.query, example.positive, example.negatives) == expected
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"positive": "p"}, "no query"),
+    ({"query": "q"}, "no 'positive'"),
+    ({"query": "", "positive": "p"}, "'query' must be a non-empty string"),
+    ({"query": "q", "positive": "p", "negatives": 3}, "'negatives' must be a string or a list"),
+    ({"messages": [], "positive": "p"}, "'messages' must be a non-empty list"),
+    ([1, 2], "expected a JSON object"),
+])
+def test_bad_records_name_the_place(record, message):
+    with pytest.raises(UserError, match=message) as err:
+        parse_record(record, "f.jsonl:7")
+    assert str(err.value).startswith("f.jsonl:7:")
+
+
+def test_jsonl_json_parquet_and_folders_read_the_same(tmp_path):
+    import datasets
+
+    records = conversation_records(4) + [{"query": "q", "positive": "p", "negatives": ["n"]}]
+    jsonl = write_jsonl(tmp_path / "a.jsonl", records)
+    (tmp_path / "b.json").write_text(json.dumps(records))
+    datasets.Dataset.from_list([{"anchor": "q", "positive": "p", "negative": ["n"]}] * 5).to_parquet(
+        str(tmp_path / "c.parquet"))
+    datasets.Dataset.from_list([{"anchor": "q", "positive": "p", "negative": ["n"]}] * 5).save_to_disk(
+        str(tmp_path / "saved"))
+    reference = load_examples([jsonl])
+    assert load_examples([str(tmp_path / "b.json")]) == reference
+    assert len(load_examples([str(tmp_path / "c.parquet")])) == 5
+    saved = load_examples([str(tmp_path / "saved")])
+    assert len(saved) == 5 and saved[0].negatives == ["n"]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "1.jsonl", records[:2])
+    write_jsonl(folder / "2.jsonl", records[2:])
+    assert load_examples([str(folder)]) == reference
+    assert len(load_examples([jsonl, str(folder)])) == 2 * len(records)
+
+
+def test_query_instruction_and_turns(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", conversation_records(1))
+    example = load_examples([path], num_turns=1, query_instruction="Represent: ")[0]
+    assert example.query == "Represent: user: what does it cost 0?"
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_examples([str(tmp_path / "nope.jsonl")])
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(conversation_records(1)[0]) + "\n{not json\n")
+    with pytest.raises(UserError, match=r"bad.jsonl:2: malformed JSON"):
+        load_examples([str(path)])
+
+
+def test_empty_data_set(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(UserError, match="empty"):
+        load_examples([str(tmp_path / "empty.jsonl")])
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(UserError, match="empty"):
+        load_examples([str(tmp_path / "empty.json")])
+
+
+def test_non_utf8_and_unknown_type(tmp_path):
+    (tmp_path / "latin.jsonl").write_bytes(b'{"query": "caf\xe9", "positive": "p"}\n')
+    with pytest.raises(UserError, match="UTF-8"):
+        load_examples([str(tmp_path / "latin.jsonl")])
+    (tmp_path / "data.csv").write_text("a,b\n")
+    with pytest.raises(UserError, match="unsupported"):
+        load_examples([str(tmp_path / "data.csv")])
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(UserError, match="no data files"):
+        load_examples([str(tmp_path / "nothing")])
+
+
+def test_num_hard_negatives_takes_the_first():
+    from longcontrast.data import Example
+
+    dataset = ExampleDataset([Example("q", "p", ["n1", "n2", "n3"]), Example("q", "p", [])], 2)
+    assert dataset[0].negatives == ["n1", "n2"] and dataset[1].negatives == []
+    assert ExampleDataset([Example("q", "p", ["n1"])], 0)[0].negatives == []
+
+
+def test_truncation_sides_keep_special_tokens(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = "user: a\nagent: b\nuser: c"
+    full = tokenize(tokenizer, [text], 100, "right")[0]
+    left = tokenize(tokenizer, [text], 5, "left")[0]
+    right = tokenize(tokenizer, [text], 5, "right")[0]
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    assert full[0] == cls and full[-1] == sep
+    assert left == [cls] + full[-4:-1] + [sep]  # the latest turn survives
+    assert right == full[:4] + [sep]
+
+
+def test_collator_layout_and_duplicate_ids(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from longcontrast.data import Example
+
+    collate = ContrastiveCollator(AutoTokenizer.from_pretrained(tiny_model_dir), 16, 16)
+    batch = collate([Example("q0", "same", ["n0"]), Example("q1", "same", []), Example("q2", "other", ["same"])])
+    assert len(batch["query_ids"]) == 3 and len(batch["passage_ids"]) == 5
+    # positives first in query order, then the hard negatives: same, same, other, n0, same
+    assert batch["passage_text_ids"].tolist() == [0, 0, 1, 2, 0]
+
+
+def test_mini_batches_pad_to_their_own_longest():
+    batches = split_into_mini_batches([[1] * 3, [1] * 9, [1] * 2, [1] * 4], 2, 0)
+    assert [b["input_ids"].shape for b in batches] == [torch.Size([2, 9]), torch.Size([2, 4])]
+    assert batches[1]["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert len(split_into_mini_batches([[1], [1, 1]], None, 0)) == 1
+
+
+def test_real_doc2dial_triples_load():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "doc2dial" / "train_triples.jsonl"
+    if not path.is_file():
+        pytest.skip("../shared/data/doc2dial is not here")
+    examples = load_examples([str(path)])
+    assert len(examples) == 682
+    assert all(e.query.startswith(("user: ", "agent: ")) and len(e.negatives) == 7 for e in examples)
