@@ -113,6 +113,8 @@ class ContrastiveTrainingArguments(TrainingArguments):
     logging_steps: float = field(default=1, metadata={"help": "Log loss and in-batch accuracy every N steps."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False (custom batches)."})
+    dataloader_pin_memory: bool = field(
+        default_factory=torch.cuda.is_available, metadata={"help": "Pin batches in memory (default: on CUDA only)."})
 
     def __post_init__(self):
         if self.output_dir is None:

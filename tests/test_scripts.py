@@ -1,0 +1,131 @@
+"""The two entry scripts end to end on a tiny model: smoke runs, one-step equivalence, bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import efficient_train
+import origin_train
+from conftest import conversation_records, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def common(model_dir, data, out, *extra):
+    return ["--model_name_or_path", model_dir, "--train_data", data, "--output_dir", str(out),
+            "--max_position_embeddings", "128", "--query_max_len", "32", "--passage_max_len", "48",
+            "--per_device_train_batch_size", "6", "--num_hard_negatives", "2", "--save_strategy", "no",
+            "--disable_tqdm", "true", *extra]
+
+
+def test_origin_smoke_saves_a_loadable_model(tiny_model_dir, tiny_train_file, tmp_path):
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    out = tmp_path / "origin"
+    assert origin_train.main(common(tiny_model_dir, tiny_train_file, out, "--max_steps", "2")) == 0
+    model = AutoModel.from_pretrained(out)
+    assert model.config.max_position_embeddings == 128
+    assert SentenceTransformer(str(out), device="cpu").encode(["hello"]).shape == (1, 32)
+    log = [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log if "loss" in entry] == [1, 2]
+    assert all(0 <= entry["accuracy"] <= 1 for entry in log if "loss" in entry)
+    arguments = json.loads((out / "training_args.json").read_text())
+    assert arguments["script"] == "origin_train.py" and arguments["pooling"] == "cls"
+    assert (out / "tokenizer_config.json").is_file()
+
+
+def test_efficient_smoke_untied_with_accumulation(tiny_model_dir, tiny_train_file, tmp_path):
+    out = tmp_path / "efficient"
+    argv = common(tiny_model_dir, tiny_train_file, out, "--max_steps", "2", "--mini_batch_size", "4",
+                  "--untie_encoders", "--gradient_accumulation_steps", "2", "--pooling", "mean",
+                  "--query_instruction", "query: ")
+    assert efficient_train.main(argv) == 0
+    for name in ("query_encoder", "context_encoder"):
+        assert (out / name / "model.safetensors").is_file()
+    query = load_file(out / "query_encoder" / "model.safetensors")
+    context = load_file(out / "context_encoder" / "model.safetensors")
+    assert any(not torch.equal(query[k], context[k]) for k in query)  # trained apart
+
+
+def weights(folder):
+    return load_file(Path(folder) / "model.safetensors")
+
+
+def test_one_sgd_step_gives_the_same_update(tiny_model_dir, tmp_path):
+    """origin_train and efficient_train (uneven mini-batches) make the same SGD update in float32."""
+    from transformers import AutoModel
+
+    data = write_jsonl(tmp_path / "d.jsonl", conversation_records(7))
+    sgd = ["--optim", "sgd", "--learning_rate", "1", "--lr_scheduler_type", "constant", "--weight_decay", "0",
+           "--max_grad_norm", "0", "--dropout", "0", "--max_steps", "1", "--per_device_train_batch_size", "7"]
+    origin_train.main(common(tiny_model_dir, data, tmp_path / "o", *sgd))
+    efficient_train.main(common(tiny_model_dir, data, tmp_path / "e", *sgd, "--mini_batch_size", "3"))
+    start = AutoModel.from_pretrained(tiny_model_dir).state_dict()
+    origin, efficient = weights(tmp_path / "o"), weights(tmp_path / "e")
+    keys = [k for k in origin if k in start and "position_embeddings" not in k]
+    update_o = torch.cat([(origin[k] - start[k]).flatten() for k in keys])
+    update_e = torch.cat([(efficient[k] - start[k]).flatten() for k in keys])
+    assert update_o.norm() > 0
+    assert ((update_e - update_o).norm() / update_o.norm()).item() <= 1e-5
+    table_o, table_e = origin["embeddings.position_embeddings.weight"], efficient["embeddings.position_embeddings.weight"]
+    assert ((table_e - table_o).norm() / table_o.norm()).item() <= 1e-6
+
+
+def run_main(module, argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("module", [origin_train, efficient_train])
+def test_bad_input_one_message_and_exit_2(module, tiny_model_dir, tiny_train_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    missing = run_main(module, common(tiny_model_dir, str(tmp_path / "nope.jsonl"), out), capsys)
+    assert "not found" in missing and "nope.jsonl" in missing
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(conversation_records(1)[0]) + "\n{oops\n")
+    assert "bad.jsonl:2" in run_main(module, common(tiny_model_dir, str(bad), out), capsys)
+    (tmp_path / "empty.jsonl").write_text("")
+    assert "empty" in run_main(module, common(tiny_model_dir, str(tmp_path / "empty.jsonl"), out), capsys)
+    no_positive = write_jsonl(tmp_path / "np.jsonl", [{"query": "q"}])
+    assert "no 'positive'" in run_main(module, common(tiny_model_dir, no_positive, out), capsys)
+    no_query = write_jsonl(tmp_path / "nq.jsonl", [{"positive": "p"}])
+    assert "no query" in run_main(module, common(tiny_model_dir, no_query, out), capsys)
+    both = run_main(module, common(tiny_model_dir, tiny_train_file, out, "--bf16", "--fp16"), capsys)
+    assert "error:" in both
+    assert not out.exists()  # nothing was written by any failed run
+
+
+def test_mini_batch_size_below_one(tiny_model_dir, tiny_train_file, tmp_path, capsys):
+    err = run_main(efficient_train, common(tiny_model_dir, tiny_train_file, tmp_path / "o", "--mini_batch_size", "0"), capsys)
+    assert "--mini_batch_size must be >= 1" in err
+
+
+def test_existing_output_dir_is_not_overwritten(tiny_model_dir, tiny_train_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    err = run_main(origin_train, common(tiny_model_dir, tiny_train_file, out, "--max_steps", "1"), capsys)
+    assert "--overwrite_output_dir" in err
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+    assert origin_train.main(common(tiny_model_dir, tiny_train_file, out, "--max_steps", "1", "--overwrite_output_dir")) == 0
+    assert (out / "model.safetensors").is_file() and (out / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("script", ["origin_train.py", "efficient_train.py"])
+def test_help(script):
+    result = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for flag in ("--per_device_train_batch_size", "--gradient_accumulation_steps", "--temperature",
+                 "--max_position_embeddings", "--overwrite_output_dir", "--warmup_ratio", "--train_data"):
+        assert flag in result.stdout
+    assert ("--mini_batch_size" in result.stdout) == (script == "efficient_train.py")
