@@ -1,5 +1,9 @@
 #!/usr/bin/env python
-"""Generate the sample training set data/sample_train.jsonl (deterministic; output committed).
+"""Generate the sample data sets in data/ (deterministic; outputs committed).
+
+- ``sample_train.jsonl``: the default training set of the training scripts;
+- ``chatrag_sample/{doc2dial,quac,qrecc}/{test.json,documents.json}``: the default evaluation set
+  of evaluate.py and eval.sh, in the ChatRAG-Bench layout, over other (held-out) services.
 
 Multi-turn dialogues over generated documents about fictional public services. Each document is
 cut into sections (the passages); each user turn asks about one section, the agent answers from it.
@@ -7,7 +11,7 @@ A training example is the dialogue up to a user turn (``messages``), the section
 (``positive``) and hard negatives: the other sections of the same document, most word overlap with
 the query first. The format is that of ``../shared/data/doc2dial/train_triples.jsonl``.
 
-    python data/make_sample_data.py            # rewrites data/sample_train.jsonl
+    python data/make_sample_data.py            # rewrites the files above
 """
 
 from __future__ import annotations
@@ -70,6 +74,11 @@ QUESTIONS = {
     "complaints": ["My {s} application was refused, what can I do?", "How do I complain about a decision?", "Who reviews my complaint?"],
 }
 FOLLOW_UPS = ["And what about {a}?", "One more thing: {q}", "Thanks. {q}", "ok, {q}"]
+EVAL_SERVICES = {  # held out of training: evaluation documents are new to the model
+    "doc2dial": ["water connection request", "noise complaint registration"],
+    "quac": ["school meal voucher", "bicycle storage locker"],
+    "qrecc": ["building extension permit", "foster care allowance"],
+}
 OFFICES = ["Town Hall", "North Civic Centre", "Harbour Street", "Riverside Service Point"]
 
 
@@ -90,11 +99,14 @@ def words(text: str) -> set[str]:
     return set(re.findall(r"[a-z]+", text.lower()))
 
 
-def make_examples(seed: int = 13, dialogues_per_service: int = 9) -> list[dict]:
+def make_examples(seed: int = 13, dialogues_per_service: int = 9, services=SERVICES, documents=None) -> list[dict]:
+    """Training examples; ``documents``, if given, receives each service's sections in order."""
     rng = random.Random(seed)
     examples = []
-    for service in SERVICES:
+    for service in services:
         sections = make_document(service, rng)
+        if documents is not None:
+            documents[service] = list(sections.values())
         for dialogue in range(dialogues_per_service):
             messages = []
             aspects = rng.sample(list(ASPECTS), rng.randint(1, 3))
@@ -107,28 +119,52 @@ def make_examples(seed: int = 13, dialogues_per_service: int = 9) -> list[dict]:
                 query_words = words(" ".join(m["content"] for m in messages))
                 others = [a for a in ASPECTS if a != aspect]
                 others.sort(key=lambda a: (-len(query_words & words(sections[a])), a))
+                answer = positive.split("\n", 1)[1].split(". ")[0].rstrip(".") + "."
                 examples.append({
                     "id": f"{service.replace(' ', '_')}-{dialogue}-{turn}",
                     "messages": [dict(m) for m in messages],
                     "document": service,
                     "positive": positive,
+                    "positive_index": list(ASPECTS).index(aspect),
                     "hard_negatives": [sections[a] for a in others[:3]],
+                    "answer": answer,
                 })
-                answer = positive.split("\n", 1)[1].split(". ")[0].rstrip(".") + "."
                 messages.append({"role": "assistant", "content": answer})
     return examples
 
 
+def write_chatrag_sample(folder: Path, seed: int) -> None:
+    """Three small ChatRAG-Bench-layout sets (items ranked against their own document's chunks)."""
+    for offset, (dataset, services) in enumerate(EVAL_SERVICES.items()):
+        documents: dict[str, list[str]] = {}
+        examples = make_examples(seed + 1 + offset, dialogues_per_service=12, services=services, documents=documents)
+        items = [{
+            "id": e["id"],
+            "messages": e["messages"],
+            "document": e["document"],
+            "ground_truth_ctx": {"index": e["positive_index"], "ctx": e["positive"]},
+            "answers": [e["answer"]],
+        } for e in examples]
+        (folder / dataset).mkdir(parents=True, exist_ok=True)
+        (folder / dataset / "test.json").write_text(json.dumps(items, indent=1) + "\n")
+        (folder / dataset / "documents.json").write_text(json.dumps(documents, indent=1) + "\n")
+        print(f"wrote {len(items)} items over {len(documents)} documents to {folder / dataset}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default=str(Path(__file__).with_name("sample_train.jsonl")))
+    parser.add_argument("--output_dir", default=str(Path(__file__).parent))
     parser.add_argument("--seed", type=int, default=13)
     args = parser.parse_args(argv)
+    output_dir = Path(args.output_dir)
+    train = output_dir / "sample_train.jsonl"
     examples = make_examples(args.seed)
-    with open(args.output, "w", encoding="utf-8") as handle:
+    with open(train, "w", encoding="utf-8") as handle:
         for example in examples:
+            example.pop("answer")
             handle.write(json.dumps(example) + "\n")
-    print(f"wrote {len(examples)} examples to {args.output}")
+    print(f"wrote {len(examples)} examples to {train}")
+    write_chatrag_sample(output_dir / "chatrag_sample", args.seed)
 
 
 if __name__ == "__main__":

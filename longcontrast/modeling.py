@@ -188,22 +188,23 @@ class DualEncoder(nn.Module):
     accelerate's autocast) sees every call.
     """
 
-    def __init__(self, encoder: nn.Module, pooling: str = "cls", untie: bool = False):
+    def __init__(self, encoder: nn.Module, pooling: str = "cls", context_encoder: nn.Module | None = None):
         super().__init__()
         if pooling not in POOLING_MODES:
             raise ValueError(f"unknown pooling {pooling!r}; choose from {POOLING_MODES}")
         self.pooling = pooling
         self.query_encoder = encoder
-        # Registered only when untied: a shared module registered twice would be saved twice.
-        self.context_encoder = copy.deepcopy(encoder) if untie else None
+        # None when shared: a module registered under two names would be saved twice.
+        self.context_encoder = context_encoder
         self.config = encoder.config  # read by the Trainer (e.g. for its model card)
 
-    @property
-    def untied(self) -> bool:
-        return self.context_encoder is not None
+    @classmethod
+    def untied(cls, encoder: nn.Module, pooling: str = "cls") -> "DualEncoder":
+        """Separate query and context encoders, both starting from ``encoder``."""
+        return cls(encoder, pooling, context_encoder=copy.deepcopy(encoder))
 
     def encoder_for(self, side: str) -> nn.Module:
-        if side == "query" or not self.untied:
+        if side == "query" or self.context_encoder is None:
             return self.query_encoder
         if side == "passage":
             return self.context_encoder
@@ -229,7 +230,7 @@ class DualEncoder(nn.Module):
         """
         targets = (
             {"query_encoder": self.query_encoder, "context_encoder": self.context_encoder}
-            if self.untied
+            if self.context_encoder is not None
             else {"": self.query_encoder}
         )
         for name, encoder in targets.items():

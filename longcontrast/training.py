@@ -232,7 +232,7 @@ def train(argv=None, gradcache: bool = True) -> str:
     encoder, tokenizer = load_encoder(
         model_path, model_args.max_position_embeddings, model_args.position_init, model_args.dropout
     )
-    model = DualEncoder(encoder, pooling=pooling, untie=model_args.untie_encoders)
+    model = (DualEncoder.untied if model_args.untie_encoders else DualEncoder)(encoder, pooling)
     logger.info(
         "%s: %s, pooling %s, %d positions, %d examples, contrastive batch %d x %d device(s), %s",
         "efficient_train" if gradcache else "origin_train", model_path, pooling,

@@ -28,7 +28,7 @@ def make_model(model_dir, dropout, untie=False, pooling="cls"):
     encoder, _ = load_encoder(model_dir, max_position_embeddings=None, dropout=dropout)
     # float64: the parity checks then test the mathematics, not float32 rounding (a random tiny
     # model maps all texts to nearly the same vector, which makes float32 gradients noisy).
-    return DualEncoder(encoder.double(), pooling=pooling, untie=untie).train()
+    return (DualEncoder.untied if untie else DualEncoder)(encoder.double(), pooling).train()
 
 
 def batch():

@@ -96,7 +96,7 @@ def test_save_and_reload_at_extended_length(tiny_model_dir, tmp_path):
 
 def test_untied_encoders_are_saved_apart(tiny_model_dir, tmp_path):
     model, tokenizer = load_encoder(tiny_model_dir)
-    encoder = DualEncoder(model, pooling="mean", untie=True)
+    encoder = DualEncoder.untied(model, pooling="mean")
     assert encoder.encoder_for("passage") is not encoder.encoder_for("query")
     encoder.save(tmp_path, tokenizer, max_seq_length=32)
     for name in ("query_encoder", "context_encoder"):
