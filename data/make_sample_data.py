@@ -75,9 +75,10 @@ QUESTIONS = {
 }
 FOLLOW_UPS = ["And what about {a}?", "One more thing: {q}", "Thanks. {q}", "ok, {q}"]
 EVAL_SERVICES = {  # held out of training: evaluation documents are new to the model
-    "doc2dial": ["water connection request", "noise complaint registration"],
-    "quac": ["school meal voucher", "bicycle storage locker"],
-    "qrecc": ["building extension permit", "foster care allowance"],
+    "doc2dial": ["water connection request", "noise complaint registration", "allotment waiting list",
+                 "disabled parking badge"],
+    "quac": ["school meal voucher", "bicycle storage locker", "burial plot reservation", "wedding venue booking"],
+    "qrecc": ["building extension permit", "foster care allowance", "street trading licence", "pest control visit"],
 }
 OFFICES = ["Town Hall", "North Civic Centre", "Harbour Street", "Riverside Service Point"]
 
@@ -134,17 +135,22 @@ def make_examples(seed: int = 13, dialogues_per_service: int = 9, services=SERVI
 
 
 def write_chatrag_sample(folder: Path, seed: int) -> None:
-    """Three small ChatRAG-Bench-layout sets (items ranked against their own document's chunks)."""
+    """Three small ChatRAG-Bench-layout sets. Each is one handbook document of 4 services x 6
+    sections (24 chunks) that all its items are ranked against."""
     for offset, (dataset, services) in enumerate(EVAL_SERVICES.items()):
-        documents: dict[str, list[str]] = {}
-        examples = make_examples(seed + 1 + offset, dialogues_per_service=12, services=services, documents=documents)
+        sections: dict[str, list[str]] = {}
+        examples = make_examples(seed + 1 + offset, dialogues_per_service=4, services=services, documents=sections)
+        name = f"{dataset}-handbook"
+        documents = {name: [chunk for service in services for chunk in sections[service]]}
         items = [{
             "id": e["id"],
             "messages": e["messages"],
-            "document": e["document"],
-            "ground_truth_ctx": {"index": e["positive_index"], "ctx": e["positive"]},
+            "document": name,
+            "ground_truth_ctx": {"index": services.index(e["document"]) * len(ASPECTS) + e["positive_index"],
+                                 "ctx": e["positive"]},
             "answers": [e["answer"]],
         } for e in examples]
+        assert all(documents[name][i["ground_truth_ctx"]["index"]] == i["ground_truth_ctx"]["ctx"] for i in items)
         (folder / dataset).mkdir(parents=True, exist_ok=True)
         (folder / dataset / "test.json").write_text(json.dumps(items, indent=1) + "\n")
         (folder / dataset / "documents.json").write_text(json.dumps(documents, indent=1) + "\n")

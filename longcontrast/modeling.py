@@ -17,7 +17,7 @@ from . import UserError
 logger = logging.getLogger(__name__)
 
 POOLING_MODES = ("cls", "mean")
-POSITION_INITS = ("hierarchical", "copy", "random")
+POSITION_INITS = ("copy", "hierarchical", "random")
 # Weight of the block vector in the hierarchical decomposition (Su, 2020: "hierarchical
 # decomposition position encoding"); 0.4 is the value the method was published and tested with.
 HIERARCHICAL_ALPHA = 0.4
@@ -78,13 +78,15 @@ def extended_position_table(trained: torch.Tensor, num_positions: int, init: str
         trained: (n, D) the trained absolute position table.
         num_positions: rows of the new table (>= n).
         init: how rows n.. are filled:
+            ``"copy"``: the trained table repeated (Longformer's initialisation): position
+            ``i * n + j`` starts as position ``j``, so local order is intact and blocks are told apart
+            by training. The default: it reads text placed past position 512 best of the three
+            (README, "Position extension", and ``bench/position_init.py``).
             ``"hierarchical"``: position ``i * n + j`` gets ``a * u_i + (1 - a) * u_j`` with
-            ``u_k = (p_k - a * p_0) / (1 - a)`` and ``a = 0.4`` (Su's hierarchical decomposition). For
-            ``i = 0`` it reproduces the trained rows; beyond, the position within a block of n is the
-            trained vector of ``j`` and the block index adds a small, distinct offset, so the model
-            keeps its local order and can still tell blocks apart.
-            ``"copy"``: the trained table repeated (Longformer's initialisation): blocks are
-            indistinguishable at first.
+            ``u_k = (p_k - a * p_0) / (1 - a)`` and ``a = 0.4`` (Su's hierarchical decomposition),
+            i.e. ``p_j + a / (1 - a) * (p_i - p_0)``. On BERT-style models row 0 (always [CLS]) is
+            several times longer than the others, so the block offset swamps the row and text past
+            512 is read poorly before training.
             ``"random"``: normal(0, 0.02) noise, as the original code did (for comparison only).
 
     Returns:
@@ -109,7 +111,7 @@ def extended_position_table(trained: torch.Tensor, num_positions: int, init: str
     return table.to(trained.dtype)
 
 
-def extend_position_embeddings(model: nn.Module, num_positions: int, init: str = "hierarchical") -> None:
+def extend_position_embeddings(model: nn.Module, num_positions: int, init: str = "copy") -> None:
     """Grow a BERT-style model's learned absolute position table to ``num_positions`` in place.
 
     The new table is a trainable ``nn.Parameter``; the ``position_ids`` and ``token_type_ids``
@@ -141,7 +143,7 @@ def extend_position_embeddings(model: nn.Module, num_positions: int, init: str =
 def load_encoder(
     model_name_or_path: str,
     max_position_embeddings: int | None = None,
-    position_init: str = "hierarchical",
+    position_init: str = "copy",
     dropout: float | None = None,
 ):
     """A BERT-style encoder and its tokenizer, with SDPA attention and an extended position table.
