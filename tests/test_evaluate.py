@@ -1,0 +1,175 @@
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import evaluate
+from longcontrast import UserError
+from longcontrast.data import format_query, pad, tokenize
+from longcontrast.evaluation import (
+    EvalConfig, evaluate_dataset, gold_rank, load_chatrag, load_retriever, retrieval_metrics,
+)
+from longcontrast.modeling import DualEncoder, load_encoder
+
+DOC2DIAL_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "doc2dial" / "dev"
+
+
+def test_metrics_against_hand_computation():
+    ranks = [1, 2, 5, 6, 20, 21]
+    m = retrieval_metrics(ranks)
+    assert m["recall@1"] == pytest.approx(100 / 6)
+    assert m["recall@5"] == pytest.approx(300 / 6)
+    assert m["recall@20"] == pytest.approx(500 / 6)
+    assert m["mrr@20"] == pytest.approx(100 * (1 + 1 / 2 + 1 / 5 + 1 / 6 + 1 / 20) / 6)
+    assert m["ndcg@20"] == pytest.approx(100 * sum(1 / math.log2(r + 1) for r in [1, 2, 5, 6, 20]) / 6)
+    assert retrieval_metrics([25, 100]) == {k: 0 for k in m}  # misses beyond 20 score nothing
+
+
+def test_ties_are_counted_in_the_golds_favour():
+    scores = torch.tensor([0.5, 0.9, 0.5, 0.1])
+    assert gold_rank(scores, 0) == 2 and gold_rank(scores, 2) == 2
+    assert gold_rank(scores, 1) == 1 and gold_rank(scores, 3) == 4
+    assert gold_rank(scores, 3, gold_score=torch.tensor(0.95)) == 1  # QReCC: gold re-encoded
+
+
+def write_set(folder, items, documents):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "test.json").write_text(json.dumps(items))
+    (folder / "documents.json").write_text(json.dumps(documents))
+
+
+def item(i, doc="d", gold=0, answers=("the answer",)):
+    messages = [{"role": "user", "content": f"how can i apply {i}"}, {"role": "assistant", "content": "at the office"},
+                {"role": "user", "content": f"what does it cost {i}"}]
+    return {"id": f"x{i}", "messages": messages, "document": doc, "ground_truth_ctx": {"index": gold}, "answers": list(answers)}
+
+
+DOCS = {"d": [f"the fee of permit {i} is {i} and the office is open {i} days" for i in range(8)]}
+
+
+def test_load_chatrag_formats_queries_like_training(tmp_path):
+    write_set(tmp_path / "quac", [item(0, gold=3)], DOCS)
+    items, documents = load_chatrag(str(tmp_path), "quac", num_turns=2)
+    assert items[0].query == "agent: at the office\nuser: what does it cost 0"
+    assert items[0].query == format_query(json.loads((tmp_path / "quac" / "test.json").read_text())[0]["messages"], 2)
+    assert items[0].gold_index == 3 and documents == DOCS
+
+
+@pytest.mark.parametrize("items, documents, message", [
+    ([item(0, doc="missing")], DOCS, "document 'missing' is not in documents.json"),
+    ([item(0, gold=8)], DOCS, "gold index 8 is out of range"),
+    ([], DOCS, "empty"),
+    ([{"id": 1}], DOCS, "needs 'messages'"),
+])
+def test_bad_sets(tmp_path, items, documents, message):
+    write_set(tmp_path / "doc2dial", items, documents)
+    with pytest.raises(UserError, match=message):
+        load_chatrag(str(tmp_path), "doc2dial")
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_chatrag(str(tmp_path), "doc2dial")
+
+
+@pytest.fixture(scope="module")
+def saved_models(tiny_model_dir, tmp_path_factory):
+    """A shared-encoder model saved with mean pooling, and an untied one with cls pooling."""
+    root = tmp_path_factory.mktemp("saved")
+    encoder, tokenizer = load_encoder(tiny_model_dir, dropout=0.0)
+    DualEncoder(encoder, "mean").save(root / "shared", tokenizer, max_seq_length=64)
+    torch.manual_seed(1)
+    untied = DualEncoder.untied(encoder, "cls")
+    with torch.no_grad():
+        for p in untied.context_encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    untied.save(root / "untied", tokenizer, max_seq_length=64)
+    return root
+
+
+def test_pooling_read_from_saved_model(saved_models):
+    model, _ = load_retriever(str(saved_models / "shared"), pooling="cls")
+    assert model.pooling == "mean" and model.context_encoder is None
+
+
+def test_separate_query_and_context_encoders(saved_models, tmp_path):
+    model, _ = load_retriever(str(saved_models / "untied"))
+    assert model.pooling == "cls" and model.context_encoder is not None
+    same, _ = load_retriever(None, str(saved_models / "untied" / "query_encoder"),
+                             str(saved_models / "untied" / "context_encoder"))
+    assert same.context_encoder is not None
+    with pytest.raises(UserError):
+        load_retriever(None, str(saved_models / "untied" / "query_encoder"), None)
+
+
+def brute_force_metrics(model, tokenizer, items, documents, config, gold_suffix=None):
+    """One text at a time, every ranking sorted in full (gold first among equal scores)."""
+    def one(text, side, max_len, truncation):
+        ids = tokenize(tokenizer, [text], max_len, truncation)
+        with torch.no_grad():
+            return model(**pad(ids, tokenizer.pad_token_id), side=side)[0].float()
+
+    chunk_cache, ranks = {}, []
+    for index, it in enumerate(items):
+        q = one(it.query, "query", config.query_max_len, "left")
+        chunks = documents[it.document]
+        scores = []
+        for c, text in enumerate(chunks):
+            if c == it.gold_index and gold_suffix is not None:
+                text = text + gold_suffix(it)
+                scores.append(float(q @ one(text, "passage", config.passage_max_len, "right")))
+                continue
+            key = (it.document, c)
+            if key not in chunk_cache:
+                chunk_cache[key] = one(text, "passage", config.passage_max_len, "right")
+            scores.append(float(q @ chunk_cache[key]))
+        order = sorted(range(len(chunks)), key=lambda c: (-scores[c], c != it.gold_index))
+        ranks.append(order.index(it.gold_index) + 1)
+    return retrieval_metrics(ranks)
+
+
+def test_qrecc_answer_rule(saved_models, tmp_path):
+    write_set(tmp_path / "qrecc", [item(i, gold=i % 8, answers=(f"permit {i} costs {i}",)) for i in range(6)], DOCS)
+    model, tokenizer = load_retriever(str(saved_models / "shared"))
+    model.double()
+    config = EvalConfig(query_max_len=64, passage_max_len=64, batch_size=4)
+    items, documents = load_chatrag(str(tmp_path), "qrecc")
+    with_rule = evaluate_dataset(model, tokenizer, str(tmp_path), "qrecc", config, torch.device("cpu"))
+    expected = brute_force_metrics(model, tokenizer, items, documents, config, lambda it: " || " + it.answers[0])
+    assert {k: with_rule[k] for k in expected} == pytest.approx(expected)
+    config.qrecc_answer_rule = False
+    without = evaluate_dataset(model, tokenizer, str(tmp_path), "qrecc", config, torch.device("cpu"))
+    assert {k: without[k] for k in expected} == pytest.approx(brute_force_metrics(model, tokenizer, items, documents, config))
+
+
+@pytest.mark.skipif(not DOC2DIAL_DEV.is_dir(), reason="../shared/data/doc2dial is not here")
+def test_real_doc2dial_dev_matches_brute_force(saved_models):
+    model, tokenizer = load_retriever(str(saved_models / "untied"))
+    model.double()
+    config = EvalConfig(query_max_len=64, passage_max_len=64, batch_size=32)
+    got = evaluate_dataset(model, tokenizer, str(DOC2DIAL_DEV), "doc2dial", config, torch.device("cpu"))
+    items, documents = load_chatrag(str(DOC2DIAL_DEV), "doc2dial")
+    assert got["num_items"] == len(items) == 628
+    expected = brute_force_metrics(model, tokenizer, items, documents, config)
+    assert {k: got[k] for k in expected} == pytest.approx(expected, abs=1e-9)
+    assert 0 < expected["recall@20"] < 100
+
+
+def test_script_end_to_end_and_bad_input(saved_models, tmp_path, capsys):
+    write_set(tmp_path / "doc2dial", [item(i, gold=i % 8) for i in range(5)], DOCS)
+    out = tmp_path / "r.json"
+    assert evaluate.main(["--model_path", str(saved_models / "shared"), str(saved_models / "untied"),
+                          "--data-folder", str(tmp_path), "--eval_dataset", "doc2dial", "--output-file", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| model |" in printed and "Doc2Dial R@1" in printed
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {str(saved_models / "shared"), str(saved_models / "untied")}
+    assert results[str(saved_models / "shared")]["doc2dial"]["num_items"] == 5
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--data-folder", str(tmp_path / "nowhere"), "--eval-dataset", "quac"])
+    assert exit_info.value.code == 2 and "not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--eval-dataset", "msmarco"])
+    assert exit_info.value.code == 2
