@@ -173,3 +173,27 @@ def test_script_end_to_end_and_bad_input(saved_models, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--eval-dataset", "msmarco"])
     assert exit_info.value.code == 2
+
+
+def test_download_conversion_on_a_local_stand_in(tmp_path):
+    """The download script's conversion, on files shaped like ChatRAG-Bench's (no network)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("download_chatrag", Path(evaluate.__file__).parent / "data" / "download_chatrag.py")
+    download = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(download)
+    raw = [dict(item(i, gold=i % 8), ctxs=[{"text": "x" * 100}], extra="dropped") for i in range(3)]
+    raw[1]["document"] = "d"
+    (tmp_path / "test.json").write_text(json.dumps(raw))
+    (tmp_path / "documents.json").write_text(json.dumps(DOCS))
+    assert download.convert(tmp_path / "test.json", tmp_path / "documents.json", tmp_path / "out" / "quac") == 3
+    converted = json.loads((tmp_path / "out" / "quac" / "test.json").read_text())
+    assert set(converted[0]) == {"id", "messages", "document", "ground_truth_ctx", "answers"}
+    items, _ = load_chatrag(str(tmp_path / "out"), "quac")
+    assert [it.gold_index for it in items] == [0, 1, 2]
+    raw[0]["document"] = "elsewhere"
+    (tmp_path / "test.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="elsewhere"):
+        download.convert(tmp_path / "test.json", tmp_path / "documents.json", tmp_path / "out2")
+    with pytest.raises(ValueError, match="item 0"):
+        download.convert_item({"messages": []}, 0)
