@@ -256,12 +256,28 @@ class ContrastiveCollator:
         }
 
 
-def split_into_mini_batches(
-    sequences: list[list[int]], mini_batch_size: int | None, pad_token_id: int, device=None
-) -> list[dict[str, torch.Tensor]]:
-    """Consecutive mini-batches of at most ``mini_batch_size`` (``None``: one), each padded to its own longest."""
-    size = mini_batch_size or len(sequences)
-    return [pad(sequences[i : i + size], pad_token_id, device) for i in range(0, len(sequences), size)]
+def length_sorted_mini_batches(
+    sequences: list[list[int]], max_texts: int | None, max_tokens: int | None, pad_token_id: int, device=None
+) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
+    """Mini-batches of the sequences taken longest first, each padded to its own longest.
+
+    Sorting puts texts of similar length together, so little compute goes to padding. A mini-batch
+    holds at most ``max_texts`` texts and at most ``max_tokens`` padded tokens (texts x its longest
+    text; ``None``: no limit); a text longer than ``max_tokens`` goes alone.
+
+    Returns the mini-batches and ``order``: ``order[k]`` is the input index of the k-th text fed.
+    """
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    groups: list[list[int]] = []
+    for index in order:
+        group = groups[-1] if groups else None
+        if group is not None:
+            width = len(sequences[group[0]])  # the first text of a group is its longest
+            if (max_texts is None or len(group) < max_texts) and (max_tokens is None or (len(group) + 1) * width <= max_tokens):
+                group.append(index)
+                continue
+        groups.append([index])
+    return [pad([sequences[i] for i in group], pad_token_id, device) for group in groups], order
 
 
 def default_train_data() -> str:

@@ -15,7 +15,7 @@ import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from . import UserError
-from .data import ContrastiveCollator, ExampleDataset, default_train_data, load_examples, split_into_mini_batches
+from .data import ContrastiveCollator, ExampleDataset, default_train_data, length_sorted_mini_batches, load_examples, pad
 from .gradcache import grad_cache_step
 from .loss import LossOutput, contrastive_loss
 from .modeling import POOLING_MODES, POSITION_INITS, DualEncoder, default_model_path, load_encoder, read_pooling
@@ -90,6 +90,11 @@ class GradCacheArguments:
         metadata={"help": "Texts encoded at once with GradCache. Bounds activation memory; the gradients are "
                   "those of the whole contrastive batch whatever its value."},
     )
+    mini_batch_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Also cap each mini-batch at this many padded tokens (texts x longest text), so a "
+                  "mini-batch of long texts holds fewer of them and memory stays bounded (e.g. 65536)."},
+    )
 
 
 @dataclass
@@ -136,10 +141,12 @@ class ContrastiveTrainer(Trainer):
     clipping, the optimizer step, checkpoints and logging are the Trainer's.
     """
 
-    def __init__(self, *args, temperature: float, mini_batch_size: int | None = None, **kwargs):
+    def __init__(self, *args, temperature: float, mini_batch_size: int | None = None,
+                 mini_batch_tokens: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.temperature = temperature
         self.mini_batch_size = mini_batch_size
+        self.mini_batch_tokens = mini_batch_tokens
         self._accuracy_sum, self._accuracy_count = 0.0, 0
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
@@ -151,14 +158,22 @@ class ContrastiveTrainer(Trainer):
         loss_fn = partial(
             contrastive_loss, temperature=self.temperature, passage_text_ids=inputs["passage_text_ids"].to(device)
         )
-        queries = split_into_mini_batches(inputs["query_ids"], self.mini_batch_size, pad_id, device)
-        passages = split_into_mini_batches(inputs["passage_ids"], self.mini_batch_size, pad_id, device)
         if self.mini_batch_size is None:
-            output = full_batch_step(model, queries[0], passages[0], loss_fn, scale, self.accelerator.backward)
+            queries, passages = (pad(inputs[key], pad_id, device) for key in ("query_ids", "passage_ids"))
+            output = full_batch_step(model, queries, passages, loss_fn, scale, self.accelerator.backward)
         else:
+            # Mini-batches are cut from length-sorted texts (less padding); the loss sees the
+            # embeddings back in batch order.
+            queries, query_order = length_sorted_mini_batches(
+                inputs["query_ids"], self.mini_batch_size, self.mini_batch_tokens, pad_id, device)
+            passages, passage_order = length_sorted_mini_batches(
+                inputs["passage_ids"], self.mini_batch_size, self.mini_batch_tokens, pad_id, device)
+            query_restore, passage_restore = inverse_permutation(query_order), inverse_permutation(passage_order)
             output = grad_cache_step(
                 lambda batch, side: model(**batch, side=side),
-                queries, passages, loss_fn, device, scale, self.accelerator.backward,
+                queries, passages,
+                lambda q, p: loss_fn(q[query_restore], p[passage_restore]),  # (B, D), (P, D) in batch order
+                device, scale, self.accelerator.backward,
             )
         self._accuracy_sum += output.accuracy.item()
         self._accuracy_count += 1
@@ -169,6 +184,13 @@ class ContrastiveTrainer(Trainer):
             logs["accuracy"] = round(self._accuracy_sum / self._accuracy_count, 4)
             self._accuracy_sum, self._accuracy_count = 0.0, 0
         super().log(logs, start_time)
+
+
+def inverse_permutation(order: list[int]) -> torch.Tensor:
+    """``restore`` with ``sorted_rows[restore] == rows`` when ``sorted_rows = rows[order]``."""
+    restore = torch.empty(len(order), dtype=torch.long)
+    restore[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    return restore
 
 
 def full_batch_step(model, queries: dict, passages: dict, loss_fn, scale: float, backward) -> LossOutput:
@@ -195,6 +217,8 @@ def parse_arguments(argv, gradcache: bool):
 def validate(model_args, data_args, cache_args, training_args) -> None:
     if cache_args is not None and cache_args.mini_batch_size < 1:
         raise UserError(f"--mini_batch_size must be >= 1, got {cache_args.mini_batch_size}")
+    if cache_args is not None and cache_args.mini_batch_tokens is not None and cache_args.mini_batch_tokens < 1:
+        raise UserError(f"--mini_batch_tokens must be >= 1, got {cache_args.mini_batch_tokens}")
     if model_args.temperature <= 0:
         raise UserError(f"--temperature must be > 0, got {model_args.temperature}")
     if model_args.dropout is not None and not 0 <= model_args.dropout < 1:
@@ -207,6 +231,11 @@ def validate(model_args, data_args, cache_args, training_args) -> None:
         value = getattr(data_args, name)
         if not 3 <= value <= model_args.max_position_embeddings:
             raise UserError(f"--{name} must be in [3, --max_position_embeddings={model_args.max_position_embeddings}], got {value}")
+    if training_args.n_gpu > 1:  # the Trainer would wrap the model in nn.DataParallel
+        raise UserError(
+            f"{training_args.n_gpu} GPUs are visible but the run was not started by torchrun: launch "
+            "`torchrun --nproc_per_node N ...`, or choose one GPU with CUDA_VISIBLE_DEVICES"
+        )
     if training_args.per_device_train_batch_size < 1:
         raise UserError("--per_device_train_batch_size must be >= 1")
     output_dir = training_args.output_dir
@@ -248,6 +277,7 @@ def train(argv=None, gradcache: bool = True) -> str:
         processing_class=tokenizer,
         temperature=model_args.temperature,
         mini_batch_size=cache_args.mini_batch_size if gradcache else None,
+        mini_batch_tokens=cache_args.mini_batch_tokens if gradcache else None,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 

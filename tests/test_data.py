@@ -6,7 +6,7 @@ import torch
 from conftest import conversation_records, write_jsonl
 from longcontrast import UserError
 from longcontrast.data import (
-    ContrastiveCollator, ExampleDataset, format_query, load_examples, parse_record, split_into_mini_batches, tokenize,
+    ContrastiveCollator, ExampleDataset, format_query, length_sorted_mini_batches, load_examples, parse_record, tokenize,
 )
 
 MESSAGES = [
@@ -145,11 +145,25 @@ def test_collator_layout_and_duplicate_ids(tiny_model_dir):
     assert batch["passage_text_ids"].tolist() == [0, 0, 1, 2, 0]
 
 
-def test_mini_batches_pad_to_their_own_longest():
-    batches = split_into_mini_batches([[1] * 3, [1] * 9, [1] * 2, [1] * 4], 2, 0)
-    assert [b["input_ids"].shape for b in batches] == [torch.Size([2, 9]), torch.Size([2, 4])]
-    assert batches[1]["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
-    assert len(split_into_mini_batches([[1], [1, 1]], None, 0)) == 1
+def test_mini_batches_are_length_sorted_and_padded_to_their_own_longest():
+    sequences = [[1] * 3, [1] * 9, [1] * 2, [1] * 4, [1] * 8]
+    batches, order = length_sorted_mini_batches(sequences, 2, None, 0)
+    assert order == [1, 4, 3, 0, 2]
+    assert [tuple(b["input_ids"].shape) for b in batches] == [(2, 9), (2, 4), (1, 2)]
+    assert batches[1]["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    whole, _ = length_sorted_mini_batches(sequences, None, None, 0)
+    assert len(whole) == 1
+
+
+def test_token_budget_bounds_padded_tokens():
+    sequences = [[1] * n for n in (30, 2, 9, 10, 3, 3, 4, 12)]
+    batches, order = length_sorted_mini_batches(sequences, 100, 24, 0)
+    shapes = [tuple(b["input_ids"].shape) for b in batches]
+    # longest first: 30 | 12 10 | 9 4 | 3 3 2 -- the 30-token text exceeds the budget and goes alone
+    assert shapes == [(1, 30), (2, 12), (2, 9), (3, 3)]
+    assert order == [0, 7, 3, 2, 6, 4, 5, 1]
+    capped, _ = length_sorted_mini_batches(sequences, 2, 24, 0)
+    assert [tuple(b["input_ids"].shape) for b in capped] == [(1, 30), (2, 12), (2, 9), (2, 3), (1, 2)]
 
 
 def test_real_doc2dial_triples_load():

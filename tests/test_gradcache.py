@@ -8,11 +8,17 @@ import pytest
 import torch
 
 from longcontrast import gradcache
-from longcontrast.data import split_into_mini_batches
+from longcontrast.data import pad
 from longcontrast.gradcache import RandState, grad_cache_step
 from longcontrast.loss import contrastive_loss
 from longcontrast.modeling import DualEncoder, load_encoder
 from longcontrast.training import full_batch_step
+
+def split_into_mini_batches(sequences, size, pad_token_id):
+    """Consecutive mini-batches of ``size`` texts (None: one), each padded to its own longest."""
+    size = size or len(sequences)
+    return [pad(sequences[i : i + size], pad_token_id) for i in range(0, len(sequences), size)]
+
 
 NUM_QUERIES, NUM_PASSAGES = 5, 12  # 5 positives + 7 hard negatives (uneven per query)
 

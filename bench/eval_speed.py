@@ -1,0 +1,82 @@
+#!/usr/bin/env python
+"""evaluate.py's batched, length-sorted encoding against one text at a time (the original's way).
+
+Runs both on the same Doc2Dial dev subset (../shared/data/doc2dial/dev), checks that the metrics
+are identical, and prints a table of encoding times and the speed-up. Writes JSON.
+
+    python bench/eval_speed.py [--documents dmv] [--max_items 200] [--batch_size 64] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from longcontrast.data import pad, tokenize  # noqa: E402
+from longcontrast.evaluation import encode, gold_rank, load_chatrag, load_retriever, retrieval_metrics  # noqa: E402
+
+DEV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "doc2dial", "dev")
+
+
+def one_at_a_time(model, token_ids, side, pad_id, device):
+    with torch.no_grad():
+        return torch.stack([model(**pad([ids], pad_id, device), side=side)[0].float().cpu() for ids in token_ids])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_path", default=None, help="default: the embedded MiniLM")
+    parser.add_argument("--data", default=DEV)
+    parser.add_argument("--documents", nargs="+", default=["dmv"])
+    parser.add_argument("--max_items", type=int, default=200)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--passage_max_len", type=int, default=512)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "eval_speed.json"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    model, tokenizer = load_retriever(args.model_path)
+    model.to(device).eval()
+    items, documents = load_chatrag(args.data, "doc2dial")
+    items = [it for it in items if it.document in args.documents][: args.max_items]
+    names = sorted({it.document for it in items})
+    chunks = [c for name in names for c in documents[name]]
+    offsets = {name: sum(len(documents[n]) for n in names[:i]) for i, name in enumerate(names)}
+    chunk_ids = tokenize(tokenizer, chunks, args.passage_max_len, "right")
+    query_ids = tokenize(tokenizer, [it.query for it in items], 256, "left")
+    pad_id = tokenizer.pad_token_id
+
+    rows = {}
+    for name, run in {
+        "one text at a time": lambda ids, side: one_at_a_time(model, ids, side, pad_id, device),
+        f"batched {args.batch_size}, sorted by length": lambda ids, side: encode(
+            model, ids, side, args.batch_size, pad_id, device),
+    }.items():
+        started = time.perf_counter()
+        c, q = run(chunk_ids, "passage"), run(query_ids, "query")
+        seconds = time.perf_counter() - started
+        ranks = [gold_rank(c[offsets[it.document]: offsets[it.document] + len(documents[it.document])] @ q[i],
+                           it.gold_index) for i, it in enumerate(items)]
+        rows[name] = {"seconds": seconds, **retrieval_metrics(ranks)}
+    slow, fast = rows.values()
+    identical = all(abs(slow[k] - fast[k]) < 1e-9 for k in slow if k != "seconds")
+    print(f"{len(items)} queries, {len(chunks)} chunks of {names}; device {device}; torch threads {torch.get_num_threads()}")
+    print("| encoding | seconds | texts/s | Recall@1 | Recall@5 | Recall@20 |\n|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        rate = (len(items) + len(chunks)) / r["seconds"]
+        print(f"| {name} | {r['seconds']:.1f} | {rate:.1f} | {r['recall@1']:.2f} | {r['recall@5']:.2f} | {r['recall@20']:.2f} |")
+    print(f"speed-up: {slow['seconds'] / fast['seconds']:.2f}x; metrics identical: {identical}")
+    with open(args.output, "w") as handle:
+        json.dump({"device": str(device), "items": len(items), "chunks": len(chunks), "results": rows,
+                   "speedup": slow["seconds"] / fast["seconds"], "identical_metrics": identical}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
