@@ -151,30 +151,12 @@ class ContrastiveTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         model.train()
-        device = self.args.device
-        pad_id = self.processing_class.pad_token_id
         # Trainer divides the loss by the accumulation steps; it sums the gradients of whole batches.
         scale = 1.0 / self.current_gradient_accumulation_steps
-        loss_fn = partial(
-            contrastive_loss, temperature=self.temperature, passage_text_ids=inputs["passage_text_ids"].to(device)
+        output = contrastive_step(
+            model, inputs, self.temperature, self.processing_class.pad_token_id, self.args.device,
+            self.mini_batch_size, self.mini_batch_tokens, scale, self.accelerator.backward,
         )
-        if self.mini_batch_size is None:
-            queries, passages = (pad(inputs[key], pad_id, device) for key in ("query_ids", "passage_ids"))
-            output = full_batch_step(model, queries, passages, loss_fn, scale, self.accelerator.backward)
-        else:
-            # Mini-batches are cut from length-sorted texts (less padding); the loss sees the
-            # embeddings back in batch order.
-            queries, query_order = length_sorted_mini_batches(
-                inputs["query_ids"], self.mini_batch_size, self.mini_batch_tokens, pad_id, device)
-            passages, passage_order = length_sorted_mini_batches(
-                inputs["passage_ids"], self.mini_batch_size, self.mini_batch_tokens, pad_id, device)
-            query_restore, passage_restore = inverse_permutation(query_order), inverse_permutation(passage_order)
-            output = grad_cache_step(
-                lambda batch, side: model(**batch, side=side),
-                queries, passages,
-                lambda q, p: loss_fn(q[query_restore], p[passage_restore]),  # (B, D), (P, D) in batch order
-                device, scale, self.accelerator.backward,
-            )
         self._accuracy_sum += output.accuracy.item()
         self._accuracy_count += 1
         return output.loss.detach() * scale
@@ -184,6 +166,36 @@ class ContrastiveTrainer(Trainer):
             logs["accuracy"] = round(self._accuracy_sum / self._accuracy_count, 4)
             self._accuracy_sum, self._accuracy_count = 0.0, 0
         super().log(logs, start_time)
+
+
+def contrastive_step(
+    model, inputs: dict, temperature: float, pad_token_id: int, device,
+    mini_batch_size: int | None = None, mini_batch_tokens: int | None = None,
+    scale: float = 1.0, backward=torch.Tensor.backward,
+) -> LossOutput:
+    """Forward and backward of one contrastive batch from :class:`ContrastiveCollator`; gradients
+    are left in ``.grad`` (the optimizer step is the caller's).
+
+    ``mini_batch_size=None``: the plain step, the whole batch encoded with autograd. Otherwise
+    GradCache over mini-batches of at most ``mini_batch_size`` texts and ``mini_batch_tokens``
+    padded tokens, cut from length-sorted texts (less padding); the loss sees the embeddings back
+    in batch order. ``scale`` multiplies the loss before differentiation.
+    """
+    loss_fn = partial(contrastive_loss, temperature=temperature, passage_text_ids=inputs["passage_text_ids"].to(device))
+    if mini_batch_size is None:
+        queries, passages = (pad(inputs[key], pad_token_id, device) for key in ("query_ids", "passage_ids"))
+        return full_batch_step(model, queries, passages, loss_fn, scale, backward)
+    queries, query_order = length_sorted_mini_batches(
+        inputs["query_ids"], mini_batch_size, mini_batch_tokens, pad_token_id, device)
+    passages, passage_order = length_sorted_mini_batches(
+        inputs["passage_ids"], mini_batch_size, mini_batch_tokens, pad_token_id, device)
+    query_restore, passage_restore = inverse_permutation(query_order), inverse_permutation(passage_order)
+    return grad_cache_step(
+        lambda batch, side: model(**batch, side=side),
+        queries, passages,
+        lambda q, p: loss_fn(q[query_restore], p[passage_restore]),  # (B, D), (P, D) in batch order
+        device, scale, backward,
+    )
 
 
 def inverse_permutation(order: list[int]) -> torch.Tensor:
