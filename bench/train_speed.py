@@ -1,0 +1,239 @@
+#!/usr/bin/env python
+"""Step time and peak memory: origin_train vs efficient_train (GradCache) vs sentence-transformers.
+
+Every configuration runs in a fresh process (so peak RSS on CPU is its own): one warm-up step,
+then --steps timed steps of forward + backward + SGD update on one contrastive batch of B queries,
+B positives and B hard negatives. Methods:
+
+- ``origin``: the plain step of origin_train.py (whole batch with autograd);
+- ``efficient``: the GradCache step of efficient_train.py (--mini_batch_size, length-sorted);
+- ``st_cached``: sentence-transformers' CachedMultipleNegativesRankingLoss, same model, CLS
+  pooling, same token ids, batch, mini-batch and temperature (scale 1/temperature).
+
+Data: ``equal`` (random token ids, every text exactly --lengths tokens) or ``doc2dial`` (the real,
+variable-length triples of ../shared/data/doc2dial/train_triples.jsonl, cut at --lengths tokens).
+Peak memory is torch.cuda.max_memory_allocated on GPU, the process's peak RSS on CPU.
+
+    python bench/train_speed.py --batch_sizes 16 96 --lengths 256 --data equal doc2dial
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+DOC2DIAL = os.path.join(ROOT, "..", "shared", "data", "doc2dial", "train_triples.jsonl")
+METHODS = ("origin", "efficient", "st_cached")
+
+
+def make_inputs(args, tokenizer):
+    """Collator-style inputs: token id lists for B queries and 2B passages (positives, negatives)."""
+    import torch
+
+    from longcontrast.data import ContrastiveCollator, ExampleDataset, load_examples
+
+    rng = random.Random(0)
+    if args.data == "equal":
+        def text_ids():
+            return [tokenizer.cls_token_id] + [rng.randrange(1000, 20000) for _ in range(args.length - 2)] + [
+                tokenizer.sep_token_id]
+        return {
+            "query_ids": [text_ids() for _ in range(args.batch_size)],
+            "passage_ids": [text_ids() for _ in range(2 * args.batch_size)],
+            "passage_text_ids": torch.arange(2 * args.batch_size),
+        }
+    examples = load_examples([args.doc2dial])
+    rng.shuffle(examples)
+    dataset = ExampleDataset(examples[: args.batch_size], num_hard_negatives=1)
+    collate = ContrastiveCollator(tokenizer, min(256, args.length), args.length)
+    return collate([dataset[i] for i in range(len(dataset))])
+
+
+def worker(args) -> dict:
+    import torch
+
+    from longcontrast.data import pad
+    from longcontrast.modeling import DualEncoder, default_model_path, load_encoder
+    from longcontrast.training import contrastive_step
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model_path = args.model or default_model_path()
+    encoder, tokenizer = load_encoder(model_path, max(512, args.length), dropout=args.dropout)
+    inputs = make_inputs(args, tokenizer)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+
+    if args.method == "st_cached":
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
+        from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+
+        transformer = Transformer(model_path)
+        transformer.auto_model = encoder  # the same (extended) weights
+        model = SentenceTransformer(modules=[transformer, Pooling(encoder.config.hidden_size, "cls")], device=args.device)
+        loss = CachedMultipleNegativesRankingLoss(model, scale=1 / args.temperature, mini_batch_size=args.mini_batch_size)
+        b = args.batch_size
+        columns = [inputs["query_ids"], inputs["passage_ids"][:b], inputs["passage_ids"][b:]]
+        features = [pad(column, tokenizer.pad_token_id, device) for column in columns]
+
+        def step():
+            with autocast:
+                value = loss(features, None)
+            value.backward()
+            return value
+    else:
+        model = DualEncoder(encoder, "cls").to(device)
+        mini_batch = args.mini_batch_size if args.method == "efficient" else None
+
+        def step():
+            with autocast:
+                return contrastive_step(model, inputs, args.temperature, tokenizer.pad_token_id, device, mini_batch)
+
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
+
+    def update():
+        step()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    update()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        update()
+    seconds = (time.perf_counter() - started) / args.steps
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    tokens = sum(len(x) for x in inputs["query_ids"]) + sum(len(x) for x in inputs["passage_ids"])
+    return {"step_seconds": seconds, "peak_memory_mb": peak_mb, "tokens_per_step": tokens}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="default: the embedded all-MiniLM-L6-v2")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--data", nargs="+", default=["equal", "doc2dial"], choices=["equal", "doc2dial"])
+    parser.add_argument("--batch_sizes", nargs="+", type=int, default=[16, 32, 64, 96])
+    parser.add_argument("--lengths", nargs="+", type=int, default=[256])
+    parser.add_argument("--mini_batch_size", type=int, default=8)
+    parser.add_argument("--temperature", type=float, default=0.05)
+    parser.add_argument("--dropout", type=float, default=None, help="override the model's dropout")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--doc2dial", default=DOC2DIAL)
+    parser.add_argument("--output", default=os.path.join(ROOT, "bench", "results", "train_speed.json"))
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:  # one configuration, in this fresh process
+        vars(args).update(json.loads(args.worker))
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return
+    import torch
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rows = []
+    print(f"device {args.device}; mini-batch {args.mini_batch_size}; {args.steps} timed steps; B queries, "
+          "B positives, B hard negatives per batch")
+    print("| data | length | batch | method | step s | peak MB | tokens/s |\n|---|---|---|---|---|---|---|")
+    for data in args.data:
+        for length in args.lengths:
+            for batch_size in args.batch_sizes:
+                for method in args.methods:
+                    config = {"data": data, "length": length, "batch_size": batch_size, "method": method}
+                    command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(config),
+                               "--mini_batch_size", str(args.mini_batch_size), "--temperature", str(args.temperature),
+                               "--steps", str(args.steps), "--device", args.device, "--doc2dial", args.doc2dial]
+                    command += ["--model", args.model] if args.model else []
+                    command += ["--dropout", str(args.dropout)] if args.dropout is not None else []
+                    command += ["--bf16"] if args.bf16 else []
+                    done = subprocess.run(command, capture_output=True, text=True)
+                    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+                    if done.returncode or not lines:
+                        result = {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+                        print(f"| {data} | {length} | {batch_size} | {method} | failed: {result['error']} | | |")
+                    else:
+                        result = json.loads(lines[-1][len("RESULT "):])
+                        print(f"| {data} | {length} | {batch_size} | {method} | {result['step_seconds']:.2f} | "
+                              f"{result['peak_memory_mb']:.0f} | {result['tokens_per_step'] / result['step_seconds']:.0f} |",
+                              flush=True)
+                    rows.append({**config, **result})
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w") as handle:
+        json.dump({"device": args.device, "mini_batch_size": args.mini_batch_size, "steps": args.steps,
+                   "rows": rows}, handle, indent=2)
+    print_ratios(rows)
+    plot(rows, os.path.splitext(args.output)[0] + ".png")
+
+
+def print_ratios(rows) -> None:
+    """The issue's target ratios, where the rows to compute them are present."""
+    def get(method, data, length, batch, key):
+        for r in rows:
+            if (r["method"], r["data"], r["length"], r["batch_size"]) == (method, data, length, batch) and key in r:
+                return r[key]
+        return None
+
+    configs = sorted({(r["data"], r["length"]) for r in rows})
+    for data, length in configs:
+        batches = sorted({r["batch_size"] for r in rows if (r["data"], r["length"]) == (data, length)})
+        small, large = batches[0], batches[-1]
+        for method in METHODS:
+            a, b = get(method, data, length, large, "peak_memory_mb"), get(method, data, length, small, "peak_memory_mb")
+            if a and b:
+                print(f"{data} L={length} {method}: peak memory batch {large} / batch {small} = {a / b:.2f}")
+        for batch in batches:
+            e, o, s = (get(m, data, length, batch, "step_seconds") for m in METHODS)
+            parts = []
+            if e and o:
+                parts.append(f"efficient/origin step time {e / o:.2f}")
+            if e and s:
+                parts.append(f"efficient/st_cached step time {e / s:.2f}")
+            em, sm = get("efficient", data, length, batch, "peak_memory_mb"), get("st_cached", data, length, batch, "peak_memory_mb")
+            if em and sm:
+                parts.append(f"efficient/st_cached peak memory {em / sm:.2f}")
+            if parts:
+                print(f"{data} L={length} batch {batch}: " + ", ".join(parts))
+
+
+def plot(rows, path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for (data, length, method) in sorted({(r["data"], r["length"], r["method"]) for r in rows}):
+        points = sorted((r["batch_size"], r) for r in rows
+                        if (r["data"], r["length"], r["method"]) == (data, length, method) and "step_seconds" in r)
+        if not points:
+            continue
+        xs = [x for x, _ in points]
+        label = f"{method} {data} L={length}"
+        axes[0].plot(xs, [r["peak_memory_mb"] for _, r in points], marker="o", label=label)
+        axes[1].plot(xs, [r["step_seconds"] for _, r in points], marker="o", label=label)
+    axes[0].set(xlabel="contrastive batch", ylabel="peak memory (MB)")
+    axes[1].set(xlabel="contrastive batch", ylabel="step time (s)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
