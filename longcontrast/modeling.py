@@ -219,9 +219,10 @@ class DualEncoder(nn.Module):
             hidden = hidden.float()  # pool, normalise and score in float32 under mixed precision
         return pool(hidden, attention_mask, self.pooling)  # (N, D)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+    def activation_checkpointing_enable(self, **kwargs):
+        """Called by the Trainer for --gradient_checkpointing (transformers 5 name); applies to both encoders."""
         for encoder in {self.query_encoder, self.encoder_for("passage")}:
-            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+            encoder.activation_checkpointing_enable(**kwargs)
 
     def save(self, output_dir: str | os.PathLike, tokenizer, max_seq_length: int, query_prompt: str = "") -> None:
         """Save as folders that load with ``AutoModel.from_pretrained`` and ``SentenceTransformer``.

@@ -192,3 +192,12 @@ def test_only_one_mini_batch_graph_alive(tiny_model_dir, monkeypatch):
                     backward=lambda t: (events.append("backward"), t.backward()))
     replay_events = [e for e in events if e != "no_grad"]
     assert replay_events == ["forward", "backward"] * (3 + 3)
+
+
+def test_activation_checkpointing_keeps_gradients_exact(tiny_model_dir):
+    """--gradient_checkpointing recomputes layers in the backward; the masks and gradients stay the same."""
+    model = make_model(tiny_model_dir, dropout=0.1, untie=True)
+    _, expected = run_reference(model, 3)
+    model.activation_checkpointing_enable()
+    _, got = run_grad_cache(model, 3)
+    assert_same(got, expected)
