@@ -119,3 +119,26 @@ def test_read_pooling_of_embedded_default():
 
     assert read_pooling(default_model_path()) == "mean"
     assert read_pooling(Path("/nonexistent")) is None
+
+
+def test_embedded_minilm_at_8192_positions(tmp_path):
+    """The real checkpoint: extended to 8192, a 600-token forward, saved and reloaded at 8192."""
+    from transformers import AutoModel
+
+    from longcontrast.modeling import default_model_path
+
+    original, _ = load_encoder(default_model_path(), max_position_embeddings=None)
+    model, tokenizer = load_encoder(default_model_path(), max_position_embeddings=8192, dropout=0.0)
+    table = model.embeddings.position_embeddings.weight
+    assert table.shape[0] == 8192 and table.requires_grad
+    assert torch.equal(table[:512], original.embeddings.position_embeddings.weight)
+    ids = pad([[tokenizer.cls_token_id] + [2000 + i % 500 for i in range(598)] + [tokenizer.sep_token_id]], 0)
+    model.eval()
+    with torch.no_grad():
+        hidden = model(**ids).last_hidden_state  # (1, 600, 384)
+    assert hidden.shape == (1, 600, 384) and torch.isfinite(hidden).all()
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert reloaded.config.max_position_embeddings == 8192
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**ids).last_hidden_state, hidden, rtol=1e-5, atol=1e-5)
