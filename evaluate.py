@@ -44,7 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     flag("query_max_len", type=int, default=256, help="Max query tokens (cut on the left: latest turns kept).")
     flag("passage_max_len", type=int, default=1024,
          help="Max chunk tokens (cut on the right; capped at the model's position table).")
-    flag("batch_size", type=int, default=64, help="Texts encoded at once.")
+    flag("batch_size", type=int, default=None,
+         help="Texts encoded at once (default: 64 on GPU; 8 on CPU, where bigger batches only add padding).")
     flag("num_turns", type=int, default=5, help="Dialogue turns kept in a query.")
     flag("pooling", choices=["cls", "mean"], default=None,
          help="Pooling when the model records none in a sentence-transformers config (default: cls).")
@@ -54,13 +55,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     flag("device", default=None, help="cuda, cuda:1, cpu... (default: cuda if available).")
     args = parser.parse_args(argv)
     for name in ("query_max_len", "passage_max_len", "batch_size", "num_turns"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
     return args
 
 
 def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    batch_size = args.batch_size or (64 if device.type == "cuda" else 8)
     datasets = list(DATASETS) if args.eval_dataset == "all" else [args.eval_dataset]
     if args.query_encoder_path or args.context_encoder_path:
         models = {f"{args.query_encoder_path} + {args.context_encoder_path}": (None,)}
@@ -72,7 +74,7 @@ def run(args) -> dict:
         model.to(device)
         positions = model.config.max_position_embeddings
         config = EvalConfig(min(args.query_max_len, positions), min(args.passage_max_len, positions),
-                            args.batch_size, args.num_turns, not args.no_qrecc_answer)
+                            batch_size, args.num_turns, not args.no_qrecc_answer)
         results = {}
         for dataset in datasets:
             started = time.perf_counter()

@@ -4,7 +4,7 @@
 Runs both on the same Doc2Dial dev subset (../shared/data/doc2dial/dev), checks that the metrics
 are identical, and prints a table of encoding times and the speed-up. Writes JSON.
 
-    python bench/eval_speed.py [--documents dmv] [--max_items 200] [--batch_size 64] [--device cpu]
+    python bench/eval_speed.py [--documents dmv] [--max_items 200] [--batch_size 8] [--device cpu]
 """
 
 from __future__ import annotations
@@ -36,12 +36,13 @@ def main(argv=None) -> None:
     parser.add_argument("--data", default=DEV)
     parser.add_argument("--documents", nargs="+", default=["dmv"])
     parser.add_argument("--max_items", type=int, default=200)
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=None, help="default: as evaluate.py (64 on GPU, 8 on CPU)")
     parser.add_argument("--passage_max_len", type=int, default=512)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "eval_speed.json"))
+    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "eval_speed.json"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    args.batch_size = args.batch_size or (64 if device.type == "cuda" else 8)
     model, tokenizer = load_retriever(args.model_path)
     model.to(device).eval()
     items, documents = load_chatrag(args.data, "doc2dial")

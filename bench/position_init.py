@@ -6,7 +6,7 @@ with every chunk preceded by ~510 tokens of unrelated text (chunks of another do
 the chunk's own text sits at positions 511 and beyond. Compares --position_init copy, hierarchical
 and random against the plain chunks and against cutting at 512. Prints a table and writes JSON.
 
-    python bench/position_init.py [--model PATH] [--queries 120] [--output bench/position_init.json]
+    python bench/position_init.py [--model PATH] [--queries 200] [--output bench/results/position_init.json]
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ def main(argv=None) -> None:
     parser.add_argument("--data", default=DEV)
     parser.add_argument("--document", default="dmv")
     parser.add_argument("--filler_document", default="ssa")
-    parser.add_argument("--queries", type=int, default=120)
+    parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--prefix_tokens", type=int, default=510)
-    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "position_init.json"))
+    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "position_init.json"))
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     model_path = args.model or default_model_path()

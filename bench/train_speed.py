@@ -137,8 +137,13 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--doc2dial", default=DOC2DIAL)
     parser.add_argument("--output", default=os.path.join(ROOT, "bench", "results", "train_speed.json"))
+    parser.add_argument("--report", default=None, help="only print the ratios of an earlier --output JSON")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.report:
+        with open(args.report) as handle:
+            print_ratios(json.load(handle)["rows"])
+        return
     if args.worker:  # one configuration, in this fresh process
         vars(args).update(json.loads(args.worker))
         print("RESULT " + json.dumps(worker(args)), flush=True)
@@ -197,7 +202,7 @@ def print_ratios(rows) -> None:
             if a and b:
                 print(f"{data} L={length} {method}: peak memory batch {large} / batch {small} = {a / b:.2f}")
         for batch in batches:
-            e, o, s = (get(m, data, length, batch, "step_seconds") for m in METHODS)
+            o, e, s = (get(m, data, length, batch, "step_seconds") for m in ("origin", "efficient", "st_cached"))
             parts = []
             if e and o:
                 parts.append(f"efficient/origin step time {e / o:.2f}")
