@@ -32,6 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 DOC2DIAL = os.path.join(ROOT, "..", "shared", "data", "doc2dial", "train_triples.jsonl")
 METHODS = ("origin", "efficient", "st_cached")
+BGE_LARGE_SHAPE = "bge-large-shape"
 
 
 def make_inputs(args, tokenizer):
@@ -47,12 +48,12 @@ def make_inputs(args, tokenizer):
                 tokenizer.sep_token_id]
         return {
             "query_ids": [text_ids() for _ in range(args.batch_size)],
-            "passage_ids": [text_ids() for _ in range(2 * args.batch_size)],
-            "passage_text_ids": torch.arange(2 * args.batch_size),
+            "passage_ids": [text_ids() for _ in range((1 + args.hard_negatives) * args.batch_size)],
+            "passage_text_ids": torch.arange((1 + args.hard_negatives) * args.batch_size),
         }
     examples = load_examples([args.doc2dial])
     rng.shuffle(examples)
-    dataset = ExampleDataset(examples[: args.batch_size], num_hard_negatives=1)
+    dataset = ExampleDataset(examples[: args.batch_size], num_hard_negatives=args.hard_negatives)
     collate = ContrastiveCollator(tokenizer, min(256, args.length), args.length)
     return collate([dataset[i] for i in range(len(dataset))])
 
@@ -66,8 +67,13 @@ def worker(args) -> dict:
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model_path = args.model or default_model_path()
-    encoder, tokenizer = load_encoder(model_path, max(512, args.length), dropout=args.dropout)
+    if args.model == BGE_LARGE_SHAPE:
+        encoder, tokenizer = bge_large_shaped(max(512, args.length), args.dropout)
+        model_path = default_model_path()  # its tokenizer (the same BERT uncased vocabulary)
+    else:
+        model_path = args.model or default_model_path()
+        encoder, tokenizer = load_encoder(model_path, max(512, args.length), dropout=args.dropout)
+    encoder.to(device)
     inputs = make_inputs(args, tokenizer)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
@@ -81,7 +87,7 @@ def worker(args) -> dict:
         model = SentenceTransformer(modules=[transformer, Pooling(encoder.config.hidden_size, "cls")], device=args.device)
         loss = CachedMultipleNegativesRankingLoss(model, scale=1 / args.temperature, mini_batch_size=args.mini_batch_size)
         b = args.batch_size
-        columns = [inputs["query_ids"], inputs["passage_ids"][:b], inputs["passage_ids"][b:]]
+        columns = [inputs["query_ids"], inputs["passage_ids"][:b]] + ([inputs["passage_ids"][b:]] if args.hard_negatives else [])
         features = [pad(column, tokenizer.pad_token_id, device) for column in columns]
 
         def step():
@@ -107,6 +113,7 @@ def worker(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    flops = step_flops(encoder.config, inputs, extra_forward=args.method != "origin")
     update()  # warm-up
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -119,12 +126,41 @@ def worker(args) -> dict:
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     tokens = sum(len(x) for x in inputs["query_ids"]) + sum(len(x) for x in inputs["passage_ids"])
-    return {"step_seconds": seconds, "peak_memory_mb": peak_mb, "tokens_per_step": tokens}
+    return {"step_seconds": seconds, "peak_memory_mb": peak_mb, "tokens_per_step": tokens,
+            "texts": len(inputs["query_ids"]) + len(inputs["passage_ids"]), "tflops": flops / seconds / 1e12}
+
+
+def bge_large_shaped(positions: int, dropout):
+    """A randomly initialised encoder of BGE-large's shape (24 layers, 1024 wide, 335M parameters)."""
+    from transformers import AutoModel, AutoTokenizer, BertConfig
+
+    from longcontrast.modeling import default_model_path
+
+    config = BertConfig(vocab_size=30522, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                        intermediate_size=4096, max_position_embeddings=positions,
+                        hidden_dropout_prob=dropout or 0.0, attention_probs_dropout_prob=dropout or 0.0)
+    return AutoModel.from_config(config, attn_implementation="sdpa"), AutoTokenizer.from_pretrained(default_model_path())
+
+
+def step_flops(config, inputs, extra_forward: bool) -> float:
+    """Matrix FLOPs of one step: forward = 2 x (non-embedding parameters) per token + 4 x n^2 x
+    hidden per layer per text (QK^T and attention x V); backward = 2 forwards; GradCache adds one
+    more forward. Padding is not counted."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    per_layer = 4 * hidden * hidden + 2 * hidden * config.intermediate_size  # weights of one layer
+    forward = 0
+    for ids in inputs["query_ids"] + inputs["passage_ids"]:
+        n = len(ids)
+        forward += 2 * n * per_layer * layers + 4 * n * n * hidden * layers
+    return forward * (4 if extra_forward else 3)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="default: the embedded all-MiniLM-L6-v2")
+    parser.add_argument("--model", default=None, help="default: the embedded all-MiniLM-L6-v2; "
+                        f"'{BGE_LARGE_SHAPE}': a random encoder of BGE-large's shape (nothing downloaded)")
+    parser.add_argument("--hard_negatives", type=int, default=1, choices=[0, 1],
+                        help="hard negatives per query (0: a batch of B queries holds 2B texts)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--data", nargs="+", default=["equal", "doc2dial"], choices=["equal", "doc2dial"])
     parser.add_argument("--batch_sizes", nargs="+", type=int, default=[16, 32, 64, 96])
@@ -154,7 +190,11 @@ def main(argv=None) -> None:
     rows = []
     print(f"device {args.device}; mini-batch {args.mini_batch_size}; {args.steps} timed steps; B queries, "
           "B positives, B hard negatives per batch")
-    print("| data | length | batch | method | step s | peak MB | tokens/s |\n|---|---|---|---|---|---|---|")
+    peak = matmul_tflops(args.device) if args.device.startswith("cuda") else None
+    if peak:
+        print(f"measured bf16 matmul throughput: {peak:.0f} TFLOP/s")
+    print("| data | length | batch | texts | method | step s | peak MB | tokens/s | TFLOP/s | of peak |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for data in args.data:
         for length in args.lengths:
             for batch_size in args.batch_sizes:
@@ -162,7 +202,8 @@ def main(argv=None) -> None:
                     config = {"data": data, "length": length, "batch_size": batch_size, "method": method}
                     command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(config),
                                "--mini_batch_size", str(args.mini_batch_size), "--temperature", str(args.temperature),
-                               "--steps", str(args.steps), "--device", args.device, "--doc2dial", args.doc2dial]
+                               "--steps", str(args.steps), "--device", args.device, "--doc2dial", args.doc2dial,
+                               "--hard_negatives", str(args.hard_negatives)]
                     command += ["--model", args.model] if args.model else []
                     command += ["--dropout", str(args.dropout)] if args.dropout is not None else []
                     command += ["--bf16"] if args.bf16 else []
@@ -170,19 +211,38 @@ def main(argv=None) -> None:
                     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
                     if done.returncode or not lines:
                         result = {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
-                        print(f"| {data} | {length} | {batch_size} | {method} | failed: {result['error']} | | |")
+                        print(f"| {data} | {length} | {batch_size} | | {method} | failed: {result['error']} | | | | |")
                     else:
                         result = json.loads(lines[-1][len("RESULT "):])
-                        print(f"| {data} | {length} | {batch_size} | {method} | {result['step_seconds']:.2f} | "
-                              f"{result['peak_memory_mb']:.0f} | {result['tokens_per_step'] / result['step_seconds']:.0f} |",
+                        share = f"{result['tflops'] / peak:.0%}" if peak else "-"
+                        print(f"| {data} | {length} | {batch_size} | {result['texts']} | {method} | "
+                              f"{result['step_seconds']:.2f} | {result['peak_memory_mb']:.0f} | "
+                              f"{result['tokens_per_step'] / result['step_seconds']:.0f} | {result['tflops']:.2f} | {share} |",
                               flush=True)
                     rows.append({**config, **result})
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as handle:
         json.dump({"device": args.device, "mini_batch_size": args.mini_batch_size, "steps": args.steps,
-                   "rows": rows}, handle, indent=2)
+                   "matmul_tflops": peak, "rows": rows}, handle, indent=2)
     print_ratios(rows)
     plot(rows, os.path.splitext(args.output)[0] + ".png")
+
+
+def matmul_tflops(device: str) -> float:
+    """The card's measured bf16 matrix throughput: 8192^3 matmuls, best of several."""
+    import torch
+
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    best = 0.0
+    for _ in range(5):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        torch.cuda.synchronize()
+        best = max(best, 10 * 2 * 8192**3 / (time.perf_counter() - started) / 1e12)
+    return best
 
 
 def print_ratios(rows) -> None:
