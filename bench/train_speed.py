@@ -39,7 +39,7 @@ def make_inputs(args, tokenizer):
     """Collator-style inputs: token id lists for B queries and 2B passages (positives, negatives)."""
     import torch
 
-    from longcontrast.data import ContrastiveCollator, ExampleDataset, load_examples
+    from longcontrast.data import ContrastiveCollator, load_examples, make_dataset
 
     rng = random.Random(0)
     if args.data == "equal":
@@ -53,9 +53,8 @@ def make_inputs(args, tokenizer):
         }
     examples = load_examples([args.doc2dial])
     rng.shuffle(examples)
-    dataset = ExampleDataset(examples[: args.batch_size], num_hard_negatives=args.hard_negatives)
-    collate = ContrastiveCollator(tokenizer, min(256, args.length), args.length)
-    return collate([dataset[i] for i in range(len(dataset))])
+    collate = ContrastiveCollator(tokenizer, min(256, args.length), args.length, args.hard_negatives)
+    return collate(list(make_dataset(examples[: args.batch_size])))
 
 
 def worker(args) -> dict:

@@ -180,23 +180,20 @@ def load_examples(paths: list[str], num_turns: int = 5, query_instruction: str =
     return examples
 
 
-class ExampleDataset(torch.utils.data.Dataset):
-    """Examples with at most ``num_hard_negatives`` hard negatives each.
+def make_dataset(examples: list[Example]):
+    """The examples as a ``datasets.Dataset`` with columns query, positive, negatives and length.
 
-    Hard negatives are taken in their listed order (mined lists put the hardest first); an example
-    with fewer uses what it has, so the number of passages per batch may vary.
+    ``length`` (characters of the query and the positive) is what the Trainer's
+    ``--train_sampling_strategy group_by_length`` groups by.
     """
+    import datasets
 
-    def __init__(self, examples: list[Example], num_hard_negatives: int):
-        self.examples = examples
-        self.num_hard_negatives = num_hard_negatives
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> Example:
-        example = self.examples[index]
-        return Example(example.query, example.positive, example.negatives[: self.num_hard_negatives])
+    return datasets.Dataset.from_dict({
+        "query": [e.query for e in examples],
+        "positive": [e.positive for e in examples],
+        "negatives": [e.negatives for e in examples],
+        "length": [len(e.query) + len(e.positive) for e in examples],
+    })
 
 
 def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
@@ -234,23 +231,27 @@ def pad(sequences: list[list[int]], pad_token_id: int, device=None) -> dict[str,
 
 @dataclass
 class ContrastiveCollator:
-    """Tokenises a list of :class:`Example` into one contrastive batch (not padded yet).
+    """Tokenises rows of :func:`make_dataset` into one contrastive batch (not padded yet).
 
+    Each row keeps at most ``num_hard_negatives`` hard negatives, in listed order (mined lists put
+    the hardest first); a row with fewer uses what it has, so the passages per batch may vary.
     Returns ``query_ids`` (B lists of token ids), ``passage_ids`` (P lists: the B positives in
-    query order, then every example's hard negatives) and ``passage_text_ids`` (P,): equal integers
+    query order, then every row's hard negatives) and ``passage_text_ids`` (P,): equal integers
     for identical passage texts, which the loss uses to mask duplicates of a query's positive.
     """
 
     tokenizer: object
     query_max_len: int
     passage_max_len: int
+    num_hard_negatives: int = 1
 
-    def __call__(self, examples: list[Example]) -> dict:
-        passages = [e.positive for e in examples] + [n for e in examples for n in e.negatives]
+    def __call__(self, rows: list[dict]) -> dict:
+        negatives = [n for row in rows for n in row["negatives"][: self.num_hard_negatives]]
+        passages = [row["positive"] for row in rows] + negatives
         text_ids: dict[str, int] = {}
         passage_text_ids = torch.tensor([text_ids.setdefault(p, len(text_ids)) for p in passages])  # (P,)
         return {
-            "query_ids": tokenize(self.tokenizer, [e.query for e in examples], self.query_max_len, "left"),
+            "query_ids": tokenize(self.tokenizer, [row["query"] for row in rows], self.query_max_len, "left"),
             "passage_ids": tokenize(self.tokenizer, passages, self.passage_max_len, "right"),
             "passage_text_ids": passage_text_ids,
         }

@@ -15,7 +15,7 @@ import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
 from . import UserError
-from .data import ContrastiveCollator, ExampleDataset, default_train_data, length_sorted_mini_batches, load_examples, pad
+from .data import ContrastiveCollator, default_train_data, length_sorted_mini_batches, load_examples, make_dataset, pad
 from .gradcache import grad_cache_step
 from .loss import LossOutput, contrastive_loss
 from .modeling import POOLING_MODES, POSITION_INITS, DualEncoder, default_model_path, load_encoder, read_pooling
@@ -284,8 +284,9 @@ def train(argv=None, gradcache: bool = True) -> str:
     trainer = ContrastiveTrainer(
         model=model,
         args=training_args,
-        train_dataset=ExampleDataset(examples, data_args.num_hard_negatives),
-        data_collator=ContrastiveCollator(tokenizer, data_args.query_max_len, data_args.passage_max_len),
+        train_dataset=make_dataset(examples),
+        data_collator=ContrastiveCollator(
+            tokenizer, data_args.query_max_len, data_args.passage_max_len, data_args.num_hard_negatives),
         processing_class=tokenizer,
         temperature=model_args.temperature,
         mini_batch_size=cache_args.mini_batch_size if gradcache else None,

@@ -6,7 +6,7 @@ import torch
 from conftest import conversation_records, write_jsonl
 from longcontrast import UserError
 from longcontrast.data import (
-    ContrastiveCollator, ExampleDataset, format_query, length_sorted_mini_batches, load_examples, parse_record, tokenize,
+    ContrastiveCollator, format_query, length_sorted_mini_batches, load_examples, make_dataset, parse_record, tokenize,
 )
 
 MESSAGES = [
@@ -111,12 +111,17 @@ def test_non_utf8_and_unknown_type(tmp_path):
         load_examples([str(tmp_path / "nothing")])
 
 
-def test_num_hard_negatives_takes_the_first():
+def test_num_hard_negatives_takes_the_first(tiny_model_dir):
+    from transformers import AutoTokenizer
+
     from longcontrast.data import Example
 
-    dataset = ExampleDataset([Example("q", "p", ["n1", "n2", "n3"]), Example("q", "p", [])], 2)
-    assert dataset[0].negatives == ["n1", "n2"] and dataset[1].negatives == []
-    assert ExampleDataset([Example("q", "p", ["n1"])], 0)[0].negatives == []
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = list(make_dataset([Example("q", "p", ["n1", "n2", "n3"]), Example("q", "p", [])]))
+    two = ContrastiveCollator(tokenizer, 16, 16, num_hard_negatives=2)(rows)
+    assert len(two["passage_ids"]) == 2 + 2  # two positives, the first two negatives of row 0
+    assert two["passage_ids"][2] == tokenize(tokenizer, ["n1"], 16, "right")[0]
+    assert len(ContrastiveCollator(tokenizer, 16, 16, num_hard_negatives=0)(rows)["passage_ids"]) == 2
 
 
 def test_truncation_sides_keep_special_tokens(tiny_model_dir):
@@ -139,7 +144,8 @@ def test_collator_layout_and_duplicate_ids(tiny_model_dir):
     from longcontrast.data import Example
 
     collate = ContrastiveCollator(AutoTokenizer.from_pretrained(tiny_model_dir), 16, 16)
-    batch = collate([Example("q0", "same", ["n0"]), Example("q1", "same", []), Example("q2", "other", ["same"])])
+    batch = collate(list(make_dataset(
+        [Example("q0", "same", ["n0"]), Example("q1", "same", []), Example("q2", "other", ["same"])])))
     assert len(batch["query_ids"]) == 3 and len(batch["passage_ids"]) == 5
     # positives first in query order, then the hard negatives: same, same, other, n0, same
     assert batch["passage_text_ids"].tolist() == [0, 0, 1, 2, 0]

@@ -44,7 +44,8 @@ def test_efficient_smoke_untied_with_accumulation(tiny_model_dir, tiny_train_fil
     out = tmp_path / "efficient"
     argv = common(tiny_model_dir, tiny_train_file, out, "--max_steps", "2", "--mini_batch_size", "4",
                   "--untie_encoders", "--gradient_accumulation_steps", "2", "--pooling", "mean",
-                  "--query_instruction", "query: ")
+                  "--query_instruction", "query: ", "--train_sampling_strategy", "group_by_length",
+                  "--mini_batch_tokens", "100")
     assert efficient_train.main(argv) == 0
     for name in ("query_encoder", "context_encoder"):
         assert (out / name / "model.safetensors").is_file()
