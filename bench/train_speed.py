@@ -71,7 +71,8 @@ def worker(args) -> dict:
         model_path = default_model_path()  # its tokenizer (the same BERT uncased vocabulary)
     else:
         model_path = args.model or default_model_path()
-        encoder, tokenizer = load_encoder(model_path, max(512, args.length), dropout=args.dropout)
+        encoder, tokenizer = load_encoder(model_path, max(512, args.length), dropout=args.dropout,
+                                          attention_dropout=args.attention_dropout)
     encoder.to(device)
     inputs = make_inputs(args, tokenizer)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
@@ -167,6 +168,7 @@ def main(argv=None) -> None:
     parser.add_argument("--mini_batch_size", type=int, default=8)
     parser.add_argument("--temperature", type=float, default=0.05)
     parser.add_argument("--dropout", type=float, default=None, help="override the model's dropout")
+    parser.add_argument("--attention_dropout", type=float, default=None, help="override its attention dropout")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--device", default=None)
@@ -205,6 +207,8 @@ def main(argv=None) -> None:
                                "--hard_negatives", str(args.hard_negatives)]
                     command += ["--model", args.model] if args.model else []
                     command += ["--dropout", str(args.dropout)] if args.dropout is not None else []
+                    if args.attention_dropout is not None:
+                        command += ["--attention_dropout", str(args.attention_dropout)]
                     command += ["--bf16"] if args.bf16 else []
                     done = subprocess.run(command, capture_output=True, text=True)
                     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]

@@ -145,6 +145,7 @@ def load_encoder(
     max_position_embeddings: int | None = None,
     position_init: str = "copy",
     dropout: float | None = None,
+    attention_dropout: float | None = None,
 ):
     """A BERT-style encoder and its tokenizer, with SDPA attention and an extended position table.
 
@@ -155,6 +156,7 @@ def load_encoder(
             than the model has: keep it).
         position_init: see :func:`extended_position_table`.
         dropout: if set, replaces the hidden and attention dropout probabilities of the checkpoint.
+        attention_dropout: if set, replaces the attention dropout probability (after ``dropout``).
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -165,6 +167,8 @@ def load_encoder(
     if dropout is not None:
         config.hidden_dropout_prob = dropout
         config.attention_probs_dropout_prob = dropout
+    if attention_dropout is not None:
+        config.attention_probs_dropout_prob = attention_dropout
     model = AutoModel.from_pretrained(model_name_or_path, config=config, attn_implementation="sdpa")
     if not hasattr(getattr(model, "embeddings", None), "position_embeddings"):
         raise UserError(

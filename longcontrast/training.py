@@ -61,6 +61,11 @@ class ModelArguments:
         default=None,
         metadata={"help": "Override the encoder's hidden and attention dropout (default: keep the checkpoint's)."},
     )
+    attention_dropout: float | None = field(
+        default=None,
+        metadata={"help": "Override the attention dropout alone (after --dropout). 0 lets PyTorch's SDPA use its "
+                  "fused kernels on CPU; with dropout it falls back to the math path (see README)."},
+    )
 
 
 @dataclass
@@ -233,8 +238,10 @@ def validate(model_args, data_args, cache_args, training_args) -> None:
         raise UserError(f"--mini_batch_tokens must be >= 1, got {cache_args.mini_batch_tokens}")
     if model_args.temperature <= 0:
         raise UserError(f"--temperature must be > 0, got {model_args.temperature}")
-    if model_args.dropout is not None and not 0 <= model_args.dropout < 1:
-        raise UserError(f"--dropout must be in [0, 1), got {model_args.dropout}")
+    for name in ("dropout", "attention_dropout"):
+        value = getattr(model_args, name)
+        if value is not None and not 0 <= value < 1:
+            raise UserError(f"--{name} must be in [0, 1), got {value}")
     if data_args.num_hard_negatives < 0:
         raise UserError(f"--num_hard_negatives must be >= 0, got {data_args.num_hard_negatives}")
     if data_args.query_turns < 1:
@@ -272,7 +279,8 @@ def train(argv=None, gradcache: bool = True) -> str:
 
     set_seed(training_args.seed)  # before the model exists: the random position init draws from it
     encoder, tokenizer = load_encoder(
-        model_path, model_args.max_position_embeddings, model_args.position_init, model_args.dropout
+        model_path, model_args.max_position_embeddings, model_args.position_init, model_args.dropout,
+        model_args.attention_dropout,
     )
     model = (DualEncoder.untied if model_args.untie_encoders else DualEncoder)(encoder, pooling)
     logger.info(

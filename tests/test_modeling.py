@@ -142,3 +142,10 @@ def test_embedded_minilm_at_8192_positions(tmp_path):
     assert reloaded.config.max_position_embeddings == 8192
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**ids).last_hidden_state, hidden, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_overrides(tiny_model_dir):
+    model, _ = load_encoder(tiny_model_dir, dropout=0.2, attention_dropout=0.0)
+    assert model.config.hidden_dropout_prob == 0.2 and model.config.attention_probs_dropout_prob == 0.0
+    kept, _ = load_encoder(tiny_model_dir)
+    assert kept.config.attention_probs_dropout_prob == 0.1  # the checkpoint's
