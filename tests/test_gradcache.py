@@ -201,3 +201,19 @@ def test_activation_checkpointing_keeps_gradients_exact(tiny_model_dir):
     model.activation_checkpointing_enable()
     _, got = run_grad_cache(model, 3)
     assert_same(got, expected)
+
+
+def test_sync_context_only_lets_the_last_replay_synchronise(tiny_model_dir):
+    """The hook for DDP's no_sync: every mini-batch but the very last is replayed with is_last False."""
+    model = make_model(tiny_model_dir, dropout=0.0)
+    queries, passages, loss_fn = batch()
+    calls = []
+
+    def sync_context(is_last):
+        calls.append(is_last)
+        return contextlib.nullcontext()
+
+    grad_cache_step(lambda b, side: model(**b, side=side), split_into_mini_batches(queries, 2, 0),
+                    split_into_mini_batches(passages, 5, 0), loss_fn, torch.device("cpu"),
+                    sync_context=sync_context)
+    assert calls == [False] * (3 + 2) + [True]
