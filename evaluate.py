@@ -65,11 +65,11 @@ def run(args) -> dict:
     batch_size = args.batch_size or (64 if device.type == "cuda" else 8)
     datasets = list(DATASETS) if args.eval_dataset == "all" else [args.eval_dataset]
     if args.query_encoder_path or args.context_encoder_path:
-        models = {f"{args.query_encoder_path} + {args.context_encoder_path}": (None,)}
-    else:
-        models = {name: (None if name == "default" else name,) for name in (args.model_path or ["default"])}
+        models = {f"{args.query_encoder_path} + {args.context_encoder_path}": None}
+    else:  # name shown in the table -> folder (None: the embedded default)
+        models = {name: None if name == "default" else name for name in (args.model_path or ["default"])}
     rows = {}
-    for name, (model_path,) in models.items():
+    for name, model_path in models.items():
         model, tokenizer = load_retriever(model_path, args.query_encoder_path, args.context_encoder_path, args.pooling)
         model.to(device)
         positions = model.config.max_position_embeddings
