@@ -37,6 +37,8 @@ def test_origin_smoke_saves_a_loadable_model(tiny_model_dir, tiny_train_file, tm
     assert all(0 <= entry["accuracy"] <= 1 for entry in log if "loss" in entry)
     arguments = json.loads((out / "training_args.json").read_text())
     assert arguments["script"] == "origin_train.py" and arguments["pooling"] == "cls"
+    assert arguments["attention_dropout"] == 0.0 and arguments["dropout"] is None  # defaults resolved
+    assert model.config.attention_probs_dropout_prob == 0.0 and model.config.hidden_dropout_prob == 0.1
     assert (out / "tokenizer_config.json").is_file()
 
 
@@ -52,6 +54,8 @@ def test_efficient_smoke_untied_with_accumulation(tiny_model_dir, tiny_train_fil
     query = load_file(out / "query_encoder" / "model.safetensors")
     context = load_file(out / "context_encoder" / "model.safetensors")
     assert any(not torch.equal(query[k], context[k]) for k in query)  # trained apart
+    arguments = json.loads((out / "training_args.json").read_text())
+    assert arguments["mini_batch_tokens"] == 100 and arguments["training"]["gradient_accumulation_steps"] == 2
 
 
 def weights(folder):
