@@ -119,9 +119,14 @@ def _iter_file_records(path: Path):
             for index, record in enumerate(records):
                 yield f"{path}: record {index}", record
         elif suffix == ".parquet":
+            import pyarrow
             import pyarrow.parquet as pq
 
-            for index, record in enumerate(pq.read_table(path).to_pylist()):
+            try:
+                rows = pq.read_table(path).to_pylist()
+            except pyarrow.ArrowException as err:
+                raise UserError(f"{path}: not a readable Parquet file ({err})") from err
+            for index, record in enumerate(rows):
                 yield f"{path}: row {index}", record
         else:
             raise UserError(f"{path}: unsupported data file type; use {', '.join(DATA_SUFFIXES)}")

@@ -103,6 +103,9 @@ def test_non_utf8_and_unknown_type(tmp_path):
     (tmp_path / "latin.jsonl").write_bytes(b'{"query": "caf\xe9", "positive": "p"}\n')
     with pytest.raises(UserError, match="UTF-8"):
         load_examples([str(tmp_path / "latin.jsonl")])
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(UserError, match="broken.parquet: not a readable Parquet file"):
+        load_examples([str(tmp_path / "broken.parquet")])
     (tmp_path / "data.csv").write_text("a,b\n")
     with pytest.raises(UserError, match="unsupported"):
         load_examples([str(tmp_path / "data.csv")])
