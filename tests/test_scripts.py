@@ -137,3 +137,27 @@ def test_help(script):
                  "--max_position_embeddings", "--overwrite_output_dir", "--warmup_ratio", "--train_data"):
         assert flag in result.stdout
     assert ("--mini_batch_size" in result.stdout) == (script == "efficient_train.py")
+
+
+@pytest.mark.parametrize("module", [origin_train, efficient_train])
+def test_same_seed_gives_bit_identical_weights(module, tiny_model_dir, tiny_train_file, tmp_path):
+    def run(out):
+        module.main(common(tiny_model_dir, tiny_train_file, out, "--max_steps", "2", "--dropout", "0.1"))
+        return weights(out)
+
+    first, second = run(tmp_path / "a"), run(tmp_path / "b")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_resume_from_checkpoint_ends_with_the_same_weights(tiny_model_dir, tiny_train_file, tmp_path):
+    import shutil
+
+    argv = ["--max_steps", "3", "--dropout", "0.1", "--per_device_train_batch_size", "4", "--save_strategy", "steps",
+            "--save_steps", "1"]
+    efficient_train.main(common(tiny_model_dir, tiny_train_file, tmp_path / "full", *argv))
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    efficient_train.main(common(tiny_model_dir, tiny_train_file, tmp_path / "resumed", *argv,
+                                "--resume_from_checkpoint", str(tmp_path / "resumed" / "checkpoint-2")))
+    full, resumed = weights(tmp_path / "full"), weights(tmp_path / "resumed")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
