@@ -262,20 +262,15 @@ class ContrastiveCollator:
         }
 
 
-def length_sorted_mini_batches(
-    sequences: list[list[int]], max_texts: int | None, max_tokens: int | None, pad_token_id: int, device=None
-) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
-    """Mini-batches of the sequences taken longest first, each padded to its own longest.
+def length_sorted_groups(sequences: list[list[int]], max_texts: int | None, max_tokens: int | None) -> list[list[int]]:
+    """Indices of the sequences, longest first, cut into groups that are padded together.
 
-    Sorting puts texts of similar length together, so little compute goes to padding. A mini-batch
+    Sorting puts texts of similar length together, so little compute goes to padding. A group
     holds at most ``max_texts`` texts and at most ``max_tokens`` padded tokens (texts x its longest
     text; ``None``: no limit); a text longer than ``max_tokens`` goes alone.
-
-    Returns the mini-batches and ``order``: ``order[k]`` is the input index of the k-th text fed.
     """
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     groups: list[list[int]] = []
-    for index in order:
+    for index in sorted(range(len(sequences)), key=lambda i: -len(sequences[i])):
         group = groups[-1] if groups else None
         if group is not None:
             width = len(sequences[group[0]])  # the first text of a group is its longest
@@ -283,6 +278,18 @@ def length_sorted_mini_batches(
                 group.append(index)
                 continue
         groups.append([index])
+    return groups
+
+
+def length_sorted_mini_batches(
+    sequences: list[list[int]], max_texts: int | None, max_tokens: int | None, pad_token_id: int, device=None
+) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
+    """The :func:`length_sorted_groups` as mini-batches, each padded to its own longest.
+
+    Returns the mini-batches and ``order``: ``order[k]`` is the input index of the k-th text fed.
+    """
+    groups = length_sorted_groups(sequences, max_texts, max_tokens)
+    order = [index for group in groups for index in group]
     return [pad([sequences[i] for i in group], pad_token_id, device) for group in groups], order
 
 

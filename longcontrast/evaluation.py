@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import UserError
-from .data import format_query, pad, tokenize
+from .data import format_query, length_sorted_groups, pad, tokenize
 from .modeling import DualEncoder, default_model_path, read_pooling
 
 logger = logging.getLogger(__name__)
@@ -161,12 +161,11 @@ def encode(model: DualEncoder, token_ids: list[list[int]], side: str, batch_size
     Texts are sorted by length (longest first, so memory peaks at once) and each batch is padded to
     its own longest; bf16 autocast on CUDA. Rows come back in input order.
     """
-    order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
     embeddings = [None] * len(token_ids)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     with torch.no_grad(), autocast:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, unit="batch"):
-            rows = order[start : start + batch_size]
+        # padded one batch at a time: a whole corpus padded at once would not fit on the device
+        for rows in tqdm(length_sorted_groups(token_ids, batch_size, None), desc=desc, leave=False, unit="batch"):
             batch = pad([token_ids[i] for i in rows], pad_token_id, device)
             for row, embedding in zip(rows, model(**batch, side=side).float().cpu()):
                 embeddings[row] = embedding
