@@ -96,18 +96,24 @@ def _iter_file_records(path: Path):
     suffix = path.suffix.lower()
     try:
         if suffix == ".jsonl":
-            with open(path, encoding="utf-8") as handle:
-                for line_number, line in enumerate(handle, start=1):
+            with open(path, "rb") as handle:
+                for line_number, raw in enumerate(handle, start=1):
+                    where = f"{path}:{line_number}"
+                    try:
+                        line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+                    except UnicodeDecodeError as err:
+                        raise UserError(f"{where}: not valid UTF-8 text ({err.reason} at byte {err.start} of the line)") from err
                     if not line.strip():
                         continue
-                    where = f"{path}:{line_number}"
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError as err:
-                        raise UserError(f"{where}: malformed JSON line ({err.msg})") from err
+                        hint = "" if raw.endswith(b"\n") else (
+                            "; it is the last line and has no newline: the file looks truncated (was it fully written?)")
+                        raise UserError(f"{where}: malformed JSON line ({err.msg}){hint}") from err
                     yield where, record
         elif suffix == ".json":
-            with open(path, encoding="utf-8") as handle:
+            with open(path, encoding="utf-8-sig") as handle:
                 try:
                     records = json.load(handle)
                 except json.JSONDecodeError as err:
@@ -163,12 +169,15 @@ def load_examples(paths: list[str], num_turns: int = 5, query_instruction: str =
     """Every example of the given files and folders, in order.
 
     A folder is either a ``datasets.save_to_disk`` folder or holds data files, read in name order.
-    Any problem (a missing file, a malformed line, a record without a query or positive, no
-    examples at all) raises :class:`UserError` naming the file and line.
+    Any problem (a missing file, a malformed or truncated line, bytes that are not UTF-8, a record
+    without a query or positive or with an empty text, no examples at all) raises
+    :class:`UserError` naming the file and line. Records of the three formats may be mixed. Exact
+    duplicates (same query, positive and negatives) are dropped with a warning, so that a file
+    concatenated twice does not weigh every example double.
     """
     if not paths:
         raise UserError("no training data given (--train_data)")
-    examples = []
+    examples, seen, duplicates = [], {}, []
     for name in paths:
         path = Path(name)
         if not path.exists():
@@ -178,8 +187,16 @@ def load_examples(paths: list[str], num_turns: int = 5, query_instruction: str =
         for where, record in records:
             example = parse_record(record, where, num_turns)
             example.query = query_instruction + example.query
+            key = (example.query, example.positive, tuple(example.negatives))
+            if key in seen:
+                duplicates.append((where, seen[key]))
+                continue
+            seen[key] = where
             examples.append(example)
         logger.info("read %d examples from %s", len(examples) - count, name)
+    if duplicates:
+        where, first = duplicates[0]
+        logger.warning("dropped %d exact duplicate examples (the first: %s repeats %s)", len(duplicates), where, first)
     if not examples:
         raise UserError(f"the training data is empty: {', '.join(paths)}")
     return examples

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from functools import partial
 import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 
-from . import UserError
+from . import UserError, checkpoints
 from .data import ContrastiveCollator, default_train_data, length_sorted_mini_batches, load_examples, make_dataset, pad
 from .gradcache import grad_cache_step
 from .loss import LossOutput, contrastive_loss
@@ -128,6 +129,10 @@ class ContrastiveTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False (custom batches)."})
     dataloader_pin_memory: bool = field(
         default_factory=torch.cuda.is_available, metadata={"help": "Pin batches in memory (default: on CUDA only)."})
+    max_bad_steps: int = field(
+        default=3, metadata={"help": "A step whose loss or gradient is NaN or inf is skipped (the parameters and "
+                             "optimizer state stay as they were; with --fp16 the loss scaler skips it instead); "
+                             "this many in a row stop the run with an error instead of saving a broken model."})
 
     def __post_init__(self):
         if self.output_dir is None:
@@ -155,6 +160,9 @@ class ContrastiveTrainer(Trainer):
         self.mini_batch_size = mini_batch_size
         self.mini_batch_tokens = mini_batch_tokens
         self._accuracy_sum, self._accuracy_count = 0.0, 0
+        self._non_finite_loss = False  # in any micro-batch of the current optimizer step
+        self._bad_steps_in_a_row = 0
+        self._staging = False
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         model.train()
@@ -164,9 +172,59 @@ class ContrastiveTrainer(Trainer):
             model, inputs, self.temperature, self.processing_class.pad_token_id, self.args.device,
             self.mini_batch_size, self.mini_batch_tokens, scale, self.accelerator.backward,
         )
+        self._non_finite_loss |= not torch.isfinite(output.loss).item()
+        if self.accelerator.sync_gradients:  # the last micro-batch: the optimizer step comes next
+            self._skip_step_if_not_finite(model)
         self._accuracy_sum += output.accuracy.item()
         self._accuracy_count += 1
         return output.loss.detach() * scale
+
+    def _skip_step_if_not_finite(self, model) -> None:
+        """Turn a step with a NaN/inf loss or gradient into a no-op; stop after ``max_bad_steps`` in a row.
+
+        Dropping every ``.grad`` makes PyTorch's optimizers leave each parameter and its state
+        (moments, step count) untouched. With fp16 the gradient scaler already skips overflowing
+        steps and lowers its scale, which is the expected behaviour there.
+        """
+        bad_loss, self._non_finite_loss = self._non_finite_loss, False
+        if self.args.fp16:
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        bad_grad = bool(grads) and not torch.stack([g.isfinite().all() for g in grads]).all().item()
+        if not (bad_loss or bad_grad):
+            self._bad_steps_in_a_row = 0
+            return
+        model.zero_grad(set_to_none=True)
+        self._bad_steps_in_a_row += 1
+        step = self.state.global_step + 1
+        logger.warning("step %d: non-finite %s; the optimizer step is skipped (%d in a row, --max_bad_steps %d)",
+                       step, "loss" if bad_loss else "gradient", self._bad_steps_in_a_row, self.args.max_bad_steps)
+        if self._bad_steps_in_a_row >= self.args.max_bad_steps:
+            latest = checkpoints.latest_checkpoint(self.args.output_dir)
+            raise UserError(
+                f"{self._bad_steps_in_a_row} steps in a row (up to step {step}) had a non-finite loss or gradient; "
+                "stopped without saving the model. Lower --learning_rate, check the data"
+                + (f", or resume from {latest}" if latest else "")
+            )
+
+    def _get_output_dir(self, trial) -> str:
+        if self._staging:  # see _save_checkpoint
+            return os.path.join(self.args.output_dir, checkpoints.STAGING)
+        return super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written to a staging folder and renamed into place when complete."""
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        self.accelerator.wait_for_everyone()  # every process has written its RNG state
+        if self.args.should_save:
+            staged = os.path.join(self.args.output_dir, checkpoints.STAGING, f"checkpoint-{self.state.global_step}")
+            final = checkpoints.publish(staged, self.args.output_dir)
+            checkpoints.rotate(self.args.output_dir, self.args.save_total_limit, keep=final)
+        self.accelerator.wait_for_everyone()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._accuracy_count:
@@ -259,22 +317,54 @@ def validate(model_args, data_args, cache_args, training_args) -> None:
         )
     if training_args.per_device_train_batch_size < 1:
         raise UserError("--per_device_train_batch_size must be >= 1")
+    if training_args.max_bad_steps < 1:
+        raise UserError(f"--max_bad_steps must be >= 1, got {training_args.max_bad_steps}")
+    if os.path.isfile(training_args.output_dir):
+        raise UserError(f"--output_dir {training_args.output_dir} is a file")
+
+
+def resolve_resume(training_args) -> None:
+    """Decide how to use an existing ``--output_dir``; sets ``resume_from_checkpoint`` when resuming.
+
+    - ``--resume_from_checkpoint DIR``: DIR must be a complete checkpoint.
+    - ``--overwrite_output_dir``: start afresh; checkpoints of the earlier run are deleted (a later
+      automatic resume must not pick them up).
+    - A folder holding checkpoints of an unfinished run: resume from the newest complete one, as
+      the transformers examples do, so restarting a killed command just continues it.
+    - Otherwise a non-empty folder is refused: nothing is ever written over it unasked.
+    """
     output_dir = training_args.output_dir
-    if os.path.isfile(output_dir):
-        raise UserError(f"--output_dir {output_dir} is a file")
-    resuming = training_args.resume_from_checkpoint is not None
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not (training_args.overwrite_output_dir or resuming):
-        raise UserError(
-            f"--output_dir {output_dir} exists and is not empty; choose another folder or pass --overwrite_output_dir"
-        )
-    if resuming and not os.path.isdir(training_args.resume_from_checkpoint):
-        raise UserError(f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no such checkpoint folder")
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is not None:
+        if not os.path.isdir(checkpoint):
+            raise UserError(f"--resume_from_checkpoint {checkpoint}: no such checkpoint folder")
+        if not checkpoints.is_complete(checkpoint):
+            raise UserError(f"--resume_from_checkpoint {checkpoint}: not a complete checkpoint "
+                            f"(no {checkpoints.TRAINER_STATE})")
+        return
+    contents = set(os.listdir(output_dir)) - {checkpoints.STAGING} if os.path.isdir(output_dir) else set()
+    if not contents:
+        return
+    if training_args.overwrite_output_dir:
+        if training_args.should_save:
+            for folder in checkpoints.complete_checkpoints(output_dir):
+                logger.warning("--overwrite_output_dir: deleting %s of the earlier run", folder)
+                shutil.rmtree(folder)
+        return
+    latest = checkpoints.latest_checkpoint(output_dir)
+    if checkpoints.FINISHED_MARKER in contents or latest is None:
+        what = "holds a finished run" if checkpoints.FINISHED_MARKER in contents else "exists and is not empty"
+        raise UserError(f"--output_dir {output_dir} {what}; choose another folder or pass --overwrite_output_dir")
+    logger.warning("resuming from %s, the newest checkpoint in --output_dir (pass --overwrite_output_dir to "
+                   "start over)", latest)
+    training_args.resume_from_checkpoint = latest
 
 
 def train(argv=None, gradcache: bool = True) -> str:
     """Parse ``argv``, train, save; returns the output folder. Raises ``UserError`` on bad input."""
     model_args, data_args, cache_args, training_args = parse_arguments(argv, gradcache)
     validate(model_args, data_args, cache_args, training_args)
+    resolve_resume(training_args)
     model_path = model_args.model_name_or_path or default_model_path()
     pooling = model_args.pooling or read_pooling(model_path) or "cls"
     examples = load_examples(data_args.train_data, data_args.query_turns, data_args.query_instruction)
@@ -304,6 +394,8 @@ def train(argv=None, gradcache: bool = True) -> str:
         mini_batch_size=cache_args.mini_batch_size if gradcache else None,
         mini_batch_tokens=cache_args.mini_batch_tokens if gradcache else None,
     )
+    if trainer.is_world_process_zero():
+        checkpoints.clear_staging(training_args.output_dir)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
 
     output_dir = training_args.output_dir
@@ -316,11 +408,14 @@ def train(argv=None, gradcache: bool = True) -> str:
             "pooling": pooling,
             "training": training_args.to_dict(),
         }
-        with open(os.path.join(output_dir, "training_args.json"), "w") as handle:
-            json.dump(arguments, handle, indent=2, default=str)
         with open(os.path.join(output_dir, "loss_log.jsonl"), "w") as handle:
             for entry in trainer.state.log_history:
                 handle.write(json.dumps(entry) + "\n")
+        # Written last, and atomically: its presence marks a finished run (see resolve_resume).
+        finished = os.path.join(output_dir, checkpoints.FINISHED_MARKER)
+        with open(finished + ".tmp", "w") as handle:
+            json.dump(arguments, handle, indent=2, default=str)
+        os.replace(finished + ".tmp", finished)
         logger.info("saved the model to %s", output_dir)
     return output_dir
 

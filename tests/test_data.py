@@ -55,10 +55,9 @@ def test_jsonl_json_parquet_and_folders_read_the_same(tmp_path):
     records = conversation_records(4) + [{"query": "q", "positive": "p", "negatives": ["n"]}]
     jsonl = write_jsonl(tmp_path / "a.jsonl", records)
     (tmp_path / "b.json").write_text(json.dumps(records))
-    datasets.Dataset.from_list([{"anchor": "q", "positive": "p", "negative": ["n"]}] * 5).to_parquet(
-        str(tmp_path / "c.parquet"))
-    datasets.Dataset.from_list([{"anchor": "q", "positive": "p", "negative": ["n"]}] * 5).save_to_disk(
-        str(tmp_path / "saved"))
+    rows = [{"anchor": f"q{i}", "positive": "p", "negative": ["n"]} for i in range(5)]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "c.parquet"))
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
     reference = load_examples([jsonl])
     assert load_examples([str(tmp_path / "b.json")]) == reference
     assert len(load_examples([str(tmp_path / "c.parquet")])) == 5
@@ -69,7 +68,33 @@ def test_jsonl_json_parquet_and_folders_read_the_same(tmp_path):
     write_jsonl(folder / "1.jsonl", records[:2])
     write_jsonl(folder / "2.jsonl", records[2:])
     assert load_examples([str(folder)]) == reference
-    assert len(load_examples([jsonl, str(folder)])) == 2 * len(records)
+
+
+def test_exact_duplicates_are_dropped_with_a_warning(tmp_path, caplog):
+    records = conversation_records(4)
+    jsonl = write_jsonl(tmp_path / "a.jsonl", records + records[1:2])
+    copy = write_jsonl(tmp_path / "copy.jsonl", records)
+    with caplog.at_level("WARNING"):
+        assert load_examples([jsonl, copy]) == load_examples([jsonl])
+    assert "dropped 5 exact duplicate examples" in caplog.text and "a.jsonl:5 repeats" in caplog.text
+    other_negative = dict(records[0], hard_negatives=["something else"])  # not a duplicate
+    assert len(load_examples([write_jsonl(tmp_path / "b.jsonl", records + [other_negative])])) == 5
+
+
+def test_mixed_formats_in_one_file(tmp_path):
+    records = [conversation_records(1)[0], {"anchor": "a", "positive": "p", "negative": "n"},
+               {"query": "q", "positive": "p2", "negatives": []}]
+    examples = load_examples([write_jsonl(tmp_path / "mixed.jsonl", records)])
+    assert [e.query for e in examples][1:] == ["a", "q"] and examples[0].query.startswith("user: ")
+
+
+def test_truncated_last_line_is_named(tmp_path):
+    good = json.dumps(conversation_records(1)[0])
+    (tmp_path / "cut.jsonl").write_text(good + "\n" + good[:40])
+    with pytest.raises(UserError, match=r"cut.jsonl:2: malformed JSON line .*looks truncated"):
+        load_examples([str(tmp_path / "cut.jsonl")])
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + good.encode() + b"\n")  # a byte-order mark is fine
+    assert len(load_examples([str(tmp_path / "bom.jsonl")])) == 1
 
 
 def test_query_instruction_and_turns(tmp_path):
@@ -100,8 +125,8 @@ def test_empty_data_set(tmp_path):
 
 
 def test_non_utf8_and_unknown_type(tmp_path):
-    (tmp_path / "latin.jsonl").write_bytes(b'{"query": "caf\xe9", "positive": "p"}\n')
-    with pytest.raises(UserError, match="UTF-8"):
+    (tmp_path / "latin.jsonl").write_bytes(b'{"query": "q", "positive": "p"}\n{"query": "caf\xe9", "positive": "p"}\n')
+    with pytest.raises(UserError, match="latin.jsonl:2: not valid UTF-8"):
         load_examples([str(tmp_path / "latin.jsonl")])
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(UserError, match="broken.parquet: not a readable Parquet file"):
@@ -175,12 +200,13 @@ def test_token_budget_bounds_padded_tokens():
     assert [tuple(b["input_ids"].shape) for b in capped] == [(1, 30), (2, 12), (2, 9), (2, 3), (1, 2)]
 
 
-def test_real_doc2dial_triples_load():
+def test_real_doc2dial_triples_load(caplog):
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[2] / "shared" / "data" / "doc2dial" / "train_triples.jsonl"
     if not path.is_file():
         pytest.skip("../shared/data/doc2dial is not here")
     examples = load_examples([str(path)])
-    assert len(examples) == 682
+    assert len(examples) == 679  # 682 lines, 3 of them exact repeats of earlier ones
+    assert "dropped 3 exact duplicate examples" in caplog.text
     assert all(e.query.startswith(("user: ", "agent: ")) and len(e.negatives) == 7 for e in examples)

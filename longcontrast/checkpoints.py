@@ -1,0 +1,113 @@
+"""Checkpoints that are either complete or absent.
+
+The Trainer writes ``checkpoint-<step>/`` file by file; a run killed during a save would leave a
+folder that looks like a checkpoint but lacks its optimizer or RNG states. Here a checkpoint is
+written into ``<output_dir>/.checkpoint-staging/`` and renamed into place once every file is on
+disk (a rename within one file system is atomic), so every ``checkpoint-<step>/`` is complete.
+Old checkpoints are removed the same way (renamed out first, then deleted), never the newest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+STAGING = ".checkpoint-staging"
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+# Written by the Trainer after the model, optimizer, scheduler and RNG states.
+TRAINER_STATE = "trainer_state.json"
+# Written by training.train after the final model: its presence marks a finished run.
+FINISHED_MARKER = "training_args.json"
+
+
+def checkpoint_step(folder: str | os.PathLike) -> int | None:
+    match = CHECKPOINT_NAME.match(Path(folder).name)
+    return int(match.group(1)) if match else None
+
+
+def is_complete(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / TRAINER_STATE).is_file()
+
+
+def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """The complete ``checkpoint-<step>`` folders of ``output_dir``, oldest step first."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and checkpoint_step(p) is not None and is_complete(p)]
+    return sorted(found, key=checkpoint_step)
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    found = complete_checkpoints(output_dir)
+    return str(found[-1]) if found else None
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:  # some platforms cannot open folders; the rename is still atomic
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _remove(folder: Path, staging: Path) -> None:
+    """Delete ``folder`` so that a kill midway never leaves a half-deleted checkpoint in place."""
+    staging.mkdir(exist_ok=True)
+    trash = staging / f"deleting-{folder.name}"
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.rename(folder, trash)
+    shutil.rmtree(trash)
+
+
+def publish(staged: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+    """Move a fully written ``staged`` checkpoint into ``output_dir`` under its own name, atomically.
+
+    An older checkpoint of the same step (a run resumed from an earlier one) is replaced.
+    """
+    staged, output_dir = Path(staged), Path(output_dir)
+    _fsync_tree(staged)
+    final = output_dir / staged.name
+    if final.exists():
+        _remove(final, staged.parent)
+    os.rename(staged, final)
+    _fsync_dir(output_dir)
+    return final
+
+
+def rotate(output_dir: str | os.PathLike, limit: int | None, keep: str | os.PathLike) -> None:
+    """Delete the oldest complete checkpoints beyond ``limit``; ``keep`` (the newest) always stays."""
+    if not limit or limit <= 0:
+        return
+    keep = Path(keep).resolve()
+    others = [p for p in complete_checkpoints(output_dir) if p.resolve() != keep]
+    for folder in others[: max(0, len(others) - (limit - 1))]:
+        logger.info("deleting %s (--save_total_limit %d)", folder, limit)
+        _remove(folder, Path(output_dir) / STAGING)
+
+
+def clear_staging(output_dir: str | os.PathLike) -> None:
+    """Remove what an interrupted save or deletion left in the staging folder."""
+    staging = Path(output_dir) / STAGING
+    if staging.exists():
+        logger.warning("removing %s: an incomplete checkpoint left by an interrupted save", staging)
+        shutil.rmtree(staging)
