@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from . import UserError
+from .distributed import text_id
 
 logger = logging.getLogger(__name__)
 
@@ -259,7 +260,8 @@ class ContrastiveCollator:
     the hardest first); a row with fewer uses what it has, so the passages per batch may vary.
     Returns ``query_ids`` (B lists of token ids), ``passage_ids`` (P lists: the B positives in
     query order, then every row's hard negatives) and ``passage_text_ids`` (P,): equal integers
-    for identical passage texts, which the loss uses to mask duplicates of a query's positive.
+    for identical passage texts (in every process), which the loss uses to mask duplicates of a
+    query's positive.
     """
 
     tokenizer: object
@@ -270,8 +272,7 @@ class ContrastiveCollator:
     def __call__(self, rows: list[dict]) -> dict:
         negatives = [n for row in rows for n in row["negatives"][: self.num_hard_negatives]]
         passages = [row["positive"] for row in rows] + negatives
-        text_ids: dict[str, int] = {}
-        passage_text_ids = torch.tensor([text_ids.setdefault(p, len(text_ids)) for p in passages])  # (P,)
+        passage_text_ids = torch.tensor([text_id(p) for p in passages])  # (P,)
         return {
             "query_ids": tokenize(self.tokenizer, [row["query"] for row in rows], self.query_max_len, "left"),
             "passage_ids": tokenize(self.tokenizer, passages, self.passage_max_len, "right"),

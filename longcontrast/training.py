@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -9,19 +10,25 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from . import UserError, checkpoints
 from .data import ContrastiveCollator, default_train_data, length_sorted_mini_batches, load_examples, make_dataset, pad
+from .distributed import gather_batch, world_size
 from .gradcache import grad_cache_step
 from .loss import LossOutput, contrastive_loss
 from .modeling import POOLING_MODES, POSITION_INITS, DualEncoder, default_model_path, load_encoder, read_pooling
 
 logger = logging.getLogger(__name__)
+# DDP's deprecation notice for broadcast_buffers=False, which is deliberate here (ddp_broadcast_buffers below).
+warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
 
 
 @dataclass
@@ -52,6 +59,12 @@ class ModelArguments:
     temperature: float = field(
         default=0.05,
         metadata={"help": "Softmax temperature: logits are cosine similarity / temperature (0.05 = scale 20)."},
+    )
+    negatives_cross_device: bool | None = field(
+        default=None,
+        metadata={"help": "In a distributed run, score each query against the positives and hard negatives of all "
+                  "processes (the global batch), with the exact gradient of the global loss. Default: on when "
+                  "more than one process runs."},
     )
     untie_encoders: bool = field(
         default=False,
@@ -129,6 +142,9 @@ class ContrastiveTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False (custom batches)."})
     dataloader_pin_memory: bool = field(
         default_factory=torch.cuda.is_available, metadata={"help": "Pin batches in memory (default: on CUDA only)."})
+    ddp_broadcast_buffers: bool | None = field(
+        default=False, metadata={"help": "DDP: broadcast buffers at every forward. Off: the encoder's buffers are "
+                                 "constants, and GradCache runs a different number of forwards per process."})
     max_bad_steps: int = field(
         default=3, metadata={"help": "A step whose loss or gradient is NaN or inf is skipped (the parameters and "
                              "optimizer state stay as they were; with --fp16 the loss scaler skips it instead); "
@@ -142,6 +158,10 @@ class ContrastiveTrainingArguments(TrainingArguments):
                 raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
             self.warmup_steps = self.warmup_ratio
         self.remove_unused_columns = False
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+            # Under torchrun without GPUs accelerate only sets up gloo DDP when told to use the CPU;
+            # otherwise every process would silently train its own copy.
+            self.use_cpu = True
         super().__post_init__()
 
 
@@ -154,9 +174,10 @@ class ContrastiveTrainer(Trainer):
     """
 
     def __init__(self, *args, temperature: float, mini_batch_size: int | None = None,
-                 mini_batch_tokens: int | None = None, **kwargs):
+                 mini_batch_tokens: int | None = None, negatives_cross_device: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.temperature = temperature
+        self.negatives_cross_device = negatives_cross_device
         self.mini_batch_size = mini_batch_size
         self.mini_batch_tokens = mini_batch_tokens
         self._accuracy_sum, self._accuracy_count = 0.0, 0
@@ -171,6 +192,7 @@ class ContrastiveTrainer(Trainer):
         output = contrastive_step(
             model, inputs, self.temperature, self.processing_class.pad_token_id, self.args.device,
             self.mini_batch_size, self.mini_batch_tokens, scale, self.accelerator.backward,
+            self.negatives_cross_device,
         )
         self._non_finite_loss |= not torch.isfinite(output.loss).item()
         if self.accelerator.sync_gradients:  # the last micro-batch: the optimizer step comes next
@@ -207,6 +229,13 @@ class ContrastiveTrainer(Trainer):
                 + (f", or resume from {latest}" if latest else "")
             )
 
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return EpochSeededLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths, seed=seed)
+        return sampler
+
     def _get_output_dir(self, trial) -> str:
         if self._staging:  # see _save_checkpoint
             return os.path.join(self.args.output_dir, checkpoints.STAGING)
@@ -233,10 +262,27 @@ class ContrastiveTrainer(Trainer):
         super().log(logs, start_time)
 
 
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """``--train_sampling_strategy group_by_length`` drawing from its own generator, seeded with
+    ``seed + epoch``: every process draws the same order whatever its dropout seed, and a resumed
+    run draws what an uninterrupted one would (the Trainer's own draws from the global RNG)."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # called by the Trainer at each epoch
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
 def contrastive_step(
     model, inputs: dict, temperature: float, pad_token_id: int, device,
     mini_batch_size: int | None = None, mini_batch_tokens: int | None = None,
-    scale: float = 1.0, backward=torch.Tensor.backward,
+    scale: float = 1.0, backward=torch.Tensor.backward, cross_device: bool = False,
 ) -> LossOutput:
     """Forward and backward of one contrastive batch from :class:`ContrastiveCollator`; gradients
     are left in ``.grad`` (the optimizer step is the caller's).
@@ -245,8 +291,22 @@ def contrastive_step(
     GradCache over mini-batches of at most ``mini_batch_size`` texts and ``mini_batch_tokens``
     padded tokens, cut from length-sorted texts (less padding); the loss sees the embeddings back
     in batch order. ``scale`` multiplies the loss before differentiation.
+
+    ``cross_device``: the loss spans the batches of all processes (:mod:`.distributed`); the
+    backward runs on ``world_size * scale * loss`` so that DDP's averaging yields the gradient of
+    the global loss. A ``DistributedDataParallel`` ``model`` synchronises gradients once, in the
+    last GradCache replay.
     """
-    loss_fn = partial(contrastive_loss, temperature=temperature, passage_text_ids=inputs["passage_text_ids"].to(device))
+    text_ids = inputs["passage_text_ids"].to(device)  # (P,)
+
+    def loss_fn(queries, passages):  # (B, D), (P, D) in batch order
+        if cross_device:
+            queries, passages, targets, ids = gather_batch(queries, passages, text_ids)
+            return contrastive_loss(queries, passages, temperature, targets, ids)
+        return contrastive_loss(queries, passages, temperature, passage_text_ids=text_ids)
+
+    if cross_device:
+        scale = scale * world_size()
     if mini_batch_size is None:
         queries, passages = (pad(inputs[key], pad_token_id, device) for key in ("query_ids", "passage_ids"))
         return full_batch_step(model, queries, passages, loss_fn, scale, backward)
@@ -255,11 +315,14 @@ def contrastive_step(
     passages, passage_order = length_sorted_mini_batches(
         inputs["passage_ids"], mini_batch_size, mini_batch_tokens, pad_token_id, device)
     query_restore, passage_restore = inverse_permutation(query_order), inverse_permutation(passage_order)
+    sync_context = None
+    if isinstance(model, DistributedDataParallel):
+        sync_context = lambda is_last: contextlib.nullcontext() if is_last else model.no_sync()  # noqa: E731
     return grad_cache_step(
         lambda batch, side: model(**batch, side=side),
         queries, passages,
-        lambda q, p: loss_fn(q[query_restore], p[passage_restore]),  # (B, D), (P, D) in batch order
-        device, scale, backward,
+        lambda q, p: loss_fn(q[query_restore], p[passage_restore]),
+        device, scale, backward, sync_context,
     )
 
 
@@ -315,6 +378,10 @@ def validate(model_args, data_args, cache_args, training_args) -> None:
             f"{training_args.n_gpu} GPUs are visible but the run was not started by torchrun: launch "
             "`torchrun --nproc_per_node N ...`, or choose one GPU with CUDA_VISIBLE_DEVICES"
         )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training_args.world_size != launched:
+        raise UserError(f"launched as {launched} processes but the Trainer set up {training_args.world_size}; "
+                        "check --ddp_backend and the launcher's environment")
     if training_args.per_device_train_batch_size < 1:
         raise UserError("--per_device_train_batch_size must be >= 1")
     if training_args.max_bad_steps < 1:
@@ -355,22 +422,35 @@ def resolve_resume(training_args) -> None:
     if checkpoints.FINISHED_MARKER in contents or latest is None:
         what = "holds a finished run" if checkpoints.FINISHED_MARKER in contents else "exists and is not empty"
         raise UserError(f"--output_dir {output_dir} {what}; choose another folder or pass --overwrite_output_dir")
-    logger.warning("resuming from %s, the newest checkpoint in --output_dir (pass --overwrite_output_dir to "
-                   "start over)", latest)
+    if training_args.should_log:
+        logger.warning("resuming from %s, the newest checkpoint in --output_dir (pass --overwrite_output_dir to "
+                       "start over)", latest)
     training_args.resume_from_checkpoint = latest
 
 
 def train(argv=None, gradcache: bool = True) -> str:
     """Parse ``argv``, train, save; returns the output folder. Raises ``UserError`` on bad input."""
     model_args, data_args, cache_args, training_args = parse_arguments(argv, gradcache)
+    if not training_args.should_log:  # one process logs
+        logging.getLogger(__package__).setLevel(logging.WARNING)
     validate(model_args, data_args, cache_args, training_args)
     resolve_resume(training_args)
     model_path = model_args.model_name_or_path or default_model_path()
     pooling = model_args.pooling or read_pooling(model_path) or "cls"
     examples = load_examples(data_args.train_data, data_args.query_turns, data_args.query_instruction)
 
-    if model_args.attention_dropout is None:  # resolved here so training_args.json records it
+    # Defaults resolved here so training_args.json records them.
+    if model_args.attention_dropout is None:
         model_args.attention_dropout = model_args.dropout if model_args.dropout is not None else 0.0
+    distributed = training_args.world_size > 1
+    if model_args.negatives_cross_device is None:
+        model_args.negatives_cross_device = distributed
+    if training_args.data_seed is None:  # the shuffle, the same in every process (see below)
+        training_args.data_seed = training_args.seed
+    if training_args.ddp_find_unused_parameters is None:
+        # Untied GradCache synchronises in the last passage replay, which the query encoder takes
+        # no part in; everywhere else every trainable parameter is used, and the search is waste.
+        training_args.ddp_find_unused_parameters = bool(gradcache and model_args.untie_encoders)
     set_seed(training_args.seed)  # before the model exists: the random position init draws from it
     encoder, tokenizer = load_encoder(
         model_path, model_args.max_position_embeddings, model_args.position_init, model_args.dropout,
@@ -393,7 +473,12 @@ def train(argv=None, gradcache: bool = True) -> str:
         temperature=model_args.temperature,
         mini_batch_size=cache_args.mini_batch_size if gradcache else None,
         mini_batch_tokens=cache_args.mini_batch_tokens if gradcache else None,
+        negatives_cross_device=model_args.negatives_cross_device and distributed,
     )
+    if distributed:
+        # The same seed everywhere up to here (the model); dropout must differ per process. The
+        # data order must not: the samplers draw from their own generators (--data_seed).
+        torch.manual_seed(training_args.seed + training_args.process_index)
     if trainer.is_world_process_zero():
         checkpoints.clear_staging(training_args.output_dir)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -406,6 +491,8 @@ def train(argv=None, gradcache: bool = True) -> str:
             **{k: v for a in (model_args, data_args, cache_args) if a is not None for k, v in dataclasses.asdict(a).items()},
             "model_name_or_path": model_path,  # resolved defaults
             "pooling": pooling,
+            "world_size": training_args.world_size,
+            "global_batch_size": training_args.per_device_train_batch_size * training_args.world_size,
             "training": training_args.to_dict(),
         }
         with open(os.path.join(output_dir, "loss_log.jsonl"), "w") as handle:

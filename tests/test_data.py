@@ -5,6 +5,7 @@ import torch
 
 from conftest import conversation_records, write_jsonl
 from longcontrast import UserError
+from longcontrast.distributed import text_id
 from longcontrast.data import (
     ContrastiveCollator, format_query, length_sorted_mini_batches, load_examples, make_dataset, parse_record, tokenize,
 )
@@ -176,7 +177,9 @@ def test_collator_layout_and_duplicate_ids(tiny_model_dir):
         [Example("q0", "same", ["n0"]), Example("q1", "same", []), Example("q2", "other", ["same"])])))
     assert len(batch["query_ids"]) == 3 and len(batch["passage_ids"]) == 5
     # positives first in query order, then the hard negatives: same, same, other, n0, same
-    assert batch["passage_text_ids"].tolist() == [0, 0, 1, 2, 0]
+    same, other, n0 = (text_id(t) for t in ("same", "other", "n0"))
+    assert batch["passage_text_ids"].tolist() == [same, same, other, n0, same]
+    assert len({same, other, n0}) == 3 and text_id("same") == same
 
 
 def test_mini_batches_are_length_sorted_and_padded_to_their_own_longest():

@@ -1,0 +1,71 @@
+"""Cross-device negatives: one contrastive batch spread over all processes of a distributed run.
+
+Every process gathers the query and passage embeddings of all processes and computes the same
+global loss (the mean over all queries of the global batch), scoring each query against every
+positive and hard negative of the global batch. Autograd reaches only the process's own rows of
+the gathered tensors (the others are constants here), so the gradient it gets with respect to its
+own embeddings is exactly that of the global loss. Each process therefore holds its own share of
+the global parameter gradient, and the global gradient is their sum; DDP averages instead of
+summing, which :func:`world_size` compensates: the loss is multiplied by it before the backward
+(``contrastive_step``), never in what is logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def text_id(text: str) -> int:
+    """A 63-bit id equal for equal texts in every process (Python's ``hash`` differs per process)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
+def gather_rows(local: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """All processes' ``local`` rows, concatenated in rank order; this process's rows keep autograd.
+
+    Processes may hold different numbers of rows (an example with fewer hard negatives).
+
+    Args:
+        local: (n_r, ...) this process's rows.
+
+    Returns:
+        (sum n_r, ...) the gathered rows and the list of n_r.
+    """
+    size = torch.tensor([local.size(0)], device=local.device)
+    sizes = [torch.zeros_like(size) for _ in range(world_size())]
+    dist.all_gather(sizes, size)
+    sizes = [int(s.item()) for s in sizes]
+    padded = local.new_zeros((max(sizes), *local.shape[1:]))  # (n_max, ...)
+    padded[: local.size(0)] = local.detach()
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    parts = [g[:n] for g, n in zip(gathered, sizes)]
+    parts[dist.get_rank()] = local  # the one slice autograd differentiates
+    return torch.cat(parts), sizes
+
+
+def gather_batch(
+    queries: torch.Tensor, passages: torch.Tensor, passage_text_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The global contrastive batch from each process's (B_r, D) queries and (P_r, D) passages.
+
+    Each process lays its passages out as its B_r positives (in query order) then its hard
+    negatives, so after gathering the passages are [positives 0, negatives 0, positives 1, ...],
+    not all positives first: query i of rank r has its positive at (passages of ranks < r) + i.
+
+    Returns:
+        queries (B, D), passages (P, D), targets (B,) and passage_text_ids (P,) of the global batch.
+    """
+    all_queries, query_counts = gather_rows(queries)  # (B, D)
+    all_passages, passage_counts = gather_rows(passages)  # (P, D)
+    all_text_ids, _ = gather_rows(passage_text_ids)  # (P,)
+    offsets = torch.tensor([0, *passage_counts[:-1]]).cumsum(0).tolist()
+    targets = torch.cat([offset + torch.arange(count) for offset, count in zip(offsets, query_counts)])  # (B,)
+    return all_queries, all_passages, targets.to(queries.device), all_text_ids

@@ -1,0 +1,100 @@
+"""Run by tests/test_distributed.py under torchrun (2 processes, gloo, CPU).
+
+For each configuration, one contrastive step through DistributedDataParallel with cross-device
+negatives, on this rank's share of a common batch; rank 0 saves the parameter gradients and how
+many gradient all-reduces (DDP bucket reductions) the step made.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py MODEL_DIR OUT_DIR
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+
+from conftest import conversation_records  # noqa: E402
+from longcontrast.data import ContrastiveCollator, Example, format_query  # noqa: E402
+from longcontrast.modeling import DualEncoder, load_encoder  # noqa: E402
+from longcontrast.training import contrastive_step  # noqa: E402
+
+PER_RANK = 3
+TEMPERATURE = 0.05
+# name: (mini_batch_size or None for the plain step, hard negatives, untied, DDP sees the replays)
+CONFIGS = {
+    "origin_neg0": (None, 0, False, True),
+    "origin_neg2": (None, 2, False, True),
+    "efficient_neg0": (2, 0, False, True),
+    "efficient_neg2": (2, 2, False, True),
+    "efficient_untied_neg2": (2, 2, True, True),
+    "origin_untied_neg2": (None, 2, True, True),
+    # Negative control: the replays reach DDP through a wrapper, so no no_sync: one all-reduce
+    # per mini-batch.
+    "efficient_neg2_without_no_sync": (2, 2, False, False),
+}
+
+
+def rows(n: int) -> list[dict]:
+    """Rows as make_dataset gives them, without building a datasets.Dataset."""
+    out = []
+    for record in conversation_records(n):
+        example = Example(format_query(record["messages"]), record["positive"], record["hard_negatives"])
+        out.append({"query": example.query, "positive": example.positive, "negatives": example.negatives})
+    return out
+
+
+def build(model_dir: str, untied: bool) -> tuple[DualEncoder, object]:
+    torch.manual_seed(0)
+    encoder, tokenizer = load_encoder(model_dir, 128, "copy", dropout=0.0)
+    return (DualEncoder.untied(encoder, "cls") if untied else DualEncoder(encoder, "cls")), tokenizer
+
+
+class Passthrough(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+def main(model_dir: str, out_dir: str) -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    batch_rows = rows(PER_RANK * world)
+    for name, (mini_batch_size, negatives, untied, ddp_sees_replays) in CONFIGS.items():
+        model, tokenizer = build(model_dir, untied)
+        ddp = DistributedDataParallel(
+            model, broadcast_buffers=False, bucket_cap_mb=0.01,  # several buckets on a tiny model
+            find_unused_parameters=untied and mini_batch_size is not None,
+        )
+        count = [0]
+
+        def counting_hook(state, bucket):
+            count[0] += 1
+            return allreduce_hook(state, bucket)
+
+        ddp.register_comm_hook(None, counting_hook)
+        batch = ContrastiveCollator(tokenizer, 32, 48, negatives)(batch_rows[rank * PER_RANK : (rank + 1) * PER_RANK])
+        # Step 1 warms up: DDP puts all gradients in one bucket for its first backward and cuts the
+        # real buckets (bucket_cap_mb) after it. Step 2, same batch and weights, is measured.
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            count[0] = 0
+            contrastive_step(ddp if ddp_sees_replays else Passthrough(ddp), batch, TEMPERATURE,
+                             tokenizer.pad_token_id, "cpu", mini_batch_size, cross_device=True)
+        if rank == 0:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            logging_data = ddp._get_ddp_logging_data()
+            torch.save({"grads": grads, "allreduces": count[0], "logging": logging_data}, Path(out_dir) / f"{name}.pt")
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

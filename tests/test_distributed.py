@@ -1,0 +1,121 @@
+"""Multi-process training on CPU (gloo, 2 processes, tiny model): exact global gradients with
+cross-device negatives, one gradient all-reduce per step with GradCache, and torchrun runs of
+both scripts."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import distributed_worker as worker
+from conftest import conversation_records, write_jsonl
+from longcontrast.data import ContrastiveCollator
+from longcontrast.training import contrastive_step
+from test_scripts import common, weights
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = 2
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+
+
+def torchrun(*args, timeout=180) -> str:
+    """Run ``torchrun --standalone --nproc_per_node 2 ARGS``; returns its stderr. On a timeout the
+    whole process group (launcher and workers) is killed."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+               *map(str, args)]
+    process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"torchrun timed out after {timeout} s: {stderr[-3000:]}")
+    assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return stderr
+
+
+@pytest.fixture(scope="module")
+def worker_results(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    torchrun("tests/distributed_worker.py", tiny_model_dir, out)
+    return {name: torch.load(out / f"{name}.pt") for name in worker.CONFIGS}
+
+
+def relative_error(grads: dict, reference: dict) -> float:
+    assert grads.keys() == reference.keys()
+    flat = torch.cat([grads[k].flatten() for k in reference])
+    flat_reference = torch.cat([reference[k].flatten() for k in reference])
+    return ((flat - flat_reference).norm() / flat_reference.norm()).item()
+
+
+@pytest.mark.parametrize("name", [n for n in worker.CONFIGS if "without" not in n])
+def test_two_processes_give_the_gradient_of_the_concatenated_batch(name, worker_results, tiny_model_dir):
+    """Batch B per process with cross-device negatives == one process with the batch 2B."""
+    mini_batch_size, negatives, untied, _ = worker.CONFIGS[name]
+    model, tokenizer = worker.build(tiny_model_dir, untied)
+    batch = ContrastiveCollator(tokenizer, 32, 48, negatives)(worker.rows(worker.PER_RANK * WORLD))
+    contrastive_step(model, batch, worker.TEMPERATURE, tokenizer.pad_token_id, "cpu", mini_batch_size)
+    reference = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert relative_error(worker_results[name]["grads"], reference) <= 1e-5
+
+
+def test_negative_control_local_negatives_only_differ(worker_results, tiny_model_dir):
+    """Without the other process's passages the gradient is not the global one: the test can fail."""
+    model, tokenizer = worker.build(tiny_model_dir, False)
+    half = ContrastiveCollator(tokenizer, 32, 48, 2)(worker.rows(worker.PER_RANK * WORLD)[: worker.PER_RANK])
+    contrastive_step(model, half, worker.TEMPERATURE, tokenizer.pad_token_id, "cpu", None)
+    local = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert relative_error(worker_results["origin_neg2"]["grads"], local) > 0.05
+
+
+def buckets(logging_data: dict) -> int:
+    sizes = logging_data["rebuilt_bucket_sizes"] if logging_data.get("has_rebuilt_buckets") else logging_data["bucket_sizes"]
+    return len(str(sizes).split(","))
+
+
+@pytest.mark.parametrize("name", worker.CONFIGS)
+def test_one_gradient_all_reduce_per_bucket_per_step(name, worker_results):
+    result = worker_results[name]
+    count, bucket_count = result["allreduces"], buckets(result["logging"])
+    assert bucket_count > 1  # bucket_cap_mb is small enough to make this a real count
+    if "without_no_sync" in name:  # every replay all-reduces: 3 queries -> 2 mini-batches, 9 passages -> 5
+        assert count == 7 * bucket_count
+    else:
+        assert count == bucket_count
+
+
+@pytest.mark.parametrize("module", ["origin_train", "efficient_train"])
+def test_torchrun_step_equals_one_process_with_the_global_batch(module, tiny_model_dir, tmp_path):
+    """torchrun, 2 processes x batch 3 (cross-device negatives by default) make the same two SGD
+    updates as one process with batch 6: the processes share one shuffle (random, and
+    group_by_length) and split each global batch; the run logs and saves once."""
+    data = write_jsonl(tmp_path / "d.jsonl", conversation_records(24))
+    sgd = ["--optim", "sgd", "--learning_rate", "0.5", "--lr_scheduler_type", "constant", "--weight_decay", "0",
+           "--max_grad_norm", "0", "--dropout", "0", "--max_steps", "2"]
+    extra = (["--mini_batch_size", "2", "--train_sampling_strategy", "group_by_length"]
+             if module == "efficient_train" else [])
+    stderr = torchrun(f"{module}.py", *common(tiny_model_dir, data, tmp_path / "ddp", *sgd, *extra,
+                                             "--per_device_train_batch_size", "3"))
+    assert "contrastive batch 3 x 2 device(s)" in stderr
+    assert stderr.count("saved the model to") == 1
+    arguments = json.loads((tmp_path / "ddp" / "training_args.json").read_text())
+    assert arguments["negatives_cross_device"] is True and arguments["world_size"] == 2
+    assert arguments["global_batch_size"] == 6
+
+    __import__(module).main(common(tiny_model_dir, data, tmp_path / "one", *sgd, *extra,
+                                   "--per_device_train_batch_size", "6"))
+    from transformers import AutoModel
+
+    start = AutoModel.from_pretrained(tiny_model_dir).state_dict()
+    one, ddp = weights(tmp_path / "one"), weights(tmp_path / "ddp")
+    keys = [k for k in one if k in start and "position_embeddings" not in k]
+    update_one = torch.cat([(one[k] - start[k]).flatten() for k in keys])
+    update_ddp = torch.cat([(ddp[k] - start[k]).flatten() for k in keys])
+    assert update_one.norm() > 0
+    assert ((update_ddp - update_one).norm() / update_one.norm()).item() <= 1e-5
