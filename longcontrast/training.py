@@ -233,7 +233,10 @@ class ContrastiveTrainer(Trainer):
         sampler = super()._get_train_sampler(train_dataset)
         if isinstance(sampler, LengthGroupedSampler):
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            return EpochSeededLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths, seed=seed)
+            # Group by what one optimizer step consumes across all processes (the Trainer uses one
+            # process's share), so that N processes draw the order one process would.
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+            return EpochSeededLengthGroupedSampler(batch, lengths=sampler.lengths, seed=seed)
         return sampler
 
     def _get_output_dir(self, trial) -> str:

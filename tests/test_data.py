@@ -213,3 +213,16 @@ def test_real_doc2dial_triples_load(caplog):
     assert len(examples) == 679  # 682 lines, 3 of them exact repeats of earlier ones
     assert "dropped 3 exact duplicate examples" in caplog.text
     assert all(e.query.startswith(("user: ", "agent: ")) and len(e.negatives) == 7 for e in examples)
+
+
+def test_texts_far_longer_than_the_limits_are_truncated(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from longcontrast.data import Example
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    huge = " ".join(["permit office"] * 20000)  # 40000 words
+    batch = ContrastiveCollator(tokenizer, 16, 24)(list(make_dataset([Example(huge, huge, [huge])])))
+    assert [len(x) for x in batch["query_ids"]] == [16]
+    assert [len(x) for x in batch["passage_ids"]] == [24, 24]
+    assert batch["query_ids"][0][-1] == tokenizer.sep_token_id and batch["passage_ids"][0][0] == tokenizer.cls_token_id

@@ -94,12 +94,13 @@ def test_one_gradient_all_reduce_per_bucket_per_step(name, worker_results):
 def test_torchrun_step_equals_one_process_with_the_global_batch(module, tiny_model_dir, tmp_path):
     """torchrun, 2 processes x batch 3 (cross-device negatives by default) make the same two SGD
     updates as one process with batch 6: the processes share one shuffle (random, and
-    group_by_length) and split each global batch; the run logs and saves once."""
+    group_by_length) and split each global batch; with accumulation (efficient_train) the Trainer's
+    no_sync and the replays' combine; the run logs and saves once."""
     data = write_jsonl(tmp_path / "d.jsonl", conversation_records(24))
     sgd = ["--optim", "sgd", "--learning_rate", "0.5", "--lr_scheduler_type", "constant", "--weight_decay", "0",
            "--max_grad_norm", "0", "--dropout", "0", "--max_steps", "2"]
-    extra = (["--mini_batch_size", "2", "--train_sampling_strategy", "group_by_length"]
-             if module == "efficient_train" else [])
+    extra = (["--mini_batch_size", "2", "--train_sampling_strategy", "group_by_length", "--gradient_accumulation_steps",
+              "2"] if module == "efficient_train" else [])
     stderr = torchrun(f"{module}.py", *common(tiny_model_dir, data, tmp_path / "ddp", *sgd, *extra,
                                              "--per_device_train_batch_size", "3"))
     assert "contrastive batch 3 x 2 device(s)" in stderr

@@ -51,6 +51,7 @@ def test_sigkill_mid_epoch_then_restart_ends_with_the_same_weights(tiny_model_di
     assert restart.returncode == 0, restart.stderr[-2000:]
     assert f"resuming from {out / f'checkpoint-{max(survivors)}'}" in restart.stderr
     difference = max_relative_difference(weights(out), weights(tmp_path / "reference"))
+    print(f"killed after checkpoint-{max(survivors)}; max relative difference {difference:.1e}")
     assert difference <= 1e-6, difference
 
 
@@ -118,28 +119,31 @@ def test_output_dir_rules(tiny_model_dir, tiny_train_file, tmp_path, capsys):
     assert not list(out.glob("checkpoint-*"))
 
 
-def poison_gradients(monkeypatch, bad_calls):
-    """Make the gradients of the given (1-based) training steps NaN, as an overflow would."""
+def poison_gradients(monkeypatch, bad_calls, what="gradient"):
+    """Make the gradient (or only the loss) of the given (1-based) training steps NaN, as an overflow would."""
     original, calls = training.contrastive_step, []
 
     def poisoned(model, *args, **kwargs):
         output = original(model, *args, **kwargs)
         calls.append(1)
-        if len(calls) in bad_calls:
+        if len(calls) in bad_calls and what == "gradient":
             next(p for p in model.parameters() if p.grad is not None).grad[0] = float("nan")
+        if len(calls) in bad_calls and what == "loss":
+            output = output._replace(loss=torch.tensor(float("nan")))
         return output
 
     monkeypatch.setattr(training, "contrastive_step", poisoned)
 
 
-def test_a_non_finite_step_is_skipped_and_changes_nothing(tiny_model_dir, tiny_train_file, tmp_path, monkeypatch,
+@pytest.mark.parametrize("what", ["gradient", "loss"])
+def test_a_non_finite_step_is_skipped_and_changes_nothing(what, tiny_model_dir, tiny_train_file, tmp_path, monkeypatch,
                                                           caplog):
     argv = ["--per_device_train_batch_size", "4", "--lr_scheduler_type", "constant", "--learning_rate", "1e-3"]
     efficient_train.main(common(tiny_model_dir, tiny_train_file, tmp_path / "one", *argv, "--max_steps", "1"))
-    poison_gradients(monkeypatch, {2})
+    poison_gradients(monkeypatch, {2}, what)
     with caplog.at_level("WARNING"):
         efficient_train.main(common(tiny_model_dir, tiny_train_file, tmp_path / "two", *argv, "--max_steps", "2"))
-    assert "step 2: non-finite gradient; the optimizer step is skipped" in caplog.text
+    assert f"step 2: non-finite {what}; the optimizer step is skipped" in caplog.text
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert all(torch.equal(one[k], two[k]) for k in one)  # AdamW moved nothing, not even by momentum
 
