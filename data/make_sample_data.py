@@ -164,10 +164,17 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     output_dir = Path(args.output_dir)
     train = output_dir / "sample_train.jsonl"
-    examples = make_examples(args.seed)
+    examples, seen = [], set()
+    for example in make_examples(args.seed):
+        example.pop("answer")
+        # Dialogues of one service may open with the same question: write such an example once
+        # (training would drop the repeat anyway).
+        key = json.dumps([example["messages"], example["positive"], example["hard_negatives"]])
+        if key not in seen:
+            seen.add(key)
+            examples.append(example)
     with open(train, "w", encoding="utf-8") as handle:
         for example in examples:
-            example.pop("answer")
             handle.write(json.dumps(example) + "\n")
     print(f"wrote {len(examples)} examples to {train}")
     write_chatrag_sample(output_dir / "chatrag_sample", args.seed)
