@@ -155,6 +155,37 @@ def step_flops(config, inputs, extra_forward: bool) -> float:
     return forward * (4 if extra_forward else 3)
 
 
+def padding_report(args, samples: int = 200) -> None:
+    """Token accounting on the Doc2Dial triples: how much of a step is padding with unsorted
+    mini-batches (as CachedMNRL cuts them) and with length-sorted ones (efficient_train). For a
+    cost linear in padded tokens, "all padding removed / unsorted" bounds what any padding
+    trimming can gain over the peer."""
+    from longcontrast.data import length_sorted_groups, load_examples
+    from longcontrast.modeling import default_model_path
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model or default_model_path())
+    examples = load_examples([args.doc2dial])
+    rng = random.Random(0)
+    print(f"Doc2Dial triples, max {args.lengths[0]} tokens, mini-batch {args.mini_batch_size}, {samples} random batches")
+    print("| batch | real / unsorted padded | sorted padded / unsorted padded |")
+    print("|---|---|---|")
+    for batch_size in args.batch_sizes:
+        real = unsorted = ordered = 0
+        for _ in range(samples):
+            batch = rng.sample(examples, batch_size)
+            sides = ([e.query for e in batch], [e.positive for e in batch] + [e.negatives[0] for e in batch])
+            for texts in sides:
+                lengths = [min(args.lengths[0], len(x)) for x in tokenizer(texts)["input_ids"]]
+                real += sum(lengths)
+                for start in range(0, len(lengths), args.mini_batch_size):
+                    chunk = lengths[start : start + args.mini_batch_size]
+                    unsorted += max(chunk) * len(chunk)
+                for group in length_sorted_groups([[0] * n for n in lengths], args.mini_batch_size, None):
+                    ordered += max(lengths[i] for i in group) * len(group)
+        print(f"| {batch_size} | {real / unsorted:.3f} | {ordered / unsorted:.3f} |")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="default: the embedded all-MiniLM-L6-v2; "
@@ -175,8 +206,13 @@ def main(argv=None) -> None:
     parser.add_argument("--doc2dial", default=DOC2DIAL)
     parser.add_argument("--output", default=os.path.join(ROOT, "bench", "results", "train_speed.json"))
     parser.add_argument("--report", default=None, help="only print the ratios of an earlier --output JSON")
+    parser.add_argument("--padding", action="store_true", help="only print the padding accounting of the Doc2Dial "
+                        "triples (--batch_sizes, --lengths, --mini_batch_size)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.padding:
+        padding_report(args)
+        return
     if args.report:
         with open(args.report) as handle:
             print_ratios(json.load(handle)["rows"])
