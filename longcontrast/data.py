@@ -16,6 +16,8 @@ from .distributed import text_id
 logger = logging.getLogger(__name__)
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+# The three record formats: the field holding the query -> the field holding the hard negatives.
+FORMATS = {"messages": "hard_negatives", "anchor": "negative", "query": "negatives"}
 
 
 @dataclass
@@ -67,7 +69,19 @@ def parse_record(record, where: str, num_turns: int = 5) -> Example:
     """
     if not isinstance(record, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if "messages" in record:
+    # A missing field, None (a Parquet column of other rows) and, for negatives, [] count as absent.
+    query_keys = [key for key in FORMATS if record.get(key) is not None]
+    if len(query_keys) > 1:
+        raise UserError(f"{where}: ambiguous record: it has both {query_keys[0]!r} and {query_keys[1]!r}")
+    if not query_keys:
+        raise UserError(f"{where}: no query: expected a 'messages', 'anchor' or 'query' field")
+    query_key = query_keys[0]
+    negatives_key = FORMATS[query_key]
+    stray = [key for key in FORMATS.values() if key != negatives_key and record.get(key) not in (None, [], "")]
+    if stray:  # e.g. 'negatives' next to 'messages': the user's negatives would be silently ignored
+        raise UserError(f"{where}: a record with {query_key!r} takes its negatives as {negatives_key!r}, "
+                        f"not {stray[0]!r}")
+    if query_key == "messages":
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
             raise UserError(f"{where}: 'messages' must be a non-empty list of turns")
@@ -76,16 +90,9 @@ def parse_record(record, where: str, num_turns: int = 5) -> Example:
                 raise UserError(f"{where}: each turn in 'messages' needs a 'role' and a 'content'")
             _text(turn.get("content"), "each turn's 'content'", where)
         query = format_query(messages, num_turns)
-        negatives = record.get("hard_negatives")
-        negatives_key = "hard_negatives"
-    elif "anchor" in record:
-        query = _text(record["anchor"], "'anchor'", where)
-        negatives, negatives_key = record.get("negative"), "negative"
-    elif "query" in record:
-        query = _text(record["query"], "'query'", where)
-        negatives, negatives_key = record.get("negatives"), "negatives"
     else:
-        raise UserError(f"{where}: no query: expected a 'messages', 'anchor' or 'query' field")
+        query = _text(record[query_key], f"{query_key!r}", where)
+    negatives = record.get(negatives_key)
     if "positive" not in record:
         raise UserError(f"{where}: no 'positive' field")
     positive = _text(record["positive"], "'positive'", where)

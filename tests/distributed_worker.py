@@ -7,6 +7,7 @@ many gradient all-reduces (DDP bucket reductions) the step made.
     python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py MODEL_DIR OUT_DIR
 """
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
 from conftest import conversation_records  # noqa: E402
-from longcontrast.data import ContrastiveCollator, Example, format_query  # noqa: E402
+from longcontrast.data import ContrastiveCollator, parse_record  # noqa: E402
 from longcontrast.modeling import DualEncoder, load_encoder  # noqa: E402
 from longcontrast.training import contrastive_step  # noqa: E402
 
@@ -40,12 +41,8 @@ CONFIGS = {
 
 
 def rows(n: int) -> list[dict]:
-    """Rows as make_dataset gives them, without building a datasets.Dataset."""
-    out = []
-    for record in conversation_records(n):
-        example = Example(format_query(record["messages"]), record["positive"], record["hard_negatives"])
-        out.append({"query": example.query, "positive": example.positive, "negatives": example.negatives})
-    return out
+    """Rows as make_dataset gives them (query, positive, negatives)."""
+    return [dataclasses.asdict(parse_record(record, f"record {i}")) for i, record in enumerate(conversation_records(n))]
 
 
 def build(model_dir: str, untied: bool) -> tuple[DualEncoder, object]:

@@ -43,6 +43,10 @@ def test_three_formats(record, expected):
     ({"query": "q", "positive": "p", "negatives": 3}, "'negatives' must be a string or a list"),
     ({"messages": [], "positive": "p"}, "'messages' must be a non-empty list"),
     ([1, 2], "expected a JSON object"),
+    ({"query": "q", "anchor": "a", "positive": "p"}, "ambiguous record: it has both 'anchor' and 'query'"),
+    ({"messages": MESSAGES, "positive": "p", "negatives": ["n"]},
+     "a record with 'messages' takes its negatives as 'hard_negatives', not 'negatives'"),
+    ({"anchor": "a", "positive": "p", "negatives": ["n"]}, "takes its negatives as 'negative', not 'negatives'"),
 ])
 def test_bad_records_name_the_place(record, message):
     with pytest.raises(UserError, match=message) as err:
@@ -83,10 +87,18 @@ def test_exact_duplicates_are_dropped_with_a_warning(tmp_path, caplog):
 
 
 def test_mixed_formats_in_one_file(tmp_path):
+    import datasets
+
     records = [conversation_records(1)[0], {"anchor": "a", "positive": "p", "negative": "n"},
                {"query": "q", "positive": "p2", "negatives": []}]
     examples = load_examples([write_jsonl(tmp_path / "mixed.jsonl", records)])
     assert [e.query for e in examples][1:] == ["a", "q"] and examples[0].query.startswith("user: ")
+    # In a table every row has every column; the other formats' fields are None (or empty) there.
+    rows = [{"anchor": "a", "query": None, "positive": "p", "negative": ["n"], "negatives": []},
+            {"anchor": None, "query": "q", "positive": "p2", "negative": None, "negatives": ["m"]}]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "mixed.parquet"))
+    examples = load_examples([str(tmp_path / "mixed.parquet")])
+    assert [(e.query, e.negatives) for e in examples] == [("a", ["n"]), ("q", ["m"])]
 
 
 def test_truncated_last_line_is_named(tmp_path):
