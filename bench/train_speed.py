@@ -67,8 +67,9 @@ def worker(args) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
     if args.model == BGE_LARGE_SHAPE:
-        encoder, tokenizer = bge_large_shaped(max(512, args.length), args.dropout)
-        model_path = default_model_path()  # its tokenizer (the same BERT uncased vocabulary)
+        encoder, tokenizer = bge_large_shaped(max(512, args.length), args.dropout, args.attention_dropout,
+                                              args.tokenizer)
+        model_path = args.tokenizer or default_model_path()  # st_cached's Transformer module, weights replaced
     else:
         model_path = args.model or default_model_path()
         encoder, tokenizer = load_encoder(model_path, max(512, args.length), dropout=args.dropout,
@@ -130,16 +131,19 @@ def worker(args) -> dict:
             "texts": len(inputs["query_ids"]) + len(inputs["passage_ids"]), "tflops": flops / seconds / 1e12}
 
 
-def bge_large_shaped(positions: int, dropout):
-    """A randomly initialised encoder of BGE-large's shape (24 layers, 1024 wide, 335M parameters)."""
+def bge_large_shaped(positions: int, dropout, attention_dropout, tokenizer_path: str | None):
+    """A randomly initialised encoder of BGE-large's shape (24 layers, 1024 wide, 335M parameters),
+    and the BERT uncased tokenizer (BGE's vocabulary) from ``tokenizer_path`` or the embedded MiniLM."""
     from transformers import AutoModel, AutoTokenizer, BertConfig
 
     from longcontrast.modeling import default_model_path
 
+    attention_dropout = attention_dropout if attention_dropout is not None else dropout
     config = BertConfig(vocab_size=30522, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                         intermediate_size=4096, max_position_embeddings=positions,
-                        hidden_dropout_prob=dropout or 0.0, attention_probs_dropout_prob=dropout or 0.0)
-    return AutoModel.from_config(config, attn_implementation="sdpa"), AutoTokenizer.from_pretrained(default_model_path())
+                        hidden_dropout_prob=dropout or 0.0, attention_probs_dropout_prob=attention_dropout or 0.0)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or default_model_path())
+    return AutoModel.from_config(config, attn_implementation="sdpa"), tokenizer
 
 
 def step_flops(config, inputs, extra_forward: bool) -> float:
@@ -201,10 +205,13 @@ def main(argv=None) -> None:
     parser.add_argument("--dropout", type=float, default=None, help="override the model's dropout")
     parser.add_argument("--attention_dropout", type=float, default=None, help="override its attention dropout")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--tokenizer", default=None, help=f"tokenizer folder for --model {BGE_LARGE_SHAPE} (default: "
+                        "the embedded MiniLM's; bench/kit/minilm on a machine without that package)")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--device", default=None)
     parser.add_argument("--doc2dial", default=DOC2DIAL)
     parser.add_argument("--output", default=os.path.join(ROOT, "bench", "results", "train_speed.json"))
+    parser.add_argument("--no_plot", action="store_true", help="write no PNG beside --output")
     parser.add_argument("--report", default=None, help="only print the ratios of an earlier --output JSON")
     parser.add_argument("--padding", action="store_true", help="only print the padding accounting of the Doc2Dial "
                         "triples (--batch_sizes, --lengths, --mini_batch_size)")
@@ -242,6 +249,7 @@ def main(argv=None) -> None:
                                "--steps", str(args.steps), "--device", args.device, "--doc2dial", args.doc2dial,
                                "--hard_negatives", str(args.hard_negatives)]
                     command += ["--model", args.model] if args.model else []
+                    command += ["--tokenizer", args.tokenizer] if args.tokenizer else []
                     command += ["--dropout", str(args.dropout)] if args.dropout is not None else []
                     if args.attention_dropout is not None:
                         command += ["--attention_dropout", str(args.attention_dropout)]
@@ -264,7 +272,8 @@ def main(argv=None) -> None:
         json.dump({"device": args.device, "mini_batch_size": args.mini_batch_size, "steps": args.steps,
                    "matmul_tflops": peak, "rows": rows}, handle, indent=2)
     print_ratios(rows)
-    plot(rows, os.path.splitext(args.output)[0] + ".png")
+    if not args.no_plot:
+        plot(rows, os.path.splitext(args.output)[0] + ".png")
 
 
 def matmul_tflops(device: str) -> float:
@@ -295,11 +304,12 @@ def print_ratios(rows) -> None:
     configs = sorted({(r["data"], r["length"]) for r in rows})
     for data, length in configs:
         batches = sorted({r["batch_size"] for r in rows if (r["data"], r["length"]) == (data, length)})
-        small, large = batches[0], batches[-1]
+        large = batches[-1]
         for method in METHODS:
-            a, b = get(method, data, length, large, "peak_memory_mb"), get(method, data, length, small, "peak_memory_mb")
-            if a and b:
-                print(f"{data} L={length} {method}: peak memory batch {large} / batch {small} = {a / b:.2f}")
+            for small in batches[:-1]:
+                a, b = (get(method, data, length, batch, "peak_memory_mb") for batch in (large, small))
+                if a and b:
+                    print(f"{data} L={length} {method}: peak memory batch {large} / batch {small} = {a / b:.2f}")
         for batch in batches:
             o, e, s = (get(m, data, length, batch, "step_seconds") for m in ("origin", "efficient", "st_cached"))
             parts = []
