@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -16,7 +17,7 @@ from functools import partial
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from . import UserError, checkpoints
@@ -265,6 +266,43 @@ class ContrastiveTrainer(Trainer):
         super().log(logs, start_time)
 
 
+class TrainingStopped(Exception):
+    """The run stopped early on a signal, after writing a checkpoint."""
+
+
+class CheckpointOnSignal(TrainerCallback):
+    """On SIGTERM (what a scheduler or a pre-empted cloud machine sends before killing): finish the
+    current step, write a checkpoint, stop. All processes agree on the step (one all-reduce of a
+    flag per step when distributed). :meth:`installed` scopes the handler to the training loop."""
+
+    def __init__(self):
+        self.received = False
+        self.stopped_at: int | None = None
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = signal.signal(signal.SIGTERM, self._handle)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stop = self.received
+        if world_size() > 1:
+            flag = torch.tensor([float(stop)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if stop:
+            self.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
 class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
     """``--train_sampling_strategy group_by_length`` drawing from its own generator, seeded with
     ``seed + epoch``: every process draws the same order whatever its dropout seed, and a resumed
@@ -466,6 +504,7 @@ def train(argv=None, gradcache: bool = True) -> str:
         encoder.config.max_position_embeddings, len(examples), training_args.per_device_train_batch_size,
         training_args.world_size, f"GradCache mini-batch {cache_args.mini_batch_size}" if gradcache else "full batch",
     )
+    stop_on_signal = CheckpointOnSignal()
     trainer = ContrastiveTrainer(
         model=model,
         args=training_args,
@@ -477,6 +516,7 @@ def train(argv=None, gradcache: bool = True) -> str:
         mini_batch_size=cache_args.mini_batch_size if gradcache else None,
         mini_batch_tokens=cache_args.mini_batch_tokens if gradcache else None,
         negatives_cross_device=model_args.negatives_cross_device and distributed,
+        callbacks=[stop_on_signal],
     )
     if distributed:
         # The same seed everywhere up to here (the model); dropout must differ per process. The
@@ -484,7 +524,14 @@ def train(argv=None, gradcache: bool = True) -> str:
         torch.manual_seed(training_args.seed + training_args.process_index)
     if trainer.is_world_process_zero():
         checkpoints.clear_staging(training_args.output_dir)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    with stop_on_signal.installed():
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if stop_on_signal.stopped_at is not None:
+        raise TrainingStopped(
+            f"stopped on SIGTERM after step {stop_on_signal.stopped_at} and wrote "
+            f"{os.path.join(training_args.output_dir, f'checkpoint-{stop_on_signal.stopped_at}')}; "
+            "run the same command again to resume"
+        )
 
     output_dir = training_args.output_dir
     if trainer.is_world_process_zero():
@@ -518,4 +565,8 @@ def main(argv=None, gradcache: bool = True) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except TrainingStopped as err:
+        if int(os.environ.get("RANK", "0")) == 0:  # every process stops; one says so
+            print(str(err), file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None  # what a shell reports for a SIGTERM'd command
     return 0

@@ -55,6 +55,34 @@ def test_sigkill_mid_epoch_then_restart_ends_with_the_same_weights(tiny_model_di
     assert difference <= 1e-6, difference
 
 
+def test_sigterm_writes_a_checkpoint_and_stops_then_the_rerun_finishes_the_run(tiny_model_dir, tmp_path):
+    """SIGTERM (pre-emption): the current step ends, a checkpoint is written, the process exits 143
+    without a final model; the same command resumes and ends with an uninterrupted run's weights."""
+    data = write_jsonl(tmp_path / "d.jsonl", conversation_records(60))
+    argv = ["--max_steps", "40", "--per_device_train_batch_size", "4", "--dropout", "0.1", "--save_strategy", "no",
+            "--mini_batch_size", "3", "--logging_steps", "1"]
+    efficient_train.main(common(tiny_model_dir, data, tmp_path / "reference", *argv))
+
+    out = tmp_path / "stopped"
+    command = [sys.executable, "efficient_train.py", *common(tiny_model_dir, data, out, *argv)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:  # the Trainer prints each logged step
+        if "'loss'" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr[-2000:]
+    assert "stopped on SIGTERM after step" in stderr and "run the same command again to resume" in stderr
+    written = checkpoints.complete_checkpoints(out)
+    assert len(written) == 1 and checkpoints.checkpoint_step(written[0]) < 40  # stopped early, with a checkpoint
+    assert not (out / checkpoints.FINISHED_MARKER).exists()
+
+    restart = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert restart.returncode == 0, restart.stderr[-2000:]
+    assert max_relative_difference(weights(out), weights(tmp_path / "reference")) <= 1e-6
+
+
 def test_an_interrupted_save_leaves_no_checkpoint_behind(tiny_model_dir, tiny_train_file, tmp_path, monkeypatch):
     argv = ["--max_steps", "3", "--per_device_train_batch_size", "4", "--save_strategy", "steps", "--save_steps", "1"]
     efficient_train.main(common(tiny_model_dir, tiny_train_file, tmp_path / "reference", *argv))
