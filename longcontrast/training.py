@@ -13,7 +13,6 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 from torch.nn.parallel import DistributedDataParallel

@@ -72,7 +72,7 @@ def main(model_dir: str, out_dir: str) -> None:
         )
         count = [0]
 
-        def counting_hook(state, bucket):
+        def counting_hook(state, bucket, count=count):
             count[0] += 1
             return allreduce_hook(state, bucket)
 

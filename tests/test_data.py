@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from conftest import conversation_records, write_jsonl
 from longcontrast import UserError

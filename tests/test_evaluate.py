@@ -112,7 +112,7 @@ def brute_force_metrics(model, tokenizer, items, documents, config, gold_suffix=
             return model(**pad(ids, tokenizer.pad_token_id), side=side)[0].float()
 
     chunk_cache, ranks = {}, []
-    for index, it in enumerate(items):
+    for it in items:
         q = one(it.query, "query", config.query_max_len, "left")
         chunks = documents[it.document]
         scores = []

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import TINY_MAX_POSITIONS
 from longcontrast.data import pad
 from longcontrast.modeling import (
-    DualEncoder, extend_position_embeddings, extended_position_table, load_encoder, pool, read_pooling,
+    DualEncoder, extended_position_table, load_encoder, pool, read_pooling,
 )
 
 LONG = 4 * TINY_MAX_POSITIONS
