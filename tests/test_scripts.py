@@ -150,14 +150,16 @@ def test_same_seed_gives_bit_identical_weights(module, tiny_model_dir, tiny_trai
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_resume_from_checkpoint_ends_with_the_same_weights(tiny_model_dir, tiny_train_file, tmp_path):
+@pytest.mark.parametrize("sampling", ["random", "group_by_length"])
+def test_resume_from_checkpoint_ends_with_the_same_weights(sampling, tiny_model_dir, tiny_train_file, tmp_path):
+    """Resumed in its second epoch (12 examples, batch 4: 3 steps per epoch) from an explicit checkpoint."""
     import shutil
 
-    argv = ["--max_steps", "3", "--dropout", "0.1", "--per_device_train_batch_size", "4", "--save_strategy", "steps",
-            "--save_steps", "1"]
+    argv = ["--max_steps", "7", "--dropout", "0.1", "--per_device_train_batch_size", "4", "--save_strategy", "steps",
+            "--save_steps", "1", "--save_total_limit", "10", "--train_sampling_strategy", sampling]
     efficient_train.main(common(tiny_model_dir, tiny_train_file, tmp_path / "full", *argv))
-    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    shutil.copytree(tmp_path / "full" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
     efficient_train.main(common(tiny_model_dir, tiny_train_file, tmp_path / "resumed", *argv,
-                                "--resume_from_checkpoint", str(tmp_path / "resumed" / "checkpoint-2")))
+                                "--resume_from_checkpoint", str(tmp_path / "resumed" / "checkpoint-4")))
     full, resumed = weights(tmp_path / "full"), weights(tmp_path / "resumed")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
