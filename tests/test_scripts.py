@@ -134,7 +134,8 @@ def test_help(script):
     result = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     for flag in ("--per_device_train_batch_size", "--gradient_accumulation_steps", "--temperature",
-                 "--max_position_embeddings", "--overwrite_output_dir", "--warmup_ratio", "--train_data"):
+                 "--max_position_embeddings", "--overwrite_output_dir", "--warmup_ratio", "--train_data",
+                 "--max_bad_steps", "--negatives_cross_device", "--resume_from_checkpoint"):
         assert flag in result.stdout
     assert ("--mini_batch_size" in result.stdout) == (script == "efficient_train.py")
 
