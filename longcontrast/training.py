@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.hf_argparser import string_to_bool
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from . import UserError, checkpoints
@@ -64,7 +65,8 @@ class ModelArguments:
         default=None,
         metadata={"help": "In a distributed run, score each query against the positives and hard negatives of all "
                   "processes (the global batch), with the exact gradient of the global loss. Default: on when "
-                  "more than one process runs."},
+                  "more than one process runs.",
+                  "nargs": "?", "const": True, "type": string_to_bool},  # a bare flag means true
     )
     untie_encoders: bool = field(
         default=False,

@@ -74,6 +74,17 @@ def test_negative_control_local_negatives_only_differ(worker_results, tiny_model
     assert relative_error(worker_results["origin_neg2"]["grads"], local) > 0.05
 
 
+def test_negatives_cross_device_flag_spellings():
+    from longcontrast.training import parse_arguments
+
+    def parsed(*argv):
+        return parse_arguments([*argv, "--output_dir", "unused"], True)[0].negatives_cross_device
+
+    assert parsed() is None  # resolved to (world size > 1) by train()
+    assert parsed("--negatives_cross_device") is True
+    assert parsed("--negatives_cross_device", "false") is False
+
+
 def buckets(logging_data: dict) -> int:
     sizes = logging_data["rebuilt_bucket_sizes"] if logging_data.get("has_rebuilt_buckets") else logging_data["bucket_sizes"]
     return len(str(sizes).split(","))
