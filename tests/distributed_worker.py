@@ -8,6 +8,7 @@ many gradient all-reduces (DDP bucket reductions) the step made.
 """
 
 import dataclasses
+import gc
 import sys
 from pathlib import Path
 
@@ -90,6 +91,10 @@ def main(model_dir: str, out_dir: str) -> None:
             logging_data = ddp._get_ddp_logging_data()
             torch.save({"grads": grads, "allreduces": count[0], "logging": logging_data}, Path(out_dir) / f"{name}.pt")
         dist.barrier()
+        # A DDP object outliving its process group can hang the interpreter's exit (its reducer's
+        # destructor joins gloo threads): release each one before the next, and before the group.
+        del ddp
+        gc.collect()
     dist.destroy_process_group()
 
 
