@@ -37,10 +37,11 @@ def test_sigkill_mid_epoch_then_restart_ends_with_the_same_weights(tiny_model_di
     command = [sys.executable, "efficient_train.py", *common(tiny_model_dir, data, out, *argv)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+
     def reached(step):  # rotation keeps only the newest two, so look for any at or past the step
         return any((checkpoints.checkpoint_step(p) or 0) >= step for p in out.glob("checkpoint-*"))
 
+    deadline = time.time() + 120
     while not reached(5) and process.poll() is None and time.time() < deadline:
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
