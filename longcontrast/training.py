@@ -215,6 +215,10 @@ class ContrastiveTrainer(Trainer):
             return
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         bad_grad = bool(grads) and not torch.stack([g.isfinite().all() for g in grads]).all().item()
+        if world_size() > 1:  # all processes skip together, or their weights would drift apart
+            flags = torch.tensor([float(bad_loss), float(bad_grad)], device=self.args.device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            bad_loss, bad_grad = bool(flags[0].item()), bool(flags[1].item())
         if not (bad_loss or bad_grad):
             self._bad_steps_in_a_row = 0
             return

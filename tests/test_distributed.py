@@ -135,3 +135,15 @@ def test_torchrun_step_equals_one_process_with_the_global_batch(module, tiny_mod
     update_ddp = torch.cat([(ddp[k] - start[k]).flatten() for k in keys])
     assert update_one.norm() > 0
     assert ((update_ddp - update_one).norm() / update_one.norm()).item() <= 1e-5
+
+
+def test_a_step_bad_in_one_process_is_skipped_by_all(tiny_model_dir, tmp_path):
+    """Only process 1 sees a NaN loss (its gradients stay finite, local negatives): both processes
+    must skip the step, or their weights drift apart without any error."""
+    data = write_jsonl(tmp_path / "d.jsonl", conversation_records(24))
+    out = tmp_path / "out"
+    stderr = torchrun("tests/poisoned_train.py", tmp_path, *common(
+        tiny_model_dir, data, out, "--max_steps", "3", "--per_device_train_batch_size", "3", "--mini_batch_size", "2",
+        "--negatives_cross_device", "false"))
+    assert stderr.count("step 2: non-finite loss; the optimizer step is skipped") == 2  # one warning per process
+    assert (tmp_path / "weights_0.txt").read_text() == (tmp_path / "weights_1.txt").read_text()
