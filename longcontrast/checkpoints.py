@@ -69,8 +69,10 @@ def _fsync_dir(folder: Path) -> None:
         os.close(descriptor)
 
 
-def _remove(folder: Path, staging: Path) -> None:
-    """Delete ``folder`` so that a kill midway never leaves a half-deleted checkpoint in place."""
+def remove(folder: str | os.PathLike, output_dir: str | os.PathLike) -> None:
+    """Delete a checkpoint of ``output_dir`` so that a kill midway never leaves a half-deleted
+    checkpoint in place: it is renamed into the staging folder first."""
+    folder, staging = Path(folder), Path(output_dir) / STAGING
     staging.mkdir(exist_ok=True)
     trash = staging / f"deleting-{folder.name}"
     if trash.exists():
@@ -88,7 +90,7 @@ def publish(staged: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
     _fsync_tree(staged)
     final = output_dir / staged.name
     if final.exists():
-        _remove(final, staged.parent)
+        remove(final, output_dir)
     os.rename(staged, final)
     _fsync_dir(output_dir)
     return final
@@ -102,12 +104,15 @@ def rotate(output_dir: str | os.PathLike, limit: int | None, keep: str | os.Path
     others = [p for p in complete_checkpoints(output_dir) if p.resolve() != keep]
     for folder in others[: max(0, len(others) - (limit - 1))]:
         logger.info("deleting %s (--save_total_limit %d)", folder, limit)
-        _remove(folder, Path(output_dir) / STAGING)
+        remove(folder, output_dir)
 
 
 def clear_staging(output_dir: str | os.PathLike) -> None:
     """Remove what an interrupted save or deletion left in the staging folder."""
     staging = Path(output_dir) / STAGING
-    if staging.exists():
-        logger.warning("removing %s: an incomplete checkpoint left by an interrupted save", staging)
-        shutil.rmtree(staging)
+    if not staging.exists():
+        return
+    left = sorted(p.name for p in staging.iterdir())
+    if left:  # empty after every completed save or deletion
+        logger.warning("removing %s from %s: left by an interrupted save or deletion", ", ".join(left), staging)
+    shutil.rmtree(staging)

@@ -22,6 +22,16 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def any_process(flags: list[bool], device) -> list[bool]:
+    """Each flag OR-ed over all processes, so that they all take the same decision (the flags
+    themselves when not distributed). One small all-reduce."""
+    if world_size() == 1:
+        return list(flags)
+    values = torch.tensor([float(flag) for flag in flags], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(value) for value in values.tolist()]
+
+
 def text_id(text: str) -> int:
     """A 63-bit id equal for equal texts in every process (Python's ``hash`` differs per process)."""
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1

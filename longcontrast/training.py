@@ -7,7 +7,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import time
@@ -22,7 +21,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from . import UserError, checkpoints
 from .data import ContrastiveCollator, default_train_data, length_sorted_mini_batches, load_examples, make_dataset, pad
-from .distributed import gather_batch, world_size
+from .distributed import any_process, gather_batch, world_size
 from .gradcache import grad_cache_step
 from .loss import LossOutput, contrastive_loss
 from .modeling import POOLING_MODES, POSITION_INITS, DualEncoder, default_model_path, load_encoder, read_pooling
@@ -215,10 +214,8 @@ class ContrastiveTrainer(Trainer):
             return
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         bad_grad = bool(grads) and not torch.stack([g.isfinite().all() for g in grads]).all().item()
-        if world_size() > 1:  # all processes skip together, or their weights would drift apart
-            flags = torch.tensor([float(bad_loss), float(bad_grad)], device=self.args.device)
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-            bad_loss, bad_grad = bool(flags[0].item()), bool(flags[1].item())
+        # All processes skip together, or their weights would drift apart.
+        bad_loss, bad_grad = any_process([bad_loss, bad_grad], self.args.device)
         if not (bad_loss or bad_grad):
             self._bad_steps_in_a_row = 0
             return
@@ -296,11 +293,7 @@ class CheckpointOnSignal(TrainerCallback):
         self.received = True
 
     def on_step_end(self, args, state, control, **kwargs):
-        stop = self.received
-        if world_size() > 1:
-            flag = torch.tensor([float(stop)], device=args.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            stop = bool(flag.item())
+        (stop,) = any_process([self.received], args.device)
         if stop:
             self.stopped_at = state.global_step
             control.should_save = True
@@ -462,7 +455,7 @@ def resolve_resume(training_args) -> None:
         if training_args.should_save:
             for folder in checkpoints.complete_checkpoints(output_dir):
                 logger.warning("--overwrite_output_dir: deleting %s of the earlier run", folder)
-                shutil.rmtree(folder)
+                checkpoints.remove(folder, output_dir)
         return
     latest = checkpoints.latest_checkpoint(output_dir)
     if checkpoints.FINISHED_MARKER in contents or latest is None:

@@ -17,7 +17,7 @@ import distributed_worker as worker
 from conftest import conversation_records, write_jsonl
 from longcontrast.data import ContrastiveCollator
 from longcontrast.training import contrastive_step
-from test_scripts import common, weights
+from test_scripts import common, update
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -126,13 +126,7 @@ def test_torchrun_step_equals_one_process_with_the_global_batch(module, tiny_mod
 
     __import__(module).main(common(tiny_model_dir, data, tmp_path / "one", *sgd, *extra,
                                    "--per_device_train_batch_size", "6"))
-    from transformers import AutoModel
-
-    start = AutoModel.from_pretrained(tiny_model_dir).state_dict()
-    one, ddp = weights(tmp_path / "one"), weights(tmp_path / "ddp")
-    keys = [k for k in one if k in start and "position_embeddings" not in k]
-    update_one = torch.cat([(one[k] - start[k]).flatten() for k in keys])
-    update_ddp = torch.cat([(ddp[k] - start[k]).flatten() for k in keys])
+    update_one, update_ddp = update(tiny_model_dir, tmp_path / "one"), update(tiny_model_dir, tmp_path / "ddp")
     assert update_one.norm() > 0
     assert ((update_ddp - update_one).norm() / update_one.norm()).item() <= 1e-5
 

@@ -18,6 +18,9 @@ from longcontrast import checkpoints, training
 from test_scripts import common, run_main, weights
 
 ROOT = Path(__file__).resolve().parents[1]
+# The scripts run as subprocesses here (conftest already made the environment offline); unbuffered,
+# so their log lines arrive as they are written.
+ENV = dict(os.environ, PYTHONUNBUFFERED="1")
 
 
 def max_relative_difference(a: dict, b: dict) -> float:
@@ -35,8 +38,7 @@ def test_sigkill_mid_epoch_then_restart_ends_with_the_same_weights(tiny_model_di
 
     out = tmp_path / "killed"
     command = [sys.executable, "efficient_train.py", *common(tiny_model_dir, data, out, *argv)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def reached(step):  # rotation keeps only the newest two, so look for any at or past the step
         return any((checkpoints.checkpoint_step(p) or 0) >= step for p in out.glob("checkpoint-*"))
@@ -51,7 +53,7 @@ def test_sigkill_mid_epoch_then_restart_ends_with_the_same_weights(tiny_model_di
     survivors = [checkpoints.checkpoint_step(p) for p in checkpoints.complete_checkpoints(out)]
     assert survivors and max(survivors) < 15  # in the middle of the first epoch
 
-    restart = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    restart = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert restart.returncode == 0, restart.stderr[-2000:]
     assert f"resuming from {out / f'checkpoint-{max(survivors)}'}" in restart.stderr
     difference = max_relative_difference(weights(out), weights(tmp_path / "reference"))
@@ -69,8 +71,7 @@ def test_sigterm_writes_a_checkpoint_and_stops_then_the_rerun_finishes_the_run(t
 
     out = tmp_path / "stopped"
     command = [sys.executable, "efficient_train.py", *common(tiny_model_dir, data, out, *argv)]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in process.stdout:  # the Trainer prints each logged step
         if "'loss'" in line:
             process.send_signal(signal.SIGTERM)
@@ -82,7 +83,7 @@ def test_sigterm_writes_a_checkpoint_and_stops_then_the_rerun_finishes_the_run(t
     assert len(written) == 1 and checkpoints.checkpoint_step(written[0]) < 40  # stopped early, with a checkpoint
     assert not (out / checkpoints.FINISHED_MARKER).exists()
 
-    restart = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    restart = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert restart.returncode == 0, restart.stderr[-2000:]
     assert max_relative_difference(weights(out), weights(tmp_path / "reference")) <= 1e-6
 
