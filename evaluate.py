@@ -53,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
          help="Do not append ' || <first answer>' to QReCC's gold chunk (ChatRAG's evaluation does).")
     flag("output_file", default=None, help="JSON results file (default: outputs/eval-<time>.json).")
     flag("device", default=None, help="cuda, cuda:1, cpu... (default: cuda if available).")
+    flag("precision", choices=["auto", "fp32", "bf16"], default="auto",
+         help="Encode in float32 or under bf16 autocast. auto: bf16 on GPU, fp32 on CPU. On a CPU with "
+              "AVX512-BF16 or AMX, bf16 roughly halves the time (embeddings move by ~1e-3); on others it is slower.")
     args = parser.parse_args(argv)
     for name in ("query_max_len", "passage_max_len", "batch_size", "num_turns"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -63,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch_size = args.batch_size or (64 if device.type == "cuda" else 8)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     datasets = list(DATASETS) if args.eval_dataset == "all" else [args.eval_dataset]
     if args.query_encoder_path or args.context_encoder_path:
         models = {f"{args.query_encoder_path} + {args.context_encoder_path}": None}
@@ -74,7 +78,7 @@ def run(args) -> dict:
         model.to(device)
         positions = model.config.max_position_embeddings
         config = EvalConfig(min(args.query_max_len, positions), min(args.passage_max_len, positions),
-                            batch_size, args.num_turns, not args.no_qrecc_answer)
+                            batch_size, args.num_turns, not args.no_qrecc_answer, bf16)
         results = {}
         for dataset in datasets:
             started = time.perf_counter()

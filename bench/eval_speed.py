@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """evaluate.py's batched, length-sorted encoding against one text at a time (the original's way).
 
-Runs both on the same Doc2Dial dev subset (../shared/data/doc2dial/dev), checks that the metrics
-are identical, and prints a table of encoding times and the speed-up. Writes JSON.
+Encodes the chunks and queries of a ChatRAG-format set (default: the whole Doc2Dial dev set in
+../shared/data/doc2dial/dev, 900 chunks and 628 queries) both ways, with evaluate.py's lengths
+and precision, checks that the metrics are identical, and prints a table of encoding times per
+side and the speed-up. Writes JSON.
 
-    python bench/eval_speed.py [--documents dmv] [--max_items 200] [--batch_size 8] [--device cpu]
+    python bench/eval_speed.py [--documents dmv] [--batch_size 8] [--precision auto] [--device cpu]
 """
 
 from __future__ import annotations
@@ -14,23 +16,26 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from longcontrast.data import pad, tokenize  # noqa: E402
-from longcontrast.evaluation import encode, gold_rank, load_chatrag, load_retriever, retrieval_metrics  # noqa: E402
+from longcontrast.evaluation import (  # noqa: E402
+    EvalConfig, encode, gold_rank, load_chatrag, load_retriever, retrieval_metrics,
+)
 from longcontrast.modeling import DualEncoder, read_pooling  # noqa: E402
 
 DEV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "doc2dial", "dev")
 
 
-def one_at_a_time(model, token_ids, side, pad_id, device):
-    """The original's way: one forward per text (with evaluate.py's bf16 autocast on CUDA, so only
-    the batching differs)."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    with torch.no_grad(), autocast:
+def one_at_a_time(model, token_ids, side, pad_id, device, bf16):
+    """The original's way: one forward per text (same precision as the batched run, so only the
+    batching differs)."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    with torch.inference_mode(), autocast:
         return torch.stack([model(**pad([ids], pad_id, device), side=side)[0].float().cpu() for ids in token_ids])
 
 
@@ -38,10 +43,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_path", default=None, help="default: the embedded MiniLM")
     parser.add_argument("--data", default=DEV)
-    parser.add_argument("--documents", nargs="+", default=["dmv"])
-    parser.add_argument("--max_items", type=int, default=200)
+    parser.add_argument("--documents", nargs="+", default=None, help="only the items of these documents (default: all)")
     parser.add_argument("--batch_size", type=int, default=None, help="default: as evaluate.py (64 on GPU, 8 on CPU)")
-    parser.add_argument("--passage_max_len", type=int, default=512)
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="as evaluate.py: auto is bf16 on GPU, fp32 on CPU")
     parser.add_argument("--random_weights", action="store_true", help="random weights of --model_path's shape (its "
                         "config and tokenizer suffice, e.g. bench/kit/minilm): timing only")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -49,6 +54,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     args.batch_size = args.batch_size or (64 if device.type == "cuda" else 8)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     if args.random_weights:
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -60,42 +66,56 @@ def main(argv=None) -> None:
     else:
         model, tokenizer = load_retriever(args.model_path)
     model.to(device).eval()
+    lengths = EvalConfig()  # evaluate.py's defaults, capped at the position table as it does
+    positions = model.config.max_position_embeddings
     items, documents = load_chatrag(args.data, "doc2dial")
-    items = [it for it in items if it.document in args.documents][: args.max_items]
+    items = [it for it in items if args.documents is None or it.document in args.documents]
     names = sorted({it.document for it in items})
     chunks = [c for name in names for c in documents[name]]
     offsets = {name: sum(len(documents[n]) for n in names[:i]) for i, name in enumerate(names)}
-    chunk_ids = tokenize(tokenizer, chunks, args.passage_max_len, "right")
-    query_ids = tokenize(tokenizer, [it.query for it in items], 256, "left")
+    texts = {"passage": tokenize(tokenizer, chunks, min(lengths.passage_max_len, positions), "right"),
+             "query": tokenize(tokenizer, [it.query for it in items], min(lengths.query_max_len, positions), "left")}
     pad_id = tokenizer.pad_token_id
 
     rows, embeddings = {}, []
     for name, run in {
-        "one text at a time": lambda ids, side: one_at_a_time(model, ids, side, pad_id, device),
+        "one text at a time": lambda ids, side: one_at_a_time(model, ids, side, pad_id, device, bf16),
         f"batched {args.batch_size}, sorted by length": lambda ids, side: encode(
-            model, ids, side, args.batch_size, pad_id, device),
+            model, ids, side, args.batch_size, pad_id, device, bf16=bf16),
     }.items():
-        started = time.perf_counter()
-        c, q = run(chunk_ids, "passage"), run(query_ids, "query")
-        seconds = time.perf_counter() - started
+        out, seconds = {}, {}
+        for side, ids in texts.items():
+            started = time.perf_counter()
+            out[side] = run(ids, side)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds[side] = time.perf_counter() - started
+        c, q = out["passage"], out["query"]
         embeddings.append(torch.cat([c, q]).float().cpu())
         ranks = [gold_rank(c[offsets[it.document]: offsets[it.document] + len(documents[it.document])] @ q[i],
                            it.gold_index) for i, it in enumerate(items)]
-        rows[name] = {"seconds": seconds, **retrieval_metrics(ranks)}
+        rows[name] = {"passage_seconds": seconds["passage"], "query_seconds": seconds["query"],
+                      "seconds": sum(seconds.values()), **retrieval_metrics(ranks)}
     slow, fast = rows.values()
-    identical = all(abs(slow[k] - fast[k]) < 1e-9 for k in slow if k != "seconds")
-    print(f"{len(items)} queries, {len(chunks)} chunks of {names}; device {device}; torch threads {torch.get_num_threads()}")
-    print("| encoding | seconds | texts/s | Recall@1 | Recall@5 | Recall@20 |\n|---|---|---|---|---|---|")
+    identical = all(abs(slow[k] - fast[k]) < 1e-9 for k in slow if not k.endswith("seconds"))
+    print(f"{len(items)} queries, {len(chunks)} chunks of {names}; device {device}; "
+          f"{'bf16 autocast' if bf16 else 'fp32'}; torch threads {torch.get_num_threads()}")
+    print("| encoding | chunks s | queries s | total s | texts/s | Recall@1 | Recall@5 | Recall@20 |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         rate = (len(items) + len(chunks)) / r["seconds"]
-        print(f"| {name} | {r['seconds']:.1f} | {rate:.1f} | {r['recall@1']:.2f} | {r['recall@5']:.2f} | {r['recall@20']:.2f} |")
+        print(f"| {name} | {r['passage_seconds']:.1f} | {r['query_seconds']:.1f} | {r['seconds']:.1f} | {rate:.1f} | "
+              f"{r['recall@1']:.2f} | {r['recall@5']:.2f} | {r['recall@20']:.2f} |")
     largest = (embeddings[0] - embeddings[1]).abs().max().item()
-    print(f"speed-up: {slow['seconds'] / fast['seconds']:.2f}x; metrics identical: {identical}; "
-          f"largest embedding difference {largest:.1e}")
+    speedups = {side: slow[f"{side}_seconds"] / fast[f"{side}_seconds"] for side in ("passage", "query")}
+    print(f"speed-up: {slow['seconds'] / fast['seconds']:.2f}x (chunks {speedups['passage']:.2f}x, queries "
+          f"{speedups['query']:.2f}x); metrics identical: {identical}; largest embedding difference {largest:.1e}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as handle:
-        json.dump({"device": str(device), "random_weights": args.random_weights, "items": len(items), "chunks": len(chunks), "results": rows,
-                   "speedup": slow["seconds"] / fast["seconds"], "identical_metrics": identical,
-                   "largest_embedding_difference": largest}, handle, indent=2)
+        json.dump({"device": str(device), "bf16": bf16, "random_weights": args.random_weights, "items": len(items),
+                   "chunks": len(chunks), "batch_size": args.batch_size, "results": rows,
+                   "speedup": slow["seconds"] / fast["seconds"], "speedup_per_side": speedups,
+                   "identical_metrics": identical, "largest_embedding_difference": largest}, handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 """Step time and peak memory: origin_train vs efficient_train (GradCache) vs sentence-transformers.
 
 Every configuration runs in a fresh process (so peak RSS on CPU is its own): one warm-up step,
-then --steps timed steps of forward + backward + SGD update on one contrastive batch of B queries,
-B positives and B hard negatives. Methods:
+then --steps timed steps of forward + backward + SGD update, each on another contrastive batch of B
+queries, B positives and B hard negatives (every method sees the same batches). Methods:
 
 - ``origin``: the plain step of origin_train.py (whole batch with autograd);
-- ``efficient``: the GradCache step of efficient_train.py (--mini_batch_size, length-sorted);
+- ``efficient``: the GradCache step of efficient_train.py (--mini_batch_size, length-sorted, each
+  distinct text of the batch encoded once);
+- ``efficient_every_copy``: the same with ``--deduplicate_texts false`` (every copy encoded);
 - ``st_cached``: sentence-transformers' CachedMultipleNegativesRankingLoss, same model, CLS
   pooling, same token ids, batch, mini-batch and temperature (scale 1/temperature).
 
@@ -31,36 +33,40 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 DOC2DIAL = os.path.join(ROOT, "..", "shared", "data", "doc2dial", "train_triples.jsonl")
-METHODS = ("origin", "efficient", "st_cached")
+METHODS = ("origin", "efficient", "efficient_every_copy", "st_cached")
 BGE_LARGE_SHAPE = "bge-large-shape"
 
 
-def make_inputs(args, tokenizer):
-    """Collator-style inputs: token id lists for B queries and 2B passages (positives, negatives)."""
+def make_batches(args, tokenizer) -> list[dict]:
+    """Collator-style inputs of 1 + --steps different batches (the first is the warm-up): token id
+    lists for B queries and (1 + hard negatives) x B passages. Every method sees the same batches."""
     import torch
 
     from longcontrast.data import ContrastiveCollator, load_examples, make_dataset
 
     rng = random.Random(0)
+    count = 1 + args.steps
     if args.data == "equal":
         def text_ids():
             return [tokenizer.cls_token_id] + [rng.randrange(1000, 20000) for _ in range(args.length - 2)] + [
                 tokenizer.sep_token_id]
-        return {
-            "query_ids": [text_ids() for _ in range(args.batch_size)],
-            "passage_ids": [text_ids() for _ in range((1 + args.hard_negatives) * args.batch_size)],
-            "passage_text_ids": torch.arange((1 + args.hard_negatives) * args.batch_size),
-        }
+        passages = (1 + args.hard_negatives) * args.batch_size
+        return [{"query_ids": [text_ids() for _ in range(args.batch_size)],
+                 "passage_ids": [text_ids() for _ in range(passages)],
+                 "passage_text_ids": torch.arange(passages)} for _ in range(count)]
     examples = load_examples([args.doc2dial])
-    rng.shuffle(examples)
+    order = []
+    while len(order) < count * args.batch_size:  # consecutive slices of shuffled passes over the data
+        rng.shuffle(examples)
+        order += examples
     collate = ContrastiveCollator(tokenizer, min(256, args.length), args.length, args.hard_negatives)
-    return collate(list(make_dataset(examples[: args.batch_size])))
+    return [collate(list(make_dataset(order[k * args.batch_size: (k + 1) * args.batch_size]))) for k in range(count)]
 
 
 def worker(args) -> dict:
     import torch
 
-    from longcontrast.data import pad
+    from longcontrast.data import pad, unique_sequences
     from longcontrast.modeling import DualEncoder, default_model_path, load_encoder
     from longcontrast.training import contrastive_step
 
@@ -75,7 +81,7 @@ def worker(args) -> dict:
         encoder, tokenizer = load_encoder(model_path, max(512, args.length), dropout=args.dropout,
                                           attention_dropout=args.attention_dropout)
     encoder.to(device)
-    inputs = make_inputs(args, tokenizer)
+    batches = make_batches(args, tokenizer)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     if args.method == "st_cached":
@@ -88,47 +94,57 @@ def worker(args) -> dict:
         model = SentenceTransformer(modules=[transformer, Pooling(encoder.config.hidden_size, "cls")], device=args.device)
         loss = CachedMultipleNegativesRankingLoss(model, scale=1 / args.temperature, mini_batch_size=args.mini_batch_size)
         b = args.batch_size
-        columns = [inputs["query_ids"], inputs["passage_ids"][:b]] + ([inputs["passage_ids"][b:]] if args.hard_negatives else [])
-        features = [pad(column, tokenizer.pad_token_id, device) for column in columns]
 
-        def step():
+        def step(inputs):
+            columns = [inputs["query_ids"], inputs["passage_ids"][:b]]
+            columns += [inputs["passage_ids"][b:]] if args.hard_negatives else []
             with autocast:
-                value = loss(features, None)
+                value = loss([pad(column, tokenizer.pad_token_id, device) for column in columns], None)
             value.backward()
             return value
     else:
         model = DualEncoder(encoder, "cls").to(device)
-        mini_batch = args.mini_batch_size if args.method == "efficient" else None
+        mini_batch = None if args.method == "origin" else args.mini_batch_size
+        deduplicate = args.method == "efficient"
 
-        def step():
+        def step(inputs):
             with autocast:
-                return contrastive_step(model, inputs, args.temperature, tokenizer.pad_token_id, device, mini_batch)
+                return contrastive_step(model, inputs, args.temperature, tokenizer.pad_token_id, device, mini_batch,
+                                        deduplicate=deduplicate)
 
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
 
-    def update():
-        step()
+    def update(inputs):
+        step(inputs)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    flops = step_flops(encoder.config, inputs, extra_forward=args.method != "origin")
-    update()  # warm-up
+    def encoded(inputs):
+        sides = inputs["query_ids"], inputs["passage_ids"]
+        if args.method == "efficient":
+            sides = [unique_sequences(side)[0] for side in sides]
+        return [ids for side in sides for ids in side]
+
+    update(batches[0])  # warm-up
+    timed = batches[1:]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    for _ in range(args.steps):
-        update()
-    seconds = (time.perf_counter() - started) / args.steps
+    for inputs in timed:
+        update(inputs)
+    seconds = (time.perf_counter() - started) / len(timed)
     if device.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    tokens = sum(len(x) for x in inputs["query_ids"]) + sum(len(x) for x in inputs["passage_ids"])
-    return {"step_seconds": seconds, "peak_memory_mb": peak_mb, "tokens_per_step": tokens,
-            "texts": len(inputs["query_ids"]) + len(inputs["passage_ids"]), "tflops": flops / seconds / 1e12}
+    flops = sum(step_flops(encoder.config, encoded(b), extra_forward=args.method != "origin") for b in timed) / len(timed)
+    tokens = sum(len(x) for b in timed for x in b["query_ids"] + b["passage_ids"]) / len(timed)
+    texts = sum(len(b["query_ids"]) + len(b["passage_ids"]) for b in timed) / len(timed)
+    return {"step_seconds": seconds, "peak_memory_mb": peak_mb, "tokens_per_step": tokens, "texts": texts,
+            "encoded_texts": sum(len(encoded(b)) for b in timed) / len(timed), "tflops": flops / seconds / 1e12}
 
 
 def bge_large_shaped(positions: int, dropout, attention_dropout, tokenizer_path: str | None):
@@ -146,14 +162,14 @@ def bge_large_shaped(positions: int, dropout, attention_dropout, tokenizer_path:
     return AutoModel.from_config(config, attn_implementation="sdpa"), tokenizer
 
 
-def step_flops(config, inputs, extra_forward: bool) -> float:
-    """Matrix FLOPs of one step: forward = 2 x (non-embedding parameters) per token + 4 x n^2 x
-    hidden per layer per text (QK^T and attention x V); backward = 2 forwards; GradCache adds one
-    more forward. Padding is not counted."""
+def step_flops(config, encoded: list[list[int]], extra_forward: bool) -> float:
+    """Matrix FLOPs of one step over the texts it encodes: forward = 2 x (non-embedding parameters)
+    per token + 4 x n^2 x hidden per layer per text (QK^T and attention x V); backward = 2 forwards;
+    GradCache adds one more forward. Padding is not counted."""
     hidden, layers = config.hidden_size, config.num_hidden_layers
     per_layer = 4 * hidden * hidden + 2 * hidden * config.intermediate_size  # weights of one layer
     forward = 0
-    for ids in inputs["query_ids"] + inputs["passage_ids"]:
+    for ids in encoded:
         n = len(ids)
         forward += 2 * n * per_layer * layers + 4 * n * n * hidden * layers
     return forward * (4 if extra_forward else 3)
@@ -196,7 +212,7 @@ def main(argv=None) -> None:
                         f"'{BGE_LARGE_SHAPE}': a random encoder of BGE-large's shape (nothing downloaded)")
     parser.add_argument("--hard_negatives", type=int, default=1, choices=[0, 1],
                         help="hard negatives per query (0: a batch of B queries holds 2B texts)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=["origin", "efficient", "st_cached"], choices=METHODS)
     parser.add_argument("--data", nargs="+", default=["equal", "doc2dial"], choices=["equal", "doc2dial"])
     parser.add_argument("--batch_sizes", nargs="+", type=int, default=[16, 32, 64, 96])
     parser.add_argument("--lengths", nargs="+", type=int, default=[256])
@@ -262,7 +278,9 @@ def main(argv=None) -> None:
                     else:
                         result = json.loads(lines[-1][len("RESULT "):])
                         share = f"{result['tflops'] / peak:.0%}" if peak else "-"
-                        print(f"| {data} | {length} | {batch_size} | {result['texts']} | {method} | "
+                        texts = f"{result['texts']:.0f}" + (f" ({result['encoded_texts']:.1f} distinct)"
+                                                            if result["encoded_texts"] != result["texts"] else "")
+                        print(f"| {data} | {length} | {batch_size} | {texts} | {method} | "
                               f"{result['step_seconds']:.2f} | {result['peak_memory_mb']:.0f} | "
                               f"{result['tokens_per_step'] / result['step_seconds']:.0f} | {result['tflops']:.2f} | {share} |",
                               flush=True)
@@ -311,15 +329,17 @@ def print_ratios(rows) -> None:
                 if a and b:
                     print(f"{data} L={length} {method}: peak memory batch {large} / batch {small} = {a / b:.2f}")
         for batch in batches:
-            o, e, s = (get(m, data, length, batch, "step_seconds") for m in ("origin", "efficient", "st_cached"))
+            o, s = (get(m, data, length, batch, "step_seconds") for m in ("origin", "st_cached"))
+            sm = get("st_cached", data, length, batch, "peak_memory_mb")
             parts = []
-            if e and o:
-                parts.append(f"efficient/origin step time {e / o:.2f}")
-            if e and s:
-                parts.append(f"efficient/st_cached step time {e / s:.2f}")
-            em, sm = get("efficient", data, length, batch, "peak_memory_mb"), get("st_cached", data, length, batch, "peak_memory_mb")
-            if em and sm:
-                parts.append(f"efficient/st_cached peak memory {em / sm:.2f}")
+            for method in ("efficient", "efficient_every_copy"):
+                e, em = (get(method, data, length, batch, key) for key in ("step_seconds", "peak_memory_mb"))
+                if e and o:
+                    parts.append(f"{method}/origin step time {e / o:.2f}")
+                if e and s:
+                    parts.append(f"{method}/st_cached step time {e / s:.2f}")
+                if em and sm:
+                    parts.append(f"{method}/st_cached peak memory {em / sm:.2f}")
             if parts:
                 print(f"{data} L={length} batch {batch}: " + ", ".join(parts))
 

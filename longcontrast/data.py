@@ -306,6 +306,14 @@ def length_sorted_groups(sequences: list[list[int]], max_texts: int | None, max_
     return groups
 
 
+def unique_sequences(sequences: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """The distinct token id lists (first occurrences, in input order) and, for each input, the
+    index of its distinct copy: ``unique[copy_of[i]] == sequences[i]``."""
+    index: dict[tuple[int, ...], int] = {}
+    copy_of = [index.setdefault(tuple(ids), len(index)) for ids in sequences]
+    return [list(ids) for ids in index], copy_of
+
+
 def length_sorted_mini_batches(
     sequences: list[list[int]], max_texts: int | None, max_tokens: int | None, pad_token_id: int, device=None
 ) -> tuple[list[dict[str, torch.Tensor]], list[int]]:

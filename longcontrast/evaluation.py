@@ -155,15 +155,15 @@ def load_retriever(model_path=None, query_encoder_path=None, context_encoder_pat
 
 
 def encode(model: DualEncoder, token_ids: list[list[int]], side: str, batch_size: int, pad_token_id: int,
-           device: torch.device, desc: str = "encoding") -> torch.Tensor:
-    """(N, D) embeddings of token id lists, encoded in batches of similar length.
+           device: torch.device, desc: str = "encoding", bf16: bool = False) -> torch.Tensor:
+    """(N, D) float32 embeddings of token id lists, encoded in batches of similar length.
 
     Texts are sorted by length (longest first, so memory peaks at once) and each batch is padded to
-    its own longest; bf16 autocast on CUDA. Rows come back in input order.
+    its own longest; ``bf16``: under bf16 autocast. Rows come back in input order.
     """
     embeddings = [None] * len(token_ids)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    with torch.no_grad(), autocast:
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    with torch.inference_mode(), autocast:
         # padded one batch at a time: a whole corpus padded at once would not fit on the device
         for rows in tqdm(length_sorted_groups(token_ids, batch_size, None), desc=desc, leave=False, unit="batch"):
             batch = pad([token_ids[i] for i in rows], pad_token_id, device)
@@ -179,6 +179,7 @@ class EvalConfig:
     batch_size: int = 64
     num_turns: int = 5
     qrecc_answer_rule: bool = True
+    bf16: bool = False  # encode under bf16 autocast
 
 
 def evaluate_dataset(model, tokenizer, data_folder: str, dataset: str, config: EvalConfig, device) -> dict:
@@ -192,8 +193,9 @@ def evaluate_dataset(model, tokenizer, data_folder: str, dataset: str, config: E
     pad_id = tokenizer.pad_token_id
     chunk_ids = tokenize(tokenizer, chunks, config.passage_max_len, "right")
     query_ids = tokenize(tokenizer, [item.query for item in items], config.query_max_len, "left")
-    chunk_embeddings = encode(model, chunk_ids, "passage", config.batch_size, pad_id, device, f"{dataset} chunks")
-    query_embeddings = encode(model, query_ids, "query", config.batch_size, pad_id, device, f"{dataset} queries")
+    batching = config.batch_size, pad_id, device
+    chunk_embeddings = encode(model, chunk_ids, "passage", *batching, f"{dataset} chunks", config.bf16)
+    query_embeddings = encode(model, query_ids, "query", *batching, f"{dataset} queries", config.bf16)
     gold_embeddings = None
     if dataset == "qrecc" and config.qrecc_answer_rule:
         # ChatRAG's QReCC gold labels come from word overlap with the answer; its evaluation appends
@@ -203,7 +205,7 @@ def evaluate_dataset(model, tokenizer, data_folder: str, dataset: str, config: E
             for item in items
         ]
         gold_ids = tokenize(tokenizer, gold_texts, config.passage_max_len, "right")
-        gold_embeddings = encode(model, gold_ids, "passage", config.batch_size, pad_id, device, "qrecc gold+answer")
+        gold_embeddings = encode(model, gold_ids, "passage", *batching, "qrecc gold+answer", config.bf16)
     ranks = []
     for index, item in enumerate(items):
         start = offsets[item.document]

@@ -20,8 +20,11 @@ from transformers.hf_argparser import string_to_bool
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from . import UserError, checkpoints
-from .data import ContrastiveCollator, default_train_data, length_sorted_mini_batches, load_examples, make_dataset, pad
-from .distributed import any_process, gather_batch, world_size
+from .data import (
+    ContrastiveCollator, default_train_data, length_sorted_mini_batches, load_examples, make_dataset, pad,
+    unique_sequences,
+)
+from .distributed import any_process, gather_batch, shut_down, world_size
 from .gradcache import grad_cache_step
 from .loss import LossOutput, contrastive_loss
 from .modeling import POOLING_MODES, POSITION_INITS, DualEncoder, default_model_path, load_encoder, read_pooling
@@ -117,6 +120,13 @@ class GradCacheArguments:
         metadata={"help": "Also cap each mini-batch at this many padded tokens (texts x longest text), so a "
                   "mini-batch of long texts holds fewer of them and memory stays bounded (e.g. 65536)."},
     )
+    deduplicate_texts: bool = field(
+        default=True,
+        metadata={"help": "Encode each distinct text of a batch once (a hard negative mined for several queries, "
+                  "a passage that is one row's positive and another's negative); the loss still sees every copy, "
+                  "so without dropout the gradients are those of encoding every copy. With dropout the copies "
+                  "share one dropout mask. False: encode every copy."},
+    )
 
 
 @dataclass
@@ -175,12 +185,14 @@ class ContrastiveTrainer(Trainer):
     """
 
     def __init__(self, *args, temperature: float, mini_batch_size: int | None = None,
-                 mini_batch_tokens: int | None = None, negatives_cross_device: bool = False, **kwargs):
+                 mini_batch_tokens: int | None = None, deduplicate_texts: bool = True,
+                 negatives_cross_device: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.temperature = temperature
         self.negatives_cross_device = negatives_cross_device
         self.mini_batch_size = mini_batch_size
         self.mini_batch_tokens = mini_batch_tokens
+        self.deduplicate_texts = deduplicate_texts
         self._accuracy_sum, self._accuracy_count = 0.0, 0
         self._non_finite_loss = False  # in any micro-batch of the current optimizer step
         self._bad_steps_in_a_row = 0
@@ -193,7 +205,7 @@ class ContrastiveTrainer(Trainer):
         output = contrastive_step(
             model, inputs, self.temperature, self.processing_class.pad_token_id, self.args.device,
             self.mini_batch_size, self.mini_batch_tokens, scale, self.accelerator.backward,
-            self.negatives_cross_device,
+            self.negatives_cross_device, self.deduplicate_texts,
         )
         self._non_finite_loss |= not torch.isfinite(output.loss).item()
         if self.accelerator.sync_gradients:  # the last micro-batch: the optimizer step comes next
@@ -321,7 +333,7 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
 def contrastive_step(
     model, inputs: dict, temperature: float, pad_token_id: int, device,
     mini_batch_size: int | None = None, mini_batch_tokens: int | None = None,
-    scale: float = 1.0, backward=torch.Tensor.backward, cross_device: bool = False,
+    scale: float = 1.0, backward=torch.Tensor.backward, cross_device: bool = False, deduplicate: bool = True,
 ) -> LossOutput:
     """Forward and backward of one contrastive batch from :class:`ContrastiveCollator`; gradients
     are left in ``.grad`` (the optimizer step is the caller's).
@@ -329,7 +341,9 @@ def contrastive_step(
     ``mini_batch_size=None``: the plain step, the whole batch encoded with autograd. Otherwise
     GradCache over mini-batches of at most ``mini_batch_size`` texts and ``mini_batch_tokens``
     padded tokens, cut from length-sorted texts (less padding); the loss sees the embeddings back
-    in batch order. ``scale`` multiplies the loss before differentiation.
+    in batch order. ``scale`` multiplies the loss before differentiation. ``deduplicate``: GradCache
+    encodes each distinct token sequence of a side once and the loss sees it at every row holding a
+    copy (autograd adds the copies' gradients); the plain step encodes every copy.
 
     ``cross_device``: the loss spans the batches of all processes (:mod:`.distributed`); the
     backward runs on ``world_size * scale * loss`` so that DDP's averaging yields the gradient of
@@ -349,11 +363,15 @@ def contrastive_step(
     if mini_batch_size is None:
         queries, passages = (pad(inputs[key], pad_token_id, device) for key in ("query_ids", "passage_ids"))
         return full_batch_step(model, queries, passages, loss_fn, scale, backward)
-    queries, query_order = length_sorted_mini_batches(
-        inputs["query_ids"], mini_batch_size, mini_batch_tokens, pad_token_id, device)
-    passages, passage_order = length_sorted_mini_batches(
-        inputs["passage_ids"], mini_batch_size, mini_batch_tokens, pad_token_id, device)
-    query_restore, passage_restore = inverse_permutation(query_order), inverse_permutation(passage_order)
+
+    def mini_batches(sequences):
+        """Length-sorted mini-batches of the (distinct) sequences, and for each input row the row of
+        its embedding among theirs."""
+        unique, copy_of = unique_sequences(sequences) if deduplicate else (sequences, range(len(sequences)))
+        batches, order = length_sorted_mini_batches(unique, mini_batch_size, mini_batch_tokens, pad_token_id, device)
+        return batches, inverse_permutation(order)[torch.tensor(copy_of, dtype=torch.long)]
+
+    (queries, query_restore), (passages, passage_restore) = map(mini_batches, (inputs["query_ids"], inputs["passage_ids"]))
     sync_context = None
     if isinstance(model, DistributedDataParallel):
         sync_context = lambda is_last: contextlib.nullcontext() if is_last else model.no_sync()  # noqa: E731
@@ -513,6 +531,7 @@ def train(argv=None, gradcache: bool = True) -> str:
         temperature=model_args.temperature,
         mini_batch_size=cache_args.mini_batch_size if gradcache else None,
         mini_batch_tokens=cache_args.mini_batch_tokens if gradcache else None,
+        deduplicate_texts=cache_args.deduplicate_texts if gradcache else False,
         negatives_cross_device=model_args.negatives_cross_device and distributed,
         callbacks=[stop_on_signal],
     )
@@ -560,11 +579,13 @@ def main(argv=None, gradcache: bool = True) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         train(argv, gradcache)
+        shut_down()
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except TrainingStopped as err:
-        if int(os.environ.get("RANK", "0")) == 0:  # every process stops; one says so
+        shut_down()  # every process stopped at the same step
+        if int(os.environ.get("RANK", "0")) == 0:  # one says so
             print(str(err), file=sys.stderr)
         raise SystemExit(128 + signal.SIGTERM) from None  # what a shell reports for a SIGTERM'd command
     return 0

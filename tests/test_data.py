@@ -7,6 +7,7 @@ from longcontrast import UserError
 from longcontrast.distributed import text_id
 from longcontrast.data import (
     ContrastiveCollator, format_query, length_sorted_mini_batches, load_examples, make_dataset, parse_record, tokenize,
+    unique_sequences,
 )
 
 MESSAGES = [
@@ -201,6 +202,14 @@ def test_mini_batches_are_length_sorted_and_padded_to_their_own_longest():
     assert batches[1]["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
     whole, _ = length_sorted_mini_batches(sequences, None, None, 0)
     assert len(whole) == 1
+
+
+def test_unique_sequences_maps_every_copy_to_one_distinct_sequence():
+    sequences = [[1, 2], [3], [1, 2], [1, 2, 3], [3]]
+    unique, copy_of = unique_sequences(sequences)
+    assert unique == [[1, 2], [3], [1, 2, 3]]
+    assert copy_of == [0, 1, 0, 2, 1]
+    assert [unique[k] for k in copy_of] == sequences
 
 
 def test_token_budget_bounds_padded_tokens():

@@ -9,7 +9,7 @@ import evaluate
 from longcontrast import UserError
 from longcontrast.data import format_query, pad, tokenize
 from longcontrast.evaluation import (
-    EvalConfig, evaluate_dataset, gold_rank, load_chatrag, load_retriever, retrieval_metrics,
+    EvalConfig, encode, evaluate_dataset, gold_rank, load_chatrag, load_retriever, retrieval_metrics,
 )
 from longcontrast.modeling import DualEncoder, load_encoder
 
@@ -130,6 +130,15 @@ def brute_force_metrics(model, tokenizer, items, documents, config, gold_suffix=
     return retrieval_metrics(ranks)
 
 
+def test_bf16_precision_encodes_under_autocast(saved_models):
+    model, tokenizer = load_retriever(str(saved_models / "shared"))
+    ids = tokenize(tokenizer, ["how do i renew my permit", "office address", "fee"], 32, "right")
+    fp32 = encode(model, ids, "passage", 2, tokenizer.pad_token_id, torch.device("cpu"))
+    bf16 = encode(model, ids, "passage", 2, tokenizer.pad_token_id, torch.device("cpu"), bf16=True)
+    assert fp32.dtype == bf16.dtype == torch.float32
+    assert 0 < (fp32 - bf16).abs().max().item() < 0.05  # bf16 rounding, nothing more
+
+
 def test_qrecc_answer_rule(saved_models, tmp_path):
     write_set(tmp_path / "qrecc", [item(i, gold=i % 8, answers=(f"permit {i} costs {i}",)) for i in range(6)], DOCS)
     model, tokenizer = load_retriever(str(saved_models / "shared"))
@@ -167,6 +176,8 @@ def test_script_end_to_end_and_bad_input(saved_models, tmp_path, capsys):
     results = json.loads(out.read_text())["results"]
     assert set(results) == {str(saved_models / "shared"), str(saved_models / "untied")}
     assert results[str(saved_models / "shared")]["doc2dial"]["num_items"] == 5
+    assert evaluate.main(["--model_path", str(saved_models / "shared"), "--data-folder", str(tmp_path),
+                          "--eval-dataset", "doc2dial", "--precision", "bf16", "--output_file", str(out)]) == 0
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--data-folder", str(tmp_path / "nowhere"), "--eval-dataset", "quac"])
     assert exit_info.value.code == 2 and "not found" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from longcontrast.data import pad
 from longcontrast.gradcache import RandState, grad_cache_step
 from longcontrast.loss import contrastive_loss
 from longcontrast.modeling import DualEncoder, load_encoder
-from longcontrast.training import full_batch_step
+from longcontrast.training import contrastive_step, full_batch_step
 
 def split_into_mini_batches(sequences, size, pad_token_id):
     """Consecutive mini-batches of ``size`` texts (None: one), each padded to its own longest."""
@@ -217,3 +217,53 @@ def test_sync_context_only_lets_the_last_replay_synchronise(tiny_model_dir):
                     split_into_mini_batches(passages, 5, 0), loss_fn, torch.device("cpu"),
                     sync_context=sync_context)
     assert calls == [False] * (3 + 2) + [True]
+
+
+def step_inputs():
+    """A collator-style batch with copies on both sides: query 4 repeats query 2, hard negative 8
+    repeats positive 1 (masked by the loss) and hard negative 11 repeats hard negative 9."""
+    queries, passages, _ = batch()
+    queries[4] = list(queries[2])
+    passages[11] = list(passages[9])
+    text_ids = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 1, 8, 9, 8])
+    return {"query_ids": queries, "passage_ids": passages, "passage_text_ids": text_ids}
+
+
+def run_step(model, inputs, mini_batch_size, deduplicate=True):
+    """contrastive_step's loss and gradients, and how many texts the encoder saw."""
+    rows = []
+    forward = model.forward
+    model.forward = lambda **kw: (rows.append(kw["input_ids"].size(0)), forward(**kw))[1]
+    model.zero_grad()
+    try:
+        out = contrastive_step(model, inputs, 0.05, 0, torch.device("cpu"), mini_batch_size, deduplicate=deduplicate)
+    finally:
+        del model.forward
+    return out, gradients(model), sum(rows)
+
+
+@pytest.mark.parametrize("mini_batch_size", [1, 3, 20])
+def test_copies_are_encoded_once_with_the_gradients_of_every_copy(tiny_model_dir, mini_batch_size):
+    model = make_model(tiny_model_dir, dropout=0.0)
+    inputs = step_inputs()
+    plain, expected, plain_rows = run_step(model, inputs, None)
+    out, got, rows = run_step(model, inputs, mini_batch_size)
+    assert plain_rows == 5 + 12
+    assert rows == 2 * (4 + 10)  # no-grad pass and replay, each over the 4 distinct queries and 10 passages
+    assert out.loss.item() == pytest.approx(plain.loss.item(), rel=1e-9)
+    assert_same(got, expected)
+    _, same, all_rows = run_step(model, inputs, mini_batch_size, deduplicate=False)
+    assert all_rows == 2 * (5 + 12)
+    assert_same(same, expected)
+
+
+def test_negative_control_dropping_the_copies_differs(tiny_model_dir):
+    """Copies are real rows and columns of the loss: a batch without them has another gradient."""
+    model = make_model(tiny_model_dir, dropout=0.0)
+    inputs = step_inputs()
+    _, expected, _ = run_step(model, inputs, 3)
+    keep = [i for i in range(12) if i not in (4, 11)]  # query 4's positive and the repeated negative
+    without = {"query_ids": inputs["query_ids"][:4], "passage_ids": [inputs["passage_ids"][i] for i in keep],
+               "passage_text_ids": inputs["passage_text_ids"][keep]}
+    _, other, _ = run_step(model, without, 3)
+    assert max_relative_difference(other, expected) > 1e-2
