@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     flag("device", default=None, help="cuda, cuda:1, cpu... (default: cuda if available).")
     flag("precision", choices=["auto", "fp32", "bf16"], default="auto",
          help="Encode in float32 or under bf16 autocast. auto: bf16 on GPU, fp32 on CPU. On a CPU with "
-              "AVX512-BF16 or AMX, bf16 roughly halves the time (embeddings move by ~1e-3); on others it is slower.")
+              "AVX512-BF16 or AMX, bf16 is about 1.5x faster (embeddings move by ~1e-3); on others it is slower.")
     args = parser.parse_args(argv)
     for name in ("query_max_len", "passage_max_len", "batch_size", "num_turns"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
