@@ -20,7 +20,9 @@ import time
 import torch
 
 from longcontrast import UserError
-from longcontrast.evaluation import DATASETS, EvalConfig, average, evaluate_dataset, format_table, load_retriever
+from longcontrast.evaluation import (
+    DATASETS, EvalConfig, average, evaluate_dataset, format_table, load_retriever, uses_bf16,
+)
 
 logger = logging.getLogger("evaluate")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -66,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch_size = args.batch_size or (64 if device.type == "cuda" else 8)
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    bf16 = uses_bf16(args.precision, device)
     datasets = list(DATASETS) if args.eval_dataset == "all" else [args.eval_dataset]
     if args.query_encoder_path or args.context_encoder_path:
         models = {f"{args.query_encoder_path} + {args.context_encoder_path}": None}

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from longcontrast.data import pad, tokenize  # noqa: E402
 from longcontrast.evaluation import (  # noqa: E402
-    EvalConfig, encode, gold_rank, load_chatrag, load_retriever, retrieval_metrics,
+    EvalConfig, encode, gold_rank, load_chatrag, load_retriever, retrieval_metrics, uses_bf16,
 )
 from longcontrast.modeling import DualEncoder, read_pooling  # noqa: E402
 
@@ -54,7 +54,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     args.batch_size = args.batch_size or (64 if device.type == "cuda" else 8)
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    bf16 = uses_bf16(args.precision, device)
     if args.random_weights:
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 

@@ -172,6 +172,11 @@ def encode(model: DualEncoder, token_ids: list[list[int]], side: str, batch_size
     return torch.stack(embeddings)  # (N, D)
 
 
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """``precision`` is "fp32", "bf16" or "auto" (bf16 on GPU, where it is fast and standard)."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 @dataclass
 class EvalConfig:
     query_max_len: int = 256
