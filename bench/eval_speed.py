@@ -16,27 +16,18 @@ import json
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from longcontrast.data import pad, tokenize  # noqa: E402
+from longcontrast.data import tokenize  # noqa: E402
 from longcontrast.evaluation import (  # noqa: E402
     EvalConfig, encode, gold_rank, load_chatrag, load_retriever, retrieval_metrics, uses_bf16,
 )
 from longcontrast.modeling import DualEncoder, read_pooling  # noqa: E402
 
 DEV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "doc2dial", "dev")
-
-
-def one_at_a_time(model, token_ids, side, pad_id, device, bf16):
-    """The original's way: one forward per text (same precision as the batched run, so only the
-    batching differs)."""
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    with torch.inference_mode(), autocast:
-        return torch.stack([model(**pad([ids], pad_id, device), side=side)[0].float().cpu() for ids in token_ids])
 
 
 def main(argv=None) -> None:
@@ -79,7 +70,8 @@ def main(argv=None) -> None:
 
     rows, embeddings = {}, []
     for name, run in {
-        "one text at a time": lambda ids, side: one_at_a_time(model, ids, side, pad_id, device, bf16),
+        # the original's way, one forward per text, at the same precision: only the batching differs
+        "one text at a time": lambda ids, side: encode(model, ids, side, 1, pad_id, device, bf16=bf16),
         f"batched {args.batch_size}, sorted by length": lambda ids, side: encode(
             model, ids, side, args.batch_size, pad_id, device, bf16=bf16),
     }.items():

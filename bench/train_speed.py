@@ -83,6 +83,7 @@ def worker(args) -> dict:
     encoder.to(device)
     batches = make_batches(args, tokenizer)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    deduplicate = args.method == "efficient"
 
     if args.method == "st_cached":
         from sentence_transformers import SentenceTransformer
@@ -105,7 +106,6 @@ def worker(args) -> dict:
     else:
         model = DualEncoder(encoder, "cls").to(device)
         mini_batch = None if args.method == "origin" else args.mini_batch_size
-        deduplicate = args.method == "efficient"
 
         def step(inputs):
             with autocast:
@@ -123,8 +123,9 @@ def worker(args) -> dict:
             torch.cuda.synchronize()
 
     def encoded(inputs):
+        """The texts the step runs through the encoder."""
         sides = inputs["query_ids"], inputs["passage_ids"]
-        if args.method == "efficient":
+        if deduplicate:
             sides = [unique_sequences(side)[0] for side in sides]
         return [ids for side in sides for ids in side]
 
@@ -140,11 +141,12 @@ def worker(args) -> dict:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    flops = sum(step_flops(encoder.config, encoded(b), extra_forward=args.method != "origin") for b in timed) / len(timed)
+    runs = [encoded(b) for b in timed]
+    flops = sum(step_flops(encoder.config, run, extra_forward=args.method != "origin") for run in runs) / len(timed)
     tokens = sum(len(x) for b in timed for x in b["query_ids"] + b["passage_ids"]) / len(timed)
     texts = sum(len(b["query_ids"]) + len(b["passage_ids"]) for b in timed) / len(timed)
     return {"step_seconds": seconds, "peak_memory_mb": peak_mb, "tokens_per_step": tokens, "texts": texts,
-            "encoded_texts": sum(len(encoded(b)) for b in timed) / len(timed), "tflops": flops / seconds / 1e12}
+            "encoded_texts": sum(map(len, runs)) / len(timed), "tflops": flops / seconds / 1e12}
 
 
 def bge_large_shaped(positions: int, dropout, attention_dropout, tokenizer_path: str | None):
