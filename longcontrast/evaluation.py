@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import UserError
-from .data import format_query, length_sorted_groups, pad, tokenize
+from .data import format_query, length_sorted_groups, pad, tokenize, unique_sequences
 from .modeling import DualEncoder, default_model_path, read_pooling
 
 logger = logging.getLogger(__name__)
@@ -158,18 +158,22 @@ def encode(model: DualEncoder, token_ids: list[list[int]], side: str, batch_size
            device: torch.device, desc: str = "encoding", bf16: bool = False) -> torch.Tensor:
     """(N, D) float32 embeddings of token id lists, encoded in batches of similar length.
 
-    Texts are sorted by length (longest first, so memory peaks at once) and each batch is padded to
-    its own longest; ``bf16``: under bf16 autocast. Rows come back in input order.
+    Each distinct token sequence is encoded once and its vector returned for every copy: a text
+    repeated in a document then scores exactly as its copies do, whatever the padding of the batch
+    it would have landed in (padding moves float32 results by ~1e-7, enough to break a tie against
+    the gold). Texts are sorted by length (longest first, so memory peaks at once) and each batch is
+    padded to its own longest; ``bf16``: under bf16 autocast. Rows come back in input order.
     """
-    embeddings = [None] * len(token_ids)
+    unique, copy_of = unique_sequences(token_ids)
+    embeddings = [None] * len(unique)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     with torch.inference_mode(), autocast:
         # padded one batch at a time: a whole corpus padded at once would not fit on the device
-        for rows in tqdm(length_sorted_groups(token_ids, batch_size, None), desc=desc, leave=False, unit="batch"):
-            batch = pad([token_ids[i] for i in rows], pad_token_id, device)
+        for rows in tqdm(length_sorted_groups(unique, batch_size, None), desc=desc, leave=False, unit="batch"):
+            batch = pad([unique[i] for i in rows], pad_token_id, device)
             for row, embedding in zip(rows, model(**batch, side=side).float().cpu()):
                 embeddings[row] = embedding
-    return torch.stack(embeddings)  # (N, D)
+    return torch.stack(embeddings)[torch.tensor(copy_of, dtype=torch.long)]  # (N, D)
 
 
 def uses_bf16(precision: str, device: torch.device) -> bool:

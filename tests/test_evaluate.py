@@ -9,7 +9,7 @@ import evaluate
 from longcontrast import UserError
 from longcontrast.data import format_query, pad, tokenize
 from longcontrast.evaluation import (
-    EvalConfig, encode, evaluate_dataset, gold_rank, load_chatrag, load_retriever, retrieval_metrics,
+    METRICS, EvalConfig, encode, evaluate_dataset, gold_rank, load_chatrag, load_retriever, retrieval_metrics,
 )
 from longcontrast.modeling import DualEncoder, load_encoder
 
@@ -208,3 +208,23 @@ def test_download_conversion_on_a_local_stand_in(tmp_path):
         download.convert(tmp_path / "test.json", tmp_path / "documents.json", tmp_path / "out2")
     with pytest.raises(ValueError, match="item 0"):
         download.convert_item({"messages": []}, 0)
+
+
+def test_copies_of_a_chunk_get_one_vector_and_tie_with_the_gold(saved_models, tmp_path):
+    """Doc2Dial's ssa repeats 44 chunks: a copy of the gold must tie with it (the gold wins), never
+    score a hair higher because its batch was padded differently."""
+    model, tokenizer = load_retriever(str(saved_models / "shared"))
+    texts = [f"permit {i} fee" + " and the office is open" * i for i in range(6)]  # lengths differ: other padding
+    copies = texts + [texts[1], texts[4], texts[1]]
+    write_set(tmp_path / "doc2dial", [item(i, gold=i % 9) for i in range(9)], {"d": copies})
+    seen = []
+    forward = model.forward
+    model.forward = lambda input_ids, attention_mask, side: seen.append(len(input_ids)) or forward(input_ids, attention_mask, side)
+    config = EvalConfig(query_max_len=64, passage_max_len=64, batch_size=2)
+    got = evaluate_dataset(model, tokenizer, str(tmp_path), "doc2dial", config, torch.device("cpu"))
+    assert sum(seen) == len(texts) + 9  # each distinct chunk encoded once, then the 9 queries
+    items, documents = load_chatrag(str(tmp_path), "doc2dial")
+    assert {k: got[k] for k in METRICS} == brute_force_metrics(model, tokenizer, items, documents, config)
+    ids = tokenize(tokenizer, copies, 64, "right")
+    vectors = encode(model, ids, "passage", 2, tokenizer.pad_token_id, torch.device("cpu"))
+    assert torch.equal(vectors[1], vectors[6]) and torch.equal(vectors[1], vectors[8]) and torch.equal(vectors[4], vectors[7])
