@@ -173,6 +173,15 @@ def _iter_folder_records(folder: Path):
         yield from _iter_file_records(path)
 
 
+def iter_records(name: str):
+    """(where, record) pairs of a data file or folder (see :func:`load_examples`); ``where`` names
+    the record in messages (``file:line``)."""
+    path = Path(name)
+    if not path.exists():
+        raise UserError(f"data not found: {name}")
+    return _iter_folder_records(path) if path.is_dir() else _iter_file_records(path)
+
+
 def load_examples(paths: list[str], num_turns: int = 5, query_instruction: str = "") -> list[Example]:
     """Every example of the given files and folders, in order.
 
@@ -187,12 +196,8 @@ def load_examples(paths: list[str], num_turns: int = 5, query_instruction: str =
         raise UserError("no training data given (--train_data)")
     examples, seen, duplicates = [], {}, []
     for name in paths:
-        path = Path(name)
-        if not path.exists():
-            raise UserError(f"training data not found: {name}")
-        records = _iter_folder_records(path) if path.is_dir() else _iter_file_records(path)
         count = len(examples)
-        for where, record in records:
+        for where, record in iter_records(name):
             example = parse_record(record, where, num_turns)
             example.query = query_instruction + example.query
             key = (example.query, example.positive, tuple(example.negatives))

@@ -50,6 +50,14 @@ def read_pooling(model_path: str | os.PathLike) -> str | None:
     return None
 
 
+def read_prompts(model_path: str | os.PathLike) -> dict[str, str]:
+    """The prompts recorded in a sentence-transformers folder (``{"query": ..., "document": ...}``), if any."""
+    config_file = Path(model_path) / "config_sentence_transformers.json"
+    if not config_file.is_file():
+        return {}
+    return {k: v for k, v in (json.loads(config_file.read_text()).get("prompts") or {}).items() if isinstance(v, str)}
+
+
 def pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """L2-normalised text embeddings from the encoder's last hidden states.
 

@@ -1,0 +1,411 @@
+"""Hard-negative mining: candidates from a corpus scored by BM25 and/or a dense model, filtered
+relative to the positive's score.
+
+For each (query, positive) pair the candidates are a pool of texts (the whole corpus, the chunks of
+the pair's own document, or every positive of the data), ranked by the scorer; the positive itself
+and any text identical to it are never candidates. Positive-aware filtering follows NV-Retriever
+(Moreira et al., 2024): a candidate scoring above ``max_score_ratio`` x the positive's score
+("TopK-PercPos", 0.95 was their best) or above the positive's score minus ``margin``
+("TopK-MarginPos") is likely an unlabelled positive and is dropped. The hardest survivors,
+after skipping the ``skip_top`` best-ranked, become the negatives, hardest first.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy import sparse
+
+logger = logging.getLogger(__name__)
+
+SCORERS = ("bm25", "dense", "hybrid")
+# Reciprocal-rank fusion constant (Cormack et al., 2009): hybrid score = sum over scorers of 1 / (K + rank).
+RRF_K = 60
+_WORD = re.compile(r"\w+")
+
+
+def words(text: str) -> list[str]:
+    """BM25's tokens: lower-cased runs of letters and digits."""
+    return _WORD.findall(text.lower())
+
+
+class BM25:
+    """Okapi BM25 over a fixed list of texts, as a sparse (texts x vocabulary) weight matrix.
+
+    ``score(t, d) = idf(t) * tf (k1 + 1) / (tf + k1 (1 - b + b |d| / avgdl))`` summed over the
+    query's distinct words, with Lucene's ``idf = ln(1 + (N - df + 0.5) / (df + 0.5))``.
+    k1 = 0.9, b = 0.4 are Anserini's defaults (and those of the Doc2Dial reference in ``../shared``).
+    """
+
+    def __init__(self, texts: list[str], k1: float = 0.9, b: float = 0.4):
+        self.vocabulary: dict[str, int] = {}
+        rows, cols, counts = [], [], []
+        lengths = np.zeros(len(texts))
+        for row, text in enumerate(texts):
+            tokens = words(text)
+            lengths[row] = len(tokens)
+            for word, count in _counts(tokens).items():
+                rows.append(row)
+                cols.append(self.vocabulary.setdefault(word, len(self.vocabulary)))
+                counts.append(count)
+        tf = sparse.csr_matrix((counts, (rows, cols)), shape=(len(texts), len(self.vocabulary)), dtype=np.float64)
+        df = np.bincount(cols, minlength=len(self.vocabulary))  # (V,)
+        idf = np.log(1 + (len(texts) - df + 0.5) / (df + 0.5))  # (V,)
+        norm = k1 * (1 - b + b * lengths / max(lengths.mean(), 1e-9))  # (N,)
+        tf = tf.tocoo()
+        weights = idf[tf.col] * tf.data * (k1 + 1) / (tf.data + norm[tf.row])
+        self.weights = sparse.csr_matrix((weights, (tf.row, tf.col)), shape=tf.shape)  # (N, V)
+
+    def query_matrix(self, queries: list[str]) -> sparse.csr_matrix:
+        """(Q, V) indicator of each query's distinct known words."""
+        rows, cols = [], []
+        for row, query in enumerate(queries):
+            known = {self.vocabulary[w] for w in words(query) if w in self.vocabulary}
+            rows.extend([row] * len(known))
+            cols.extend(known)
+        return sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(queries), len(self.vocabulary)))
+
+    def scores(self, queries: sparse.csr_matrix, texts: np.ndarray) -> torch.Tensor:
+        """(Q, C) scores of the query rows against the texts at indices ``texts``."""
+        return torch.from_numpy((queries @ self.weights[texts].T).toarray())
+
+
+def _counts(tokens: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for token in tokens:
+        counts[token] += 1
+    return counts
+
+
+@dataclass
+class MiningConfig:
+    num_negatives: int = 7
+    skip_top: int = 0  # ranks skipped before taking negatives (the very top is where false negatives live)
+    max_score_ratio: float | None = None  # keep a candidate only if its score <= ratio x the positive's
+    margin: float | None = None  # keep a candidate only if its score <= the positive's - margin
+    scorer: str = "bm25"
+
+
+@dataclass
+class MiningStats:
+    queries: int = 0
+    negatives: int = 0
+    filtered: int = 0  # candidates dropped by the positive-aware filter, above the last one taken
+    short: int = 0  # queries left with fewer negatives than asked for
+
+
+def rank_fusion(*scores: torch.Tensor) -> torch.Tensor:
+    """(Q, C) reciprocal-rank fusion of several (Q, C) score matrices (ranks from 1, ties by index)."""
+    fused = torch.zeros_like(scores[0], dtype=torch.float64)
+    for matrix in scores:
+        order = matrix.argsort(dim=1, descending=True, stable=True)  # (Q, C)
+        ranks = torch.empty_like(order)
+        ranks.scatter_(1, order, torch.arange(1, matrix.size(1) + 1).expand_as(order))
+        fused += 1.0 / (RRF_K + ranks)
+    return fused
+
+
+def select_negatives(
+    scores: torch.Tensor, filter_scores: torch.Tensor, positive_score: float, excluded: torch.Tensor,
+    config: MiningConfig, stats: MiningStats,
+) -> list[int]:
+    """Candidate positions of one query's negatives, hardest first.
+
+    Args:
+        scores: (C,) ranking scores (higher = harder).
+        filter_scores: (C,) scores in the space of ``positive_score`` (the dense cosine when a dense
+            model takes part, else BM25), for the positive-aware filter.
+        excluded: (C,) True for the positive and its copies.
+    """
+    threshold = math.inf
+    if config.max_score_ratio is not None:
+        threshold = min(threshold, config.max_score_ratio * positive_score)
+    if config.margin is not None:
+        threshold = min(threshold, positive_score - config.margin)
+    chosen, skipped = [], 0
+    for candidate in scores.argsort(descending=True, stable=True).tolist():
+        if excluded[candidate]:
+            continue
+        if skipped < config.skip_top:
+            skipped += 1
+            continue
+        if filter_scores[candidate] > threshold:
+            stats.filtered += 1
+            continue
+        chosen.append(candidate)
+        if len(chosen) == config.num_negatives:
+            break
+    stats.queries += 1
+    stats.negatives += len(chosen)
+    stats.short += len(chosen) < config.num_negatives
+    return chosen
+
+
+def mine(
+    queries: list[str], positives: list[int], pools: list[np.ndarray], texts: list[str], config: MiningConfig,
+    dense: tuple[torch.Tensor, torch.Tensor] | None = None, max_scores: int = 1 << 24,
+) -> tuple[list[list[int]], MiningStats]:
+    """The negatives of every query, as indices into ``texts``, hardest first.
+
+    Args:
+        queries: Q query texts (for BM25).
+        positives: Q indices into ``texts`` of each query's positive.
+        pools: Q arrays of candidate indices into ``texts``; queries sharing one array object are
+            scored together (one matrix product per group).
+        texts: every text: the corpus and the positives, each distinct text once (so the positive's
+            copies in a pool are exactly the entries equal to its index).
+        dense: ``(query_embeddings (Q, D), text_embeddings (T, D))``, L2-normalised; needed unless
+            the scorer is ``bm25``.
+        max_scores: bound on the query x candidate scores held at once (memory).
+    """
+    from tqdm.auto import tqdm
+
+    use_bm25, use_dense = config.scorer in ("bm25", "hybrid"), config.scorer in ("dense", "hybrid")
+    if use_dense and dense is None:
+        raise ValueError(f"scorer {config.scorer!r} needs dense embeddings")
+    bm25 = BM25(texts) if use_bm25 else None
+    groups: dict[int, list[int]] = defaultdict(list)
+    for query, pool in enumerate(pools):
+        groups[id(pool)].append(query)
+    stats, negatives = MiningStats(), [[] for _ in queries]
+    progress = tqdm(total=len(queries), desc="mining", unit="query")
+    for members in groups.values():
+        pool = pools[members[0]]  # (C,) candidate indices
+        step = max(1, max_scores // max(len(pool), 1))
+        for start in range(0, len(members), step):
+            rows = members[start : start + step]
+            positive = np.array([positives[q] for q in rows])
+            columns = np.concatenate([pool, positive])  # the positives scored in the same pass
+            scored = {}
+            if use_bm25:
+                scored["bm25"] = bm25.scores(bm25.query_matrix([queries[q] for q in rows]), columns)  # (q, C + q)
+            if use_dense:
+                query_embeddings, text_embeddings = dense
+                scored["dense"] = query_embeddings[rows] @ text_embeddings[torch.from_numpy(columns)].T  # (q, C + q)
+            ranking = rank_fusion(*scored.values()) if config.scorer == "hybrid" else next(iter(scored.values()))
+            filtering = scored["dense"] if use_dense else scored["bm25"]
+            for k, query in enumerate(rows):
+                excluded = torch.from_numpy(pool == positives[query])  # (C,) texts are distinct: the positive's copy
+                positive_score = float(filtering[k, len(pool) + k])
+                chosen = select_negatives(ranking[k, : len(pool)], filtering[k, : len(pool)], positive_score,
+                                          excluded, config, stats)
+                negatives[query] = [int(pool[c]) for c in chosen]
+            progress.update(len(rows))
+    progress.close()
+    return negatives, stats
+
+
+def normalised(text: str) -> str:
+    """The key under which two texts count as identical: whitespace runs collapsed, ends stripped."""
+    return " ".join(text.split())
+
+
+def read_corpus(path: str) -> dict[str, list[str]] | list[str]:
+    """Candidate passages: a ChatRAG ``documents.json`` (``{document: [chunk, ...]}``), a JSON list
+    of strings or of objects with ``text``, a ``.jsonl`` of such strings or objects, or a ``.txt``
+    with one passage a line. Problems raise :class:`UserError` naming the file."""
+    import json
+    from pathlib import Path
+
+    from . import UserError
+
+    def text_of(value, where):
+        if isinstance(value, dict):
+            value = next((value[k] for k in ("text", "passage", "contents") if k in value), None)
+        if not isinstance(value, str) or not value.strip():
+            raise UserError(f"{where}: a passage must be a non-empty string or an object with 'text', got {value!r:.80}")
+        return value
+
+    file = Path(path)
+    try:
+        if file.suffix == ".txt":
+            return [line.rstrip("\n") for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if file.suffix == ".jsonl":
+            lines = file.read_text(encoding="utf-8").splitlines()
+            return [text_of(json.loads(line), f"{path}:{n}") for n, line in enumerate(lines, 1) if line.strip()]
+        if file.suffix == ".json":
+            data = json.loads(file.read_text(encoding="utf-8"))
+            if isinstance(data, dict):
+                return {str(name): [text_of(c, f"{path}: {name}[{i}]") for i, c in enumerate(chunks)]
+                        for name, chunks in data.items()}
+            if isinstance(data, list):
+                return [text_of(value, f"{path}: item {i}") for i, value in enumerate(data)]
+            raise UserError(f"{path}: expected a list of passages or an object of document -> chunks")
+    except FileNotFoundError as err:
+        raise UserError(f"corpus not found: {path}") from err
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: malformed JSON ({err.msg}, line {err.lineno})") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read ({err})") from err
+    raise UserError(f"{path}: unsupported corpus file; use .json (documents.json or a list), .jsonl or .txt")
+
+
+@dataclass
+class MiningArguments:
+    input: list[str] = field(metadata={"help": "Training records (.jsonl, .json, .parquet files or folders) in any "
+                                       "of the three formats; each needs a query and a positive."})
+    output: str = field(metadata={"help": "Where the records go, as JSON lines: each input record with its "
+                                  "negatives field (hard_negatives / negative / negatives) replaced, hardest first."})
+    corpus: str | None = field(default=None, metadata={
+        "help": "Candidate passages: a ChatRAG documents.json ({document: [chunk, ...]}), a JSON list, a .jsonl "
+                "(strings or objects with 'text') or a .txt (one a line). Default: every positive of the input."})
+    per_document: bool = field(default=False, metadata={
+        "help": "Take each record's candidates from its own document only (a documents.json corpus and a "
+                "'document' field in every record), as ChatRAG's evaluation ranks them."})
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Dense model scoring the candidates (a trained output folder for iterative mining; 'default': the "
+                "embedded all-MiniLM-L6-v2). Needed by --scorer dense and hybrid."})
+    scorer: str | None = field(default=None, metadata={
+        "help": "bm25, dense, or hybrid (reciprocal-rank fusion of both). Default: dense when a model is given, "
+                "else bm25.", "choices": list(SCORERS)})
+    num_negatives: int = field(default=7, metadata={"help": "Negatives per record (fewer if the filter leaves fewer)."})
+    skip_top: int = field(default=0, metadata={"help": "Skip this many best-ranked candidates first (rank window)."})
+    max_score_ratio: float | None = field(default=None, metadata={
+        "help": "Drop candidates scoring above this fraction of the positive's score (NV-Retriever's TopK-PercPos; "
+                "0.95 was their best). Dense cosine when a model takes part, else BM25 score."})
+    margin: float | None = field(default=None, metadata={
+        "help": "Drop candidates scoring above the positive's score minus this margin (TopK-MarginPos)."})
+    query_turns: int = field(default=5, metadata={"help": "A conversation query keeps its last N turns."})
+    query_instruction: str | None = field(default=None, metadata={
+        "help": "Prefix of every query for the dense model (default: the model's recorded 'query' prompt, if any)."})
+    query_max_len: int = field(default=256, metadata={"help": "Max query tokens for the dense model (cut on the left)."})
+    passage_max_len: int = field(default=512, metadata={
+        "help": "Max passage tokens for the dense model (cut on the right; capped at its position table)."})
+    batch_size: int | None = field(default=None, metadata={"help": "Texts encoded at once (default: 64 on GPU, 8 on CPU)."})
+    precision: str = field(default="auto", metadata={
+        "help": "fp32 or bf16 autocast for the dense model; auto: bf16 on GPU, fp32 on CPU.",
+        "choices": ["auto", "fp32", "bf16"]})
+    device: str | None = field(default=None, metadata={"help": "cuda, cpu... (default: cuda if available)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output file."})
+
+
+def validate(args: MiningArguments) -> None:
+    from pathlib import Path
+
+    from . import UserError
+
+    if args.scorer is None:
+        args.scorer = "dense" if args.model_name_or_path else "bm25"
+    if args.scorer != "bm25" and not args.model_name_or_path:
+        raise UserError(f"--scorer {args.scorer} needs --model_name_or_path (a dense model; 'default' for MiniLM)")
+    if args.num_negatives < 1 or args.skip_top < 0:
+        raise UserError("--num_negatives must be >= 1 and --skip_top >= 0")
+    if args.max_score_ratio is not None and not 0 < args.max_score_ratio <= 1:
+        raise UserError(f"--max_score_ratio must be in (0, 1], got {args.max_score_ratio}")
+    if args.per_document and not args.corpus:
+        raise UserError("--per_document needs --corpus (a documents.json)")
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise UserError(f"--output {output} exists; choose another file or pass --overwrite")
+    if any(Path(name).exists() and output.resolve() == Path(name).resolve() for name in args.input):
+        raise UserError(f"--output {output} is one of the input files")
+
+
+def run(args: MiningArguments) -> dict:
+    """Mine, write ``args.output`` (atomically) and return a summary (also written beside it as
+    ``<output>.json``)."""
+    import json
+    import os
+    import time
+
+    from . import UserError
+    from .data import FORMATS, iter_records, parse_record, tokenize
+    from .evaluation import encode, load_retriever, uses_bf16
+    from .modeling import read_prompts
+
+    validate(args)
+    started = time.perf_counter()
+    records, queries, positive_texts, documents = [], [], [], []
+    for name in args.input:
+        for where, record in iter_records(name):
+            example = parse_record(record, where, args.query_turns)
+            if args.per_document and not isinstance(record.get("document"), str):
+                raise UserError(f"{where}: --per_document needs a 'document' field naming the record's document")
+            records.append(record)
+            queries.append(example.query)
+            positive_texts.append(example.positive)
+            documents.append(record.get("document"))
+    if not records:
+        raise UserError(f"no records in {', '.join(args.input)}")
+
+    texts, index = [], {}  # every distinct text once (whitespace-normalised key)
+
+    def text_index(text: str) -> int:
+        key = normalised(text)
+        if key not in index:
+            index[key] = len(texts)
+            texts.append(text)
+        return index[key]
+
+    corpus = read_corpus(args.corpus) if args.corpus else None
+    if isinstance(corpus, dict):
+        by_document = {name: np.array(sorted({text_index(t) for t in chunks}), dtype=np.int64) for name, chunks in corpus.items()}
+        everything = np.unique(np.concatenate([*by_document.values(), np.zeros(0, dtype=np.int64)]))
+    elif corpus is not None:
+        everything = np.array(sorted({text_index(t) for t in corpus}), dtype=np.int64)
+    positives = [text_index(t) for t in positive_texts]
+    if corpus is None:
+        everything = np.array(sorted(set(positives)), dtype=np.int64)
+    if args.per_document:
+        if not isinstance(corpus, dict):
+            raise UserError(f"--per_document needs a documents.json corpus ({{document: [chunk, ...]}}), not {args.corpus}")
+        missing = sorted({d for d in documents if d not in corpus})
+        if missing:
+            raise UserError(f"documents {missing[:5]} of the records are not in {args.corpus}")
+        pools = [by_document[d] for d in documents]
+    else:
+        pools = [everything] * len(records)
+
+    dense = None
+    if args.scorer != "bm25":
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        path = None if args.model_name_or_path == "default" else args.model_name_or_path
+        model, tokenizer = load_retriever(path)
+        model.to(device)
+        instruction = args.query_instruction
+        if instruction is None:
+            instruction = read_prompts(path).get("query", "") if path else ""
+        positions = model.config.max_position_embeddings
+        batching = (args.batch_size or (64 if device.type == "cuda" else 8), tokenizer.pad_token_id, device)
+        bf16 = uses_bf16(args.precision, device)
+        needed = np.unique(np.concatenate([*{id(p): p for p in pools}.values(), np.array(positives)]))
+        text_ids = tokenize(tokenizer, [texts[i] for i in needed], min(args.passage_max_len, positions), "right")
+        text_embeddings = torch.zeros(len(texts), model.config.hidden_size)  # (T, D) rows of unused texts stay 0
+        text_embeddings[torch.from_numpy(needed)] = encode(model, text_ids, "passage", *batching, "passages", bf16)
+        query_ids = tokenize(tokenizer, [instruction + q for q in queries], min(args.query_max_len, positions), "left")
+        dense = encode(model, query_ids, "query", *batching, "queries", bf16), text_embeddings  # (Q, D), (T, D)
+        del model
+
+    config = MiningConfig(args.num_negatives, args.skip_top, args.max_score_ratio, args.margin, args.scorer)
+    negatives, stats = mine(queries, positives, pools, texts, config, dense)
+
+    output = args.output
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output + ".tmp", "w", encoding="utf-8") as handle:
+        for record, chosen in zip(records, negatives):
+            query_key = next(key for key in FORMATS if record.get(key) is not None)
+            key = FORMATS[query_key]
+            # fields describing the old negatives (indices, page ids, the miner) would be stale
+            record = {k: v for k, v in record.items() if not (k != key and k.startswith(("hard_negative", "negative")))}
+            record[key] = [texts[i] for i in chosen]
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(output + ".tmp", output)
+    summary = {
+        "output": output, "records": len(records), "candidates": int(len(everything)) if not args.per_document else
+        {name: int(len(pool)) for name, pool in by_document.items()},
+        "negatives_per_record": round(stats.negatives / stats.queries, 3), "filtered": stats.filtered,
+        "records_with_fewer": stats.short, "seconds": round(time.perf_counter() - started, 1),
+        "arguments": {k: v for k, v in vars(args).items()},
+    }
+    with open(output + ".json", "w") as handle:
+        json.dump(summary, handle, indent=2)
+    logger.info("mined %s negatives per record for %d records (%d candidates filtered as likely positives, %d records "
+                "with fewer than %d) in %.1f s; wrote %s", summary["negatives_per_record"], len(records), stats.filtered,
+                stats.short, args.num_negatives, summary["seconds"], output)
+    return summary

@@ -1,0 +1,163 @@
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_jsonl
+from longcontrast.data import load_examples
+from longcontrast.mining import BM25, MiningConfig, MiningStats, mine, rank_fusion, select_negatives, words
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("mine_hard_negatives", ROOT / "data" / "mine_hard_negatives.py")
+script = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(script)
+
+
+def bm25_by_hand(query, texts, k1=0.9, b=0.4):
+    docs = [words(t) for t in texts]
+    avgdl = sum(map(len, docs)) / len(docs)
+    scores = []
+    for doc in docs:
+        score = 0.0
+        for word in set(words(query)):
+            df = sum(word in d for d in docs)
+            tf = doc.count(word)
+            if df:
+                idf = math.log(1 + (len(docs) - df + 0.5) / (df + 0.5))
+                score += idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len(doc) / avgdl))
+        scores.append(score)
+    return scores
+
+
+def test_bm25_matches_the_formula():
+    texts = ["the fee of the permit is ten", "renew your permit at the office", "parking permit fee fee",
+             "a library card", "office hours"]
+    bm25 = BM25(texts)
+    for query in ["permit fee", "the office", "unknown words only", "fee fee permit library"]:
+        got = bm25.scores(bm25.query_matrix([query]), np.arange(len(texts)))[0]
+        assert got.tolist() == pytest.approx(bm25_by_hand(query, texts))
+    subset = bm25.scores(bm25.query_matrix(["permit fee"]), np.array([2, 0]))[0]
+    assert subset.tolist() == pytest.approx([bm25_by_hand("permit fee", texts)[i] for i in (2, 0)])
+
+
+def test_select_negatives_filters_relative_to_the_positive():
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    excluded = torch.tensor([False, False, True, False, False, False])  # a copy of the positive
+    take = lambda **kw: select_negatives(scores, scores, 0.8, excluded, MiningConfig(num_negatives=3, **kw), MiningStats())  # noqa: E731
+    assert take() == [0, 1, 3]  # hardest first, never the positive's copy
+    assert take(skip_top=1) == [1, 3, 4]
+    assert take(max_score_ratio=0.95) == [3, 4, 5]  # above 0.76 dropped
+    assert take(margin=0.25) == [4, 5]  # above 0.55 dropped: only two left
+    stats = MiningStats()
+    select_negatives(scores, scores, 0.8, excluded, MiningConfig(num_negatives=3, max_score_ratio=0.95), stats)
+    assert (stats.filtered, stats.negatives, stats.short) == (2, 3, 0)
+
+
+def test_rank_fusion_orders_by_summed_reciprocal_ranks():
+    a = torch.tensor([[3.0, 2.0, 1.0]])
+    b = torch.tensor([[1.0, 3.0, 2.0]])
+    fused = rank_fusion(a, b)[0]
+    assert fused.tolist() == pytest.approx([1 / 61 + 1 / 63, 1 / 62 + 1 / 61, 1 / 63 + 1 / 62])
+
+
+def test_mine_groups_pools_and_never_returns_the_positive():
+    texts = ["permit fee ten", "permit fee twenty", "office hours", "parking permit", "library card"]
+    pool_a, pool_b = np.array([0, 1, 2]), np.array([3, 4, 0])
+    queries = ["permit fee", "parking", "permit fee"]
+    negatives, stats = mine(queries, [0, 3, 1], [pool_a, pool_b, pool_a], texts, MiningConfig(num_negatives=2), max_scores=4)
+    assert negatives[0][0] == 1 and 0 not in negatives[0] and set(negatives[0]) <= {1, 2}
+    assert set(negatives[1]) <= {4, 0} and 3 not in negatives[1]
+    assert negatives[2][0] == 0 and 1 not in negatives[2]
+    embeddings = torch.nn.functional.normalize(torch.randn(5, 4), dim=-1)
+    dense = (embeddings[[0, 3, 1]], embeddings)
+    got, _ = mine(queries, [0, 3, 1], [pool_a, pool_b, pool_a], texts, MiningConfig(num_negatives=2, scorer="dense"), dense)
+    expected = (embeddings[0] @ embeddings[[1, 2]].T).argsort(descending=True)
+    assert got[0] == [[1, 2][i] for i in expected.tolist()]
+
+
+@pytest.fixture
+def chatrag_like(tmp_path):
+    documents = {
+        "dmv": ["to renew a permit pay the fee at the office", "parking permit for the library",
+                "office hours are 9 to 5", "the permit fee is 20", "address proof document"],
+        "ssa": ["apply for a card online", "what does the card cost", "the card fee is 5"],
+    }
+    (tmp_path / "documents.json").write_text(json.dumps(documents))
+    records = [
+        {"messages": [{"role": "user", "content": "how do i renew my permit"}], "document": "dmv",
+         "positive": documents["dmv"][0], "hard_negatives": ["stale"], "hard_negative_indices": [3]},
+        {"anchor": "what is the card fee", "document": "ssa", "positive": "the  card fee is 5 ", "negative": "x"},
+        {"query": "permit fee amount", "document": "dmv", "positive": documents["dmv"][3]},
+    ]
+    return tmp_path, documents, write_jsonl(tmp_path / "train.jsonl", records)
+
+
+def test_script_per_document_keeps_formats_and_excludes_identical_texts(chatrag_like, tiny_model_dir):
+    folder, documents, train = chatrag_like
+    out = folder / "mined.jsonl"
+    for scorer in ("bm25", "dense", "hybrid"):
+        model = [] if scorer == "bm25" else ["--model_name_or_path", tiny_model_dir]
+        assert script.main(["--input", train, "--corpus", str(folder / "documents.json"), "--per_document",
+                            "--scorer", scorer, "--num_negatives", "3", "--output", str(out), "--overwrite", *model]) == 0
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [sorted(r) for r in rows] == [["document", "hard_negatives", "messages", "positive"],
+                                             ["anchor", "document", "negative", "positive"],
+                                             ["document", "negatives", "positive", "query"]]
+        assert all(n in documents["dmv"] for n in rows[0]["hard_negatives"]) and len(rows[0]["hard_negatives"]) == 3
+        assert documents["dmv"][0] not in rows[0]["hard_negatives"]
+        # the positive differs from its chunk by whitespace only: still never a negative
+        assert sorted(rows[1]["negative"]) == sorted(documents["ssa"][:2])
+        assert documents["dmv"][3] not in rows[2]["negatives"]
+        examples = load_examples([str(out)])  # trains as it is
+        assert len(examples) == 3 and examples[0].negatives == rows[0]["hard_negatives"]
+    summary = json.loads((folder / "mined.jsonl.json").read_text())
+    assert summary["records"] == 3 and summary["negatives_per_record"] == pytest.approx(8 / 3, abs=1e-3)
+
+
+def test_script_pool_of_positives_and_filter(chatrag_like, tiny_model_dir):
+    folder, documents, train = chatrag_like
+    out = folder / "mined.jsonl"
+    assert script.main(["--input", train, "--num_negatives", "5", "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    positives = {documents["dmv"][0], documents["dmv"][3], "the  card fee is 5 "}
+    for row, own in zip(rows, [documents["dmv"][0], "the  card fee is 5 ", documents["dmv"][3]]):
+        negatives = row.get("hard_negatives", row.get("negative", row.get("negatives")))
+        assert set(negatives) == positives - {own}
+    # a ratio of 0.01 of the positive's score leaves (almost) nothing: the filter does act
+    assert script.main(["--input", train, "--corpus", str(folder / "documents.json"), "--per_document",
+                        "--model_name_or_path", tiny_model_dir, "--max_score_ratio", "0.01", "--output", str(out),
+                        "--overwrite"]) == 0
+    summary = json.loads((folder / "mined.jsonl.json").read_text())
+    assert summary["filtered"] > 0 and summary["negatives_per_record"] < 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--scorer", "dense"], "needs --model_name_or_path"),
+    (["--per_document"], "--per_document needs --corpus"),
+    (["--corpus", "nowhere.json"], "corpus not found"),
+    (["--max_score_ratio", "1.5"], "--max_score_ratio must be in"),
+])
+def test_bad_input_ends_with_one_message(chatrag_like, capsys, extra, message):
+    folder, _, train = chatrag_like
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--input", train, "--output", str(folder / "o.jsonl"), *extra])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (folder / "o.jsonl").exists()
+
+
+def test_output_is_never_written_over(chatrag_like, capsys):
+    folder, documents, train = chatrag_like
+    before = Path(train).read_text()
+    for output in (train, str(folder / "documents.json")):
+        with pytest.raises(SystemExit):
+            script.main(["--input", train, "--output", output])
+    assert Path(train).read_text() == before and "exists" in capsys.readouterr().err
+    (folder / "missing_doc.jsonl").write_text(json.dumps({"query": "q", "positive": "p", "document": "va"}) + "\n")
+    with pytest.raises(SystemExit):
+        script.main(["--input", str(folder / "missing_doc.jsonl"), "--corpus", str(folder / "documents.json"),
+                     "--per_document", "--output", str(folder / "o.jsonl")])
+    assert "'va'" in capsys.readouterr().err
