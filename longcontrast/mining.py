@@ -96,7 +96,7 @@ class MiningConfig:
 class MiningStats:
     queries: int = 0
     negatives: int = 0
-    filtered: int = 0  # candidates dropped by the positive-aware filter, above the last one taken
+    filtered: int = 0  # candidates dropped by the positive-aware filter, ranked above the last one taken
     short: int = 0  # queries left with fewer negatives than asked for
 
 
@@ -112,13 +112,12 @@ def rank_fusion(*scores: torch.Tensor) -> torch.Tensor:
 
 
 def select_negatives(
-    scores: torch.Tensor, filter_scores: torch.Tensor, positive_score: float, excluded: torch.Tensor,
-    config: MiningConfig, stats: MiningStats,
-) -> list[int]:
-    """Candidate positions of one query's negatives, hardest first.
+    order: list[int], filter_scores: torch.Tensor, positive_score: float, excluded: torch.Tensor, config: MiningConfig,
+) -> tuple[list[int], int]:
+    """One query's negatives, hardest first, and how many candidates the filter dropped on the way.
 
     Args:
-        scores: (C,) ranking scores (higher = harder).
+        order: candidate positions, best-ranked first (all of them, or the top of the ranking).
         filter_scores: (C,) scores in the space of ``positive_score`` (the dense cosine when a dense
             model takes part, else BM25), for the positive-aware filter.
         excluded: (C,) True for the positive and its copies.
@@ -128,28 +127,25 @@ def select_negatives(
         threshold = min(threshold, config.max_score_ratio * positive_score)
     if config.margin is not None:
         threshold = min(threshold, positive_score - config.margin)
-    chosen, skipped = [], 0
-    for candidate in scores.argsort(descending=True, stable=True).tolist():
+    chosen, skipped, filtered = [], 0, 0
+    for candidate in order:
         if excluded[candidate]:
             continue
         if skipped < config.skip_top:
             skipped += 1
             continue
         if filter_scores[candidate] > threshold:
-            stats.filtered += 1
+            filtered += 1
             continue
         chosen.append(candidate)
         if len(chosen) == config.num_negatives:
             break
-    stats.queries += 1
-    stats.negatives += len(chosen)
-    stats.short += len(chosen) < config.num_negatives
-    return chosen
+    return chosen, filtered
 
 
 def mine(
     queries: list[str], positives: list[int], pools: list[np.ndarray], texts: list[str], config: MiningConfig,
-    dense: tuple[torch.Tensor, torch.Tensor] | None = None, max_scores: int = 1 << 24,
+    dense: tuple[torch.Tensor, torch.Tensor] | None = None, max_scores: int = 1 << 24, device=None,
 ) -> tuple[list[list[int]], MiningStats]:
     """The negatives of every query, as indices into ``texts``, hardest first.
 
@@ -161,7 +157,7 @@ def mine(
         texts: every text: the corpus and the positives, each distinct text once (so the positive's
             copies in a pool are exactly the entries equal to its index).
         dense: ``(query_embeddings (Q, D), text_embeddings (T, D))``, L2-normalised; needed unless
-            the scorer is ``bm25``.
+            the scorer is ``bm25``. Scored on ``device`` (the GPU for a large corpus).
         max_scores: bound on the query x candidate scores held at once (memory).
     """
     from tqdm.auto import tqdm
@@ -170,6 +166,8 @@ def mine(
     if use_dense and dense is None:
         raise ValueError(f"scorer {config.scorer!r} needs dense embeddings")
     bm25 = BM25(texts) if use_bm25 else None
+    if use_dense:
+        query_embeddings, text_embeddings = (e.to(device) for e in dense)
     groups: dict[int, list[int]] = defaultdict(list)
     for query, pool in enumerate(pools):
         groups[id(pool)].append(query)
@@ -177,25 +175,41 @@ def mine(
     progress = tqdm(total=len(queries), desc="mining", unit="query")
     for members in groups.values():
         pool = pools[members[0]]  # (C,) candidate indices
+        if use_bm25:
+            pool_weights = bm25.weights[pool].T.tocsc()  # (V, C)
+        if use_dense:
+            pool_embeddings = text_embeddings[torch.from_numpy(pool).to(text_embeddings.device)]  # (C, D)
+        # Selection walks the top of the ranking; enough for the filter to drop a good many first.
+        top = min(len(pool), config.skip_top + 4 * config.num_negatives + 32)
         step = max(1, max_scores // max(len(pool), 1))
         for start in range(0, len(members), step):
             rows = members[start : start + step]
             positive = np.array([positives[q] for q in rows])
-            columns = np.concatenate([pool, positive])  # the positives scored in the same pass
-            scored = {}
+            scored, positive_scores = {}, {}
             if use_bm25:
-                scored["bm25"] = bm25.scores(bm25.query_matrix([queries[q] for q in rows]), columns)  # (q, C + q)
+                query_matrix = bm25.query_matrix([queries[q] for q in rows])  # (q, V)
+                scored["bm25"] = torch.from_numpy((query_matrix @ pool_weights).toarray())  # (q, C)
+                positive_scores["bm25"] = np.asarray(query_matrix.multiply(bm25.weights[positive]).sum(axis=1)).ravel()
             if use_dense:
-                query_embeddings, text_embeddings = dense
-                scored["dense"] = query_embeddings[rows] @ text_embeddings[torch.from_numpy(columns)].T  # (q, C + q)
+                rows_embeddings = query_embeddings[torch.tensor(rows, device=query_embeddings.device)]  # (q, D)
+                scored["dense"] = (rows_embeddings @ pool_embeddings.T).cpu()  # (q, C)
+                own = text_embeddings[torch.from_numpy(positive).to(text_embeddings.device)]  # (q, D)
+                positive_scores["dense"] = (rows_embeddings * own).sum(dim=-1).cpu().numpy()  # (q,)
             ranking = rank_fusion(*scored.values()) if config.scorer == "hybrid" else next(iter(scored.values()))
-            filtering = scored["dense"] if use_dense else scored["bm25"]
+            filtering, filtering_positive = (scored["dense"], positive_scores["dense"]) if use_dense else (
+                scored["bm25"], positive_scores["bm25"])
+            tops = ranking.topk(top, dim=1).indices.tolist()  # (q, top)
             for k, query in enumerate(rows):
                 excluded = torch.from_numpy(pool == positives[query])  # (C,) texts are distinct: the positive's copy
-                positive_score = float(filtering[k, len(pool) + k])
-                chosen = select_negatives(ranking[k, : len(pool)], filtering[k, : len(pool)], positive_score,
-                                          excluded, config, stats)
+                arguments = filtering[k], float(filtering_positive[k]), excluded, config
+                chosen, filtered = select_negatives(tops[k], *arguments)
+                if len(chosen) < config.num_negatives and top < len(pool):  # the top was not enough: everything
+                    chosen, filtered = select_negatives(ranking[k].argsort(descending=True, stable=True).tolist(), *arguments)
                 negatives[query] = [int(pool[c]) for c in chosen]
+                stats.queries += 1
+                stats.negatives += len(chosen)
+                stats.filtered += filtered
+                stats.short += len(chosen) < config.num_negatives
             progress.update(len(rows))
     progress.close()
     return negatives, stats
@@ -387,7 +401,7 @@ def run(args: MiningArguments) -> dict:
         del model
 
     config = MiningConfig(args.num_negatives, args.skip_top, args.max_score_ratio, args.margin, args.scorer)
-    negatives, stats = mine(queries, positives, pools, texts, config, dense)
+    negatives, stats = mine(queries, positives, pools, texts, config, dense, device=device if dense else None)
 
     output = args.output
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

@@ -9,7 +9,7 @@ import torch
 
 from conftest import write_jsonl
 from longcontrast.data import load_examples
-from longcontrast.mining import BM25, MiningConfig, MiningStats, mine, rank_fusion, select_negatives, words
+from longcontrast.mining import BM25, MiningConfig, mine, rank_fusion, select_negatives, words
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("mine_hard_negatives", ROOT / "data" / "mine_hard_negatives.py")
@@ -47,14 +47,11 @@ def test_bm25_matches_the_formula():
 def test_select_negatives_filters_relative_to_the_positive():
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
     excluded = torch.tensor([False, False, True, False, False, False])  # a copy of the positive
-    take = lambda **kw: select_negatives(scores, scores, 0.8, excluded, MiningConfig(num_negatives=3, **kw), MiningStats())  # noqa: E731
-    assert take() == [0, 1, 3]  # hardest first, never the positive's copy
-    assert take(skip_top=1) == [1, 3, 4]
-    assert take(max_score_ratio=0.95) == [3, 4, 5]  # above 0.76 dropped
-    assert take(margin=0.25) == [4, 5]  # above 0.55 dropped: only two left
-    stats = MiningStats()
-    select_negatives(scores, scores, 0.8, excluded, MiningConfig(num_negatives=3, max_score_ratio=0.95), stats)
-    assert (stats.filtered, stats.negatives, stats.short) == (2, 3, 0)
+    take = lambda **kw: select_negatives(list(range(6)), scores, 0.8, excluded, MiningConfig(num_negatives=3, **kw))  # noqa: E731
+    assert take() == ([0, 1, 3], 0)  # hardest first, never the positive's copy
+    assert take(skip_top=1) == ([1, 3, 4], 0)
+    assert take(max_score_ratio=0.95) == ([3, 4, 5], 2)  # above 0.76 dropped
+    assert take(margin=0.25) == ([4, 5], 3)  # above 0.55 dropped: only two left
 
 
 def test_rank_fusion_orders_by_summed_reciprocal_ranks():
@@ -62,6 +59,14 @@ def test_rank_fusion_orders_by_summed_reciprocal_ranks():
     b = torch.tensor([[1.0, 3.0, 2.0]])
     fused = rank_fusion(a, b)[0]
     assert fused.tolist() == pytest.approx([1 / 61 + 1 / 63, 1 / 62 + 1 / 61, 1 / 63 + 1 / 62])
+
+
+def test_deep_filtering_falls_back_to_the_whole_ranking():
+    """More candidates filtered than the top of the ranking holds: the rest of the pool is searched."""
+    texts = [f"permit fee {'fee ' * (60 - i)}" for i in range(60)] + ["permit"]
+    config = MiningConfig(num_negatives=2, max_score_ratio=1e-9, scorer="bm25")
+    negatives, stats = mine(["permit fee"], [60], [np.arange(60)], texts, config)
+    assert negatives == [[]] and stats.filtered == 60 and stats.short == 1  # all 60 seen, not the top 40
 
 
 def test_mine_groups_pools_and_never_returns_the_positive():

@@ -141,7 +141,8 @@ def test_help(script):
     assert result.returncode == 0
     for flag in ("--per_device_train_batch_size", "--gradient_accumulation_steps", "--temperature",
                  "--max_position_embeddings", "--overwrite_output_dir", "--warmup_ratio", "--train_data",
-                 "--max_bad_steps", "--negatives_cross_device", "--resume_from_checkpoint"):
+                 "--max_bad_steps", "--negatives_cross_device", "--resume_from_checkpoint", "--passage_instruction",
+                 "--trust_remote_code"):
         assert flag in result.stdout
     assert ("--mini_batch_size" in result.stdout) == (script == "efficient_train.py")
 
