@@ -50,6 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     flag("batch_size", type=int, default=None,
          help="Texts encoded at once (default: 64 on GPU; 8 on CPU, where bigger batches only add padding).")
     flag("num_turns", type=int, default=5, help="Dialogue turns kept in a query.")
+    flag("split_at_token", type=int, default=512,
+         help="Sets whose items carry gold_start_token (where the answer starts in the gold text, e.g. the whole "
+              "pages of ../shared/data/doc2dial/pages/dev) are also scored apart for answers starting before and "
+              "from this token.")
     flag("query_instruction", default=None,
          help="Prefix of every query (default: the model's recorded 'query' prompt, none if it records none).")
     flag("passage_instruction", default=None,
@@ -91,13 +95,14 @@ def run(args) -> dict:
         prompts = {side: model.prompts.get(side, "") if prompt is None else prompt for side, prompt in prompts.items()}
         config = EvalConfig(min(args.query_max_len, positions), min(args.passage_max_len, positions),
                             batch_size, args.num_turns, not args.no_qrecc_answer, bf16, prompts["query"],
-                            prompts["document"])
+                            prompts["document"], args.split_at_token)
         results = {}
         for dataset in datasets:
             started = time.perf_counter()
             results[dataset] = evaluate_dataset(model, tokenizer, args.data_folder, dataset, config, device)
             results[dataset]["seconds"] = round(time.perf_counter() - started, 2)
-            logger.info("%s %s: %s", name, dataset, {k: round(v, 2) for k, v in results[dataset].items()})
+            logger.info("%s %s: %s", name, dataset,
+                        {k: round(v, 2) for k, v in results[dataset].items() if not isinstance(v, dict)})
         if len(datasets) > 1:
             results["average"] = average({d: results[d] for d in datasets})
         results["pooling"] = model.pooling

@@ -37,6 +37,7 @@ class Item:
     document: str
     gold_index: int
     answers: list[str]
+    gold_start_token: int | None = None  # where the answer starts in the gold text (long-document sets)
 
 
 def load_chatrag(data_folder: str, dataset: str, num_turns: int = 5) -> tuple[list[Item], dict[str, list[str]]]:
@@ -73,7 +74,10 @@ def load_chatrag(data_folder: str, dataset: str, num_turns: int = 5) -> tuple[li
         if not isinstance(messages, list) or not messages:
             raise UserError(f"{where}: 'messages' must be a non-empty list of turns")
         answers = record.get("answers") or []
-        items.append(Item(item_id, format_query(messages, num_turns), document, gold, [str(a) for a in answers]))
+        start = record.get("gold_start_token")
+        if start is not None and not isinstance(start, int):
+            raise UserError(f"{where}: 'gold_start_token' must be an integer, got {start!r}")
+        items.append(Item(item_id, format_query(messages, num_turns), document, gold, [str(a) for a in answers], start))
     if not items:
         raise UserError(f"{folder / 'test.json'}: the evaluation set is empty")
     return items, documents
@@ -196,6 +200,7 @@ class EvalConfig:
     bf16: bool = False  # encode under bf16 autocast
     query_prompt: str = ""  # prefixed to every query (a model's recorded "query" prompt)
     passage_prompt: str = ""  # prefixed to every chunk (its "document" prompt)
+    split_at_token: int = 512  # items with gold_start_token are also scored apart, before and from here
 
 
 def evaluate_dataset(model, tokenizer, data_folder: str, dataset: str, config: EvalConfig, device) -> dict:
@@ -229,7 +234,15 @@ def evaluate_dataset(model, tokenizer, data_folder: str, dataset: str, config: E
         scores = candidates @ query_embeddings[index]  # (C,)
         gold_score = None if gold_embeddings is None else gold_embeddings[index] @ query_embeddings[index]
         ranks.append(gold_rank(scores, item.gold_index, gold_score))
-    return {"num_items": len(items), **retrieval_metrics(ranks)}
+    results = {"num_items": len(items), **retrieval_metrics(ranks)}
+    if any(item.gold_start_token is not None for item in items):
+        # Long documents: is the answer found where a 512-token reader never looks?
+        cut = config.split_at_token
+        for name, keep in ((f"gold_start<{cut}", lambda t: t < cut), (f"gold_start>={cut}", lambda t: t >= cut)):
+            part = [rank for item, rank in zip(items, ranks) if item.gold_start_token is not None and keep(item.gold_start_token)]
+            if part:
+                results[name] = {"num_items": len(part), **retrieval_metrics(part)}
+    return results
 
 
 def average(results: dict[str, dict]) -> dict[str, float]:
@@ -238,7 +251,15 @@ def average(results: dict[str, dict]) -> dict[str, float]:
 
 
 def format_table(rows: dict[str, dict[str, dict]]) -> str:
-    """A Markdown table: one row per model; Average then each dataset; metrics in percent."""
+    """A Markdown table: one row per model; Average then each dataset; metrics in percent. A
+    dataset scored by answer position adds a row per part (``model [doc2dial gold_start>=512]``)."""
+    split = {}
+    for model, results in rows.items():
+        for dataset in DATASETS:
+            for part, metrics in (results.get(dataset) or {}).items():
+                if isinstance(metrics, dict):
+                    split[f"{model} [{dataset} {part}, {metrics['num_items']} items]"] = {dataset: metrics}
+    rows = {**rows, **split}
     datasets = [d for d in ("average", *DATASETS) if any(d in r for r in rows.values())]
     titles = {"average": "Average", "doc2dial": "Doc2Dial", "quac": "QuAC", "qrecc": "QReCC"}
     short = ["R@1", "R@5", "R@20", "MRR@20", "NDCG@20"]

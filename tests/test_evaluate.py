@@ -228,3 +228,22 @@ def test_copies_of_a_chunk_get_one_vector_and_tie_with_the_gold(saved_models, tm
     ids = tokenize(tokenizer, copies, 64, "right")
     vectors = encode(model, ids, "passage", 2, tokenizer.pad_token_id, torch.device("cpu"))
     assert torch.equal(vectors[1], vectors[6]) and torch.equal(vectors[1], vectors[8]) and torch.equal(vectors[4], vectors[7])
+
+
+def test_long_document_sets_are_also_scored_by_answer_position(saved_models, tmp_path, capsys):
+    items = [dict(item(i, gold=i % 8), gold_start_token=[10, 600, 511, 512][i % 4]) for i in range(8)]
+    write_set(tmp_path / "doc2dial", items, DOCS)
+    model, tokenizer = load_retriever(str(saved_models / "shared"))
+    config = EvalConfig(query_max_len=64, passage_max_len=64, batch_size=4)
+    got = evaluate_dataset(model, tokenizer, str(tmp_path), "doc2dial", config, torch.device("cpu"))
+    early, late = got["gold_start<512"], got["gold_start>=512"]
+    assert early["num_items"] == late["num_items"] == 4
+    assert (early["mrr@20"] * 4 + late["mrr@20"] * 4) / 8 == pytest.approx(got["mrr@20"])
+    out = tmp_path / "r.json"
+    assert evaluate.main(["--model_path", str(saved_models / "shared"), "--data-folder", str(tmp_path),
+                          "--eval-dataset", "doc2dial", "--output_file", str(out)]) == 0
+    assert "[doc2dial gold_start>=512, 4 items]" in capsys.readouterr().out
+    items[0]["gold_start_token"] = "late"
+    write_set(tmp_path / "doc2dial", items, DOCS)
+    with pytest.raises(UserError, match="gold_start_token"):
+        load_chatrag(str(tmp_path), "doc2dial")
