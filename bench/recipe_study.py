@@ -112,7 +112,12 @@ def study_row(name: str, args, results: dict) -> dict:
                "--per_device_train_batch_size", str(spec["batch"]), "--num_train_epochs", str(spec["epochs"]),
                "--temperature", str(spec["temperature"]), "--learning_rate", str(spec["lr"]),
                "--save_strategy", "no", "--logging_steps", "10", "--disable_tqdm", "true", *args.train_flags]
-    train_seconds = run(command, output_dir + ".log")
+    if os.path.isfile(os.path.join(output_dir, "training_args.json")) and args.reuse:
+        # a finished model of an earlier, interrupted study: only evaluated; the Trainer's own runtime
+        log = [json.loads(line) for line in open(os.path.join(output_dir, "loss_log.jsonl"))]
+        train_seconds = next(entry["train_runtime"] for entry in log if "train_runtime" in entry)
+    else:
+        train_seconds = run(command, output_dir + ".log")
     return {"recipe": spec, "mining_seconds": round(mining_seconds, 1), "train_seconds": round(train_seconds, 1),
             **evaluate(output_dir, output_dir + "_eval.json", args)}
 
@@ -134,6 +139,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", default=list(ROWS), help="Rows to run, in order (default: all).")
     parser.add_argument("--list", action="store_true", help="List the rows and exit.")
+    parser.add_argument("--reuse", action="store_true",
+                        help="A row whose trained model is already in --work_dir is only evaluated (its training "
+                             "time is then the Trainer's train_runtime, without loading).")
     parser.add_argument("--work_dir", default=os.path.join(ROOT, "outputs", "recipe_study"),
                         help="Mined files, trained models and logs.")
     parser.add_argument("--output", default=os.path.join(ROOT, "bench", "results", "recipe_study.json"),

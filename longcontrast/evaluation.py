@@ -51,7 +51,7 @@ def load_chatrag(data_folder: str, dataset: str, num_turns: int = 5) -> tuple[li
     folder = Path(data_folder) / dataset
     if not folder.is_dir() and (Path(data_folder) / "test.json").is_file():
         folder = Path(data_folder)  # a folder holding one set directly, e.g. ../shared/data/doc2dial/dev
-    records, documents = (_read_json(folder / name) for name in ("test.json", "documents.json"))
+    records, documents = (read_json(folder / name) for name in ("test.json", "documents.json"))
     if not isinstance(records, list):
         raise UserError(f"{folder / 'test.json'}: expected a list of items")
     if not isinstance(documents, dict):
@@ -83,7 +83,8 @@ def load_chatrag(data_folder: str, dataset: str, num_turns: int = 5) -> tuple[li
     return items, documents
 
 
-def _read_json(path: Path):
+def read_json(path: Path):
+    """A JSON file's content; a missing, unreadable or malformed file raises :class:`UserError` naming it."""
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)

@@ -228,6 +228,7 @@ def read_corpus(path: str) -> dict[str, list[str]] | list[str]:
     from pathlib import Path
 
     from . import UserError
+    from .evaluation import read_json
 
     def text_of(value, where):
         if isinstance(value, dict):
@@ -237,27 +238,32 @@ def read_corpus(path: str) -> dict[str, list[str]] | list[str]:
         return value
 
     file = Path(path)
+    if not file.is_file():
+        raise UserError(f"corpus not found: {path}")
+    if file.suffix == ".json":
+        data = read_json(file)
+        if isinstance(data, dict):
+            return {str(name): [text_of(c, f"{path}: {name}[{i}]") for i, c in enumerate(chunks)]
+                    for name, chunks in data.items()}
+        if isinstance(data, list):
+            return [text_of(value, f"{path}: item {i}") for i, value in enumerate(data)]
+        raise UserError(f"{path}: expected a list of passages or an object of document -> chunks")
+    if file.suffix not in (".jsonl", ".txt"):
+        raise UserError(f"{path}: unsupported corpus file; use .json (documents.json or a list), .jsonl or .txt")
     try:
-        if file.suffix == ".txt":
-            return [line.rstrip("\n") for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if file.suffix == ".jsonl":
-            lines = file.read_text(encoding="utf-8").splitlines()
-            return [text_of(json.loads(line), f"{path}:{n}") for n, line in enumerate(lines, 1) if line.strip()]
-        if file.suffix == ".json":
-            data = json.loads(file.read_text(encoding="utf-8"))
-            if isinstance(data, dict):
-                return {str(name): [text_of(c, f"{path}: {name}[{i}]") for i, c in enumerate(chunks)]
-                        for name, chunks in data.items()}
-            if isinstance(data, list):
-                return [text_of(value, f"{path}: item {i}") for i, value in enumerate(data)]
-            raise UserError(f"{path}: expected a list of passages or an object of document -> chunks")
-    except FileNotFoundError as err:
-        raise UserError(f"corpus not found: {path}") from err
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: malformed JSON ({err.msg}, line {err.lineno})") from err
+        lines = file.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: cannot read ({err})") from err
-    raise UserError(f"{path}: unsupported corpus file; use .json (documents.json or a list), .jsonl or .txt")
+    if file.suffix == ".txt":
+        return [line for line in lines if line.strip()]
+    passages = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                passages.append(text_of(json.loads(line), f"{path}:{number}"))
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{number}: malformed JSON line ({err.msg})") from err
+    return passages
 
 
 @dataclass

@@ -166,3 +166,20 @@ def test_output_is_never_written_over(chatrag_like, capsys):
         script.main(["--input", str(folder / "missing_doc.jsonl"), "--corpus", str(folder / "documents.json"),
                      "--per_document", "--output", str(folder / "o.jsonl")])
     assert "'va'" in capsys.readouterr().err
+
+
+def test_corpus_files(tmp_path):
+    from longcontrast import UserError
+    from longcontrast.mining import read_corpus
+
+    (tmp_path / "c.txt").write_text("first passage\n\nsecond passage\n")
+    (tmp_path / "c.jsonl").write_text('{"text": "first"}\n"second"\n')
+    (tmp_path / "c.json").write_text('[{"passage": "first"}, "second"]')
+    assert read_corpus(str(tmp_path / "c.txt")) == ["first passage", "second passage"]
+    assert read_corpus(str(tmp_path / "c.jsonl")) == read_corpus(str(tmp_path / "c.json")) == ["first", "second"]
+    (tmp_path / "bad.jsonl").write_text('{"text": "first"}\n{"text": 3}\n')
+    with pytest.raises(UserError, match="bad.jsonl:2"):
+        read_corpus(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "bad.csv").write_text("a,b\n")
+    with pytest.raises(UserError, match="unsupported"):
+        read_corpus(str(tmp_path / "bad.csv"))

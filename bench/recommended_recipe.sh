@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The recommended CPU recipe (README, "Getting a good model"): all-MiniLM-L6-v2 trained on the
+# queries and positives of ../shared/data/doc2dial/train_triples.jsonl, with hard negatives re-mined
+# by the model itself from the chunks of each query's own document (dev/documents.json: the corpus
+# of every domain, used for negatives only) and filtered like NV-Retriever (nothing above 95% of the
+# positive's cosine); then evaluated on the Doc2Dial dev set.
+#
+#   bash bench/recommended_recipe.sh OUTPUT_DIR
+#
+# Writes the model to OUTPUT_DIR (AutoModel / SentenceTransformer folder), the mined training file
+# and its summary to OUTPUT_DIR/mined/, and the dev metrics to OUTPUT_DIR/eval_doc2dial_dev.json.
+# Environment: PYTHON (default python), SHARED (default ../shared/data/doc2dial), and any extra
+# efficient_train.py flags after OUTPUT_DIR.
+set -euo pipefail
+if [ $# -lt 1 ]; then echo "usage: bash bench/recommended_recipe.sh OUTPUT_DIR [extra efficient_train.py flags]" >&2; exit 2; fi
+out=$1; shift
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python}
+shared=${SHARED:-../shared/data/doc2dial}
+for f in "$shared/train_triples.jsonl" "$shared/dev/documents.json" "$shared/dev/test.json"; do
+  [ -f "$f" ] || { echo "error: $f not found (set SHARED to the Doc2Dial folder)" >&2; exit 2; }
+done
+if [ -e "$out" ] && [ -n "$(ls -A "$out" 2>/dev/null)" ]; then
+  echo "error: $out exists and is not empty; choose another folder" >&2; exit 2
+fi
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+SECONDS=0
+"$python" data/mine_hard_negatives.py --input "$shared/train_triples.jsonl" --corpus "$shared/dev/documents.json" \
+  --per_document --model_name_or_path default --max_score_ratio 0.95 --num_negatives 7 \
+  --output "$work/train_mined.jsonl"
+mined=$SECONDS
+"$python" efficient_train.py --train_data "$work/train_mined.jsonl" --output_dir "$out" \
+  --num_hard_negatives 3 --per_device_train_batch_size 16 --num_train_epochs 1 --temperature 0.05 \
+  --learning_rate 2e-5 --save_strategy no --logging_steps 10 "$@"
+trained=$((SECONDS - mined))
+mkdir -p "$out/mined"
+mv "$work/train_mined.jsonl" "$work/train_mined.jsonl.json" "$out/mined/"
+"$python" evaluate.py --model_path default "$out" --data-folder "$shared/dev" --eval-dataset doc2dial \
+  --output_file "$out/eval_doc2dial_dev.json"
+echo "mining ${mined} s, training ${trained} s, evaluation $((SECONDS - mined - trained)) s; model in $out"
