@@ -44,7 +44,7 @@ ROWS = {
     "shared_n3": {"num_hard_negatives": 3},
     "shared_n7": {"num_hard_negatives": 7},
     "bm25_n3": {"negatives": "bm25", "num_hard_negatives": 3},
-    "dense_n1": {"negatives": "dense", "num_hard_negatives": 1},
+    "dense_n1": {"negatives": "dense"},
     "dense_n3": {"negatives": "dense", "num_hard_negatives": 3},
     "dense_nofilter_n3": {"negatives": "dense_nofilter", "num_hard_negatives": 3},
     "dense_n7": {"negatives": "dense", "num_hard_negatives": 7},
@@ -56,6 +56,11 @@ ROWS = {
     "dense_n3_e3": {"negatives": "dense", "num_hard_negatives": 3, "epochs": 3},
     "dense_n3_lr5e-5": {"negatives": "dense", "num_hard_negatives": 3, "lr": 5e-5},
     "iterative_n3": {"negatives": "iterative:dense_n3", "num_hard_negatives": 3},
+    "dense_n1_b32": {"negatives": "dense", "batch": 32},
+    "dense_n1_b64": {"negatives": "dense", "batch": 64},
+    "dense_n1_t0.02": {"negatives": "dense", "temperature": 0.02},
+    "dense_n1_e2": {"negatives": "dense", "epochs": 2},
+    "iterative_n1": {"negatives": "iterative:dense_n1"},
 }
 
 
