@@ -27,7 +27,8 @@ def main(argv=None) -> int:
     from transformers import HfArgumentParser
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    (args,) = HfArgumentParser(MiningArguments, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser(MiningArguments, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
     try:
         run(args)
     except UserError as err:

@@ -219,7 +219,8 @@ def test_copies_of_a_chunk_get_one_vector_and_tie_with_the_gold(saved_models, tm
     write_set(tmp_path / "doc2dial", [item(i, gold=i % 9) for i in range(9)], {"d": copies})
     seen = []
     forward = model.forward
-    model.forward = lambda input_ids, attention_mask, side: seen.append(len(input_ids)) or forward(input_ids, attention_mask, side)
+    model.forward = lambda input_ids, attention_mask, side: (
+        seen.append(len(input_ids)) or forward(input_ids, attention_mask, side))
     config = EvalConfig(query_max_len=64, passage_max_len=64, batch_size=2)
     got = evaluate_dataset(model, tokenizer, str(tmp_path), "doc2dial", config, torch.device("cpu"))
     assert sum(seen) == len(texts) + 9  # each distinct chunk encoded once, then the 9 queries
