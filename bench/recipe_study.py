@@ -13,6 +13,7 @@ on ../shared/data/doc2dial/dev (Recall@1/5/20, MRR@20, NDCG@20). Negative source
   candidates above 95% of the positive's cosine); ``dense_nofilter``: the same without the filter;
 - ``iterative:ROW``: mined like ``dense`` with the model trained by row ROW.
 
+Rows ``untrained`` and ``bm25`` (BM25 ranking the same items, the keyword baseline) train nothing.
 Each row runs in fresh processes; its wall times (mining, training) are what this machine took.
 Results are merged into --output (JSON, one entry per row, so the study can run in parts) and
 printed as a table.
