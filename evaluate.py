@@ -22,7 +22,7 @@ import torch
 from longcontrast import UserError
 from longcontrast.modeling import POOLING_MODES, token_positions
 from longcontrast.evaluation import (
-    DATASETS, EvalConfig, average, evaluate_dataset, format_table, load_retriever, uses_bf16,
+    DATASETS, EvalConfig, average, evaluate_dataset, format_table, load_retriever, prompts_for, uses_bf16,
 )
 
 logger = logging.getLogger("evaluate")
@@ -91,8 +91,7 @@ def run(args) -> dict:
                                           args.trust_remote_code)
         model.to(device)
         positions = token_positions(model.query_encoder)
-        prompts = {"query": args.query_instruction, "document": args.passage_instruction}
-        prompts = {side: model.prompts.get(side, "") if prompt is None else prompt for side, prompt in prompts.items()}
+        prompts = prompts_for(model, args.query_instruction, args.passage_instruction)
         config = EvalConfig(min(args.query_max_len, positions), min(args.passage_max_len, positions),
                             batch_size, args.num_turns, not args.no_qrecc_answer, bf16, prompts["query"],
                             prompts["document"], args.split_at_token)

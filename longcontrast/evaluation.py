@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import UserError
 from .data import format_query, length_sorted_groups, pad, tokenize, unique_sequences
-from .modeling import DualEncoder, default_model_path, from_pretrained, read_pooling, read_prompts
+from .modeling import DualEncoder, default_model_path, from_pretrained, load_tokenizer, read_pooling, read_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -131,8 +131,6 @@ def load_retriever(model_path=None, query_encoder_path=None, context_encoder_pat
     encoder's sentence-transformers config, else ``pooling``, else ``cls``. The recorded prompts
     (``"query"`` of the query encoder, ``"document"`` of the context encoder) land in ``.prompts``.
     """
-    from transformers import AutoTokenizer
-
     if query_encoder_path or context_encoder_path:
         if model_path or not (query_encoder_path and context_encoder_path):
             raise UserError("give either --model_path or both --query_encoder_path and --context_encoder_path")
@@ -157,11 +155,14 @@ def load_retriever(model_path=None, query_encoder_path=None, context_encoder_pat
     prompts = {"query": read_prompts(query_encoder_path).get("query", ""),
                "document": read_prompts(context_encoder_path).get("document", "")}
     model = DualEncoder(query_encoder, recorded or pooling or "cls", context_encoder, prompts)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(query_encoder_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load the tokenizer of {query_encoder_path!r}: {err}") from err
-    return model, tokenizer
+    return model, load_tokenizer(query_encoder_path, trust_remote_code)
+
+
+def prompts_for(model: DualEncoder, query_instruction: str | None, passage_instruction: str | None) -> dict[str, str]:
+    """The query and passage ("document") prompts to encode with: the given instructions, else the
+    ones the model records, else none."""
+    given = {"query": query_instruction, "document": passage_instruction}
+    return {side: model.prompts.get(side, "") if prompt is None else prompt for side, prompt in given.items()}
 
 
 def encode(model: DualEncoder, token_ids: list[list[int]], side: str, batch_size: int, pad_token_id: int,

@@ -12,15 +12,25 @@ after skipping the ``skip_top`` best-ranked, become the negatives, hardest first
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import re
-from collections import defaultdict
+import time
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import sparse
+from tqdm.auto import tqdm
+
+from . import UserError
+from .data import FORMATS, iter_records, parse_record, tokenize
+from .evaluation import encode, load_retriever, prompts_for, read_json, uses_bf16
+from .modeling import token_positions
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +60,7 @@ class BM25:
         for row, text in enumerate(texts):
             tokens = words(text)
             lengths[row] = len(tokens)
-            for word, count in _counts(tokens).items():
+            for word, count in Counter(tokens).items():
                 rows.append(row)
                 cols.append(self.vocabulary.setdefault(word, len(self.vocabulary)))
                 counts.append(count)
@@ -74,13 +84,6 @@ class BM25:
     def scores(self, queries: sparse.csr_matrix, texts: np.ndarray) -> torch.Tensor:
         """(Q, C) scores of the query rows against the texts at indices ``texts``."""
         return torch.from_numpy((queries @ self.weights[texts].T).toarray())
-
-
-def _counts(tokens: list[str]) -> dict[str, int]:
-    counts: dict[str, int] = defaultdict(int)
-    for token in tokens:
-        counts[token] += 1
-    return counts
 
 
 @dataclass
@@ -160,8 +163,6 @@ def mine(
             the scorer is ``bm25``. Scored on ``device`` (the GPU for a large corpus).
         max_scores: bound on the query x candidate scores held at once (memory).
     """
-    from tqdm.auto import tqdm
-
     use_bm25, use_dense = config.scorer in ("bm25", "hybrid"), config.scorer in ("dense", "hybrid")
     if use_dense and dense is None:
         raise ValueError(f"scorer {config.scorer!r} needs dense embeddings")
@@ -224,12 +225,6 @@ def read_corpus(path: str) -> dict[str, list[str]] | list[str]:
     """Candidate passages: a ChatRAG ``documents.json`` (``{document: [chunk, ...]}``), a JSON list
     of strings or of objects with ``text``, a ``.jsonl`` of such strings or objects, or a ``.txt``
     with one passage a line. Problems raise :class:`UserError` naming the file."""
-    import json
-    from pathlib import Path
-
-    from . import UserError
-    from .evaluation import read_json
-
     def text_of(value, where):
         if isinstance(value, dict):
             value = next((value[k] for k in ("text", "passage", "contents") if k in value), None)
@@ -310,10 +305,6 @@ class MiningArguments:
 
 
 def validate(args: MiningArguments) -> None:
-    from pathlib import Path
-
-    from . import UserError
-
     if args.scorer is None:
         args.scorer = "dense" if args.model_name_or_path else "bm25"
     if args.scorer != "bm25" and not args.model_name_or_path:
@@ -334,15 +325,6 @@ def validate(args: MiningArguments) -> None:
 def run(args: MiningArguments) -> dict:
     """Mine, write ``args.output`` (atomically) and return a summary (also written beside it as
     ``<output>.json``)."""
-    import json
-    import os
-    import time
-
-    from . import UserError
-    from .data import FORMATS, iter_records, parse_record, tokenize
-    from .evaluation import encode, load_retriever, uses_bf16
-    from .modeling import token_positions
-
     validate(args)
     started = time.perf_counter()
     records, queries, positive_texts, documents = [], [], [], []
@@ -386,14 +368,13 @@ def run(args: MiningArguments) -> dict:
     else:
         pools = [everything] * len(records)
 
-    dense = None
+    dense, device = None, None
     if args.scorer != "bm25":
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         path = None if args.model_name_or_path == "default" else args.model_name_or_path
         model, tokenizer = load_retriever(path, trust_remote_code=args.trust_remote_code)
         model.to(device)
-        prompts = {"query": args.query_instruction, "document": args.passage_instruction}
-        prompts = {side: model.prompts.get(side, "") if prompt is None else prompt for side, prompt in prompts.items()}
+        prompts = prompts_for(model, args.query_instruction, args.passage_instruction)
         positions = token_positions(model.query_encoder)
         batching = (args.batch_size or (64 if device.type == "cuda" else 8), tokenizer.pad_token_id, device)
         bf16 = uses_bf16(args.precision, device)
@@ -407,7 +388,7 @@ def run(args: MiningArguments) -> dict:
         del model
 
     config = MiningConfig(args.num_negatives, args.skip_top, args.max_score_ratio, args.margin, args.scorer)
-    negatives, stats = mine(queries, positives, pools, texts, config, dense, device=device if dense else None)
+    negatives, stats = mine(queries, positives, pools, texts, config, dense, device=device)
 
     output = args.output
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
@@ -425,7 +406,7 @@ def run(args: MiningArguments) -> dict:
         {name: int(len(pool)) for name, pool in by_document.items()},
         "negatives_per_record": round(stats.negatives / stats.queries, 3), "filtered": stats.filtered,
         "records_with_fewer": stats.short, "seconds": round(time.perf_counter() - started, 1),
-        "arguments": {k: v for k, v in vars(args).items()},
+        "arguments": dict(vars(args)),
     }
     with open(output + ".json", "w") as handle:
         json.dump(summary, handle, indent=2)

@@ -239,6 +239,16 @@ def from_pretrained(path: str, config=None, trust_remote_code: bool = False, pre
     raise UserError(f"cannot load model {path!r} with any attention implementation: {'; '.join(errors)}")
 
 
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """``AutoTokenizer.from_pretrained``; a folder without a usable tokenizer raises :class:`UserError`."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the tokenizer of {path!r}: {err}") from err
+
+
 def load_encoder(
     model_name_or_path: str,
     max_position_embeddings: int | None = None,
@@ -267,7 +277,7 @@ def load_encoder(
         prefer_flash_attention: try FlashAttention-2 first (when installed; GPU with fp16/bf16).
             Otherwise SDPA where the architecture supports it, else eager attention.
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
@@ -293,10 +303,7 @@ def load_encoder(
             logger.info("%s: training at that length", message)
         else:
             logger.info("%s: rotary or relative positions, %d tokens natively", type(model).__name__, native)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load the tokenizer of {model_name_or_path!r}: {err}") from err
+    tokenizer = load_tokenizer(model_name_or_path, trust_remote_code)
     tokenizer.model_max_length = token_positions(model)
     return model, tokenizer
 
