@@ -20,7 +20,8 @@ import time
 import torch
 
 from longcontrast import UserError
-from longcontrast.modeling import POOLING_MODES, token_positions
+from longcontrast.modeling import POOLING_MODES
+from longcontrast.positions import token_positions
 from longcontrast.evaluation import (
     DATASETS, EvalConfig, average, evaluate_dataset, format_table, load_retriever, prompts_for, uses_bf16,
 )

@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from longcontrast.data import tokenize  # noqa: E402
 from longcontrast.evaluation import encode, gold_rank, load_chatrag, retrieval_metrics  # noqa: E402
-from longcontrast.modeling import POSITION_INITS, DualEncoder, default_model_path, load_encoder  # noqa: E402
+from longcontrast.modeling import DualEncoder, default_model_path, load_encoder  # noqa: E402
+from longcontrast.positions import POSITION_INITS  # noqa: E402
 
 DEV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "doc2dial", "dev")
 

@@ -12,7 +12,8 @@ from transformers.hf_argparser import string_to_bool
 
 from . import UserError
 from .data import default_train_data
-from .modeling import POOLING_MODES, POSITION_INITS
+from .modeling import POOLING_MODES
+from .positions import POSITION_INITS
 
 DEFAULT_MAX_POSITIONS = 8192
 
@@ -33,10 +34,23 @@ class ModelArguments:
     )
     position_init: str = field(
         default="copy",
-        metadata={"help": "How the new position rows start: copy (the trained table repeated, as Longformer; "
-                  "measured best, see README), hierarchical (Su's block + offset decomposition) or random "
-                  "(the original code's noise, for comparison).",
+        metadata={"help": "How the new position rows start: copy (the trained table repeated, as Longformer), "
+                  "interpolate (the trained table stretched over the new rows), interpolate_all (LongEmbed's: the "
+                  "whole table stretched, short texts included), hierarchical (Su's block + offset decomposition) or "
+                  "random (the original code's noise). README 'Long context' measures them.",
                   "choices": list(POSITION_INITS)},
+    )
+    shift_positions: bool = field(
+        default=False,
+        metadata={"help": "Train long positions on short passages (PoSE, as LongEmbed tuned E5-Base-4k): each distinct "
+                  "passage of a batch reads its tokens 1.. at positions u+1.., u drawn uniformly so that it ends "
+                  "before the last position; [CLS] stays at 0, queries are not shifted. Needs a learned table."},
+    )
+    trainable_parameters: str = field(
+        default="all",
+        metadata={"help": "all: train every parameter; positions: train only the position table (everything else "
+                  "frozen, as LongEmbed's E5-Base-4k; needs a learned table).",
+                  "choices": ["all", "positions"]},
     )
     pooling: str | None = field(
         default=None,

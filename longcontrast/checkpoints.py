@@ -15,6 +15,8 @@ import re
 import shutil
 from pathlib import Path
 
+from . import UserError
+
 logger = logging.getLogger(__name__)
 
 STAGING = ".checkpoint-staging"
@@ -116,3 +118,41 @@ def clear_staging(output_dir: str | os.PathLike) -> None:
     if left:  # empty after every completed save or deletion
         logger.warning("removing %s from %s: left by an interrupted save or deletion", ", ".join(left), staging)
     shutil.rmtree(staging)
+
+
+def resolve_resume(training_args) -> None:
+    """Decide how to use an existing ``--output_dir``; sets ``resume_from_checkpoint`` when resuming.
+
+    - ``--resume_from_checkpoint DIR``: DIR must be a complete checkpoint.
+    - ``--overwrite_output_dir``: start afresh; checkpoints of the earlier run are deleted (a later
+      automatic resume must not pick them up).
+    - A folder holding checkpoints of an unfinished run: resume from the newest complete one, as
+      the transformers examples do, so restarting a killed command just continues it.
+    - Otherwise a non-empty folder is refused: nothing is ever written over it unasked.
+    """
+    output_dir = training_args.output_dir
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is not None:
+        if not os.path.isdir(checkpoint):
+            raise UserError(f"--resume_from_checkpoint {checkpoint}: no such checkpoint folder")
+        if not is_complete(checkpoint):
+            raise UserError(f"--resume_from_checkpoint {checkpoint}: not a complete checkpoint "
+                            f"(no {TRAINER_STATE})")
+        return
+    contents = set(os.listdir(output_dir)) - {STAGING} if os.path.isdir(output_dir) else set()
+    if not contents:
+        return
+    if training_args.overwrite_output_dir:
+        if training_args.should_save:
+            for folder in complete_checkpoints(output_dir):
+                logger.warning("--overwrite_output_dir: deleting %s of the earlier run", folder)
+                remove(folder, output_dir)
+        return
+    latest = latest_checkpoint(output_dir)
+    if FINISHED_MARKER in contents or latest is None:
+        what = "holds a finished run" if FINISHED_MARKER in contents else "exists and is not empty"
+        raise UserError(f"--output_dir {output_dir} {what}; choose another folder or pass --overwrite_output_dir")
+    if training_args.should_log:
+        logger.warning("resuming from %s, the newest checkpoint in --output_dir (pass --overwrite_output_dir to "
+                       "start over)", latest)
+    training_args.resume_from_checkpoint = latest

@@ -12,6 +12,7 @@ import torch
 
 from . import UserError
 from .distributed import text_id
+from .positions import draw_position_shifts, position_ids
 
 logger = logging.getLogger(__name__)
 
@@ -256,15 +257,20 @@ def tokenize(tokenizer, texts: list[str], max_length: int, truncation_side: str,
     return [prefix + x[:budget] + suffix for x in ids]
 
 
-def pad(sequences: list[list[int]], pad_token_id: int, device=None) -> dict[str, torch.Tensor]:
-    """Right-pad token id lists to their own longest: ``input_ids`` and ``attention_mask``, (N, L)."""
+def pad(sequences: list[list[int]], pad_token_id: int, device=None, shifts: list[int] | None = None
+        ) -> dict[str, torch.Tensor]:
+    """Right-pad token id lists to their own longest: ``input_ids`` and ``attention_mask``, (N, L);
+    with ``shifts`` (one per text) also ``position_ids`` (:func:`.positions.position_ids`)."""
     length = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)  # (N, L)
     attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)  # (N, L)
     for row, sequence in enumerate(sequences):
         input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
         attention_mask[row, : len(sequence)] = 1
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+    batch = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+    if shifts is not None:
+        batch["position_ids"] = position_ids([len(s) for s in sequences], length, shifts).to(device)  # (N, L)
+    return batch
 
 
 @dataclass
@@ -276,7 +282,9 @@ class ContrastiveCollator:
     Returns ``query_ids`` (B lists of token ids), ``passage_ids`` (P lists: the B positives in
     query order, then every row's hard negatives) and ``passage_text_ids`` (P,): equal integers
     for identical passage texts (in every process), which the loss uses to mask duplicates of a
-    query's positive.
+    query's positive. ``max_positions`` set: also ``passage_position_shifts`` (P ints), a random
+    shift per distinct passage (copies share it, so they stay one text to encode) that places it
+    within ``max_positions`` (:func:`.positions.draw_position_shifts`).
     """
 
     tokenizer: object
@@ -285,17 +293,24 @@ class ContrastiveCollator:
     num_hard_negatives: int = 1
     query_prompt: str = ""  # instruction before every query (kept when the query is cut)
     passage_prompt: str = ""  # before every passage
+    max_positions: int | None = None  # shift passages' position ids within this many positions (None: no shift)
 
     def __call__(self, rows: list[dict]) -> dict:
         negatives = [n for row in rows for n in row["negatives"][: self.num_hard_negatives]]
         passages = [row["positive"] for row in rows] + negatives
         passage_text_ids = torch.tensor([text_id(p) for p in passages])  # (P,)
-        return {
+        passage_ids = tokenize(self.tokenizer, passages, self.passage_max_len, "right", self.passage_prompt)
+        batch = {
             "query_ids": tokenize(self.tokenizer, [row["query"] for row in rows], self.query_max_len, "left",
                                   self.query_prompt),
-            "passage_ids": tokenize(self.tokenizer, passages, self.passage_max_len, "right", self.passage_prompt),
+            "passage_ids": passage_ids,
             "passage_text_ids": passage_text_ids,
         }
+        if self.max_positions is not None:
+            unique, copy_of = unique_sequences(passage_ids)
+            shifts = draw_position_shifts([len(ids) for ids in unique], self.max_positions)
+            batch["passage_position_shifts"] = [shifts[i] for i in copy_of]
+        return batch
 
 
 def length_sorted_groups(sequences: list[list[int]], max_texts: int | None, max_tokens: int | None) -> list[list[int]]:
@@ -326,15 +341,19 @@ def unique_sequences(sequences: list[list[int]]) -> tuple[list[list[int]], list[
 
 
 def length_sorted_mini_batches(
-    sequences: list[list[int]], max_texts: int | None, max_tokens: int | None, pad_token_id: int, device=None
+    sequences: list[list[int]], max_texts: int | None, max_tokens: int | None, pad_token_id: int, device=None,
+    shifts: list[int] | None = None,
 ) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
-    """The :func:`length_sorted_groups` as mini-batches, each padded to its own longest.
+    """The :func:`length_sorted_groups` as mini-batches, each padded to its own longest (with each
+    text's position shift, if given).
 
     Returns the mini-batches and ``order``: ``order[k]`` is the input index of the k-th text fed.
     """
     groups = length_sorted_groups(sequences, max_texts, max_tokens)
     order = [index for group in groups for index in group]
-    return [pad([sequences[i] for i in group], pad_token_id, device) for group in groups], order
+    batches = [pad([sequences[i] for i in group], pad_token_id, device, None if shifts is None else [shifts[i] for i in group])
+               for group in groups]
+    return batches, order
 
 
 def default_train_data() -> str:

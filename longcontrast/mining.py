@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import UserError
 from .data import FORMATS, iter_records, parse_record, tokenize
 from .evaluation import encode, load_retriever, prompts_for, read_json, uses_bf16
-from .modeling import token_positions
+from .positions import token_positions
 
 logger = logging.getLogger(__name__)
 

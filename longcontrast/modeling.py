@@ -1,4 +1,4 @@
-"""Encoder loading, position-table extension, pooling and the dual encoder."""
+"""Encoder loading, pooling and the dual encoder (position extension: :mod:`.positions`)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import UserError
+from .positions import extend_position_embeddings, position_offset, position_table, token_positions
 
 logger = logging.getLogger(__name__)
 
@@ -23,10 +24,6 @@ _ST_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens":
 # Dropout probabilities by config name, for every family handled (BERT-like; DistilBERT; ModernBERT).
 HIDDEN_DROPOUT_KEYS = ("hidden_dropout_prob", "dropout", "embedding_dropout", "mlp_dropout")
 ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout")
-POSITION_INITS = ("copy", "hierarchical", "random")
-# Weight of the block vector in the hierarchical decomposition (Su, 2020: "hierarchical
-# decomposition position encoding"); 0.4 is the value the method was published and tested with.
-HIERARCHICAL_ALPHA = 0.4
 
 
 def default_model_path() -> str:
@@ -98,102 +95,6 @@ def pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor, pooling: str
     else:
         raise ValueError(f"unknown pooling {pooling!r}; choose from {POOLING_MODES}")
     return F.normalize(pooled, p=2, dim=-1)  # (N, D)
-
-
-def extended_position_table(trained: torch.Tensor, num_positions: int, init: str) -> torch.Tensor:
-    """A position table of ``num_positions`` rows whose first rows are exactly ``trained``.
-
-    Args:
-        trained: (n, D) the trained absolute position table.
-        num_positions: rows of the new table (>= n).
-        init: how rows n.. are filled:
-            ``"copy"``: the trained table repeated (Longformer's initialisation): position
-            ``i * n + j`` starts as position ``j``, so local order is intact and blocks are told apart
-            by training. The default: it reads text placed past position 512 best of the three
-            (README, "Position extension", and ``bench/position_init.py``).
-            ``"hierarchical"``: position ``i * n + j`` gets ``a * u_i + (1 - a) * u_j`` with
-            ``u_k = (p_k - a * p_0) / (1 - a)`` and ``a = 0.4`` (Su's hierarchical decomposition),
-            i.e. ``p_j + a / (1 - a) * (p_i - p_0)``. On BERT-style models row 0 (always [CLS]) is
-            several times longer than the others, so the block offset swamps the row and text past
-            512 is read poorly before training.
-            ``"random"``: normal(0, 0.02) noise, as the original code did (for comparison only).
-
-    Returns:
-        (num_positions, D) the new table, float32 like ``trained``.
-    """
-    n, _ = trained.shape
-    if num_positions < n:
-        raise ValueError(f"cannot shrink the position table from {n} to {num_positions}")
-    positions = torch.arange(num_positions)
-    if init == "hierarchical":
-        alpha = HIERARCHICAL_ALPHA
-        u = (trained - alpha * trained[:1]) / (1 - alpha)  # (n, D)
-        blocks = (positions // n) % n  # more than n * n positions repeat the block pattern
-        table = alpha * u[blocks] + (1 - alpha) * u[positions % n]  # (num_positions, D)
-    elif init == "copy":
-        table = trained[positions % n].clone()  # (num_positions, D)
-    elif init == "random":
-        table = torch.randn(num_positions, trained.size(1), dtype=trained.dtype) * 0.02
-    else:
-        raise ValueError(f"unknown position init {init!r}; choose from {POSITION_INITS}")
-    table[:n] = trained  # rows 0..n-1 bit-identical to the trained ones
-    return table.to(trained.dtype)
-
-
-def position_table(model: nn.Module) -> nn.Embedding | None:
-    """The learned absolute position table (``model.embeddings.position_embeddings``), or ``None``
-    for models whose positions are rotary (ModernBERT) or relative only (DeBERTa-v3)."""
-    table = getattr(getattr(model, "embeddings", None), "position_embeddings", None)
-    return table if isinstance(table, nn.Embedding) else None
-
-
-def position_offset(table: nn.Embedding) -> int:
-    """Rows before the first real position. RoBERTa, XLM-R and MPNet number positions from
-    ``padding_idx + 1`` (their tables have 2 extra rows); BERT, DistilBERT, ELECTRA from 0."""
-    return 0 if table.padding_idx is None else table.padding_idx + 1
-
-
-def token_positions(model: nn.Module) -> int:
-    """The longest text (in tokens, special tokens included) the model reads: its learned table's
-    rows less the offset, else the configured native length."""
-    table = position_table(model)
-    return table.num_embeddings - position_offset(table) if table is not None else model.config.max_position_embeddings
-
-
-def extend_position_embeddings(model: nn.Module, num_positions: int, init: str = "copy") -> None:
-    """Grow a model's learned absolute position table in place so that it reads ``num_positions`` tokens.
-
-    The rows before the first real position (RoBERTa-style offset) stay where they are; the table
-    of real positions is extended by :func:`extended_position_table`. The new table is a trainable
-    ``nn.Parameter`` (keeping the old ``padding_idx``); the ``position_ids`` and ``token_type_ids``
-    buffers and ``config.max_position_embeddings`` follow, so a saved model reloads with
-    ``AutoModel.from_pretrained`` at the new length. A table already that long is left as it is.
-    """
-    embeddings, old = model.embeddings, position_table(model)
-    offset = position_offset(old)
-    trained_positions = old.num_embeddings - offset
-    if num_positions <= trained_positions:
-        if num_positions < trained_positions:
-            logger.info("keeping the model's %d positions (asked for %d)", trained_positions, num_positions)
-        return
-    with torch.no_grad():
-        weight = old.weight.detach().float().cpu()  # (offset + n, D)
-        table = torch.cat([weight[:offset], extended_position_table(weight[offset:], num_positions, init)])
-    rows = offset + num_positions
-    new = nn.Embedding(rows, old.embedding_dim, padding_idx=old.padding_idx, device=old.weight.device,
-                       dtype=old.weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(table)
-    new.weight.requires_grad_(True)
-    embeddings.position_embeddings = new
-    device = old.weight.device
-    if hasattr(embeddings, "position_ids"):
-        embeddings.position_ids = torch.arange(rows, device=device).expand((1, -1))  # (1, rows)
-    if hasattr(embeddings, "token_type_ids"):
-        embeddings.token_type_ids = torch.zeros((1, rows), dtype=torch.long, device=device)  # (1, rows)
-    model.config.max_position_embeddings = rows
-    logger.info("extended the position table from %d to %d positions (%s%s)", trained_positions, num_positions, init,
-                f"; {offset} offset rows kept in front" if offset else "")
 
 
 def set_dropout(config, dropout: float | None, attention_dropout: float | None) -> None:
@@ -311,8 +212,8 @@ def load_encoder(
 class DualEncoder(nn.Module):
     """A query encoder and a context (passage) encoder, shared unless untied.
 
-    ``forward(input_ids, attention_mask, side)`` returns (N, D) L2-normalised embeddings; ``side``
-    is ``"query"`` or ``"passage"``. All encoding goes through ``forward`` so that a wrapper (DDP,
+    ``forward(input_ids, attention_mask, side, position_ids=None)`` returns (N, D) L2-normalised
+    embeddings; ``side`` is ``"query"`` or ``"passage"``. All encoding goes through ``forward`` so that a wrapper (DDP,
     accelerate's autocast) sees every call.
     """
 
@@ -340,9 +241,15 @@ class DualEncoder(nn.Module):
             return self.context_encoder
         raise ValueError(f"side must be 'query' or 'passage', got {side!r}")
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, side: str) -> torch.Tensor:
-        # input_ids, attention_mask: (N, L)
-        hidden = self.encoder_for(side)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, side: str,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # input_ids, attention_mask: (N, L); position_ids: (N, L) token positions counted from 0
+        # (shifted training, :mod:`.positions`), moved past a RoBERTa-style offset here.
+        encoder = self.encoder_for(side)
+        extra = {}
+        if position_ids is not None:
+            extra["position_ids"] = position_ids + position_offset(position_table(encoder))
+        hidden = encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
         if hidden.dtype in (torch.float16, torch.bfloat16):
             hidden = hidden.float()  # pool, normalise and score in float32 under mixed precision
         return pool(hidden, attention_mask, self.pooling)  # (N, D)

@@ -24,7 +24,8 @@ from .data import (
 from .distributed import any_process, gather_batch, shut_down, world_size
 from .gradcache import grad_cache_step
 from .loss import LossOutput, contrastive_loss
-from .modeling import DualEncoder, default_model_path, load_encoder, read_pooling, token_positions
+from .modeling import DualEncoder, default_model_path, load_encoder, read_pooling
+from .positions import position_table, token_positions
 
 logger = logging.getLogger(__name__)
 # DDP's deprecation notice for broadcast_buffers=False, which is deliberate here (ddp_broadcast_buffers below).
@@ -206,6 +207,7 @@ def contrastive_step(
     last GradCache replay.
     """
     text_ids = inputs["passage_text_ids"].to(device)  # (P,)
+    shifts = inputs.get("passage_position_shifts")  # P ints (shifted position ids) or None
 
     def loss_fn(queries, passages):  # (B, D), (P, D) in batch order
         if cross_device:
@@ -216,17 +218,23 @@ def contrastive_step(
     if cross_device:
         scale = scale * world_size()
     if mini_batch_size is None:
-        queries, passages = (pad(inputs[key], pad_token_id, device) for key in ("query_ids", "passage_ids"))
+        queries = pad(inputs["query_ids"], pad_token_id, device)
+        passages = pad(inputs["passage_ids"], pad_token_id, device, shifts)
         return full_batch_step(model, queries, passages, loss_fn, scale, backward)
 
-    def mini_batches(sequences):
+    def mini_batches(sequences, shifts=None):
         """Length-sorted mini-batches of the (distinct) sequences, and for each input row the row of
-        its embedding among theirs."""
-        unique, copy_of = unique_sequences(sequences) if deduplicate else (sequences, range(len(sequences)))
-        batches, order = length_sorted_mini_batches(unique, mini_batch_size, mini_batch_tokens, pad_token_id, device)
+        its embedding among theirs. Copies share their shift (see ContrastiveCollator)."""
+        unique, copy_of = unique_sequences(sequences) if deduplicate else (sequences, list(range(len(sequences))))
+        if shifts is not None:
+            first = {u: row for row, u in reversed(list(enumerate(copy_of)))}
+            shifts = [shifts[first[u]] for u in range(len(unique))]
+        batches, order = length_sorted_mini_batches(unique, mini_batch_size, mini_batch_tokens, pad_token_id, device,
+                                                    shifts)
         return batches, inverse_permutation(order)[torch.tensor(copy_of, dtype=torch.long)]
 
-    (queries, query_restore), (passages, passage_restore) = map(mini_batches, (inputs["query_ids"], inputs["passage_ids"]))
+    queries, query_restore = mini_batches(inputs["query_ids"])
+    passages, passage_restore = mini_batches(inputs["passage_ids"], shifts)
     sync_context = None
     if isinstance(model, DistributedDataParallel):
         sync_context = lambda is_last: contextlib.nullcontext() if is_last else model.no_sync()  # noqa: E731
@@ -252,51 +260,13 @@ def full_batch_step(model, queries: dict, passages: dict, loss_fn, scale: float,
     return LossOutput(output.loss.detach(), output.accuracy)
 
 
-def resolve_resume(training_args) -> None:
-    """Decide how to use an existing ``--output_dir``; sets ``resume_from_checkpoint`` when resuming.
-
-    - ``--resume_from_checkpoint DIR``: DIR must be a complete checkpoint.
-    - ``--overwrite_output_dir``: start afresh; checkpoints of the earlier run are deleted (a later
-      automatic resume must not pick them up).
-    - A folder holding checkpoints of an unfinished run: resume from the newest complete one, as
-      the transformers examples do, so restarting a killed command just continues it.
-    - Otherwise a non-empty folder is refused: nothing is ever written over it unasked.
-    """
-    output_dir = training_args.output_dir
-    checkpoint = training_args.resume_from_checkpoint
-    if checkpoint is not None:
-        if not os.path.isdir(checkpoint):
-            raise UserError(f"--resume_from_checkpoint {checkpoint}: no such checkpoint folder")
-        if not checkpoints.is_complete(checkpoint):
-            raise UserError(f"--resume_from_checkpoint {checkpoint}: not a complete checkpoint "
-                            f"(no {checkpoints.TRAINER_STATE})")
-        return
-    contents = set(os.listdir(output_dir)) - {checkpoints.STAGING} if os.path.isdir(output_dir) else set()
-    if not contents:
-        return
-    if training_args.overwrite_output_dir:
-        if training_args.should_save:
-            for folder in checkpoints.complete_checkpoints(output_dir):
-                logger.warning("--overwrite_output_dir: deleting %s of the earlier run", folder)
-                checkpoints.remove(folder, output_dir)
-        return
-    latest = checkpoints.latest_checkpoint(output_dir)
-    if checkpoints.FINISHED_MARKER in contents or latest is None:
-        what = "holds a finished run" if checkpoints.FINISHED_MARKER in contents else "exists and is not empty"
-        raise UserError(f"--output_dir {output_dir} {what}; choose another folder or pass --overwrite_output_dir")
-    if training_args.should_log:
-        logger.warning("resuming from %s, the newest checkpoint in --output_dir (pass --overwrite_output_dir to "
-                       "start over)", latest)
-    training_args.resume_from_checkpoint = latest
-
-
 def train(argv=None, gradcache: bool = True) -> str:
     """Parse ``argv``, train, save; returns the output folder. Raises ``UserError`` on bad input."""
     model_args, data_args, cache_args, training_args = parse_arguments(argv, gradcache)
     if not training_args.should_log:  # one process logs
         logging.getLogger(__package__).setLevel(logging.WARNING)
     validate(model_args, data_args, cache_args, training_args)
-    resolve_resume(training_args)
+    checkpoints.resolve_resume(training_args)
     model_path = model_args.model_name_or_path or default_model_path()
     pooling = model_args.pooling or read_pooling(model_path) or "cls"
     examples = load_examples(data_args.train_data, data_args.query_turns)
@@ -322,6 +292,12 @@ def train(argv=None, gradcache: bool = True) -> str:
     )
     model_args.max_position_embeddings = token_positions(encoder)  # recorded as resolved
     validate_lengths(data_args, model_args.max_position_embeddings)
+    if (model_args.shift_positions or model_args.trainable_parameters == "positions") and position_table(encoder) is None:
+        raise UserError(f"--shift_positions and --trainable_parameters positions need a learned position table, which "
+                        f"{type(encoder).__name__} does not have (rotary or relative positions)")
+    if model_args.trainable_parameters == "positions":
+        encoder.requires_grad_(False)
+        position_table(encoder).weight.requires_grad_(True)
     model = (DualEncoder.untied if model_args.untie_encoders else DualEncoder)(encoder, pooling)
     logger.info(
         "%s: %s, pooling %s, %d positions, %d examples, contrastive batch %d x %d device(s), %s",
@@ -336,7 +312,8 @@ def train(argv=None, gradcache: bool = True) -> str:
         train_dataset=make_dataset(examples),
         data_collator=ContrastiveCollator(
             tokenizer, data_args.query_max_len, data_args.passage_max_len, data_args.num_hard_negatives,
-            data_args.query_instruction, data_args.passage_instruction),
+            data_args.query_instruction, data_args.passage_instruction,
+            model_args.max_position_embeddings if model_args.shift_positions else None),
         processing_class=tokenizer,
         temperature=model_args.temperature,
         mini_batch_size=cache_args.mini_batch_size if gradcache else None,
@@ -376,7 +353,7 @@ def train(argv=None, gradcache: bool = True) -> str:
         with open(os.path.join(output_dir, "loss_log.jsonl"), "w") as handle:
             for entry in trainer.state.log_history:
                 handle.write(json.dumps(entry) + "\n")
-        # Written last, and atomically: its presence marks a finished run (see resolve_resume).
+        # Written last, and atomically: its presence marks a finished run (see checkpoints.resolve_resume).
         finished = os.path.join(output_dir, checkpoints.FINISHED_MARKER)
         with open(finished + ".tmp", "w") as handle:
             json.dump(arguments, handle, indent=2, default=str)

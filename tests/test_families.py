@@ -15,7 +15,8 @@ import origin_train
 from conftest import WORDS, conversation_records, write_jsonl
 from longcontrast import UserError
 from longcontrast.data import pad
-from longcontrast.modeling import load_encoder, pool, position_offset, position_table, token_positions
+from longcontrast.modeling import load_encoder, pool
+from longcontrast.positions import position_offset, position_table, token_positions
 from test_evaluate import DOCS, item, write_set
 
 TRAINED = 64  # real positions of the tiny models

@@ -7,9 +7,8 @@ import torch.nn.functional as F
 
 from conftest import TINY_MAX_POSITIONS
 from longcontrast.data import pad
-from longcontrast.modeling import (
-    DualEncoder, extended_position_table, load_encoder, pool, read_pooling,
-)
+from longcontrast.modeling import DualEncoder, load_encoder, pool, read_pooling
+from longcontrast.positions import extended_position_table
 
 LONG = 4 * TINY_MAX_POSITIONS
 

@@ -1,0 +1,329 @@
+#!/usr/bin/env python
+"""Does a model read long text? Synthetic passkey and needle retrieval from 256 to 8192 tokens,
+and Doc2Dial whole pages split by where the answer starts.
+
+Built like LongEmbed's synthetic tasks (Zhu et al. 2024), generated here offline and
+deterministically. Per length L, 100 documents of L tokens share one corpus and 50 of them are
+asked for (Acc@1 = the share of queries whose document ranks first):
+
+- passkey: the filler "The grass is green. The sky is blue. ..." repeated to L tokens, with
+  "{name}'s pass key is {key}. Remember it. {key} is the pass key for {name}." at a random
+  sentence boundary; query "what is the passkey for {name}?". The documents differ only there.
+- needle: the same haystack of natural prose for every document (Doc2Dial dev pages, CC BY 3.0,
+  from ../shared/data/doc2dial), with one short fact of this file's own (e.g. "The best thing to do
+  in Carrowmore is to swim in the harbour at dawn.") at a random sentence boundary; the query is the
+  fact's question.
+
+Lengths count tokens of the embedded MiniLM's (BERT uncased) tokenizer, [CLS] and [SEP] included.
+Every model reads each text cut at its own position limit, as LongEmbed does: a 512-position
+model sees the first 512 tokens. Texts it reads identically tie, and a tie with the gold counts
+as a share of a hit (1 / the tied candidates), never as a hit.
+
+pages: ../shared/data/doc2dial/pages/dev (273 whole pages, up to ~8,900 tokens), each page read up
+to the model's limit; Recall@1/5/20 over all items and apart for answers starting before / from
+token 512 (``gold_start_token``).
+
+    python bench/long_context.py                                  # the embedded MiniLM at 512 positions
+    python bench/long_context.py --models default=default long=outputs/long --lengths 256 512 1024 2048 4096
+    python bench/long_context.py --untrained_inits copy interpolate   # the MiniLM extended, before training
+
+Prints a table, writes JSON (``--output``) and a PNG of Acc@1 against length (``--plot``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from longcontrast import UserError  # noqa: E402
+from longcontrast.data import tokenize  # noqa: E402
+from longcontrast.evaluation import EvalConfig, encode, evaluate_dataset, load_retriever, read_json  # noqa: E402
+from longcontrast.modeling import DualEncoder, default_model_path, load_encoder, load_tokenizer, read_pooling  # noqa: E402
+from longcontrast.positions import POSITION_INITS, token_positions  # noqa: E402
+
+logger = logging.getLogger("long_context")
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.join(HERE, "..", "..", "shared", "data", "doc2dial")
+TASKS = ("passkey", "needle")
+LENGTHS = (256, 512, 1024, 2048, 4096)  # the CPU default; add 8192 on a GPU
+
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY = "{name}'s pass key is {key}. Remember it. {key} is the pass key for {name}."
+PASSKEY_QUERY = "what is the passkey for {name}?"
+NAMES = (
+    "Abigail Ashdown Bartholomew Beatrix Cassius Cordelia Desmond Dorothea Ezekiel Eloise Fitzgerald Florentine "
+    "Gideon Guinevere Horatio Henrietta Ignatius Isadora Jasper Josephine Kilian Katarina Leopold Lavinia Montague "
+    "Marguerite Nathaniel Ninette Octavius Ophelia Peregrine Philippa Quentin Quintessa Reginald Rosalind Sebastian "
+    "Seraphina Thaddeus Theodora Ulysses Ursula Valentine Veronica Wilfred Winifred Xavier Xanthe Yannick Yolanda "
+    "Zachariah Zenobia Alaric Annabel Barnaby Bernadette Cornelius Clementine Dashiell Delphine Evander Esmeralda "
+    "Ferdinand Francesca Gulliver Georgiana Hamish Hyacinth Ichabod Imogen Jedidiah Juniper Lancelot Leonora "
+    "Mortimer Millicent Neville Nerissa Oberon Octavia Percival Penelope Rupert Rosamund Silas Sybilla Tobias "
+    "Tabitha Virgil Vivienne Warwick Wilhelmina Ambrose Adelaide Crispin Cressida Lysander Lucasta Magnus Marigold"
+).split()
+# Needles: (fact, question) templates over subjects that appear nowhere else in a document.
+NEEDLES = (
+    ("The best thing to do in {s} is to {a}.", "What is the best thing to do in {s}?"),
+    ("The oldest bakery in {s} sells bread made with {a}.", "What is the bread of the oldest bakery in {s} made with?"),
+    ("Every spring the people of {s} {a}.", "What do the people of {s} do every spring?"),
+    ("The secret of the lighthouse keeper of {s} is that he {a}.", "What is the secret of the lighthouse keeper of {s}?"),
+)
+PLACES = (
+    "Carrowmore Ellesby Fenwick Glenmorrow Harrowgate Inverkeld Kilbarron Lindenfall Marrowby Northcombe Oakhurst "
+    "Pennington Quarrydale Ravensholme Saltmarsh Thornbury Umberleigh Valemont Wexcombe Yarrowfield Ashbourne "
+    "Brackenridge Coldharbour Dunmere Everleigh"
+).split()
+ACTIVITIES = (
+    "swim in the harbour at dawn", "watch the herons on the river", "paint the old stone bridge",
+    "climb the clock tower", "race wooden boats on the lake", "plant tulips along the canal",
+    "carry lanterns up the hill", "bake honey cakes for strangers", "ring the seven church bells",
+    "dance around the apple trees", "fly red kites from the cliffs", "sing to the cows in the meadow",
+    "collect sea glass on the shore", "tell ghost stories in the cellar", "feed the swans at the mill",
+    "read poems to the fishermen", "knit scarves for the statues", "count the stars from the rooftops",
+    "grow giant pumpkins", "keep bees on the roof", "play chess in the square", "ride donkeys to the market",
+    "make cheese from goat milk", "juggle oranges at the fair", "walk barefoot on the beach",
+)
+
+
+def word_tokens(tokenizer, words: list[str]) -> list[int]:
+    """Tokens of each whitespace-separated word (BERT WordPiece tokenises words independently)."""
+    return [len(ids) for ids in tokenizer(words, add_special_tokens=False)["input_ids"]]
+
+
+def fill(sentences: list[str], counts: list[int], budget: int, start: int = 0) -> list[str]:
+    """Sentences from ``sentences`` (cycled from ``start``) until ``budget`` tokens; the last one cut
+    to the word that fits. ``counts``: tokens per sentence (words separated by single spaces)."""
+    out, used, index = [], 0, start
+    while used < budget:
+        sentence, count = sentences[index % len(sentences)], counts[index % len(sentences)]
+        if used + count > budget:
+            break
+        out.append(sentence)
+        used += count
+        index += 1
+    return out
+
+
+def build_documents(kind: str, length: int, tokenizer, haystack: list[str], count: int, seed: int):
+    """``count`` documents of at most ``length`` tokens ([CLS] and [SEP] included) and their queries.
+
+    Returns (documents, queries): ``queries[i]`` asks for ``documents[i]``. Deterministic in
+    ``(kind, length, seed)``.
+    """
+    rng = random.Random(f"{kind}-{length}-{seed}")
+    if kind == "passkey":
+        names = rng.sample(NAMES, count)
+        facts = [PASSKEY.format(name=n, key=rng.randrange(10_000, 100_000)) for n in names]
+        questions = [PASSKEY_QUERY.format(name=n) for n in names]
+        sentences = [s.strip() + "." for s in FILLER.split(".") if s.strip()]
+    elif kind == "needle":
+        pairs = [(t, s, a) for t in range(len(NEEDLES)) for s, a in zip(PLACES, rng.sample(ACTIVITIES, len(PLACES)))]
+        chosen = rng.sample(pairs, count)
+        facts = [NEEDLES[t][0].format(s=s, a=a) for t, s, a in chosen]
+        questions = [NEEDLES[t][1].format(s=s) for t, s, _ in chosen]
+        sentences = haystack
+    else:
+        raise ValueError(kind)
+    counts = [sum(word_tokens(tokenizer, s.split())) for s in sentences]
+    documents = []
+    for fact in facts:
+        budget = length - 2 - sum(word_tokens(tokenizer, fact.split()))
+        body = fill(sentences, counts, budget)
+        at = rng.randint(0, len(body))  # a sentence boundary: the fact's depth
+        documents.append(" ".join(body[:at] + [fact] + body[at:]))
+    return documents, questions
+
+
+def load_haystack(pages_folder: str) -> list[str]:
+    """Natural-prose sentences: the Doc2Dial dev pages, in page order, one sentence per line."""
+    documents = read_json(os.path.join(pages_folder, "documents.json"))
+    sentences = []
+    for name in sorted(documents):
+        for page in documents[name]:
+            for line in page.split("\n"):
+                words = line.split()
+                if len(words) >= 6 and words[-1][-1] in ".?!":  # sentences; no headings or menu crumbs
+                    sentences.append(" ".join(words))
+    return sentences
+
+
+def accuracy_at_1(scores: torch.Tensor) -> float:
+    """Acc@1 in percent from (Q, C) scores where query i's gold is candidate i; a tie at the top
+    with the gold counts as 1 / the tied candidates (a random pick among equals)."""
+    gold = scores.diagonal()  # (Q,)
+    higher = (scores > gold[:, None]).sum(1)  # (Q,)
+    tied = (scores == gold[:, None]).sum(1)  # (Q,) the gold itself included
+    return 100 * float(torch.where(higher == 0, 1 / tied, torch.zeros_like(gold)).mean())
+
+
+def load_models(specs: list[str], untrained_inits: list[str], extend_to: int):
+    """{label: (DualEncoder, tokenizer)} loader thunks: ``label=path`` or ``path`` ('default' is the
+    embedded MiniLM); each untrained init adds the default model extended to ``extend_to`` with it."""
+    loaders = {}
+    for spec in specs:
+        label, _, path = spec.rpartition("=")
+        label = label or path
+        loaders[label] = (lambda path=path: load_retriever(None if path == "default" else path))
+    for init in untrained_inits:
+        def extended(init=init):
+            torch.manual_seed(0)
+            path = default_model_path()
+            encoder, tokenizer = load_encoder(path, extend_to, init, dropout=0.0)
+            return DualEncoder(encoder.eval(), read_pooling(path) or "cls"), tokenizer
+        loaders[f"MiniLM {extend_to} {init}, untrained"] = extended
+    return loaders
+
+
+def run_synthetic(model, tokenizer, reference, kind, length, haystack, args) -> float:
+    limit = token_positions(model.query_encoder)
+    documents, questions = build_documents(kind, length, reference, haystack, args.num_documents, args.seed)
+    doc_ids = tokenize(tokenizer, documents, min(limit, length + 16), "right", model.prompts.get("document", ""))
+    query_ids = tokenize(tokenizer, questions[: args.num_queries], min(limit, 128), "left", model.prompts.get("query", ""))
+    device = torch.device(args.device)
+    docs = encode(model, doc_ids, "passage", args.batch_size, tokenizer.pad_token_id, device, f"{kind} {length}")
+    queries = encode(model, query_ids, "query", args.batch_size, tokenizer.pad_token_id, device, "queries")
+    return accuracy_at_1(queries @ docs.T)  # (Q, C)
+
+
+def format_tables(results: dict, lengths: list[int]) -> str:
+    lines = []
+    for kind in TASKS:
+        if not any(kind in r for r in results.values()):
+            continue
+        lines += [f"\n{kind} Acc@1 (%)", "| model | " + " | ".join(map(str, lengths)) + " | mean |",
+                  "|---|" + "---|" * (len(lengths) + 1)]
+        for label, r in results.items():
+            cells = [f"{r[kind][str(n)]:.1f}" if str(n) in r.get(kind, {}) else "-" for n in lengths]
+            mean = f"{r[kind]['mean']:.1f}" if "mean" in r.get(kind, {}) else "-"
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {mean} |")
+    if any("pages" in r for r in results.values()):
+        lines += ["\nDoc2Dial whole pages, Recall@1 / @5 / @20 (%)",
+                  "| model | positions | all | answer before 512 | answer from 512 |", "|---|---|---|---|---|"]
+        for label, r in results.items():
+            if "pages" in r:
+                p = r["pages"]
+                cell = lambda m: f"{m['recall@1']:.1f} / {m['recall@5']:.1f} / {m['recall@20']:.1f}"  # noqa: E731
+                lines.append(f"| {label} | {r['positions']} | {cell(p)} | {cell(p['gold_start<512'])} | "
+                             f"{cell(p['gold_start>=512'])} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, lengths: list[int], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [k for k in TASKS if any(k in r for r in results.values())]
+    figure, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.2), squeeze=False)
+    for axis, kind in zip(axes[0], kinds):
+        for label, r in results.items():
+            points = [(n, r[kind][str(n)]) for n in lengths if str(n) in r.get(kind, {})]
+            if points:
+                axis.plot(*zip(*points), marker="o", label=label)
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(lengths, [str(n) for n in lengths])
+        axis.set_ylim(-2, 102)
+        axis.set_xlabel("document length (tokens)")
+        axis.set_ylabel("Acc@1 (%)")
+        axis.set_title(kind)
+        axis.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="lower left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", default=["MiniLM 512=default"],
+                        help="Models as LABEL=PATH or PATH ('default': the embedded all-MiniLM-L6-v2, 512 positions).")
+    parser.add_argument("--untrained_inits", nargs="*", default=[], choices=POSITION_INITS,
+                        help="Also the embedded MiniLM extended to --extend_to positions with each init, untrained.")
+    parser.add_argument("--extend_to", type=int, default=8192)
+    parser.add_argument("--tasks", nargs="+", default=[*TASKS, "pages"], choices=[*TASKS, "pages"])
+    parser.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS),
+                        help="Document lengths in tokens (default: up to 4096, the CPU default; add 8192 on a GPU).")
+    parser.add_argument("--num_documents", type=int, default=100)
+    parser.add_argument("--num_queries", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0, help="Generation seed (names, keys, needles, depths).")
+    parser.add_argument("--pages", default=os.path.join(SHARED, "pages", "dev"),
+                        help="Whole-page dev set (test.json + documents.json); also the needle haystack.")
+    parser.add_argument("--pages_max_len", type=int, default=8192, help="Page tokens read (capped at the model's limit).")
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output", default=os.path.join(HERE, "results", "long_context.json"))
+    parser.add_argument("--plot", default=None, help="PNG of Acc@1 against length (default: --output with .png).")
+    parser.add_argument("--reuse", action="store_true",
+                        help="Keep the results already in --output and run only what is missing.")
+    args = parser.parse_args(argv)
+    if not 0 < args.num_queries <= args.num_documents <= len(NAMES):
+        parser.error(f"need 0 < --num_queries <= --num_documents <= {len(NAMES)}")
+    if min(args.lengths) < 64:
+        parser.error("--lengths must be >= 64 tokens")
+    return args
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    args = parse_args(argv)
+    torch.set_grad_enabled(False)
+    try:
+        reference = load_tokenizer(default_model_path())
+        haystack = load_haystack(args.pages) if "needle" in args.tasks else []
+        results = {}
+        if args.reuse and os.path.isfile(args.output):
+            results = read_json(args.output)["results"]
+        for label, load in load_models(args.models, args.untrained_inits, args.extend_to).items():
+            model, tokenizer = load()
+            model.to(args.device)
+            row = results.setdefault(label, {})
+            row["positions"] = token_positions(model.query_encoder)
+            for kind in (k for k in args.tasks if k in TASKS):
+                done = row.setdefault(kind, {})
+                for length in args.lengths:
+                    if str(length) not in done:
+                        started = time.perf_counter()
+                        done[str(length)] = run_synthetic(model, tokenizer, reference, kind, length, haystack, args)
+                        logger.info("%s %s %d: Acc@1 %.1f (%.0f s)", label, kind, length, done[str(length)],
+                                    time.perf_counter() - started)
+                done["mean"] = sum(v for k, v in done.items() if k != "mean") / len([k for k in done if k != "mean"])
+                save(results, args)
+            if "pages" in args.tasks and "pages" not in row:
+                limit = row["positions"]
+                config = EvalConfig(min(256, limit), min(args.pages_max_len, limit), args.batch_size,
+                                    query_prompt=model.prompts.get("query", ""),
+                                    passage_prompt=model.prompts.get("document", ""))
+                row["pages"] = evaluate_dataset(model, tokenizer, args.pages, "doc2dial", config, torch.device(args.device))
+                logger.info("%s pages: Recall@1 %.2f", label, row["pages"]["recall@1"])
+                save(results, args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    lengths = sorted({int(n) for r in results.values() for k in TASKS for n in r.get(k, {}) if n != "mean"})
+    print(format_tables(results, lengths))
+    plot_path = args.plot or os.path.splitext(args.output)[0] + ".png"
+    plot(results, lengths, plot_path)
+    print(f"results written to {args.output} and {plot_path}")
+    return 0
+
+
+def save(results: dict, args) -> None:
+    """Write the results so far (atomically: an interrupted run keeps what it measured)."""
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    config = {k: v for k, v in vars(args).items() if k not in ("reuse",)}
+    with open(args.output + ".tmp", "w") as handle:
+        json.dump({"config": config, "results": results}, handle, indent=2)
+    os.replace(args.output + ".tmp", args.output)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
