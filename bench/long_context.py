@@ -188,8 +188,8 @@ def run_synthetic(model, tokenizer, reference, kind, length, haystack, args) -> 
     doc_ids = tokenize(tokenizer, documents, min(limit, length + 16), "right", model.prompts.get("document", ""))
     query_ids = tokenize(tokenizer, questions[: args.num_queries], min(limit, 128), "left", model.prompts.get("query", ""))
     device = torch.device(args.device)
-    docs = encode(model, doc_ids, "passage", args.batch_size, tokenizer.pad_token_id, device, f"{kind} {length}")
-    queries = encode(model, query_ids, "query", args.batch_size, tokenizer.pad_token_id, device, "queries")
+    docs = encode(model, doc_ids, "passage", args.batch_size, tokenizer.pad_token_id, device, f"{kind} {length}", args.bf16)
+    queries = encode(model, query_ids, "query", args.batch_size, tokenizer.pad_token_id, device, "queries", args.bf16)
     return accuracy_at_1(queries @ docs.T)  # (Q, C)
 
 
@@ -258,7 +258,10 @@ def parse_args(argv=None):
     parser.add_argument("--pages", default=os.path.join(SHARED, "pages", "dev"),
                         help="Whole-page dev set (test.json + documents.json); also the needle haystack.")
     parser.add_argument("--pages_max_len", type=int, default=8192, help="Page tokens read (capped at the model's limit).")
+    parser.add_argument("--tokenizer", default=None,
+                        help="Tokenizer that measures the lengths (default: the embedded MiniLM's, BERT uncased).")
     parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--bf16", action="store_true", help="Encode under bf16 autocast (GPU).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", default=os.path.join(HERE, "results", "long_context.json"))
     parser.add_argument("--plot", default=None, help="PNG of Acc@1 against length (default: --output with .png).")
@@ -277,7 +280,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_grad_enabled(False)
     try:
-        reference = load_tokenizer(default_model_path())
+        reference = load_tokenizer(args.tokenizer or default_model_path())
         haystack = load_haystack(args.pages) if "needle" in args.tasks else []
         results = {}
         if args.reuse and os.path.isfile(args.output):
@@ -299,7 +302,7 @@ def main(argv=None) -> int:
                 save(results, args)
             if "pages" in args.tasks and "pages" not in row:
                 limit = row["positions"]
-                config = EvalConfig(min(256, limit), min(args.pages_max_len, limit), args.batch_size,
+                config = EvalConfig(min(256, limit), min(args.pages_max_len, limit), args.batch_size, bf16=args.bf16,
                                     query_prompt=model.prompts.get("query", ""),
                                     passage_prompt=model.prompts.get("document", ""))
                 row["pages"] = evaluate_dataset(model, tokenizer, args.pages, "doc2dial", config, torch.device(args.device))

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The CPU long-context recipe (README, "Long context"): all-MiniLM-L6-v2 extended to 8192 positions
+# and trained with GradCache on the shared Doc2Dial data only: the chunk-level triples
+# (train_triples.jsonl) and the same dialogues with WHOLE pages as positives and BM25-mined pages as
+# negatives (pages/train_pages.jsonl, up to 2048 tokens read), one hard negative, one epoch. Every
+# passage reads its tokens at randomly shifted positions (--shift_positions, PoSE), so rows up to
+# 8191 learn from texts of at most 2048 tokens. Nothing generated like the benchmark's passkey or
+# needle documents is trained on. Then the chunk-level and page-level dev sets are evaluated.
+#
+#   bash bench/long_context_recipe.sh OUTPUT_DIR [extra efficient_train.py flags]
+#   python bench/long_context.py --models "MiniLM 512=default" "recipe=OUTPUT_DIR"   # the long-context benchmark
+#
+# Writes the model to OUTPUT_DIR (AutoModel / SentenceTransformer folder) and the dev metrics to
+# OUTPUT_DIR/eval_doc2dial_dev.json (chunks) and OUTPUT_DIR/eval_doc2dial_pages.json (whole pages, with
+# the split by answer position). Extra flags override the recipe's (e.g. the 512-position control:
+# --max_position_embeddings 512 --passage_max_len 512). Environment: PYTHON (default python), SHARED
+# (default ../shared/data/doc2dial).
+set -euo pipefail
+if [ $# -lt 1 ]; then echo "usage: bash bench/long_context_recipe.sh OUTPUT_DIR [extra efficient_train.py flags]" >&2; exit 2; fi
+out=$1; shift
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python}
+shared=${SHARED:-../shared/data/doc2dial}
+for f in "$shared/train_triples.jsonl" "$shared/pages/train_pages.jsonl" "$shared/dev/test.json" "$shared/pages/dev/test.json"; do
+  [ -f "$f" ] || { echo "error: $f not found (set SHARED to the Doc2Dial folder)" >&2; exit 2; }
+done
+if [ -e "$out" ] && [ -n "$(ls -A "$out" 2>/dev/null)" ]; then
+  echo "error: $out exists and is not empty; choose another folder" >&2; exit 2
+fi
+
+SECONDS=0
+"$python" efficient_train.py --train_data "$shared/train_triples.jsonl" "$shared/pages/train_pages.jsonl" \
+  --output_dir "$out" --max_position_embeddings 8192 --position_init copy --shift_positions \
+  --passage_max_len 2048 --mini_batch_size 8 --mini_batch_tokens 16384 --num_hard_negatives 1 \
+  --per_device_train_batch_size 16 --num_train_epochs 1 --temperature 0.05 --learning_rate 2e-5 \
+  --save_strategy no --logging_steps 10 "$@"
+trained=$SECONDS
+"$python" evaluate.py --model_path "$out" --data-folder "$shared/dev" --eval-dataset doc2dial \
+  --output_file "$out/eval_doc2dial_dev.json"
+"$python" evaluate.py --model_path "$out" --data-folder "$shared/pages/dev" --eval-dataset doc2dial \
+  --passage_max_len 8192 --output_file "$out/eval_doc2dial_pages.json"
+echo "training ${trained} s, evaluation $((SECONDS - trained)) s; model in $out"
+echo "long-context benchmark: $python bench/long_context.py --models \"MiniLM 512=default\" \"recipe=$out\""

@@ -1,0 +1,54 @@
+"""bench/long_context.py: its documents are deterministic, of the asked length, hold their fact
+once at a sentence boundary, and its Acc@1 never counts a tie as a hit."""
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+spec = importlib.util.spec_from_file_location("long_context", Path(__file__).parents[1] / "bench" / "long_context.py")
+long_context = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(long_context)
+
+HAYSTACK = ["The office is open on weekdays.", "You can apply for a permit online.", "A fee is due when you renew."]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.mark.parametrize("kind", ["passkey", "needle"])
+def test_documents_have_the_length_and_their_fact_once(kind, tokenizer):
+    documents, questions = long_context.build_documents(kind, 300, tokenizer, HAYSTACK, 20, seed=0)
+    again, _ = long_context.build_documents(kind, 300, tokenizer, HAYSTACK, 20, seed=0)
+    other, _ = long_context.build_documents(kind, 300, tokenizer, HAYSTACK, 20, seed=1)
+    assert documents == again and documents != other
+    assert len(documents) == len(questions) == len(set(questions)) == 20
+    lengths = [len(tokenizer(d)["input_ids"]) for d in documents]  # [CLS] and [SEP] included
+    assert max(lengths) <= 300 and min(lengths) >= 300 - 40  # at most one sentence short
+    depths = set()
+    for document, question in zip(documents, questions):
+        if kind == "passkey":  # "{name}'s pass key is {key}. Remember it. {key} is the pass key for {name}."
+            subject, times = question.split("for ")[1].rstrip("?"), 2
+        else:
+            (subject,), times = [p for p in long_context.PLACES if p in question], 1
+        assert document.count(subject) == times
+        sentences = re.split(r"(?<=[.?!]) ", document)
+        if kind == "needle":  # every other sentence is the haystack's, whole
+            (fact,) = [x for x in sentences if x not in HAYSTACK]
+            assert subject in fact
+        else:
+            fact = f"{subject}'s pass key is"
+            assert any(x.startswith(fact) for x in sentences)  # at a sentence boundary
+        depths.add(document.index(fact))
+    assert len(depths) > 5  # facts at many depths
+
+
+def test_accuracy_counts_ties_as_shares():
+    scores = torch.tensor([[0.9, 0.1, 0.2], [0.5, 0.5, 0.5], [0.9, 0.1, 0.3]])  # hit, 3-way tie, miss
+    assert long_context.accuracy_at_1(scores) == pytest.approx(100 * (1 + 1 / 3 + 0) / 3)
