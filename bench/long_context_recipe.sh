@@ -29,9 +29,9 @@ if [ -e "$out" ] && [ -n "$(ls -A "$out" 2>/dev/null)" ]; then
 fi
 
 SECONDS=0
-"$python" efficient_train.py --train_data "$shared/train_triples.jsonl" "$shared/pages/train_pages.jsonl" \
+"$python" efficient_train.py --train_data "$shared/pages/train_pages.jsonl" \
   --output_dir "$out" --max_position_embeddings 8192 --position_init copy --shift_positions \
-  --passage_max_len 2048 --mini_batch_size 8 --mini_batch_tokens 16384 --num_hard_negatives 1 \
+  --passage_max_len 1024 --mini_batch_size 8 --mini_batch_tokens 8192 --num_hard_negatives 1 \
   --per_device_train_batch_size 16 --num_train_epochs 1 --temperature 0.05 --learning_rate 2e-5 \
   --save_strategy no --logging_steps 10 "$@"
 trained=$SECONDS

@@ -1,9 +1,10 @@
 """longcontrast: long-context contrastive training of BERT-style text embedding models.
 
 The package holds everything the two training scripts (``origin_train.py``, ``efficient_train.py``)
-and the evaluation share: encoder loading and position extension (``modeling``), the contrastive
-loss (``loss``), GradCache (``gradcache``), data loading (``data``) and the training loop
-(``training``).
+and the evaluation share: encoder loading (``modeling``), position extension and shifted
+positions (``positions``), the contrastive loss (``loss``), GradCache (``gradcache``), data loading
+(``data``), the arguments (``arguments``), the training loop (``training``), checkpoints,
+evaluation and hard-negative mining.
 """
 
 __version__ = "0.1.0"

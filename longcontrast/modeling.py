@@ -213,8 +213,8 @@ class DualEncoder(nn.Module):
     """A query encoder and a context (passage) encoder, shared unless untied.
 
     ``forward(input_ids, attention_mask, side, position_ids=None)`` returns (N, D) L2-normalised
-    embeddings; ``side`` is ``"query"`` or ``"passage"``. All encoding goes through ``forward`` so that a wrapper (DDP,
-    accelerate's autocast) sees every call.
+    embeddings; ``side`` is ``"query"`` or ``"passage"``. All encoding goes through ``forward`` so
+    that a wrapper (DDP, accelerate's autocast) sees every call.
     """
 
     def __init__(self, encoder: nn.Module, pooling: str = "cls", context_encoder: nn.Module | None = None,

@@ -35,6 +35,10 @@ CONFIGS = {
     "efficient_neg2": (2, 2, False, True),
     "efficient_untied_neg2": (2, 2, True, True),
     "origin_untied_neg2": (None, 2, True, True),
+    # Shifted position ids (--shift_positions): each passage's shift derived from its text (the same
+    # in every process and in the one-process reference; see shifted()).
+    "efficient_neg2_shifted": (2, 2, False, True),
+    "origin_neg2_shifted": (None, 2, False, True),
     # Negative control: the replays reach DDP through a wrapper, so no no_sync: one all-reduce
     # per mini-batch.
     "efficient_neg2_without_no_sync": (2, 2, False, False),
@@ -50,6 +54,16 @@ def build(model_dir: str, untied: bool) -> tuple[DualEncoder, object]:
     torch.manual_seed(0)
     encoder, tokenizer = load_encoder(model_dir, 128, "copy", dropout=0.0)
     return (DualEncoder.untied(encoder, "cls") if untied else DualEncoder(encoder, "cls")), tokenizer
+
+
+def shifted(batch: dict, name: str, max_positions: int = 128) -> dict:
+    """For a ``*_shifted`` configuration, the batch with a position shift per passage that depends on
+    its text only, so every process and the one-process reference give a text the same shift."""
+    if name.endswith("_shifted"):
+        batch["passage_position_shifts"] = [
+            int(text) % (max_positions - len(ids) + 1) for text, ids in zip(batch["passage_text_ids"], batch["passage_ids"])
+        ]
+    return batch
 
 
 class Passthrough(nn.Module):
@@ -78,7 +92,8 @@ def main(model_dir: str, out_dir: str) -> None:
             return allreduce_hook(state, bucket)
 
         ddp.register_comm_hook(None, counting_hook)
-        batch = ContrastiveCollator(tokenizer, 32, 48, negatives)(batch_rows[rank * PER_RANK : (rank + 1) * PER_RANK])
+        batch = shifted(ContrastiveCollator(tokenizer, 32, 48, negatives)(batch_rows[rank * PER_RANK : (rank + 1) * PER_RANK]),
+                        name)
         # Step 1 warms up: DDP puts all gradients in one bucket for its first backward and cuts the
         # real buckets (bucket_cap_mb) after it. Step 2, same batch and weights, is measured.
         for _ in range(2):

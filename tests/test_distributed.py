@@ -63,7 +63,7 @@ def test_two_processes_give_the_gradient_of_the_concatenated_batch(name, worker_
     """Batch B per process with cross-device negatives == one process with the batch 2B."""
     mini_batch_size, negatives, untied, _ = worker.CONFIGS[name]
     model, tokenizer = worker.build(tiny_model_dir, untied)
-    batch = ContrastiveCollator(tokenizer, 32, 48, negatives)(worker.rows(worker.PER_RANK * WORLD))
+    batch = worker.shifted(ContrastiveCollator(tokenizer, 32, 48, negatives)(worker.rows(worker.PER_RANK * WORLD)), name)
     contrastive_step(model, batch, worker.TEMPERATURE, tokenizer.pad_token_id, "cpu", mini_batch_size)
     reference = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert relative_error(worker_results[name]["grads"], reference) <= 1e-5
