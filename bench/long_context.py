@@ -206,13 +206,14 @@ def format_tables(results: dict, lengths: list[int]) -> str:
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {mean} |")
     if any("pages" in r for r in results.values()):
         lines += ["\nDoc2Dial whole pages, Recall@1 / @5 / @20 (%)",
-                  "| model | positions | all | answer before 512 | answer from 512 |", "|---|---|---|---|---|"]
+                  "| model | tokens read | all | answer before 512 | answer from 512 |", "|---|---|---|---|---|"]
+        cell = lambda m: f"{m['recall@1']:.1f} / {m['recall@5']:.1f} / {m['recall@20']:.1f}"  # noqa: E731
         for label, r in results.items():
-            if "pages" in r:
-                p = r["pages"]
-                cell = lambda m: f"{m['recall@1']:.1f} / {m['recall@5']:.1f} / {m['recall@20']:.1f}"  # noqa: E731
-                lines.append(f"| {label} | {r['positions']} | {cell(p)} | {cell(p['gold_start<512'])} | "
-                             f"{cell(p['gold_start>=512'])} |")
+            for key in ("pages", "pages_cut"):
+                if key in r:
+                    p = r[key]
+                    lines.append(f"| {label}{', pages cut' if key == 'pages_cut' else ''} | {p.get('max_len', '-')} | "
+                                 f"{cell(p)} | {cell(p['gold_start<512'])} | {cell(p['gold_start>=512'])} |")
     return "\n".join(lines)
 
 
@@ -258,6 +259,8 @@ def parse_args(argv=None):
     parser.add_argument("--pages", default=os.path.join(SHARED, "pages", "dev"),
                         help="Whole-page dev set (test.json + documents.json); also the needle haystack.")
     parser.add_argument("--pages_max_len", type=int, default=8192, help="Page tokens read (capped at the model's limit).")
+    parser.add_argument("--pages_cut", type=int, default=512,
+                        help="A model reading more than this many tokens is also scored with pages cut there (0: not).")
     parser.add_argument("--tokenizer", default=None,
                         help="Tokenizer that measures the lengths (default: the embedded MiniLM's, BERT uncased).")
     parser.add_argument("--batch_size", type=int, default=4)
@@ -282,9 +285,11 @@ def main(argv=None) -> int:
     try:
         reference = load_tokenizer(args.tokenizer or default_model_path())
         haystack = load_haystack(args.pages) if "needle" in args.tasks else []
-        results = {}
+        results, runs = {}, []
         if args.reuse and os.path.isfile(args.output):
-            results = read_json(args.output)["results"]
+            previous = read_json(args.output)
+            results, runs = previous["results"], previous.get("runs", [])
+        runs.append({k: v for k, v in vars(args).items() if k != "reuse"})
         for label, load in load_models(args.models, args.untrained_inits, args.extend_to).items():
             model, tokenizer = load()
             model.to(args.device)
@@ -299,15 +304,20 @@ def main(argv=None) -> int:
                         logger.info("%s %s %d: Acc@1 %.1f (%.0f s)", label, kind, length, done[str(length)],
                                     time.perf_counter() - started)
                 done["mean"] = sum(v for k, v in done.items() if k != "mean") / len([k for k in done if k != "mean"])
-                save(results, args)
-            if "pages" in args.tasks and "pages" not in row:
+                save(results, runs, args)
+            if "pages" in args.tasks:
                 limit = row["positions"]
-                config = EvalConfig(min(256, limit), min(args.pages_max_len, limit), args.batch_size, bf16=args.bf16,
-                                    query_prompt=model.prompts.get("query", ""),
-                                    passage_prompt=model.prompts.get("document", ""))
-                row["pages"] = evaluate_dataset(model, tokenizer, args.pages, "doc2dial", config, torch.device(args.device))
-                logger.info("%s pages: Recall@1 %.2f", label, row["pages"]["recall@1"])
-                save(results, args)
+                # the page-level dev set read whole, and (for a long model) cut at --pages_cut as well
+                for key, max_len in (("pages", min(args.pages_max_len, limit)), ("pages_cut", args.pages_cut)):
+                    if key in row or not max_len or (key == "pages_cut" and limit <= max_len):
+                        continue
+                    config = EvalConfig(min(256, limit), max_len, args.batch_size, bf16=args.bf16,
+                                        query_prompt=model.prompts.get("query", ""),
+                                        passage_prompt=model.prompts.get("document", ""))
+                    row[key] = {"max_len": max_len, **evaluate_dataset(model, tokenizer, args.pages, "doc2dial", config,
+                                                                       torch.device(args.device))}
+                    logger.info("%s %s (%d tokens): Recall@1 %.2f", label, key, max_len, row[key]["recall@1"])
+                    save(results, runs, args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -319,12 +329,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def save(results: dict, args) -> None:
-    """Write the results so far (atomically: an interrupted run keeps what it measured)."""
+def save(results: dict, runs: list[dict], args) -> None:
+    """Write the results so far and the arguments of every run that made them (atomically: an
+    interrupted run keeps what it measured; ``--reuse`` goes on from there)."""
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    config = {k: v for k, v in vars(args).items() if k not in ("reuse",)}
     with open(args.output + ".tmp", "w") as handle:
-        json.dump({"config": config, "results": results}, handle, indent=2)
+        json.dump({"runs": runs, "results": results}, handle, indent=2)
     os.replace(args.output + ".tmp", args.output)
 
 
