@@ -115,8 +115,8 @@ def fill(sentences: list[str], counts: list[int], budget: int, start: int = 0) -
 def build_documents(kind: str, length: int, tokenizer, haystack: list[str], count: int, seed: int):
     """``count`` documents of at most ``length`` tokens ([CLS] and [SEP] included) and their queries.
 
-    Returns (documents, queries): ``queries[i]`` asks for ``documents[i]``. Deterministic in
-    ``(kind, length, seed)``.
+    Returns (documents, queries, depths): ``queries[i]`` asks for ``documents[i]``, whose fact
+    starts at token ``depths[i]`` ([CLS] is token 0). Deterministic in ``(kind, length, seed)``.
     """
     rng = random.Random(f"{kind}-{length}-{seed}")
     if kind == "passkey":
@@ -133,13 +133,14 @@ def build_documents(kind: str, length: int, tokenizer, haystack: list[str], coun
     else:
         raise ValueError(kind)
     counts = [sum(word_tokens(tokenizer, s.split())) for s in sentences]
-    documents = []
+    documents, depths = [], []
     for fact in facts:
         budget = length - 2 - sum(word_tokens(tokenizer, fact.split()))
         body = fill(sentences, counts, budget)
         at = rng.randint(0, len(body))  # a sentence boundary: the fact's depth
         documents.append(" ".join(body[:at] + [fact] + body[at:]))
-    return documents, questions
+        depths.append(1 + sum(counts[i % len(sentences)] for i in range(at)))
+    return documents, questions, depths
 
 
 def load_haystack(pages_folder: str) -> list[str]:
@@ -155,13 +156,18 @@ def load_haystack(pages_folder: str) -> list[str]:
     return sentences
 
 
-def accuracy_at_1(scores: torch.Tensor) -> float:
-    """Acc@1 in percent from (Q, C) scores where query i's gold is candidate i; a tie at the top
-    with the gold counts as 1 / the tied candidates (a random pick among equals)."""
+def hits_at_1(scores: torch.Tensor) -> torch.Tensor:
+    """(Q,) hits from (Q, C) scores where query i's gold is candidate i: 1 when the gold ranks
+    first alone, 1 / the tied candidates when it ties for first (a random pick among equals), else 0."""
     gold = scores.diagonal()  # (Q,)
     higher = (scores > gold[:, None]).sum(1)  # (Q,)
     tied = (scores == gold[:, None]).sum(1)  # (Q,) the gold itself included
-    return 100 * float(torch.where(higher == 0, 1 / tied, torch.zeros_like(gold)).mean())
+    return torch.where(higher == 0, 1 / tied, torch.zeros_like(gold))  # (Q,)
+
+
+def accuracy_at_1(scores: torch.Tensor) -> float:
+    """Acc@1 in percent (:func:`hits_at_1`)."""
+    return 100 * float(hits_at_1(scores).mean())
 
 
 def load_models(specs: list[str], untrained_inits: list[str], extend_to: int):
@@ -182,15 +188,20 @@ def load_models(specs: list[str], untrained_inits: list[str], extend_to: int):
     return loaders
 
 
-def run_synthetic(model, tokenizer, reference, kind, length, haystack, args) -> float:
+def run_synthetic(model, tokenizer, reference, kind, length, haystack, args) -> tuple[float, dict]:
+    """Acc@1 of one task at one length, and Acc@1 apart for facts starting before / from token 512."""
     limit = token_positions(model.query_encoder)
-    documents, questions = build_documents(kind, length, reference, haystack, args.num_documents, args.seed)
+    documents, questions, depths = build_documents(kind, length, reference, haystack, args.num_documents, args.seed)
     doc_ids = tokenize(tokenizer, documents, min(limit, length + 16), "right", model.prompts.get("document", ""))
     query_ids = tokenize(tokenizer, questions[: args.num_queries], min(limit, 128), "left", model.prompts.get("query", ""))
     device = torch.device(args.device)
     docs = encode(model, doc_ids, "passage", args.batch_size, tokenizer.pad_token_id, device, f"{kind} {length}", args.bf16)
     queries = encode(model, query_ids, "query", args.batch_size, tokenizer.pad_token_id, device, "queries", args.bf16)
-    return accuracy_at_1(queries @ docs.T)  # (Q, C)
+    hits = hits_at_1(queries @ docs.T)  # (Q,)
+    deep = torch.tensor(depths[: args.num_queries]) >= 512  # (Q,)
+    by_depth = {name: {"queries": int(part.sum()), "acc@1": 100 * float(hits[part].mean())}
+                for name, part in (("fact<512", ~deep), ("fact>=512", deep)) if part.any()}
+    return 100 * float(hits.mean()), by_depth
 
 
 def format_tables(results: dict, lengths: list[int]) -> str:
@@ -204,6 +215,14 @@ def format_tables(results: dict, lengths: list[int]) -> str:
             cells = [f"{r[kind][str(n)]:.1f}" if str(n) in r.get(kind, {}) else "-" for n in lengths]
             mean = f"{r[kind]['mean']:.1f}" if "mean" in r.get(kind, {}) else "-"
             lines.append(f"| {label} | " + " | ".join(cells) + f" | {mean} |")
+        split = {label: r[f"{kind}_by_depth"] for label, r in results.items() if f"{kind}_by_depth" in r}
+        if split:  # is a fact past the trained positions found as often as one before them?
+            lines += [f"\n{kind} Acc@1 (%) by where the fact starts: before token 512 / from 512 (queries)",
+                      "| model | " + " | ".join(map(str, lengths)) + " |", "|---|" + "---|" * len(lengths)]
+            for label, by_length in split.items():
+                cells = [" / ".join(f"{p['acc@1']:.0f} ({p['queries']})" for p in by_length[str(n)].values())
+                         if str(n) in by_length else "-" for n in lengths]
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if any("pages" in r for r in results.values()):
         lines += ["\nDoc2Dial whole pages, Recall@1 / @5 / @20 (%)",
                   "| model | tokens read | all | answer before 512 | answer from 512 |", "|---|---|---|---|---|"]
@@ -300,7 +319,9 @@ def main(argv=None) -> int:
                 for length in args.lengths:
                     if str(length) not in done:
                         started = time.perf_counter()
-                        done[str(length)] = run_synthetic(model, tokenizer, reference, kind, length, haystack, args)
+                        done[str(length)], split = run_synthetic(model, tokenizer, reference, kind, length, haystack,
+                                                                 args)
+                        row.setdefault(f"{kind}_by_depth", {})[str(length)] = split
                         logger.info("%s %s %d: Acc@1 %.1f (%.0f s)", label, kind, length, done[str(length)],
                                     time.perf_counter() - started)
                 done["mean"] = sum(v for k, v in done.items() if k != "mean") / len([k for k in done if k != "mean"])

@@ -24,15 +24,14 @@ def tokenizer(tiny_model_dir):
 
 @pytest.mark.parametrize("kind", ["passkey", "needle"])
 def test_documents_have_the_length_and_their_fact_once(kind, tokenizer):
-    documents, questions = long_context.build_documents(kind, 300, tokenizer, HAYSTACK, 20, seed=0)
-    again, _ = long_context.build_documents(kind, 300, tokenizer, HAYSTACK, 20, seed=0)
-    other, _ = long_context.build_documents(kind, 300, tokenizer, HAYSTACK, 20, seed=1)
+    documents, questions, depths = long_context.build_documents(kind, 300, tokenizer, HAYSTACK, 20, seed=0)
+    again, _, _ = long_context.build_documents(kind, 300, tokenizer, HAYSTACK, 20, seed=0)
+    other, _, _ = long_context.build_documents(kind, 300, tokenizer, HAYSTACK, 20, seed=1)
     assert documents == again and documents != other
     assert len(documents) == len(questions) == len(set(questions)) == 20
     lengths = [len(tokenizer(d)["input_ids"]) for d in documents]  # [CLS] and [SEP] included
     assert max(lengths) <= 300 and min(lengths) >= 300 - 40  # at most one sentence short
-    depths = set()
-    for document, question in zip(documents, questions):
+    for document, question, depth in zip(documents, questions, depths):
         if kind == "passkey":  # "{name}'s pass key is {key}. Remember it. {key} is the pass key for {name}."
             subject, times = question.split("for ")[1].rstrip("?"), 2
         else:
@@ -45,8 +44,9 @@ def test_documents_have_the_length_and_their_fact_once(kind, tokenizer):
         else:
             fact = f"{subject}'s pass key is"
             assert any(x.startswith(fact) for x in sentences)  # at a sentence boundary
-        depths.add(document.index(fact))
-    assert len(depths) > 5  # facts at many depths
+        before = document[: document.index(fact)].strip()
+        assert depth == 1 + len(tokenizer(before, add_special_tokens=False)["input_ids"])  # [CLS] is token 0
+    assert len(set(depths)) > 5  # facts at many depths
 
 
 def test_accuracy_counts_ties_as_shares():
