@@ -179,8 +179,10 @@ def encode(model: DualEncoder, token_ids: list[list[int]], side: str, batch_size
     embeddings = [None] * len(unique)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     with torch.inference_mode(), autocast:
-        # padded one batch at a time: a whole corpus padded at once would not fit on the device
-        for rows in tqdm(length_sorted_groups(unique, batch_size, None), desc=desc, leave=False, unit="batch"):
+        # padded one batch at a time: a whole corpus padded at once would not fit on the device;
+        # the bar shows on a terminal only (disable=None), not in logs
+        for rows in tqdm(length_sorted_groups(unique, batch_size, None), desc=desc, leave=False, unit="batch",
+                         disable=None):
             batch = pad([unique[i] for i in rows], pad_token_id, device)
             for row, embedding in zip(rows, model(**batch, side=side).float().cpu()):
                 embeddings[row] = embedding

@@ -52,3 +52,14 @@ def test_documents_have_the_length_and_their_fact_once(kind, tokenizer):
 def test_accuracy_counts_ties_as_shares():
     scores = torch.tensor([[0.9, 0.1, 0.2], [0.5, 0.5, 0.5], [0.9, 0.1, 0.3]])  # hit, 3-way tie, miss
     assert long_context.accuracy_at_1(scores) == pytest.approx(100 * (1 + 1 / 3 + 0) / 3)
+
+
+def test_tables_and_plot(tmp_path):
+    results = {"512": {"positions": 512, "passkey": {"256": 90.0, "1024": 40.0, "mean": 65.0},
+                       "passkey_by_depth": {"1024": {"fact<512": {"queries": 25, "acc@1": 80.0},
+                                                     "fact>=512": {"queries": 25, "acc@1": 0.0}}}},
+               "long": {"positions": 8192, "passkey": {"256": 96.0, "1024": 70.0, "mean": 83.0}}}
+    table = long_context.format_tables(results, [256, 1024])
+    assert "| long | 96.0 | 70.0 | 83.0 |" in table and "| 512 | - | 80 (25) / 0 (25) |" in table
+    long_context.plot(results, [256, 1024], str(tmp_path / "plot.png"))
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
