@@ -190,7 +190,8 @@ def test_download_conversion_on_a_local_stand_in(tmp_path):
     """The download script's conversion, on files shaped like ChatRAG-Bench's (no network)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("download_chatrag", Path(evaluate.__file__).parent / "data" / "download_chatrag.py")
+    script = Path(evaluate.__file__).parent / "data" / "download_chatrag.py"
+    spec = importlib.util.spec_from_file_location("download_chatrag", script)
     download = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(download)
     raw = [dict(item(i, gold=i % 8), ctxs=[{"text": "x" * 100}], extra="dropped") for i in range(3)]
