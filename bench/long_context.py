@@ -98,18 +98,16 @@ def word_tokens(tokenizer, words: list[str]) -> list[int]:
     return [len(ids) for ids in tokenizer(words, add_special_tokens=False)["input_ids"]]
 
 
-def fill(sentences: list[str], counts: list[int], budget: int, start: int = 0) -> list[str]:
-    """Sentences from ``sentences`` (cycled from ``start``) until ``budget`` tokens; the last one cut
-    to the word that fits. ``counts``: tokens per sentence (words separated by single spaces)."""
-    out, used, index = [], 0, start
-    while used < budget:
-        sentence, count = sentences[index % len(sentences)], counts[index % len(sentences)]
-        if used + count > budget:
-            break
-        out.append(sentence)
-        used += count
-        index += 1
-    return out
+def fill(sentences: list[str], counts: list[int], budget: int) -> list[str]:
+    """Whole sentences of ``sentences``, cycled from the first, as long as they fit in ``budget``
+    tokens (``counts``: tokens per sentence); a document may end up to one sentence short."""
+    out, used = [], 0
+    while True:
+        index = len(out) % len(sentences)
+        if used + counts[index] > budget:
+            return out
+        out.append(sentences[index])
+        used += counts[index]
 
 
 def build_documents(kind: str, length: int, tokenizer, haystack: list[str], count: int, seed: int):

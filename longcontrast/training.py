@@ -227,8 +227,8 @@ def contrastive_step(
         its embedding among theirs. Copies share their shift (see ContrastiveCollator)."""
         unique, copy_of = unique_sequences(sequences) if deduplicate else (sequences, list(range(len(sequences))))
         if shifts is not None:
-            first = {u: row for row, u in reversed(list(enumerate(copy_of)))}
-            shifts = [shifts[first[u]] for u in range(len(unique))]
+            shift_of = dict(zip(copy_of, shifts))  # distinct text -> its shift
+            shifts = [shift_of[u] for u in range(len(unique))]
         batches, order = length_sorted_mini_batches(unique, mini_batch_size, mini_batch_tokens, pad_token_id, device,
                                                     shifts)
         return batches, inverse_permutation(order)[torch.tensor(copy_of, dtype=torch.long)]

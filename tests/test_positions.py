@@ -8,12 +8,12 @@ import torch
 from safetensors.torch import load_file
 
 import efficient_train
-from conftest import TINY_MAX_POSITIONS, WORDS, conversation_records, write_jsonl
+from conftest import TINY_MAX_POSITIONS, conversation_records, write_jsonl
 from longcontrast.data import ContrastiveCollator, pad
 from longcontrast.gradcache import grad_cache_step
 from longcontrast.modeling import DualEncoder, load_encoder
 from longcontrast.positions import draw_position_shifts, extended_position_table, position_ids
-from test_families import family_config
+from test_families import family_dir  # noqa: F401  (a fixture: tiny models of each family)
 from test_gradcache import assert_same, batch, gradients, max_relative_difference, run_step, step_inputs
 
 LONG = 4 * TINY_MAX_POSITIONS
@@ -154,7 +154,7 @@ def train(tiny_model_dir, tmp_path, *extra):
 def test_positions_only_training_moves_only_the_position_table(tiny_model_dir, tmp_path):
     out = train(tiny_model_dir, tmp_path, "--shift_positions", "--trainable_parameters", "positions")
     start, _ = load_encoder(tiny_model_dir, LONG, dropout=0.0)
-    before = {k: v for k, v in start.state_dict().items()}
+    before = start.state_dict()
     after = load_file(out / "model.safetensors")
     key = "embeddings.position_embeddings.weight"
     assert not torch.equal(after[key][TINY_MAX_POSITIONS:], before[key][TINY_MAX_POSITIONS:])
@@ -165,18 +165,11 @@ def test_positions_only_training_moves_only_the_position_table(tiny_model_dir, t
     assert recorded["shift_positions"] is True and recorded["trainable_parameters"] == "positions"
 
 
-def test_shifting_needs_a_learned_table(tmp_path, capsys):
+def test_shifting_needs_a_learned_table(family_dir, tmp_path, capsys):  # noqa: F811 (the imported fixture)
     """A rotary model (ModernBERT) has no table to shift into: one clear error."""
-    from transformers import AutoModel, BertTokenizer
-
-    folder = tmp_path / "modernbert"
-    folder.mkdir()
-    (folder / "vocab.txt").write_text("\n".join(["[CLS]", "[PAD]", "[SEP]", "[UNK]", "[MASK]", *WORDS]) + "\n")
-    BertTokenizer(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
-    AutoModel.from_config(family_config("modernbert", len(WORDS) + 5)).save_pretrained(folder)
     data = write_jsonl(tmp_path / "train.jsonl", conversation_records(4))
     with pytest.raises(SystemExit) as exit_:
-        efficient_train.main(["--model_name_or_path", str(folder), "--train_data", data, "--output_dir",
+        efficient_train.main(["--model_name_or_path", family_dir("modernbert"), "--train_data", data, "--output_dir",
                               str(tmp_path / "out"), "--shift_positions", "--query_max_len", "32",
                               "--passage_max_len", "48"])
     assert exit_.value.code == 2
