@@ -49,8 +49,10 @@ class ModelArguments:
     trainable_parameters: str = field(
         default="all",
         metadata={"help": "all: train every parameter; positions: train only the position table (everything else "
-                  "frozen, as LongEmbed's E5-Base-4k; needs a learned table).",
-                  "choices": ["all", "positions"]},
+                  "frozen; needs a learned table); new_positions: train only the rows this run adds to it with "
+                  "--max_position_embeddings (as LongEmbed's E5-Base-4k), so texts up to the trained length read "
+                  "exactly as before; needs --weight_decay 0.",
+                  "choices": ["all", "positions", "new_positions"]},
     )
     pooling: str | None = field(
         default=None,

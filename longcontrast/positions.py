@@ -128,6 +128,9 @@ def extend_position_embeddings(model: nn.Module, num_positions: int, init: str =
     with torch.no_grad():
         new.weight.copy_(table)
     new.weight.requires_grad_(True)
+    # Rows still as the checkpoint had them, which --trainable_parameters new_positions freezes (not
+    # saved): interpolate_all moves every real row, so only the offset rows count.
+    new.trained_rows = offset + (0 if init == "interpolate_all" else trained_positions)
     embeddings.position_embeddings = new
     device = old.weight.device
     if hasattr(embeddings, "position_ids"):
@@ -137,6 +140,16 @@ def extend_position_embeddings(model: nn.Module, num_positions: int, init: str =
     model.config.max_position_embeddings = rows
     logger.info("extended the position table from %d to %d positions (%s%s)", trained_positions, num_positions, init,
                 f"; {offset} offset rows kept in front" if offset else "")
+
+
+def freeze_rows(table: nn.Embedding, rows: int) -> None:
+    """Zero the gradient of the table's first ``rows`` rows, so that only the rows after them train
+    (LongEmbed's E5-Base-4k trained only the new rows: texts of up to the trained length then read
+    exactly as before, whatever training does). The optimizer must not decay weights: decoupled
+    weight decay would still shrink the frozen rows."""
+    frozen = torch.zeros(table.num_embeddings, 1, dtype=torch.bool, device=table.weight.device)  # (rows, 1)
+    frozen[:rows] = True
+    table.weight.register_hook(lambda grad: grad.masked_fill(frozen, 0))  # (rows, D)
 
 
 def draw_position_shifts(lengths: list[int], max_positions: int, generator: torch.Generator | None = None) -> list[int]:

@@ -25,7 +25,7 @@ from .distributed import any_process, gather_batch, shut_down, world_size
 from .gradcache import grad_cache_step
 from .loss import LossOutput, contrastive_loss
 from .modeling import DualEncoder, default_model_path, load_encoder, read_pooling
-from .positions import position_table, token_positions
+from .positions import freeze_rows, position_table, token_positions
 
 logger = logging.getLogger(__name__)
 # DDP's deprecation notice for broadcast_buffers=False, which is deliberate here (ddp_broadcast_buffers below).
@@ -292,12 +292,22 @@ def train(argv=None, gradcache: bool = True) -> str:
     )
     model_args.max_position_embeddings = token_positions(encoder)  # recorded as resolved
     validate_lengths(data_args, model_args.max_position_embeddings)
-    if (model_args.shift_positions or model_args.trainable_parameters == "positions") and position_table(encoder) is None:
-        raise UserError(f"--shift_positions and --trainable_parameters positions need a learned position table, which "
-                        f"{type(encoder).__name__} does not have (rotary or relative positions)")
-    if model_args.trainable_parameters == "positions":
+    table = position_table(encoder)
+    if (model_args.shift_positions or model_args.trainable_parameters != "all") and table is None:
+        raise UserError(f"--shift_positions and --trainable_parameters {model_args.trainable_parameters} need a learned "
+                        f"position table, which {type(encoder).__name__} does not have (rotary or relative positions)")
+    if model_args.trainable_parameters != "all":
         encoder.requires_grad_(False)
-        position_table(encoder).weight.requires_grad_(True)
+        table.weight.requires_grad_(True)
+    if model_args.trainable_parameters == "new_positions":
+        if getattr(table, "trained_rows", None) is None:
+            raise UserError(f"--trainable_parameters new_positions trains the rows this run adds to the position "
+                            f"table, but it was not extended (the model already reads {model_args.max_position_embeddings} "
+                            f"positions); ask for more with --max_position_embeddings or use positions")
+        if training_args.weight_decay:
+            raise UserError("--trainable_parameters new_positions keeps the trained rows exact, which weight decay "
+                            f"would shrink; use --weight_decay 0 (got {training_args.weight_decay})")
+        freeze_rows(table, table.trained_rows)
     model = (DualEncoder.untied if model_args.untie_encoders else DualEncoder)(encoder, pooling)
     logger.info(
         "%s: %s, pooling %s, %d positions, %d examples, contrastive batch %d x %d device(s), %s",

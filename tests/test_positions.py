@@ -151,18 +151,36 @@ def train(tiny_model_dir, tmp_path, *extra):
     return out
 
 
-def test_positions_only_training_moves_only_the_position_table(tiny_model_dir, tmp_path):
-    out = train(tiny_model_dir, tmp_path, "--shift_positions", "--trainable_parameters", "positions")
-    start, _ = load_encoder(tiny_model_dir, LONG, dropout=0.0)
+@pytest.mark.parametrize("trainable, init, kept", [
+    ("positions", "copy", False), ("new_positions", "copy", True), ("new_positions", "interpolate_all", False)])
+def test_positions_only_training_moves_only_the_position_table(tiny_model_dir, tmp_path, trainable, init, kept):
+    """positions moves the whole table and nothing else; new_positions only the rows it added (the
+    trained rows stay bit-identical, which positions, the negative control, does not keep), and
+    after interpolate_all, which moved every row, the whole table."""
+    out = train(tiny_model_dir, tmp_path, "--shift_positions", "--trainable_parameters", trainable,
+                "--position_init", init)
+    start, _ = load_encoder(tiny_model_dir, LONG, position_init=init, dropout=0.0)
     before = start.state_dict()
     after = load_file(out / "model.safetensors")
     key = "embeddings.position_embeddings.weight"
     assert not torch.equal(after[key][TINY_MAX_POSITIONS:], before[key][TINY_MAX_POSITIONS:])
+    assert torch.equal(after[key][:TINY_MAX_POSITIONS], before[key][:TINY_MAX_POSITIONS]) == kept
     for name, value in after.items():
         if name != key:
             assert torch.equal(value, before[name]), name
     recorded = json.loads((out / "training_args.json").read_text())
-    assert recorded["shift_positions"] is True and recorded["trainable_parameters"] == "positions"
+    assert recorded["shift_positions"] is True and recorded["trainable_parameters"] == trainable
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--weight_decay", "0.01"], "use --weight_decay 0"),
+    (["--max_position_embeddings", str(TINY_MAX_POSITIONS)], "it was not extended"),
+])
+def test_new_positions_refuses_what_would_move_the_trained_rows(tiny_model_dir, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_:
+        train(tiny_model_dir, tmp_path, "--trainable_parameters", "new_positions", *extra)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_shifting_needs_a_learned_table(family_dir, tmp_path, capsys):  # noqa: F811 (the imported fixture)
