@@ -241,7 +241,9 @@ def plot(results: dict, lengths: list[int], path: str) -> None:
     import matplotlib.pyplot as plt
 
     kinds = [k for k in TASKS if any(k in r for r in results.values())]
-    figure, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.2), squeeze=False)
+    legend_rows = -(-len(results) // 3)  # one legend under the plots, 3 models a row: lines stay visible
+    height = 4.2 + 0.25 * legend_rows  # inches
+    figure, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), height), squeeze=False)
     for axis, kind in zip(axes[0], kinds):
         for label, r in results.items():
             points = [(n, r[kind][str(n)]) for n in lengths if str(n) in r.get(kind, {})]
@@ -254,8 +256,12 @@ def plot(results: dict, lengths: list[int], path: str) -> None:
         axis.set_ylabel("Acc@1 (%)")
         axis.set_title(kind)
         axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8, loc="upper right")  # long documents score low: the corner is free
-    figure.tight_layout()
+    handles = {}
+    for axis in axes[0]:
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    figure.legend(handles.values(), handles.keys(), loc="lower center", ncol=3, fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0.25 * legend_rows / height + 0.02, 1, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
