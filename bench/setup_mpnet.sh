@@ -6,7 +6,7 @@
 # model.safetensors against the SHA-256 pinned below (the hub's published hash for
 # sentence-transformers/all-mpnet-base-v2, which this machine cannot reach to confirm).
 #
-#   bash bench/setup_mpnet.sh OUTPUT_DIR
+#   bash bench/setup_mpnet.sh OUTPUT_DIR        # e.g. outputs/mpnet (git-ignored)
 #   python evaluate.py --model_path OUTPUT_DIR --data-folder ../shared/data/doc2dial/dev --eval-dataset doc2dial
 #
 # Environment: PYTHON (default python), whose pip does the download.
