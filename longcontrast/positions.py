@@ -147,9 +147,13 @@ def freeze_rows(table: nn.Embedding, rows: int) -> None:
     (LongEmbed's E5-Base-4k trained only the new rows: texts of up to the trained length then read
     exactly as before, whatever training does). The optimizer must not decay weights: decoupled
     weight decay would still shrink the frozen rows."""
-    frozen = torch.zeros(table.num_embeddings, 1, dtype=torch.bool, device=table.weight.device)  # (rows, 1)
-    frozen[:rows] = True
-    table.weight.register_hook(lambda grad: grad.masked_fill(frozen, 0))  # (rows, D)
+
+    def zero_trained_rows(grad: torch.Tensor) -> torch.Tensor:  # (num_embeddings, D), on the model's device
+        grad = grad.clone()
+        grad[:rows] = 0
+        return grad
+
+    table.weight.register_hook(zero_trained_rows)
 
 
 def draw_position_shifts(lengths: list[int], max_positions: int, generator: torch.Generator | None = None) -> list[int]:

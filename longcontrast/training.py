@@ -293,9 +293,12 @@ def train(argv=None, gradcache: bool = True) -> str:
     model_args.max_position_embeddings = token_positions(encoder)  # recorded as resolved
     validate_lengths(data_args, model_args.max_position_embeddings)
     table = position_table(encoder)
-    if (model_args.shift_positions or model_args.trainable_parameters != "all") and table is None:
-        raise UserError(f"--shift_positions and --trainable_parameters {model_args.trainable_parameters} need a learned "
-                        f"position table, which {type(encoder).__name__} does not have (rotary or relative positions)")
+    asked = [flag for flag, on in (("--shift_positions", model_args.shift_positions),
+                                   (f"--trainable_parameters {model_args.trainable_parameters}",
+                                    model_args.trainable_parameters != "all")) if on]
+    if asked and table is None:
+        raise UserError(f"{' and '.join(asked)}: a learned position table is needed, which {type(encoder).__name__} "
+                        f"does not have (rotary or relative positions)")
     if model_args.trainable_parameters != "all":
         encoder.requires_grad_(False)
         table.weight.requires_grad_(True)

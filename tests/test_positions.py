@@ -191,4 +191,4 @@ def test_shifting_needs_a_learned_table(family_dir, tmp_path, capsys):  # noqa: 
                               str(tmp_path / "out"), "--shift_positions", "--query_max_len", "32",
                               "--passage_max_len", "48"])
     assert exit_.value.code == 2
-    assert "need a learned position table" in capsys.readouterr().err
+    assert "--shift_positions: a learned position table is needed" in capsys.readouterr().err
