@@ -1,11 +1,16 @@
 #!/usr/bin/env python
-"""Top-k retrieval quality of text encoders on ChatRAG-Bench's Doc2Dial, QuAC and QReCC.
+"""Top-k retrieval quality of text encoders: ChatRAG-Bench's Doc2Dial, QuAC and QReCC, or your own
+corpus in the BEIR layout.
 
     python evaluate.py                                   # the embedded default model, generated sample
     python evaluate.py --model_path outputs/run-X default --data-folder /data/ChatRAG-Bench
+    python evaluate.py --model_path outputs/run-X --beir my_corpus/ --run_file outputs/run.trec
 
-Prints one table (rows: models; columns: Average, Doc2Dial, QuAC, QReCC x Recall@1/5/20, MRR@20,
-NDCG@20, in percent) and writes the numbers as JSON. Every flag also takes dashes for underscores.
+Prints one table (ChatRAG: Average, Doc2Dial, QuAC, QReCC x Recall@1/5/20, MRR@20, NDCG@20; BEIR:
+nDCG@10, Recall@1/5/10/20/100, MRR@10, MAP@100; in percent) and writes the numbers as JSON. With
+several models, each after the first is compared with the first: the per-query difference with a
+paired bootstrap 95% interval and a randomisation-test p-value. Every flag also takes dashes for
+underscores.
 """
 
 from __future__ import annotations
@@ -16,15 +21,20 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 
+import numpy as np
 import torch
 
 from longcontrast import UserError
+from longcontrast.beir import evaluate_beir, format_beir_table, load_beir
+from longcontrast.evaluation import (
+    DATASETS, EvalConfig, average, evaluate_dataset, format_table, parts, without_per_item,
+)
+from longcontrast.inference import DEFAULT_MAX_TOKENS, PRECISIONS, autocast_dtype, load_retriever, prompts_for
+from longcontrast.metrics import paired_difference
 from longcontrast.modeling import POOLING_MODES
 from longcontrast.positions import token_positions
-from longcontrast.evaluation import (
-    DATASETS, EvalConfig, average, evaluate_dataset, format_table, load_retriever, prompts_for, uses_bf16,
-)
 
 logger = logging.getLogger("evaluate")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -48,8 +58,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     flag("query_max_len", type=int, default=256, help="Max query tokens (cut on the left: latest turns kept).")
     flag("passage_max_len", type=int, default=1024,
          help="Max chunk tokens (cut on the right; capped at the model's position table).")
+    flag("beir", default=None, metavar="DIR",
+         help="Evaluate on a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv): every query ranks the "
+              "whole corpus. Replaces --data-folder and --eval-dataset.")
+    flag("split", default="test", help="The BEIR qrels split (qrels/<split>.tsv).")
+    flag("run_file", default=None,
+         help="BEIR: also write each model's top 100 per query as a TREC run file (several models: -2, -3... "
+              "before the extension for the second, third...).")
+    flag("corpus_embeddings", default=None, metavar="PATH",
+         help="BEIR: cache of the corpus embeddings (one model): written on the first run, reused when model, "
+              "corpus and settings match, refused when they do not.")
+    flag("embedding_dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
+         help="BEIR: how corpus embeddings are kept (scores are float32 either way). auto: float16 on GPU, "
+              "float32 on CPU.")
+    flag("faiss", action="store_true", help="BEIR: search with FAISS's exact flat index (needs faiss-cpu or "
+         "faiss-gpu) instead of the built-in blocked search.")
+    flag("passage_window", type=int, default=None, metavar="W",
+         help="Also score every passage longer than W tokens as the best of its consecutive W-token windows, "
+              "each embedded on its own (MaxP): the chunking baseline of long documents.")
     flag("batch_size", type=int, default=None,
          help="Texts encoded at once (default: 64 on GPU; 8 on CPU, where bigger batches only add padding).")
+    flag("max_tokens_per_batch", type=int, default=DEFAULT_MAX_TOKENS,
+         help="Padded tokens per forward pass (texts x the longest); a longer text goes alone. The default "
+              "holds two 8192-token passages.")
+    flag("bootstrap_samples", type=int, default=10_000,
+         help="Resamples of the paired bootstrap comparing each model with the first.")
     flag("num_turns", type=int, default=5, help="Dialogue turns kept in a query.")
     flag("split_at_token", type=int, default=512,
          help="Sets whose items carry gold_start_token (where the answer starts in the gold text, e.g. the whole "
@@ -67,11 +100,13 @@ def parse_args(argv=None) -> argparse.Namespace:
          help="Do not append ' || <first answer>' to QReCC's gold chunk (ChatRAG's evaluation does).")
     flag("output_file", default=None, help="JSON results file (default: outputs/eval-<time>.json).")
     flag("device", default=None, help="cuda, cuda:1, cpu... (default: cuda if available).")
-    flag("precision", choices=["auto", "fp32", "bf16"], default="auto",
-         help="Encode in float32 or under bf16 autocast. auto: bf16 on GPU, fp32 on CPU. On a CPU with "
-              "AVX512-BF16 or AMX, bf16 is about 1.5x faster (embeddings move by ~1e-3); on others it is slower.")
+    flag("precision", choices=list(PRECISIONS), default="auto",
+         help="Encode in float32 or under bf16 / fp16 autocast. auto: on a GPU bf16 where it computes in bf16, "
+              "else fp16; fp32 on CPU. On a CPU with AVX512-BF16 or AMX, bf16 is about 1.5x faster (embeddings "
+              "move by ~1e-3); on others it is slower.")
     args = parser.parse_args(argv)
-    for name in ("query_max_len", "passage_max_len", "batch_size", "num_turns"):
+    for name in ("query_max_len", "passage_max_len", "batch_size", "num_turns", "passage_window",
+                 "max_tokens_per_batch", "bootstrap_samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
     return args
@@ -80,35 +115,102 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch_size = args.batch_size or (64 if device.type == "cuda" else 8)
-    bf16 = uses_bf16(args.precision, device)
+    autocast = autocast_dtype(args.precision, device)
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(
+        args.embedding_dtype, torch.float16 if device.type == "cuda" else torch.float32)
     datasets = list(DATASETS) if args.eval_dataset == "all" else [args.eval_dataset]
     if args.query_encoder_path or args.context_encoder_path:
         models = {f"{args.query_encoder_path} + {args.context_encoder_path}": None}
     else:  # name shown in the table -> folder (None: the embedded default)
         models = {name: None if name == "default" else name for name in (args.model_path or ["default"])}
+    if args.corpus_embeddings and len(models) > 1:
+        raise UserError("--corpus_embeddings caches one model's corpus: evaluate one model with it")
+    beir = load_beir(args.beir, args.split) if args.beir else None
     rows = {}
-    for name, model_path in models.items():
+    for number, (name, model_path) in enumerate(models.items(), 1):
         model, tokenizer = load_retriever(model_path, args.query_encoder_path, args.context_encoder_path, args.pooling,
                                           args.trust_remote_code)
         model.to(device)
         positions = token_positions(model.query_encoder)
         prompts = prompts_for(model, args.query_instruction, args.passage_instruction)
-        config = EvalConfig(min(args.query_max_len, positions), min(args.passage_max_len, positions),
-                            batch_size, args.num_turns, not args.no_qrecc_answer, bf16, prompts["query"],
-                            prompts["document"], args.split_at_token)
+        config = EvalConfig(query_max_len=min(args.query_max_len, positions),
+                            passage_max_len=min(args.passage_max_len, positions), batch_size=batch_size,
+                            max_tokens=args.max_tokens_per_batch, num_turns=args.num_turns,
+                            qrecc_answer_rule=not args.no_qrecc_answer, autocast=autocast, embedding_dtype=dtype,
+                            query_prompt=prompts["query"], passage_prompt=prompts["document"],
+                            split_at_token=args.split_at_token, passage_window=args.passage_window)
+        logger.info("%s reads queries up to %d tokens and passages up to %d (its position table: %d)%s", name,
+                    config.query_max_len, config.passage_max_len, positions,
+                    f"; also every passage as its {args.passage_window}-token windows" if args.passage_window else "")
         results = {}
-        for dataset in datasets:
-            started = time.perf_counter()
-            results[dataset] = evaluate_dataset(model, tokenizer, args.data_folder, dataset, config, device)
-            results[dataset]["seconds"] = round(time.perf_counter() - started, 2)
-            logger.info("%s %s: %s", name, dataset,
-                        {k: round(v, 2) for k, v in results[dataset].items() if not isinstance(v, dict)})
-        if len(datasets) > 1:
+        try:
+            if beir is not None:
+                run_file = args.run_file
+                if run_file and number > 1:
+                    stem, extension = os.path.splitext(run_file)
+                    run_file = f"{stem}-{number}{extension}"
+                started = time.perf_counter()
+                results["beir"] = evaluate_beir(model, tokenizer, beir, replace(config, passage_window=None), device,
+                                                run_file=run_file, cache=args.corpus_embeddings, use_faiss=args.faiss)
+                if args.passage_window:
+                    stem, extension = os.path.splitext(run_file or "")
+                    results["beir"][f"maxp@{args.passage_window}"] = evaluate_beir(
+                        model, tokenizer, beir, config, device, use_faiss=args.faiss,
+                        run_file=f"{stem}.maxp{args.passage_window}{extension}" if run_file else None)
+                results["beir"]["seconds"] = round(time.perf_counter() - started, 2)
+                logger.info("%s: %s", name, {k: round(v, 2) for k, v in results["beir"].items()
+                                             if isinstance(v, float)})
+            for dataset in datasets if beir is None else []:
+                started = time.perf_counter()
+                results[dataset] = evaluate_dataset(model, tokenizer, args.data_folder, dataset, config, device)
+                results[dataset]["seconds"] = round(time.perf_counter() - started, 2)
+                logger.info("%s %s: %s", name, dataset,
+                            {k: round(v, 2) for k, v in results[dataset].items() if isinstance(v, (int, float))})
+        except UserError as err:
+            raise UserError(f"model {name}: {err}") from err
+        if len(datasets) > 1 and beir is None:
             results["average"] = average({d: results[d] for d in datasets})
         results["pooling"] = model.pooling
         results["prompts"] = prompts
+        results["tokens_read"] = {"query": config.query_max_len, "passage": config.passage_max_len}
         rows[name] = results
     return rows
+
+
+def compare(rows: dict[str, dict], resamples: int) -> dict:
+    """Each model after the first against the first, on every set and part both have: per metric
+    the mean per-query difference (points) with its paired bootstrap 95% interval and p-value."""
+    (first, base), *others = rows.items()
+    out = {}
+    for name, results in others:
+        for dataset, scored in results.items():
+            if not isinstance(scored, dict) or "per_item" not in scored or dataset not in base:
+                continue
+            baseline = dict(parts(base[dataset]))
+            for part, metrics in parts(scored):
+                if part in baseline and "per_item" in metrics:
+                    out.setdefault(name, {}).setdefault(dataset, {})[part or "all"] = {
+                        metric: paired_difference(np.array(baseline[part]["per_item"][metric]), np.array(values),
+                                                  resamples=resamples)
+                        for metric, values in metrics["per_item"].items()}
+    return out
+
+
+def format_comparison(comparison: dict, first: str) -> str:
+    """A Markdown table of :func:`compare`: difference [95% interval] per metric."""
+    lines = []
+    for name, datasets in comparison.items():
+        for dataset, by_part in datasets.items():
+            metrics = list(next(iter(by_part.values())))
+            if not lines:
+                lines = [f"\nDifference to {first} (points; paired bootstrap 95% interval over queries; p: "
+                         "randomisation test)"]
+            lines += ["| model | set | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+            for part, cells in by_part.items():
+                lines.append(f"| {name} | {dataset}{'' if part == 'all' else ' ' + part} | " + " | ".join(
+                    f"{c['difference']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}] p={c['p']:.3f}"
+                    for c in cells.values()) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -119,11 +221,15 @@ def main(argv=None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(format_table(rows))
+    comparison = compare(rows, args.bootstrap_samples) if len(rows) > 1 else {}
+    print(format_beir_table({n: r["beir"] for n, r in rows.items()}) if args.beir else format_table(rows))
+    if comparison:
+        print(format_comparison(comparison, next(iter(rows))))
     output_file = args.output_file or os.path.join("outputs", time.strftime("eval-%Y%m%d-%H%M%S.json"))
     os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
     with open(output_file, "w") as handle:
-        json.dump({"data_folder": args.data_folder, "results": rows}, handle, indent=2)
+        json.dump({"data_folder": args.beir or args.data_folder, "results": without_per_item(rows),
+                   "comparison": comparison}, handle, indent=2)
     print(f"results written to {output_file}")
     return 0
 

@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from longcontrast.data import tokenize  # noqa: E402
-from longcontrast.evaluation import (  # noqa: E402
-    EvalConfig, encode, gold_rank, load_chatrag, load_retriever, retrieval_metrics, uses_bf16,
-)
+from longcontrast.evaluation import EvalConfig, load_chatrag  # noqa: E402
+from longcontrast.inference import PRECISIONS, autocast_dtype, encode, load_retriever  # noqa: E402
+from longcontrast.metrics import gold_rank, retrieval_metrics  # noqa: E402
 from longcontrast.modeling import DualEncoder, read_pooling  # noqa: E402
 
 DEV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "doc2dial", "dev")
@@ -36,8 +36,8 @@ def main(argv=None) -> None:
     parser.add_argument("--data", default=DEV)
     parser.add_argument("--documents", nargs="+", default=None, help="only the items of these documents (default: all)")
     parser.add_argument("--batch_size", type=int, default=None, help="default: as evaluate.py (64 on GPU, 8 on CPU)")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                        help="as evaluate.py: auto is bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="auto",
+                        help="as evaluate.py: auto is bf16 (or fp16 where bf16 is emulated) on GPU, fp32 on CPU")
     parser.add_argument("--random_weights", action="store_true", help="random weights of --model_path's shape (its "
                         "config and tokenizer suffice, e.g. bench/kit/minilm): timing only")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -45,7 +45,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     args.batch_size = args.batch_size or (64 if device.type == "cuda" else 8)
-    bf16 = uses_bf16(args.precision, device)
+    autocast = autocast_dtype(args.precision, device)
+    bf16 = autocast is not None
     if args.random_weights:
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -71,9 +72,10 @@ def main(argv=None) -> None:
     rows, embeddings = {}, []
     for name, run in {
         # the original's way, one forward per text, at the same precision: only the batching differs
-        "one text at a time": lambda ids, side: encode(model, ids, side, 1, pad_id, device, bf16=bf16),
+        "one text at a time": lambda ids, side: encode(model, ids, side, batch_size=1, pad_token_id=pad_id,
+                                                      device=device, autocast=autocast),
         f"batched {args.batch_size}, sorted by length": lambda ids, side: encode(
-            model, ids, side, args.batch_size, pad_id, device, bf16=bf16),
+            model, ids, side, batch_size=args.batch_size, pad_token_id=pad_id, device=device, autocast=autocast),
     }.items():
         out, seconds = {}, {}
         for side, ids in texts.items():

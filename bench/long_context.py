@@ -14,14 +14,17 @@ asked for (Acc@1 = the share of queries whose document ranks first):
   in Carrowmore is to swim in the harbour at dawn.") at a random sentence boundary; the query is the
   fact's question.
 
-Lengths count tokens of the embedded MiniLM's (BERT uncased) tokenizer, [CLS] and [SEP] included.
-Every model reads each text cut at its own position limit, as LongEmbed does: a 512-position
-model sees the first 512 tokens. Texts it reads identically tie, and a tie with the gold counts
-as a share of a hit (1 / the tied candidates), never as a hit.
+Lengths count each model's own tokens, special tokens included (every document is checked
+against the model's tokenizer and loses filler sentences until it fits, never its fact). Every
+model reads each text cut at its own position limit, as LongEmbed does: a 512-position model sees
+the first 512 tokens. Ranking follows evaluate.py's rule (:mod:`longcontrast.metrics`): texts a
+model reads identically tie, and a tie with the gold counts as a share of a hit (1 / the tied
+candidates), never as a hit.
 
 pages: ../shared/data/doc2dial/pages/dev (273 whole pages, up to ~8,900 tokens), each page read up
-to the model's limit; Recall@1/5/20 over all items and apart for answers starting before / from
-token 512 (``gold_start_token``).
+to the model's limit, cut at 512 (a long model), and as the best of its 512-token windows (MaxP,
+the chunking baseline every long-context claim must beat); Recall@1/5/20 over all items and apart
+for answers starting before / from token 512 (``gold_start_token``).
 
     python bench/long_context.py                                  # the embedded MiniLM at 512 positions
     python bench/long_context.py --models default=default long=outputs/long --lengths 256 512 1024 2048 4096
@@ -45,9 +48,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from longcontrast import UserError  # noqa: E402
-from longcontrast.data import tokenize  # noqa: E402
-from longcontrast.evaluation import EvalConfig, encode, evaluate_dataset, load_retriever, read_json  # noqa: E402
-from longcontrast.modeling import DualEncoder, default_model_path, load_encoder, load_tokenizer, read_pooling  # noqa: E402
+from longcontrast.data import read_json, special_tokens, tokenize  # noqa: E402
+from longcontrast.evaluation import EvalConfig, evaluate_dataset, without_per_item  # noqa: E402
+from longcontrast.inference import encode, load_retriever  # noqa: E402
+from longcontrast.metrics import gold_rank, per_item_metrics  # noqa: E402
+from longcontrast.modeling import DualEncoder, default_model_path, load_encoder, read_pooling  # noqa: E402
 from longcontrast.positions import POSITION_INITS, token_positions  # noqa: E402
 
 logger = logging.getLogger("long_context")
@@ -131,13 +136,19 @@ def build_documents(kind: str, length: int, tokenizer, haystack: list[str], coun
     else:
         raise ValueError(kind)
     counts = [sum(word_tokens(tokenizer, s.split())) for s in sentences]
+    prefix, suffix = special_tokens(tokenizer)
     documents, depths = [], []
     for fact in facts:
-        budget = length - 2 - sum(word_tokens(tokenizer, fact.split()))
+        budget = length - len(prefix) - len(suffix) - sum(word_tokens(tokenizer, fact.split()))
         body = fill(sentences, counts, budget)
         at = rng.randint(0, len(body))  # a sentence boundary: the fact's depth
-        documents.append(" ".join(body[:at] + [fact] + body[at:]))
-        depths.append(1 + sum(counts[i % len(sentences)] for i in range(at)))
+        before, after = body[:at], body[at:]
+        # word counts are exact for WordPiece only: check the whole text with the model's own
+        # tokenizer, and drop filler (after the fact first) until it fits; the fact always stays
+        while len(tokenizer(" ".join(before + [fact] + after))["input_ids"]) > length:
+            (after if after else before).pop()
+        documents.append(" ".join(before + [fact] + after))
+        depths.append(len(prefix) + len(tokenizer(" ".join(before), add_special_tokens=False)["input_ids"]))
     return documents, questions, depths
 
 
@@ -155,12 +166,10 @@ def load_haystack(pages_folder: str) -> list[str]:
 
 
 def hits_at_1(scores: torch.Tensor) -> torch.Tensor:
-    """(Q,) hits from (Q, C) scores where query i's gold is candidate i: 1 when the gold ranks
-    first alone, 1 / the tied candidates when it ties for first (a random pick among equals), else 0."""
-    gold = scores.diagonal()  # (Q,)
-    higher = (scores > gold[:, None]).sum(1)  # (Q,)
-    tied = (scores == gold[:, None]).sum(1)  # (Q,) the gold itself included
-    return torch.where(higher == 0, 1 / tied, torch.zeros_like(gold))  # (Q,)
+    """(Q,) hits from (Q, C) scores where query i's gold is candidate i, by evaluate.py's rule: 1
+    when the gold ranks first alone, 1 / the tied candidates when it ties for first, else 0."""
+    ranks = [gold_rank(row, i) for i, row in enumerate(scores)]
+    return torch.from_numpy(per_item_metrics(ranks)["recall@1"])  # (Q,)
 
 
 def accuracy_at_1(scores: torch.Tensor) -> float:
@@ -186,15 +195,19 @@ def load_models(specs: list[str], untrained_inits: list[str], extend_to: int):
     return loaders
 
 
-def run_synthetic(model, tokenizer, reference, kind, length, haystack, args) -> tuple[float, dict]:
+def run_synthetic(model, tokenizer, kind, length, haystack, args) -> tuple[float, dict]:
     """Acc@1 of one task at one length, and Acc@1 apart for facts starting before / from token 512."""
     limit = token_positions(model.query_encoder)
-    documents, questions, depths = build_documents(kind, length, reference, haystack, args.num_documents, args.seed)
-    doc_ids = tokenize(tokenizer, documents, min(limit, length + 16), "right", model.prompts.get("document", ""))
+    documents, questions, depths = build_documents(kind, length, tokenizer, haystack, args.num_documents, args.seed)
+    prompt = model.prompts.get("document", "")
+    # a prompt's tokens come on top of the document's own length
+    extra = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0
+    doc_ids = tokenize(tokenizer, documents, min(limit, length + extra), "right", prompt)
     query_ids = tokenize(tokenizer, questions[: args.num_queries], min(limit, 128), "left", model.prompts.get("query", ""))
-    device = torch.device(args.device)
-    docs = encode(model, doc_ids, "passage", args.batch_size, tokenizer.pad_token_id, device, f"{kind} {length}", args.bf16)
-    queries = encode(model, query_ids, "query", args.batch_size, tokenizer.pad_token_id, device, "queries", args.bf16)
+    encoding = {"batch_size": args.batch_size, "pad_token_id": tokenizer.pad_token_id, "device": torch.device(args.device),
+                "autocast": torch.bfloat16 if args.bf16 else None}
+    docs = encode(model, doc_ids, "passage", desc=f"{kind} {length}", **encoding)
+    queries = encode(model, query_ids, "query", desc="queries", **encoding)
     hits = hits_at_1(queries @ docs.T)  # (Q,)
     deep = torch.tensor(depths[: args.num_queries]) >= 512  # (Q,)
     by_depth = {name: {"queries": int(part.sum()), "acc@1": 100 * float(hits[part].mean())}
@@ -226,11 +239,13 @@ def format_tables(results: dict, lengths: list[int]) -> str:
                   "| model | tokens read | all | answer before 512 | answer from 512 |", "|---|---|---|---|---|"]
         cell = lambda m: f"{m['recall@1']:.1f} / {m['recall@5']:.1f} / {m['recall@20']:.1f}"  # noqa: E731
         for label, r in results.items():
-            for key in ("pages", "pages_cut"):
-                if key in r:
-                    p = r[key]
-                    lines.append(f"| {label}{', pages cut' if key == 'pages_cut' else ''} | {p.get('max_len', '-')} | "
-                                 f"{cell(p)} | {cell(p['gold_start<512'])} | {cell(p['gold_start>=512'])} |")
+            scored = [(", pages cut" if key == "pages_cut" else "", r[key].get("max_len", "-"), r[key])
+                      for key in ("pages", "pages_cut") if key in r]
+            scored += [(f", MaxP over {part[5:]}-token windows", part[5:], p) for _, _, whole in scored[:1]
+                       for part, p in whole.items() if part.startswith("maxp@")]
+            for suffix, tokens, p in scored:
+                lines.append(f"| {label}{suffix} | {tokens} | "
+                             f"{cell(p)} | {cell(p['gold_start<512'])} | {cell(p['gold_start>=512'])} |")
     return "\n".join(lines)
 
 
@@ -284,8 +299,8 @@ def parse_args(argv=None):
     parser.add_argument("--pages_max_len", type=int, default=8192, help="Page tokens read (capped at the model's limit).")
     parser.add_argument("--pages_cut", type=int, default=512,
                         help="A model reading more than this many tokens is also scored with pages cut there (0: not).")
-    parser.add_argument("--tokenizer", default=None,
-                        help="Tokenizer that measures the lengths (default: the embedded MiniLM's, BERT uncased).")
+    parser.add_argument("--pages_window", type=int, default=512,
+                        help="Pages are also scored as the best of their windows of this many tokens (MaxP; 0: not).")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--bf16", action="store_true", help="Encode under bf16 autocast (GPU).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -306,7 +321,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_grad_enabled(False)
     try:
-        reference = load_tokenizer(args.tokenizer or default_model_path())
         haystack = load_haystack(args.pages) if "needle" in args.tasks else []
         results, runs = {}, []
         if args.reuse and os.path.isfile(args.output):
@@ -323,8 +337,7 @@ def main(argv=None) -> int:
                 for length in args.lengths:
                     if str(length) not in done:
                         started = time.perf_counter()
-                        done[str(length)], split = run_synthetic(model, tokenizer, reference, kind, length, haystack,
-                                                                 args)
+                        done[str(length)], split = run_synthetic(model, tokenizer, kind, length, haystack, args)
                         row.setdefault(f"{kind}_by_depth", {})[str(length)] = split
                         logger.info("%s %s %d: Acc@1 %.1f (%.0f s)", label, kind, length, done[str(length)],
                                     time.perf_counter() - started)
@@ -336,11 +349,14 @@ def main(argv=None) -> int:
                 for key, max_len in (("pages", min(args.pages_max_len, limit)), ("pages_cut", args.pages_cut)):
                     if key in row or not max_len or (key == "pages_cut" and limit <= max_len):
                         continue
-                    config = EvalConfig(min(256, limit), max_len, args.batch_size, bf16=args.bf16,
+                    window = args.pages_window if key == "pages" and args.pages_window else None
+                    config = EvalConfig(query_max_len=min(256, limit), passage_max_len=max_len,
+                                        batch_size=args.batch_size, autocast=torch.bfloat16 if args.bf16 else None,
                                         query_prompt=model.prompts.get("query", ""),
-                                        passage_prompt=model.prompts.get("document", ""))
-                    row[key] = {"max_len": max_len, **evaluate_dataset(model, tokenizer, args.pages, "doc2dial", config,
-                                                                       torch.device(args.device))}
+                                        passage_prompt=model.prompts.get("document", ""),
+                                        passage_window=min(window, limit) if window else None)
+                    scored = evaluate_dataset(model, tokenizer, args.pages, "doc2dial", config, torch.device(args.device))
+                    row[key] = {"max_len": max_len, **without_per_item(scored)}
                     logger.info("%s %s (%d tokens): Recall@1 %.2f", label, key, max_len, row[key]["recall@1"])
                     save(results, runs, args)
     except UserError as err:

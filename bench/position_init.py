@@ -22,7 +22,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from longcontrast.data import tokenize  # noqa: E402
-from longcontrast.evaluation import encode, gold_rank, load_chatrag, retrieval_metrics  # noqa: E402
+from longcontrast.evaluation import load_chatrag  # noqa: E402
+from longcontrast.inference import encode  # noqa: E402
+from longcontrast.metrics import gold_rank, retrieval_metrics  # noqa: E402
 from longcontrast.modeling import DualEncoder, default_model_path, load_encoder  # noqa: E402
 from longcontrast.positions import POSITION_INITS  # noqa: E402
 
@@ -62,8 +64,9 @@ def main(argv=None) -> None:
 
     def score(encoder, chunk_ids):
         model = DualEncoder(encoder.eval(), "mean")
-        q = encode(model, queries, "query", 32, tokenizer.pad_token_id, torch.device("cpu"))
-        c = encode(model, chunk_ids, "passage", 16, tokenizer.pad_token_id, torch.device("cpu"))
+        q = encode(model, queries, "query", batch_size=32, pad_token_id=tokenizer.pad_token_id, device=torch.device("cpu"))
+        c = encode(model, chunk_ids, "passage", batch_size=16, pad_token_id=tokenizer.pad_token_id,
+                   device=torch.device("cpu"))
         ranks = [gold_rank(c @ q[i], it.gold_index) for i, it in enumerate(items)]
         return retrieval_metrics(ranks)
 

@@ -110,11 +110,14 @@ def evaluate(model: str, output_file: str, args) -> dict:
 
 def bm25_row() -> dict:
     """The keyword baseline on the same dev set: BM25 (data/mine_hard_negatives.py's, k1 0.9, b 0.4,
-    statistics of each document's chunks) ranking each item's document, ties to the gold as in evaluate.py."""
+    statistics of each document's chunks) ranking each item's document, ranked by evaluate.py's rule
+    (copies of the gold are the gold, other ties are broken at random)."""
     import numpy as np
+    import torch
 
     sys.path.insert(0, ROOT)
-    from longcontrast.evaluation import gold_rank, load_chatrag, retrieval_metrics
+    from longcontrast.evaluation import load_chatrag
+    from longcontrast.metrics import gold_rank, retrieval_metrics
     from longcontrast.mining import BM25
 
     items, documents = load_chatrag(DEV, "doc2dial")
@@ -124,7 +127,8 @@ def bm25_row() -> dict:
         if mine:
             bm25 = BM25(chunks)
             scores = bm25.scores(bm25.query_matrix([item.query for item in mine]), np.arange(len(chunks)))  # (q, C)
-            ranks += [gold_rank(row, item.gold_index) for row, item in zip(scores, mine)]
+            ranks += [gold_rank(row, item.gold_index, copies=torch.tensor([c == chunks[item.gold_index] for c in chunks]))
+                      for row, item in zip(scores, mine)]
     return {"recipe": "bm25", "num_items": len(ranks), **retrieval_metrics(ranks)}
 
 

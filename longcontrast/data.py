@@ -231,6 +231,19 @@ def make_dataset(examples: list[Example]):
     })
 
 
+def read_json(path: str | Path):
+    """A JSON file's content; a missing, unreadable or malformed file raises :class:`UserError` naming it."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError as err:
+        raise UserError(f"{path}: not found") from err
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: malformed JSON at line {err.lineno} ({err.msg})") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read ({err})") from err
+
+
 def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
     """The special token ids a tokenizer puts before and after a single text (BERT: [CLS], [SEP])."""
     full = tokenizer("a")["input_ids"]

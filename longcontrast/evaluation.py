@@ -3,31 +3,29 @@
 Protocol: each item ranks the chunks of its own document; the query is the last ``num_turns``
 turns written as ``user: ...`` / ``agent: ...`` lines (:func:`longcontrast.data.format_query`),
 truncated from the left; similarity is the cosine of the pooled, L2-normalised embeddings. The gold
-chunk's rank is 1 + the number of chunks of the document scoring strictly higher (ties count in the
-gold's favour, deterministically). Metrics: Recall@1/5/20, MRR@20 and NDCG@20 (one relevant chunk).
+chunk is ranked by :func:`.metrics.gold_rank`: its copies are the gold, other ties are broken at
+random and scored in expectation. Metrics: Recall@1/5/20, MRR@20 and NDCG@20 (one relevant chunk).
+With ``passage_window`` the set is also scored with every chunk as the best of its windows (MaxP).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from . import UserError
-from .data import format_query, length_sorted_groups, pad, tokenize, unique_sequences
-from .modeling import DualEncoder, default_model_path, from_pretrained, load_tokenizer, read_pooling, read_prompts
+from .data import format_query, read_json, tokenize, unique_sequences
+from .inference import encode, split_windows
+from .metrics import CHATRAG_METRICS, DEGENERATE_SPREAD, gold_rank, per_item_metrics
+from .search import max_per_passage
 
 logger = logging.getLogger(__name__)
 
 DATASETS = ("doc2dial", "quac", "qrecc")
-METRICS = ("recall@1", "recall@5", "recall@20", "mrr@20", "ndcg@20")
+METRICS = CHATRAG_METRICS
 
 
 @dataclass
@@ -83,132 +81,68 @@ def load_chatrag(data_folder: str, dataset: str, num_turns: int = 5) -> tuple[li
     return items, documents
 
 
-def read_json(path: Path):
-    """A JSON file's content; a missing, unreadable or malformed file raises :class:`UserError` naming it."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except FileNotFoundError as err:
-        raise UserError(f"{path}: not found") from err
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: malformed JSON at line {err.lineno} ({err.msg})") from err
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: cannot read ({err})") from err
-
-
-def gold_rank(scores: torch.Tensor, gold_index: int, gold_score: torch.Tensor | None = None) -> int:
-    """1 + the number of candidates scoring strictly higher than the gold one.
-
-    ``scores``: (C,) the query's scores against its document's chunks. ``gold_score`` replaces
-    the gold chunk's own score when the gold was encoded differently (QReCC's answer rule).
-    """
-    if gold_score is None:
-        gold_score = scores[gold_index]
-    higher = scores > gold_score  # (C,)
-    higher[gold_index] = False
-    return 1 + int(higher.sum())
-
-
-def retrieval_metrics(ranks: list[int]) -> dict[str, float]:
-    """Recall@1/5/20, MRR@20 and NDCG@20 in percent, from the gold ranks (1-based)."""
-    n = len(ranks)
-    return {
-        "recall@1": 100 * sum(r <= 1 for r in ranks) / n,
-        "recall@5": 100 * sum(r <= 5 for r in ranks) / n,
-        "recall@20": 100 * sum(r <= 20 for r in ranks) / n,
-        "mrr@20": 100 * sum(1 / r for r in ranks if r <= 20) / n,
-        "ndcg@20": 100 * sum(1 / math.log2(r + 1) for r in ranks if r <= 20) / n,
-    }
-
-
-def load_retriever(model_path=None, query_encoder_path=None, context_encoder_path=None, pooling=None,
-                   trust_remote_code=False):
-    """A :class:`DualEncoder` and tokenizer for evaluation.
-
-    ``model_path``: a folder saved by training (with or without ``query_encoder/`` and
-    ``context_encoder/``) or any encoder; ``None``: the embedded default. Or separate
-    ``query_encoder_path`` and ``context_encoder_path``. Pooling: the one recorded in the query
-    encoder's sentence-transformers config, else ``pooling``, else ``cls``. The recorded prompts
-    (``"query"`` of the query encoder, ``"document"`` of the context encoder) land in ``.prompts``.
-    """
-    if query_encoder_path or context_encoder_path:
-        if model_path or not (query_encoder_path and context_encoder_path):
-            raise UserError("give either --model_path or both --query_encoder_path and --context_encoder_path")
-    else:
-        model_path = model_path or default_model_path()
-        if not Path(model_path).exists() and os.sep in str(model_path):
-            raise UserError(f"model folder not found: {model_path}")
-        split = Path(model_path) / "query_encoder"
-        if split.is_dir() and (Path(model_path) / "context_encoder").is_dir():
-            query_encoder_path, context_encoder_path = str(split), str(Path(model_path) / "context_encoder")
-        else:
-            query_encoder_path = context_encoder_path = str(model_path)
-
-    def load(path):
-        return from_pretrained(path, trust_remote_code=trust_remote_code).eval()
-
-    query_encoder = load(query_encoder_path)
-    context_encoder = load(context_encoder_path) if context_encoder_path != query_encoder_path else None
-    recorded = read_pooling(query_encoder_path)
-    if recorded and pooling and recorded != pooling:
-        logger.warning("%s records %s pooling; using it instead of --pooling %s", query_encoder_path, recorded, pooling)
-    prompts = {"query": read_prompts(query_encoder_path).get("query", ""),
-               "document": read_prompts(context_encoder_path).get("document", "")}
-    model = DualEncoder(query_encoder, recorded or pooling or "cls", context_encoder, prompts)
-    return model, load_tokenizer(query_encoder_path, trust_remote_code)
-
-
-def prompts_for(model: DualEncoder, query_instruction: str | None, passage_instruction: str | None) -> dict[str, str]:
-    """The query and passage ("document") prompts to encode with: the given instructions, else the
-    ones the model records, else none."""
-    given = {"query": query_instruction, "document": passage_instruction}
-    return {side: model.prompts.get(side, "") if prompt is None else prompt for side, prompt in given.items()}
-
-
-def encode(model: DualEncoder, token_ids: list[list[int]], side: str, batch_size: int, pad_token_id: int,
-           device: torch.device, desc: str = "encoding", bf16: bool = False) -> torch.Tensor:
-    """(N, D) float32 embeddings of token id lists, encoded in batches of similar length.
-
-    Each distinct token sequence is encoded once and its vector returned for every copy: a text
-    repeated in a document then scores exactly as its copies do, whatever the padding of the batch
-    it would have landed in (padding moves float32 results by ~1e-7, enough to break a tie against
-    the gold). Texts are sorted by length (longest first, so memory peaks at once) and each batch is
-    padded to its own longest; ``bf16``: under bf16 autocast. Rows come back in input order.
-    """
-    unique, copy_of = unique_sequences(token_ids)
-    embeddings = [None] * len(unique)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    with torch.inference_mode(), autocast:
-        # padded one batch at a time: a whole corpus padded at once would not fit on the device;
-        # the bar shows on a terminal only (disable=None), not in logs
-        for rows in tqdm(length_sorted_groups(unique, batch_size, None), desc=desc, leave=False, unit="batch",
-                         disable=None):
-            batch = pad([unique[i] for i in rows], pad_token_id, device)
-            for row, embedding in zip(rows, model(**batch, side=side).float().cpu()):
-                embeddings[row] = embedding
-    return torch.stack(embeddings)[torch.tensor(copy_of, dtype=torch.long)]  # (N, D)
-
-
-def uses_bf16(precision: str, device: torch.device) -> bool:
-    """``precision`` is "fp32", "bf16" or "auto" (bf16 on GPU, where it is fast and standard)."""
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
-
-
-@dataclass
+@dataclass(kw_only=True)
 class EvalConfig:
     query_max_len: int = 256
     passage_max_len: int = 1024
-    batch_size: int = 64
+    batch_size: int = 64  # texts per forward pass
+    max_tokens: int | None = None  # padded tokens per forward pass (None: inference.DEFAULT_MAX_TOKENS)
     num_turns: int = 5
     qrecc_answer_rule: bool = True
-    bf16: bool = False  # encode under bf16 autocast
+    autocast: torch.dtype | None = None  # encode under autocast in this dtype (None: float32)
+    embedding_dtype: torch.dtype = torch.float32  # how a BEIR corpus's embeddings are kept
     query_prompt: str = ""  # prefixed to every query (a model's recorded "query" prompt)
     passage_prompt: str = ""  # prefixed to every chunk (its "document" prompt)
     split_at_token: int = 512  # items with gold_start_token are also scored apart, before and from here
+    passage_window: int | None = None  # also score each passage as the best of its windows of this many tokens
+
+
+def _encode(model, ids, side, config, pad_id, device, desc, texts):
+    return encode(model, ids, side, batch_size=config.batch_size, pad_token_id=pad_id, device=device,
+                  max_tokens=config.max_tokens, autocast=config.autocast, desc=desc, texts=texts)
+
+
+def _score_items(items, chunk_scores, copy_of, offsets, documents, split_at_token, gold_scores=None) -> dict:
+    """Metrics (percent) and per-item values from each item's candidate scores.
+
+    ``chunk_scores(index, item)``: the item's (C,) scores against its document's chunks;
+    ``copy_of``: per chunk (global index) the id of its distinct text; ``gold_scores``: (Q,) scores
+    replacing the gold's own (QReCC's answer rule).
+    """
+    ranks, degenerate = [], 0
+    for index, item in enumerate(items):
+        scores = chunk_scores(index, item)  # (C,)
+        start = offsets[item.document]
+        local = copy_of[start: start + len(scores)]  # (C,)
+        copies = local == local[item.gold_index]  # (C,) the gold's own text, wherever it repeats
+        gold = None if gold_scores is None else gold_scores[index]
+        ranks.append(gold_rank(scores, item.gold_index, gold, copies))
+        degenerate += len(scores) > 1 and float(scores.max() - scores.min()) < DEGENERATE_SPREAD
+    values = per_item_metrics(ranks)
+    results = {"num_items": len(items), **{m: 100 * float(v.mean()) for m, v in values.items()},
+               "degenerate_queries": degenerate, "per_item": {m: (100 * v).tolist() for m, v in values.items()}}
+    if degenerate > len(items) / 10:
+        logger.warning("MODEL COLLAPSE: for %d of %d queries every candidate scores within %g of the others; the "
+                       "model cannot tell texts apart and its metrics mean nothing beyond chance",
+                       degenerate, len(items), DEGENERATE_SPREAD)
+    if any(item.gold_start_token is not None for item in items):
+        # Long documents: is the answer found where a 512-token reader never looks?
+        cut = split_at_token
+        for name, keep in ((f"gold_start<{cut}", lambda t: t < cut), (f"gold_start>={cut}", lambda t: t >= cut)):
+            part = [i for i, item in enumerate(items) if item.gold_start_token is not None and keep(item.gold_start_token)]
+            if part:
+                results[name] = {"num_items": len(part), **{m: 100 * float(v[part].mean()) for m, v in values.items()},
+                                 "per_item": {m: (100 * v[part]).tolist() for m, v in values.items()}}
+    return results
 
 
 def evaluate_dataset(model, tokenizer, data_folder: str, dataset: str, config: EvalConfig, device) -> dict:
-    """Metrics of one dataset: each chunk is encoded once, queries once, then ranked per document."""
+    """Metrics of one dataset: each chunk is encoded once, queries once, then ranked per document.
+
+    Per-item values (percent) come under ``"per_item"`` for paired comparisons; with
+    ``config.passage_window`` W the windowed scores come under ``"maxp@W"`` (QReCC's answer rule
+    is not applied there).
+    """
     items, documents = load_chatrag(data_folder, dataset, config.num_turns)
     names = sorted({item.document for item in items})
     offsets, chunks = {}, []
@@ -218,10 +152,10 @@ def evaluate_dataset(model, tokenizer, data_folder: str, dataset: str, config: E
     pad_id = tokenizer.pad_token_id
     chunk_ids = tokenize(tokenizer, chunks, config.passage_max_len, "right", config.passage_prompt)
     query_ids = tokenize(tokenizer, [item.query for item in items], config.query_max_len, "left", config.query_prompt)
-    batching = config.batch_size, pad_id, device
-    chunk_embeddings = encode(model, chunk_ids, "passage", *batching, f"{dataset} chunks", config.bf16)
-    query_embeddings = encode(model, query_ids, "query", *batching, f"{dataset} queries", config.bf16)
-    gold_embeddings = None
+    chunk_embeddings = _encode(model, chunk_ids, "passage", config, pad_id, device, f"{dataset} chunks", chunks)
+    query_embeddings = _encode(model, query_ids, "query", config, pad_id, device, f"{dataset} queries",
+                               [item.query for item in items])
+    gold_scores = None
     if dataset == "qrecc" and config.qrecc_answer_rule:
         # ChatRAG's QReCC gold labels come from word overlap with the answer; its evaluation appends
         # the first answer to the gold chunk before encoding, and so does this one.
@@ -230,22 +164,33 @@ def evaluate_dataset(model, tokenizer, data_folder: str, dataset: str, config: E
             for item in items
         ]
         gold_ids = tokenize(tokenizer, gold_texts, config.passage_max_len, "right", config.passage_prompt)
-        gold_embeddings = encode(model, gold_ids, "passage", *batching, "qrecc gold+answer", config.bf16)
-    ranks = []
-    for index, item in enumerate(items):
+        gold_embeddings = _encode(model, gold_ids, "passage", config, pad_id, device, "qrecc gold+answer", gold_texts)
+        gold_scores = (gold_embeddings * query_embeddings).sum(dim=1)  # (Q,)
+
+    def whole(index, item):
         start = offsets[item.document]
-        candidates = chunk_embeddings[start : start + len(documents[item.document])]  # (C, D)
-        scores = candidates @ query_embeddings[index]  # (C,)
-        gold_score = None if gold_embeddings is None else gold_embeddings[index] @ query_embeddings[index]
-        ranks.append(gold_rank(scores, item.gold_index, gold_score))
-    results = {"num_items": len(items), **retrieval_metrics(ranks)}
-    if any(item.gold_start_token is not None for item in items):
-        # Long documents: is the answer found where a 512-token reader never looks?
-        cut = config.split_at_token
-        for name, keep in ((f"gold_start<{cut}", lambda t: t < cut), (f"gold_start>={cut}", lambda t: t >= cut)):
-            part = [rank for item, rank in zip(items, ranks) if item.gold_start_token is not None and keep(item.gold_start_token)]
-            if part:
-                results[name] = {"num_items": len(part), **retrieval_metrics(part)}
+        return chunk_embeddings[start: start + len(documents[item.document])] @ query_embeddings[index]  # (C,)
+
+    # a chunk's identity is its whole token sequence: texts that only read alike when cut are not copies
+    full_ids = tokenize(tokenizer, chunks, 10**9, "right", config.passage_prompt)
+    copy_of = torch.tensor(unique_sequences(full_ids)[1])  # (T,)
+    results = _score_items(items, whole, copy_of, offsets, documents, config.split_at_token, gold_scores)
+    if config.passage_window:
+        window = config.passage_window
+        pieces, owner = split_windows(tokenizer, full_ids, window, config.passage_prompt)
+        owner = torch.tensor(owner)  # (R,) the chunk of each window
+        window_embeddings = _encode(model, pieces, "passage", config, pad_id, device, f"{dataset} windows",
+                                    [chunks[i] for i in owner.tolist()])
+        first_row = torch.searchsorted(owner, torch.arange(len(chunks) + 1))  # (T + 1,) each chunk's first window
+
+        def windowed(index, item):
+            start, count = offsets[item.document], len(documents[item.document])
+            rows = slice(int(first_row[start]), int(first_row[start + count]))
+            scores = (window_embeddings[rows] @ query_embeddings[index])[None]  # (1, r)
+            return max_per_passage(scores, owner[rows] - start, count)[0]  # (C,)
+
+        results[f"maxp@{window}"] = {"windows": len(pieces), **_score_items(
+            items, windowed, copy_of, offsets, documents, config.split_at_token)}
     return results
 
 
@@ -254,14 +199,30 @@ def average(results: dict[str, dict]) -> dict[str, float]:
     return {metric: sum(r[metric] for r in results.values()) / len(results) for metric in METRICS}
 
 
+def parts(results: dict, prefix: str = ""):
+    """(name, metrics) of every scored part of one dataset's results: the whole set first
+    (name ""), then each sub-part (``gold_start>=512``, ``maxp@512``, ``maxp@512 gold_start>=512``)."""
+    yield prefix.strip(), results
+    for key, value in results.items():
+        if isinstance(value, dict) and "num_items" in value:
+            yield from parts(value, f"{prefix} {key}")
+
+
+def without_per_item(value):
+    """Results without their per-item lists (the JSON stays small; run files keep BEIR rankings)."""
+    if isinstance(value, dict):
+        return {k: without_per_item(v) for k, v in value.items() if k != "per_item"}
+    return value
+
+
 def format_table(rows: dict[str, dict[str, dict]]) -> str:
     """A Markdown table: one row per model; Average then each dataset; metrics in percent. A
-    dataset scored by answer position adds a row per part (``model [doc2dial gold_start>=512]``)."""
+    dataset's sub-parts add a row each (``model [doc2dial gold_start>=512, 135 items]``)."""
     split = {}
     for model, results in rows.items():
         for dataset in DATASETS:
-            for part, metrics in (results.get(dataset) or {}).items():
-                if isinstance(metrics, dict):
+            for part, metrics in parts(results.get(dataset) or {}):
+                if part:
                     split[f"{model} [{dataset} {part}, {metrics['num_items']} items]"] = {dataset: metrics}
     rows = {**rows, **split}
     datasets = [d for d in ("average", *DATASETS) if any(d in r for r in rows.values())]

@@ -28,8 +28,8 @@ from scipy import sparse
 from tqdm.auto import tqdm
 
 from . import UserError
-from .data import FORMATS, iter_records, parse_record, tokenize
-from .evaluation import encode, load_retriever, prompts_for, read_json, uses_bf16
+from .data import FORMATS, iter_records, parse_record, read_json, tokenize
+from .inference import PRECISIONS, autocast_dtype, encode, load_retriever, prompts_for
 from .positions import token_positions
 
 logger = logging.getLogger(__name__)
@@ -298,8 +298,8 @@ class MiningArguments:
         "help": "Max passage tokens for the dense model (cut on the right; capped at its position table)."})
     batch_size: int | None = field(default=None, metadata={"help": "Texts encoded at once (default: 64 on GPU, 8 on CPU)."})
     precision: str = field(default="auto", metadata={
-        "help": "fp32 or bf16 autocast for the dense model; auto: bf16 on GPU, fp32 on CPU.",
-        "choices": ["auto", "fp32", "bf16"]})
+        "help": "fp32, or bf16 / fp16 autocast for the dense model; auto: on a GPU bf16 where it computes in bf16, "
+                "else fp16; fp32 on CPU.", "choices": list(PRECISIONS)})
     device: str | None = field(default=None, metadata={"help": "cuda, cpu... (default: cuda if available)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output file."})
 
@@ -376,15 +376,16 @@ def run(args: MiningArguments) -> dict:
         model.to(device)
         prompts = prompts_for(model, args.query_instruction, args.passage_instruction)
         positions = token_positions(model.query_encoder)
-        batching = (args.batch_size or (64 if device.type == "cuda" else 8), tokenizer.pad_token_id, device)
-        bf16 = uses_bf16(args.precision, device)
+        batching = {"batch_size": args.batch_size or (64 if device.type == "cuda" else 8),
+                    "pad_token_id": tokenizer.pad_token_id, "device": device,
+                    "autocast": autocast_dtype(args.precision, device)}
         needed = np.unique(np.concatenate([*{id(p): p for p in pools}.values(), np.array(positives)]))
         text_ids = tokenize(tokenizer, [texts[i] for i in needed], min(args.passage_max_len, positions), "right",
                             prompts["document"])
         text_embeddings = torch.zeros(len(texts), model.config.hidden_size)  # (T, D) rows of unused texts stay 0
-        text_embeddings[torch.from_numpy(needed)] = encode(model, text_ids, "passage", *batching, "passages", bf16)
+        text_embeddings[torch.from_numpy(needed)] = encode(model, text_ids, "passage", desc="passages", **batching)
         query_ids = tokenize(tokenizer, queries, min(args.query_max_len, positions), "left", prompts["query"])
-        dense = encode(model, query_ids, "query", *batching, "queries", bf16), text_embeddings  # (Q, D), (T, D)
+        dense = encode(model, query_ids, "query", desc="queries", **batching), text_embeddings  # (Q, D), (T, D)
         del model
 
     config = MiningConfig(args.num_negatives, args.skip_top, args.max_score_ratio, args.margin, args.scorer)

@@ -8,9 +8,9 @@ import torch
 import evaluate
 from longcontrast import UserError
 from longcontrast.data import format_query, pad, tokenize
-from longcontrast.evaluation import (
-    METRICS, EvalConfig, encode, evaluate_dataset, gold_rank, load_chatrag, load_retriever, retrieval_metrics,
-)
+from longcontrast.evaluation import METRICS, EvalConfig, evaluate_dataset, load_chatrag
+from longcontrast.inference import encode, load_retriever
+from longcontrast.metrics import Rank, gold_rank, retrieval_metrics
 from longcontrast.modeling import DualEncoder, load_encoder
 
 DOC2DIAL_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "doc2dial" / "dev"
@@ -27,11 +27,45 @@ def test_metrics_against_hand_computation():
     assert retrieval_metrics([25, 100]) == {k: 0 for k in m}  # misses beyond 20 score nothing
 
 
-def test_ties_are_counted_in_the_golds_favour():
+def test_ties_are_broken_at_random_and_copies_are_the_gold():
     scores = torch.tensor([0.5, 0.9, 0.5, 0.1])
-    assert gold_rank(scores, 0) == 2 and gold_rank(scores, 2) == 2
-    assert gold_rank(scores, 1) == 1 and gold_rank(scores, 3) == 4
-    assert gold_rank(scores, 3, gold_score=torch.tensor(0.95)) == 1  # QReCC: gold re-encoded
+    assert gold_rank(scores, 0) == Rank(1, 1) and gold_rank(scores, 2) == Rank(1, 1)
+    assert gold_rank(scores, 1) == Rank(0, 0) and gold_rank(scores, 3) == Rank(3, 0)
+    assert gold_rank(scores, 3, gold_score=torch.tensor(0.95)) == Rank(0, 0)  # QReCC: gold re-encoded
+    copies = torch.tensor([True, False, True, False])  # candidates 0 and 2 are one text
+    assert gold_rank(scores, 0, copies=copies) == Rank(1, 0)
+    assert gold_rank(scores + torch.tensor([0, 0, 5e-7, 0]), 0) == Rank(1, 1)  # within float32 rounding: a tie
+    assert gold_rank(scores + torch.tensor([0, 0, 1e-5, 0]), 0) == Rank(2, 0)
+
+
+def hand_metrics(rank: int) -> dict[str, float]:
+    return {"recall@1": float(rank <= 1), "recall@5": float(rank <= 5), "recall@20": float(rank <= 20),
+            "mrr@20": 1 / rank if rank <= 20 else 0.0, "ndcg@20": 1 / math.log2(rank + 1) if rank <= 20 else 0.0}
+
+
+def random_tie_break(higher: int, tied: int, draws: int, seed: int = 0) -> dict[str, float]:
+    """Monte Carlo of the rule: shuffle the gold among its ties, many times, and average."""
+    generator = torch.Generator().manual_seed(seed)
+    positions = torch.randint(0, tied + 1, (draws,), generator=generator)
+    total = {k: 0.0 for k in METRICS}
+    for position in positions.tolist():
+        for k, v in hand_metrics(higher + 1 + position).items():
+            total[k] += 100 * v / draws
+    return total
+
+
+@pytest.mark.parametrize("higher, tied", [(0, 0), (0, 3), (2, 5), (17, 6), (0, 224), (30, 2)])
+def test_expected_metrics_equal_random_tie_breaking(higher, tied):
+    assert retrieval_metrics([Rank(higher, tied)]) == pytest.approx(random_tie_break(higher, tied, 20_000), abs=1.5)
+    exact = {k: 100 * sum(hand_metrics(higher + 1 + p)[k] for p in range(tied + 1)) / (tied + 1) for k in METRICS}
+    assert retrieval_metrics([Rank(higher, tied)]) == pytest.approx(exact)
+
+
+def test_a_constant_model_scores_at_chance():
+    scores = torch.zeros(10)  # every candidate the same score: Recall@1 is 1 in 10, not 100
+    metrics = retrieval_metrics([gold_rank(scores, g) for g in range(10)])
+    assert metrics["recall@1"] == pytest.approx(10) and metrics["recall@5"] == pytest.approx(50)
+    assert metrics["recall@20"] == pytest.approx(100)  # all 10 candidates fit in the top 20
 
 
 def write_set(folder, items, documents):
@@ -105,36 +139,42 @@ def test_separate_query_and_context_encoders(saved_models, tmp_path):
 
 
 def brute_force_metrics(model, tokenizer, items, documents, config, gold_suffix=None):
-    """One text at a time, every ranking sorted in full (gold first among equal scores)."""
+    """One text at a time; every ordering of the gold among the candidates scoring within 1e-6 of it
+    (other texts than its own) enumerated, hand formulas averaged over them."""
     def one(text, side, max_len, truncation):
         ids = tokenize(tokenizer, [text], max_len, truncation)
         with torch.no_grad():
             return model(**pad(ids, tokenizer.pad_token_id), side=side)[0].float()
 
-    chunk_cache, ranks = {}, []
+    chunk_cache, values = {}, []
     for it in items:
         q = one(it.query, "query", config.query_max_len, "left")
         chunks = documents[it.document]
         scores = []
         for c, text in enumerate(chunks):
             if c == it.gold_index and gold_suffix is not None:
-                text = text + gold_suffix(it)
-                scores.append(float(q @ one(text, "passage", config.passage_max_len, "right")))
+                scores.append(float(q @ one(text + gold_suffix(it), "passage", config.passage_max_len, "right")))
                 continue
             key = (it.document, c)
             if key not in chunk_cache:
                 chunk_cache[key] = one(text, "passage", config.passage_max_len, "right")
             scores.append(float(q @ chunk_cache[key]))
-        order = sorted(range(len(chunks)), key=lambda c: (-scores[c], c != it.gold_index))
-        ranks.append(order.index(it.gold_index) + 1)
-    return retrieval_metrics(ranks)
+        gold = scores[it.gold_index]
+        # copies of the gold are the gold
+        rival_scores = [scores[c] for c, text in enumerate(chunks) if text != chunks[it.gold_index]]
+        above = sum(s > gold + 1e-6 for s in rival_scores)
+        level = sum(abs(s - gold) <= 1e-6 for s in rival_scores)
+        orders = [hand_metrics(above + 1 + p) for p in range(level + 1)]
+        values.append({k: sum(o[k] for o in orders) / len(orders) for k in METRICS})
+    return {k: 100 * sum(v[k] for v in values) / len(values) for k in METRICS}
 
 
 def test_bf16_precision_encodes_under_autocast(saved_models):
     model, tokenizer = load_retriever(str(saved_models / "shared"))
     ids = tokenize(tokenizer, ["how do i renew my permit", "office address", "fee"], 32, "right")
-    fp32 = encode(model, ids, "passage", 2, tokenizer.pad_token_id, torch.device("cpu"))
-    bf16 = encode(model, ids, "passage", 2, tokenizer.pad_token_id, torch.device("cpu"), bf16=True)
+    cpu = {"batch_size": 2, "pad_token_id": tokenizer.pad_token_id, "device": torch.device("cpu")}
+    fp32 = encode(model, ids, "passage", **cpu)
+    bf16 = encode(model, ids, "passage", **cpu, autocast=torch.bfloat16)
     assert fp32.dtype == bf16.dtype == torch.float32
     assert 0 < (fp32 - bf16).abs().max().item() < 0.05  # bf16 rounding, nothing more
 
@@ -211,9 +251,9 @@ def test_download_conversion_on_a_local_stand_in(tmp_path):
         download.convert_item({"messages": []}, 0)
 
 
-def test_copies_of_a_chunk_get_one_vector_and_tie_with_the_gold(saved_models, tmp_path):
-    """Doc2Dial's ssa repeats 44 chunks: a copy of the gold must tie with it (the gold wins), never
-    score a hair higher because its batch was padded differently."""
+def test_copies_of_a_chunk_get_one_vector_and_are_the_gold(saved_models, tmp_path):
+    """Doc2Dial's ssa repeats 44 chunks: a copy of the gold is the gold, never a rival that scores a
+    hair higher because its batch was padded differently."""
     model, tokenizer = load_retriever(str(saved_models / "shared"))
     texts = [f"permit {i} fee" + " and the office is open" * i for i in range(6)]  # lengths differ: other padding
     copies = texts + [texts[1], texts[4], texts[1]]
@@ -225,11 +265,19 @@ def test_copies_of_a_chunk_get_one_vector_and_tie_with_the_gold(saved_models, tm
     config = EvalConfig(query_max_len=64, passage_max_len=64, batch_size=2)
     got = evaluate_dataset(model, tokenizer, str(tmp_path), "doc2dial", config, torch.device("cpu"))
     assert sum(seen) == len(texts) + 9  # each distinct chunk encoded once, then the 9 queries
-    items, documents = load_chatrag(str(tmp_path), "doc2dial")
-    assert {k: got[k] for k in METRICS} == brute_force_metrics(model, tokenizer, items, documents, config)
     ids = tokenize(tokenizer, copies, 64, "right")
-    vectors = encode(model, ids, "passage", 2, tokenizer.pad_token_id, torch.device("cpu"))
+    cpu = {"pad_token_id": tokenizer.pad_token_id, "device": torch.device("cpu")}
+    vectors = encode(model, ids, "passage", batch_size=2, **cpu)
     assert torch.equal(vectors[1], vectors[6]) and torch.equal(vectors[1], vectors[8]) and torch.equal(vectors[4], vectors[7])
+    # The case is built so that distinct chunks are far apart for every query (on any CPU, batched or
+    # not): the brute force below then orders them the same way whatever the rounding.
+    queries = encode(model, tokenize(tokenizer, [it.query for it in load_chatrag(str(tmp_path), "doc2dial")[0]], 64,
+                                     "left"), "query", batch_size=1, **cpu)
+    distinct = (queries @ vectors[: len(texts)].T).sort(dim=1).values  # (9, 6)
+    assert (distinct.diff(dim=1) > 1e-4).all()
+    items, documents = load_chatrag(str(tmp_path), "doc2dial")
+    assert {k: got[k] for k in METRICS} == pytest.approx(brute_force_metrics(model, tokenizer, items, documents, config))
+    assert got["recall@1"] < 100  # copies help their gold, not every query
 
 
 def test_long_document_sets_are_also_scored_by_answer_position(saved_models, tmp_path, capsys):

@@ -1,0 +1,160 @@
+"""Loading a trained retriever and encoding texts with it: what evaluation, mining and the
+benchmarks share.
+
+Encoding is length-sorted and bounded twice: at most ``batch_size`` texts and at most
+``max_tokens`` padded tokens per forward pass (a long passage goes alone), so 8192-token passages
+never meet in one pass unless the budget allows it. A non-finite embedding ends the run with a
+:class:`UserError` naming the text: a diverged model must never be scored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import UserError
+from .data import length_sorted_groups, pad, special_tokens, unique_sequences
+from .modeling import DualEncoder, default_model_path, from_pretrained, load_tokenizer, read_pooling, read_prompts
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Padded tokens per forward pass when the caller sets no budget: two 8192-token passages at a time.
+DEFAULT_MAX_TOKENS = 16384
+
+
+def load_retriever(model_path=None, query_encoder_path=None, context_encoder_path=None, pooling=None,
+                   trust_remote_code=False):
+    """A :class:`DualEncoder` and tokenizer for evaluation.
+
+    ``model_path``: a folder saved by training (with or without ``query_encoder/`` and
+    ``context_encoder/``) or any encoder; ``None``: the embedded default. Or separate
+    ``query_encoder_path`` and ``context_encoder_path``. Pooling: the one recorded in the query
+    encoder's sentence-transformers config, else ``pooling``, else ``cls``. The recorded prompts
+    (``"query"`` of the query encoder, ``"document"`` of the context encoder) land in ``.prompts``;
+    the folders read land in ``.paths`` (what a cache of its embeddings is keyed by).
+    """
+    if query_encoder_path or context_encoder_path:
+        if model_path or not (query_encoder_path and context_encoder_path):
+            raise UserError("give either --model_path or both --query_encoder_path and --context_encoder_path")
+    else:
+        model_path = model_path or default_model_path()
+        if not Path(model_path).exists() and os.sep in str(model_path):
+            raise UserError(f"model folder not found: {model_path}")
+        split = Path(model_path) / "query_encoder"
+        if split.is_dir() and (Path(model_path) / "context_encoder").is_dir():
+            query_encoder_path, context_encoder_path = str(split), str(Path(model_path) / "context_encoder")
+        else:
+            query_encoder_path = context_encoder_path = str(model_path)
+
+    def load(path):
+        return from_pretrained(path, trust_remote_code=trust_remote_code).eval()
+
+    query_encoder = load(query_encoder_path)
+    context_encoder = load(context_encoder_path) if context_encoder_path != query_encoder_path else None
+    recorded = read_pooling(query_encoder_path)
+    if recorded and pooling and recorded != pooling:
+        logger.warning("%s records %s pooling; using it instead of --pooling %s", query_encoder_path, recorded, pooling)
+    prompts = {"query": read_prompts(query_encoder_path).get("query", ""),
+               "document": read_prompts(context_encoder_path).get("document", "")}
+    model = DualEncoder(query_encoder, recorded or pooling or "cls", context_encoder, prompts)
+    model.paths = {"query": query_encoder_path, "passage": context_encoder_path}
+    return model, load_tokenizer(query_encoder_path, trust_remote_code)
+
+
+def prompts_for(model: DualEncoder, query_instruction: str | None, passage_instruction: str | None) -> dict[str, str]:
+    """The query and passage ("document") prompts to encode with: the given instructions, else the
+    ones the model records, else none."""
+    given = {"query": query_instruction, "document": passage_instruction}
+    return {side: model.prompts.get(side, "") if prompt is None else prompt for side, prompt in given.items()}
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` ("fp32", "bf16", "fp16" or "auto"); ``None`` is float32.
+
+    auto: on a CUDA GPU bf16 where the card computes in it (Ampere and later), else fp16 (T4,
+    V100: bf16 would be emulated and slow); float32 on CPU. The choice is logged.
+    """
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"
+        logger.info("precision auto on %s: %s", device, precision)
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def encode(model: DualEncoder, token_ids: list[list[int]], side: str, *, batch_size: int, pad_token_id: int,
+           device: torch.device, max_tokens: int | None = None, autocast: torch.dtype | None = None,
+           out_dtype: torch.dtype = torch.float32, desc: str = "encoding", texts: list[str] | None = None
+           ) -> torch.Tensor:
+    """(N, D) embeddings of token id lists, on the CPU in ``out_dtype``.
+
+    Each distinct token sequence is encoded once and its vector returned for every copy: a text
+    repeated in a corpus then scores exactly as its copies do, whatever the padding of the batch it
+    would have landed in (padding moves float32 results by ~1e-7). Texts are sorted by length
+    (longest first, so memory peaks at once); a forward pass holds at most ``batch_size`` texts and
+    at most ``max_tokens`` padded tokens (``None``: :data:`DEFAULT_MAX_TOKENS`); a text longer than
+    the budget goes alone. ``autocast``: encode under autocast in that dtype. ``texts``: the
+    texts the ids come from, to name one whose embedding is not finite.
+    """
+    if not token_ids:
+        raise UserError(f"{desc}: nothing to encode")
+    unique, copy_of = unique_sequences(token_ids)
+    first_copy = {}
+    for index, distinct in enumerate(copy_of):
+        first_copy.setdefault(distinct, index)
+    embeddings = None
+    context = torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext()
+    groups = length_sorted_groups(unique, batch_size, max_tokens or DEFAULT_MAX_TOKENS)
+    with torch.inference_mode(), context:
+        # padded one batch at a time: a whole corpus padded at once would not fit on the device;
+        # the bar shows on a terminal only (disable=None), not in logs
+        for rows in tqdm(groups, desc=desc, leave=False, unit="batch", disable=None):
+            batch = pad([unique[i] for i in rows], pad_token_id, device)
+            vectors = model(**batch, side=side).float()  # (b, D)
+            finite = torch.isfinite(vectors).all(dim=1)  # (b,)
+            if not bool(finite.all()):
+                index = first_copy[rows[int((~finite).nonzero()[0])]]
+                text = f" {texts[index][:80]!r}" if texts is not None else ""
+                raise UserError(f"{desc}: the model gives a non-finite embedding (NaN or inf) for {side} {index}{text}; "
+                                "it has diverged or its weights are broken, so it is not scored")
+            if embeddings is None:
+                embeddings = torch.empty(len(unique), vectors.shape[1], dtype=out_dtype)  # (U, D)
+            embeddings[torch.tensor(rows)] = vectors.to("cpu", out_dtype)
+    return embeddings[torch.tensor(copy_of, dtype=torch.long)]  # (N, D)
+
+
+def split_windows(tokenizer, token_ids: list[list[int]], window: int, prompt: str = "") -> tuple[list[list[int]], list[int]]:
+    """Consecutive ``window``-token pieces of each tokenised passage, each a text of its own.
+
+    ``token_ids``: passages as :func:`.data.tokenize` returns them (special tokens and the prompt
+    included, uncut). A passage of at most ``window`` tokens is one piece, itself; a longer one is
+    cut into pieces of ``window`` tokens or fewer, each wrapped in the special tokens and the
+    prompt, so that every piece reads as a passage of its own (MaxP, Dai & Callan 2019).
+    Returns the pieces and, for each, the index of its passage (non-decreasing).
+    """
+    prefix, suffix = special_tokens(tokenizer)
+    kept = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0
+    width = window - len(prefix) - len(suffix) - kept
+    if width < 1:
+        raise UserError(f"--passage_window {window} leaves no room for text")
+    pieces, owner = [], []
+    for passage, ids in enumerate(token_ids):
+        if len(ids) <= window:
+            pieces.append(ids)
+            owner.append(passage)
+            continue
+        head = len(prefix) + kept
+        instruction, body = ids[len(prefix): head], ids[head: len(ids) - len(suffix)]
+        for start in range(0, len(body), width):
+            pieces.append(prefix + instruction + body[start: start + width] + suffix)
+            owner.append(passage)
+    return pieces, owner

@@ -1,0 +1,231 @@
+"""BEIR-format evaluation: metrics against ranx (another maintained implementation), the layout's
+rules, the run file, the embedding cache, MaxP windows; and broken models (constant, NaN) that
+must score at chance or stop."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+import evaluate
+from longcontrast import UserError
+from longcontrast.beir import evaluate_beir, load_beir
+from longcontrast.evaluation import EvalConfig, evaluate_dataset
+from longcontrast.inference import load_retriever
+from longcontrast.metrics import BEIR_METRICS, beir_metrics
+from longcontrast.modeling import DualEncoder, load_encoder
+
+WORDS = "permit fee office days document proof address renew library parking apply cost".split()
+
+
+def write_beir(folder, corpus, queries, qrels, split="test"):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in corpus))
+    (folder / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    (folder / "qrels").mkdir(exist_ok=True)
+    (folder / "qrels" / f"{split}.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{s}\n" for q, d, s in qrels))
+    return str(folder)
+
+
+def generated_set(n_docs=40, n_queries=12, seed=0):
+    rng = random.Random(seed)
+    corpus = [{"_id": f"d{i}", "title": rng.choice(WORDS) if i % 3 else "",
+               "text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 30)))} for i in range(n_docs)]
+    queries = [{"_id": f"q{i}", "text": " ".join(rng.choice(WORDS) for _ in range(4))} for i in range(n_queries)]
+    qrels = []
+    for i in range(n_queries):
+        *relevant, judged = rng.sample(range(n_docs), 4)
+        qrels += [(f"q{i}", f"d{j}", rng.choice([1, 1, 2])) for j in relevant]
+        qrels.append((f"q{i}", f"d{judged}", 0))  # judged non-relevant
+    return corpus, queries, qrels
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("beir_model") / "m"
+    encoder, tokenizer = load_encoder(tiny_model_dir, dropout=0.0)
+    DualEncoder(encoder, "mean").save(folder, tokenizer, max_seq_length=64)
+    return str(folder)
+
+
+def test_metrics_equal_ranx_on_graded_multi_relevant_runs():
+    ranx = pytest.importorskip("ranx")
+    rng = random.Random(1)
+    qrels = {f"q{i}": {f"d{j}": rng.choice([0, 1, 2, 3]) for j in rng.sample(range(300), rng.randint(1, 12))}
+             for i in range(40)}
+    qrels = {q: docs for q, docs in qrels.items() if any(docs.values())}
+    run = {q: rng.sample([f"d{j}" for j in range(300)], 100) for q in qrels}
+    for q in list(run)[::3]:  # some queries find their relevant documents early
+        relevant = [d for d, g in qrels[q].items() if g > 0]
+        run[q] = relevant + [d for d in run[q] if d not in relevant][: 100 - len(relevant)]
+    ours = beir_metrics(qrels, run)
+    scored = {q: {d: float(100 - i) for i, d in enumerate(docs)} for q, docs in run.items()}
+    positive = {q: {d: g for d, g in docs.items() if g > 0} for q, docs in qrels.items()}
+    theirs = ranx.Run(scored)
+    ranx.evaluate(ranx.Qrels(positive), theirs, list(BEIR_METRICS))  # per-query values land in theirs.scores
+    for metric in BEIR_METRICS:
+        for q in qrels:
+            assert ours[metric][q] == pytest.approx(float(theirs.scores[metric][q]), abs=1e-6), (metric, q)
+
+
+def test_metrics_by_hand():
+    qrels = {"q": {"a": 1, "b": 2, "z": 0}}
+    m = {k: v["q"] for k, v in beir_metrics(qrels, {"q": ["x", "b", "y", "z", "a"]}).items()}
+    dcg = 2 / math.log2(3) + 1 / math.log2(6)
+    ideal = 2 + 1 / math.log2(3)
+    assert m["ndcg@10"] == pytest.approx(dcg / ideal)
+    assert m["mrr@10"] == pytest.approx(0.5) and m["recall@1"] == 0 and m["recall@5"] == 1
+    assert m["map@100"] == pytest.approx((1 / 2 + 2 / 5) / 2)
+
+
+def test_loading_rules_and_errors(tmp_path):
+    corpus = [{"_id": "d1", "title": "Fees", "text": "the fee is 5"}, {"_id": "d2", "title": "", "text": "open days"}]
+    folder = write_beir(tmp_path / "ok", corpus, [{"_id": "q1", "text": "fee"}, {"_id": "q2", "text": "days"}],
+                        [("q1", "d1", 1), ("q2", "d1", 0)])
+    data = load_beir(folder)
+    assert data.passages == ["Fees the fee is 5", "open days"]  # title + " " + text, as BEIR joins them
+    assert data.query_ids == ["q1"]  # q2 has no relevant document: nothing to find
+    for qrels, message in [([("q9", "d1", 1)], "query 'q9' is not in queries.jsonl"),
+                           ([("q1", "d9", 1)], "document 'd9' is not in corpus.jsonl"),
+                           ([("q1", "d1", "x")], "is not an integer"), ([("q1", "d1", 0)], "no query has a relevant"),
+                           ([("q1", "d1", 1), ("q1", "d1", 0)], "judged twice, 1 and 0")]:
+        bad = write_beir(tmp_path / "bad", corpus, [{"_id": "q1", "text": "fee"}], qrels)
+        with pytest.raises(UserError, match=message):
+            load_beir(bad)
+    with pytest.raises(UserError, match="splits here: test"):
+        load_beir(folder, "dev")
+    (tmp_path / "bad" / "corpus.jsonl").write_text('{"_id": "d1", "text": "a"}\n{"_id": "d1", "text": "b"}\n')
+    with pytest.raises(UserError, match="corpus.jsonl:2: document id 'd1' repeats"):
+        load_beir(str(tmp_path / "bad"))
+
+
+def test_script_end_to_end_run_file_and_comparison(model_dir, tmp_path, capsys):
+    ranx = pytest.importorskip("ranx")
+    corpus, queries, qrels = generated_set()
+    corpus.append({"_id": "q3", "text": queries[3]["text"]})  # a query that is also a document: dropped
+    folder = write_beir(tmp_path / "set", corpus, queries, qrels)
+    out, run_file = tmp_path / "r.json", tmp_path / "run.trec"
+    assert evaluate.main(["--model_path", model_dir, "default", "--beir", folder, "--run_file", str(run_file),
+                          "--output_file", str(out), "--bootstrap_samples", "500"]) == 0
+    printed = capsys.readouterr().out
+    assert "| model | queries | nDCG@10 |" in printed and "Difference to" in printed
+    results = json.loads(out.read_text())
+    ours = results["results"][model_dir]["beir"]
+    assert ours["num_items"] == 12 and "per_item" not in ours
+    lines = [line.split() for line in run_file.read_text().splitlines()]
+    assert all(len(x) == 6 and x[1] == "Q0" for x in lines) and not any(x[0] == x[2] == "q3" for x in lines)
+    run = {}
+    for q, _, doc, rank, score, _ in lines:
+        run.setdefault(q, {})[doc] = 1000.0 - int(rank)
+    positive = {}
+    for q, d, s in qrels:
+        if s > 0:
+            positive.setdefault(q, {})[d] = s
+    scored = ranx.evaluate(ranx.Qrels(positive), ranx.Run(run), ["ndcg@10", "recall@100", "mrr@10"])
+    assert ours["ndcg@10"] == pytest.approx(100 * scored["ndcg@10"], abs=1e-4)
+    assert ours["recall@100"] == pytest.approx(100 * scored["recall@100"], abs=1e-4)
+    assert (tmp_path / "run-2.trec").is_file()  # the second model's run
+    comparison = results["comparison"]["default"]["beir"]["all"]
+    assert set(comparison) == set(BEIR_METRICS) and comparison["ndcg@10"]["low"] <= comparison["ndcg@10"]["high"]
+
+
+class Constant(torch.nn.Module):
+    """A collapsed model: every text maps to the same unit vector."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, input_ids, attention_mask, side):
+        return torch.nn.functional.normalize(torch.ones(len(input_ids), 8), dim=1)
+
+
+def test_a_constant_model_scores_at_chance_on_beir_and_chatrag(model_dir, tmp_path):
+    model, tokenizer = load_retriever(model_dir)
+    constant = Constant(model)
+    constant.paths, constant.pooling = model.paths, model.pooling
+    corpus = [{"_id": f"d{i}", "text": f"passage {i} " + "fee " * (i % 7)} for i in range(60)]
+    queries = [{"_id": f"q{i}", "text": f"question {i}"} for i in range(60)]
+    data = load_beir(write_beir(tmp_path / "set", corpus, queries, [(f"q{i}", f"d{i}", 1) for i in range(60)]))
+    config = EvalConfig(query_max_len=32, passage_max_len=32, batch_size=8)
+    got = evaluate_beir(constant, tokenizer, data, config, torch.device("cpu"))
+    assert got["recall@1"] <= 10 and got["ndcg@10"] < 30  # chance: 1 in 60 at rank 1, not 100
+    assert got["degenerate_queries"] == 60
+    # ChatRAG layout (the generated sample): Recall@1 is exactly the mean of 1 / distinct candidates
+    from longcontrast.evaluation import load_chatrag
+
+    sample = "data/chatrag_sample"
+    got = evaluate_dataset(constant, tokenizer, sample, "doc2dial", config, torch.device("cpu"))
+    items, documents = load_chatrag(sample, "doc2dial")
+    chance = [1 / (1 + sum(c != documents[it.document][it.gold_index] for c in documents[it.document])) for it in items]
+    assert got["recall@1"] == pytest.approx(100 * sum(chance) / len(chance))
+    assert got["degenerate_queries"] == len(items)
+
+
+def test_a_nan_model_stops_with_one_error_line(model_dir, tmp_path, capsys):
+    broken = tmp_path / "nan"
+    encoder, tokenizer = load_encoder(model_dir, dropout=0.0)
+    with torch.no_grad():
+        encoder.embeddings.word_embeddings.weight.fill_(float("nan"))
+    DualEncoder(encoder, "mean").save(broken, tokenizer, max_seq_length=64)
+    corpus, queries, qrels = generated_set()
+    folder = write_beir(tmp_path / "set", corpus, queries, qrels)
+    for extra in (["--beir", folder], ["--eval-dataset", "doc2dial"]):
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.main(["--model_path", str(broken), "--output_file", str(tmp_path / "r.json"), *extra])
+        err = capsys.readouterr().err
+        (line,) = [x for x in err.splitlines() if x.startswith("error:")]  # weight-loading bars aside
+        assert exit_info.value.code == 2 and line.startswith(f"error: model {broken}") and "non-finite embedding" in line
+        assert "Traceback" not in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_corpus_embeddings_are_cached_and_refused_when_settings_differ(model_dir, tmp_path):
+    corpus, queries, qrels = generated_set()
+    data = load_beir(write_beir(tmp_path / "set", corpus, queries, qrels))
+    model, tokenizer = load_retriever(model_dir)
+    calls = []
+    forward = model.forward
+    model.forward = lambda input_ids, attention_mask, side: calls.append(side) or forward(input_ids, attention_mask, side)
+    cache = str(tmp_path / "cache.pt")
+    config = EvalConfig(query_max_len=32, passage_max_len=48, batch_size=8)
+    first = evaluate_beir(model, tokenizer, data, config, torch.device("cpu"), cache=cache)
+    assert "passage" in calls
+    calls.clear()
+    again = evaluate_beir(model, tokenizer, data, config, torch.device("cpu"), cache=cache)
+    assert "passage" not in calls and again["ndcg@10"] == first["ndcg@10"]
+    with pytest.raises(UserError, match="another passage_max_len"):
+        evaluate_beir(model, tokenizer, data, EvalConfig(query_max_len=32, passage_max_len=32, batch_size=8),
+                      torch.device("cpu"), cache=cache)
+
+
+def test_maxp_windows_equal_a_brute_force(model_dir, tmp_path):
+    """Each long passage scores as the best of its windows, each embedded alone; short ones as themselves."""
+    from longcontrast.data import pad, tokenize
+    from longcontrast.inference import split_windows
+
+    corpus, queries, qrels = generated_set(n_docs=15, n_queries=6)
+    data = load_beir(write_beir(tmp_path / "set", corpus, queries, qrels))
+    model, tokenizer = load_retriever(model_dir)
+    config = EvalConfig(query_max_len=32, passage_max_len=64, batch_size=4, passage_window=16)
+    got = evaluate_beir(model, tokenizer, data, config, torch.device("cpu"))
+    assert got["windows"] > len(corpus)
+
+    def one(ids, side):
+        with torch.no_grad():
+            return model(**pad([ids], tokenizer.pad_token_id), side=side)[0]
+
+    run = {}
+    for q, text in zip(data.query_ids, data.queries):
+        query = one(tokenize(tokenizer, [text], 32, "right")[0], "query")
+        best = {}
+        for doc, passage in zip(data.doc_ids, data.passages):
+            pieces, _ = split_windows(tokenizer, tokenize(tokenizer, [passage], 10**9, "right"), 16)
+            best[doc] = max(float(query @ one(p, "passage")) for p in pieces)
+        run[q] = sorted(best, key=lambda d: -best[d])
+    expected = beir_metrics(data.qrels, run)
+    for metric in BEIR_METRICS:
+        assert got[metric] == pytest.approx(100 * sum(expected[metric].values()) / len(run), abs=1e-6), metric
