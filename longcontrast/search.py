@@ -65,33 +65,34 @@ def top_k(queries: torch.Tensor, corpus: torch.Tensor, k: int, *, owner: torch.T
     owner_device = owner.to(device) if owner is not None else None
     passages = int(owner[-1]) + 1 if owner is not None and rows else rows
     k = min(k, passages)
-    best_scores = torch.empty(queries.shape[0], k, dtype=torch.float32)
-    best_indices = torch.empty(queries.shape[0], k, dtype=torch.long)
-    bounds = _block_bounds(owner, rows, corpus_block)
-    for q_start in range(0, queries.shape[0], query_block):
-        q = queries[q_start: q_start + query_block].to(device, torch.float32)  # (q, D)
-        scores = torch.full((q.shape[0], 0), -torch.inf, device=device)  # (q, kept)
-        indices = torch.zeros((q.shape[0], 0), dtype=torch.long, device=device)
-        for start, end in bounds:
-            block = corpus[start:end].to(device, torch.float32)  # (c, D)
-            block_scores = q @ block.T  # (q, c)
-            if owner is None:
-                block_indices = torch.arange(start, end, device=device)  # (c,)
-            else:  # the best row of each passage: MaxP
-                local = owner_device[start:end] - owner_device[start]  # (c,) 0-based passages of the block
-                width = int(local[-1]) + 1
+    queries = queries.to(device, torch.float32)  # (Q, D)
+    best_scores = torch.full((queries.shape[0], 0), -torch.inf, device=device)  # (Q, kept)
+    best_indices = torch.zeros((queries.shape[0], 0), dtype=torch.long, device=device)
+    # corpus blocks outside: each is moved and upcast once, whatever the number of queries
+    for start, end in _block_bounds(owner, rows, corpus_block):
+        block = corpus[start:end].to(device, torch.float32)  # (c, D)
+        if owner is None:
+            block_indices = torch.arange(start, end, device=device)  # (c,)
+        else:
+            local = owner_device[start:end] - owner_device[start]  # (c,) 0-based passages of the block
+            width = int(local[-1]) + 1
+            block_indices = torch.arange(width, device=device) + owner_device[start]  # (p,)
+        merged_scores, merged_indices = [], []
+        for q_start in range(0, queries.shape[0], query_block):
+            block_scores = queries[q_start: q_start + query_block] @ block.T  # (q, c)
+            if owner is not None:  # the best row of each passage: MaxP
                 block_scores = max_per_passage(block_scores, local, width)  # (q, p)
-                block_indices = torch.arange(width, device=device) + owner_device[start]  # (p,)
             top = block_scores.topk(min(k, block_scores.shape[1]), dim=1)
-            scores = torch.cat([scores, top.values], dim=1)  # (q, kept + k)
-            indices = torch.cat([indices, block_indices[top.indices]], dim=1)
+            scores = torch.cat([best_scores[q_start: q_start + query_block], top.values], dim=1)  # (q, kept + k)
+            indices = torch.cat([best_indices[q_start: q_start + query_block], block_indices[top.indices]], dim=1)
             if scores.shape[1] > k:
                 keep = scores.topk(k, dim=1)
                 scores, indices = keep.values, indices.gather(1, keep.indices)
-        order = scores.argsort(dim=1, descending=True, stable=True)  # (q, k) best first
-        best_scores[q_start: q_start + q.shape[0]] = scores.gather(1, order).cpu()
-        best_indices[q_start: q_start + q.shape[0]] = indices.gather(1, order).cpu()
-    return best_scores, best_indices
+            merged_scores.append(scores)
+            merged_indices.append(indices)
+        best_scores, best_indices = torch.cat(merged_scores), torch.cat(merged_indices)
+    order = best_scores.argsort(dim=1, descending=True, stable=True)  # (Q, k) best first
+    return best_scores.gather(1, order).cpu(), best_indices.gather(1, order).cpu()
 
 
 def faiss_top_k(queries: torch.Tensor, corpus: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -49,6 +49,40 @@ def test_documents_have_the_length_and_their_fact_once(kind, tokenizer):
     assert len(set(depths)) > 5  # facts at many depths
 
 
+def byte_level_bpe(folder):
+    """A tiny byte-level BPE tokenizer (RoBERTa / Qwen style: a word's tokens depend on the space
+    before it, so counting words one by one is not exact), trained here offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    text = HAYSTACK + list(long_context.NAMES) + list(long_context.PLACES) + [long_context.FILLER]
+    bpe.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<pad>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+@pytest.mark.parametrize("kind", ["passkey", "needle"])
+def test_lengths_are_the_models_own_tokens_and_the_fact_is_kept(kind, tmp_path):
+    tokenizer = byte_level_bpe(tmp_path)
+    documents, questions, depths = long_context.build_documents(kind, 200, tokenizer, HAYSTACK, 20, seed=0)
+    for document, question, depth in zip(documents, questions, depths):
+        ids = tokenizer(document)["input_ids"]
+        assert len(ids) <= 200  # cut at 200 tokens, nothing of it is lost
+        subject = question.split("for ")[1].rstrip("?") if kind == "passkey" else next(
+            p for p in long_context.PLACES if p in question)
+        assert subject in document
+        if kind == "needle":
+            (fact,) = [x for x in re.split(r"(?<=[.?!]) ", document) if x not in HAYSTACK]
+        else:
+            fact = f"{subject}'s pass key"
+        before = document[: document.index(fact)].strip()
+        assert depth == 1 + len(tokenizer(before, add_special_tokens=False)["input_ids"])
+
+
 def test_accuracy_counts_ties_as_shares():
     scores = torch.tensor([[0.9, 0.1, 0.2], [0.5, 0.5, 0.5], [0.9, 0.1, 0.3]])  # hit, 3-way tie, miss
     assert long_context.accuracy_at_1(scores) == pytest.approx(100 * (1 + 1 / 3 + 0) / 3)

@@ -99,3 +99,14 @@ def test_paired_difference_against_scipy():
     assert same["difference"] == same["low"] == same["high"] == 0 and same["p"] == 1
     shifted = paired_difference(a, a + 1.0)  # B better on every query by one point
     assert shifted["low"] == shifted["high"] == 1 and shifted["p"] < 0.001
+
+
+def test_search_benchmark_row_runs_and_checks_itself():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("search_speed", Path(__file__).parents[1] / "bench" / "search_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = bench.search_row(3000, 40, 16, "float16", "cpu", 10)
+    assert row["exact"] and row["seconds"] >= 0 and row["vectors_mb"] == pytest.approx(3000 * 16 * 2 / 2**20, abs=0.1)

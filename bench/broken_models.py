@@ -1,0 +1,55 @@
+#!/usr/bin/env python
+"""Broken copies of the embedded all-MiniLM-L6-v2, to check that evaluation cannot be fooled by them.
+
+    python bench/broken_models.py outputs/broken
+    python evaluate.py --model_path default outputs/broken/zero outputs/broken/near_collapse \\
+        --data-folder ../shared/data/doc2dial/dev --eval-dataset doc2dial     # both at chance, flagged
+    python evaluate.py --model_path outputs/broken/nan --data-folder ../shared/data/doc2dial/dev  # error, exit 2
+
+- zero: every weight 0 (every text embeds to the same vector: pure ties);
+- near_collapse: every weight 0 but the last LayerNorm's bias (random): one vector up to float
+  rounding, so rounding noise would order the candidates;
+- nan: the word embeddings NaN (a diverged model).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from longcontrast.modeling import DualEncoder, default_model_path, load_encoder, read_pooling  # noqa: E402
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python bench/broken_models.py OUTPUT_DIR", file=sys.stderr)
+        return 2
+    path = default_model_path()
+    last_bias = None
+    for name in ("zero", "near_collapse", "nan"):
+        torch.manual_seed(0)
+        encoder, tokenizer = load_encoder(path, None, dropout=0.0)
+        parameters = dict(encoder.named_parameters())
+        last_bias = [n for n in parameters if n.endswith("output.LayerNorm.bias")][-1]
+        with torch.no_grad():
+            if name == "nan":
+                encoder.embeddings.word_embeddings.weight.fill_(float("nan"))
+            else:
+                for key, parameter in parameters.items():
+                    if name == "near_collapse" and key == last_bias:
+                        parameter.copy_(torch.randn_like(parameter))
+                    else:
+                        parameter.zero_()
+        DualEncoder(encoder, read_pooling(path) or "cls").save(os.path.join(argv[0], name), tokenizer,
+                                                                max_seq_length=512)
+    print(f"wrote {argv[0]}/zero, near_collapse (all but {last_bias} zero) and nan")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
