@@ -229,3 +229,16 @@ def test_maxp_windows_equal_a_brute_force(model_dir, tmp_path):
     expected = beir_metrics(data.qrels, run)
     for metric in BEIR_METRICS:
         assert got[metric] == pytest.approx(100 * sum(expected[metric].values()) / len(run), abs=1e-6), metric
+
+
+def test_faiss_search_gives_the_same_metrics(model_dir, tmp_path):
+    pytest.importorskip("faiss")
+    corpus, queries, qrels = generated_set()
+    data = load_beir(write_beir(tmp_path / "set", corpus, queries, qrels))
+    model, tokenizer = load_retriever(model_dir)
+    config = EvalConfig(query_max_len=32, passage_max_len=48, batch_size=8)
+    built_in = evaluate_beir(model, tokenizer, data, config, torch.device("cpu"))
+    with_faiss = evaluate_beir(model, tokenizer, data, config, torch.device("cpu"), use_faiss=True)
+    assert {m: with_faiss[m] for m in BEIR_METRICS} == pytest.approx({m: built_in[m] for m in BEIR_METRICS}, abs=1e-9)
+    with pytest.raises(UserError, match="does not combine with --passage_window"):
+        evaluate_beir(model, tokenizer, data, EvalConfig(passage_window=16), torch.device("cpu"), use_faiss=True)

@@ -8,7 +8,7 @@ import torch
 from longcontrast.data import tokenize
 from longcontrast.inference import autocast_dtype, encode, load_retriever, split_windows
 from longcontrast.metrics import paired_difference
-from longcontrast.search import top_k
+from longcontrast.search import faiss_top_k, top_k
 
 
 def unit(rows, dim, seed):
@@ -26,6 +26,12 @@ def test_top_k_equals_sorting_every_score(query_block, corpus_block, dtype):
     assert torch.equal(indices, expected.indices[:, :12])
     assert torch.allclose(scores, expected.values[:, :12])
     assert top_k(queries, corpus, 500)[1].shape == (10, 53)  # k larger than the corpus
+
+
+def test_faiss_finds_the_same_top_k():
+    queries, corpus = unit(10, 16, 4), unit(200, 16, 5)
+    ours, theirs = top_k(queries, corpus, 20), faiss_top_k(queries, corpus, 20)
+    assert torch.equal(ours[1], theirs[1]) and torch.allclose(ours[0], theirs[0], atol=1e-5)
 
 
 @pytest.mark.parametrize("corpus_block", [1, 2, 5, 64])
