@@ -127,7 +127,9 @@ def select_negatives(
     """
     threshold = math.inf
     if config.max_score_ratio is not None:
-        threshold = min(threshold, config.max_score_ratio * positive_score)
+        # ratio x the positive's score when it is positive; below a negative score by the same share
+        # (0.95 x -0.2 = -0.19 would let candidates above the positive through)
+        threshold = min(threshold, positive_score - (1 - config.max_score_ratio) * abs(positive_score))
     if config.margin is not None:
         threshold = min(threshold, positive_score - config.margin)
     chosen, skipped, filtered = [], 0, 0
@@ -149,12 +151,15 @@ def select_negatives(
 def mine(
     queries: list[str], positives: list[int], pools: list[np.ndarray], texts: list[str], config: MiningConfig,
     dense: tuple[torch.Tensor, torch.Tensor] | None = None, max_scores: int = 1 << 24, device=None,
+    excluded: list[set[int]] | None = None,
 ) -> tuple[list[list[int]], MiningStats]:
     """The negatives of every query, as indices into ``texts``, hardest first.
 
     Args:
         queries: Q query texts (for BM25).
-        positives: Q indices into ``texts`` of each query's positive.
+        positives: Q indices into ``texts`` of each query's positive (the filter's reference).
+        excluded: Q sets of indices into ``texts`` that are never a query's negative: every positive
+            of that query (default: its own positive alone).
         pools: Q arrays of candidate indices into ``texts``; queries sharing one array object are
             scored together (one matrix product per group).
         texts: every text: the corpus and the positives, each distinct text once (so the positive's
@@ -201,8 +206,10 @@ def mine(
                 scored["bm25"], positive_scores["bm25"])
             tops = ranking.topk(top, dim=1).indices.tolist()  # (q, top)
             for k, query in enumerate(rows):
-                excluded = torch.from_numpy(pool == positives[query])  # (C,) texts are distinct: the positive's copy
-                arguments = filtering[k], float(filtering_positive[k]), excluded, config
+                banned = excluded[query] if excluded is not None else {positives[query]}
+                # (C,) texts are distinct, so this is every copy of every positive of the query
+                mask = torch.from_numpy(np.isin(pool, np.fromiter(banned, dtype=np.int64)))
+                arguments = filtering[k], float(filtering_positive[k]), mask, config
                 chosen, filtered = select_negatives(tops[k], *arguments)
                 if len(chosen) < config.num_negatives and top < len(pool):  # the top was not enough: everything
                     chosen, filtered = select_negatives(ranking[k].argsort(descending=True, stable=True).tolist(), *arguments)
@@ -389,7 +396,12 @@ def run(args: MiningArguments) -> dict:
         del model
 
     config = MiningConfig(args.num_negatives, args.skip_top, args.max_score_ratio, args.margin, args.scorer)
-    negatives, stats = mine(queries, positives, pools, texts, config, dense, device=device)
+    # a query may come in several records with other positives: none of them is ever its negative
+    positives_of: dict[str, set[int]] = defaultdict(set)
+    for query, positive in zip(queries, positives):
+        positives_of[normalised(query)].add(positive)
+    excluded = [positives_of[normalised(query)] for query in queries]
+    negatives, stats = mine(queries, positives, pools, texts, config, dense, device=device, excluded=excluded)
 
     output = args.output
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

@@ -54,6 +54,29 @@ def test_select_negatives_filters_relative_to_the_positive():
     assert take(margin=0.25) == ([4, 5], 3)  # above 0.55 dropped: only two left
 
 
+def test_ratio_filter_with_a_negative_positive_score():
+    """Cosines can be negative: a candidate scoring above the positive is filtered all the same."""
+    scores = torch.tensor([-0.1, -0.19, -0.205, -0.215, -0.3])
+    config = MiningConfig(num_negatives=5, max_score_ratio=0.95)
+    chosen, filtered = select_negatives(list(range(5)), scores, -0.2, torch.zeros(5, dtype=torch.bool), config)
+    assert chosen == [3, 4] and filtered == 3  # kept: at most -0.2 - 5% of 0.2 = -0.21 (0.95 x -0.2 would keep -0.19)
+
+
+def test_a_query_with_several_positives_never_gets_one_as_negative(tmp_path):
+    """20 queries, each in 3 records with 3 different positives; BM25 over the pool of positives."""
+    records = [{"query": f"how do i renew permit {q}", "positive": f"renew permit {q} online, option {p} of 3",
+                "negatives": []} for q in range(20) for p in range(3)]
+    train = write_jsonl(tmp_path / "train.jsonl", records)
+    out = tmp_path / "mined.jsonl"
+    assert script.main(["--input", train, "--num_negatives", "3", "--output", str(out)]) == 0
+    mined = [json.loads(line) for line in out.read_text().splitlines()]
+    positives_of = {}
+    for record in records:
+        positives_of.setdefault(record["query"], set()).add(record["positive"])
+    assert sum(len(r["negatives"]) for r in mined) == 180
+    assert not any(n in positives_of[r["query"]] for r in mined for n in r["negatives"])
+
+
 def test_rank_fusion_orders_by_summed_reciprocal_ranks():
     a = torch.tensor([[3.0, 2.0, 1.0]])
     b = torch.tensor([[1.0, 3.0, 2.0]])
