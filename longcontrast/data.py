@@ -11,23 +11,57 @@ from pathlib import Path
 import torch
 
 from . import UserError
-from .distributed import text_id
+from .distributed import sequence_id
 from .positions import draw_position_shifts, position_ids
 
 logger = logging.getLogger(__name__)
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
-# The three record formats: the field holding the query -> the field holding the hard negatives.
-FORMATS = {"messages": "hard_negatives", "anchor": "negative", "query": "negatives"}
+
+
+@dataclass(frozen=True)
+class RecordFormat:
+    """Where one training-record format keeps its query, positive(s) and hard negatives."""
+
+    name: str
+    query: str
+    positive: str
+    negatives: str
+
+
+# Detected per record by its query and positive fields (a BEIR folder is read as flagembedding records).
+FORMATS = (
+    RecordFormat("conversation", "messages", "positive", "hard_negatives"),  # ChatRAG-style dialogues
+    RecordFormat("synthetic", "anchor", "positive", "negative"),  # sentence-transformers (anchor, positive, negative)
+    RecordFormat("plain", "query", "positive", "negatives"),
+    RecordFormat("flagembedding", "query", "pos", "neg"),  # FlagEmbedding's fine-tuning files (BGE)
+    RecordFormat("tevatron", "query", "positive_passages", "negative_passages"),  # lists of {docid, title, text}
+)
 
 
 @dataclass
 class Example:
-    """One training example: a query text, its positive passage and its hard negatives."""
+    """One training example: a query text, its positive passage(s) and its hard negatives."""
 
     query: str
-    positive: str
+    positive: str  # the first positive
     negatives: list[str] = field(default_factory=list)
+    other_positives: list[str] = field(default_factory=list)  # more positives: one of all is drawn per epoch
+    known_positives: list[str] = field(default_factory=list)  # every positive of this query in the data
+
+    @property
+    def positives(self) -> list[str]:
+        return [self.positive, *self.other_positives]
+
+
+def passage_text(value, what: str, where: str) -> str:
+    """A passage given as a string or as a ``{title, text}`` object (tevatron, BEIR): the title and
+    the text joined by a space, as BEIR and tevatron join them."""
+    if isinstance(value, dict):
+        if not isinstance(value.get("text"), str):
+            raise UserError(f"{where}: {what} as an object needs a 'text' string, got {sorted(value)}")
+        value = f"{value.get('title') or ''} {value['text']}".strip()
+    return _text(value, what, where)
 
 
 def format_query(messages: list[dict], num_turns: int = 5) -> str:
@@ -53,36 +87,51 @@ def _text(value, what: str, where: str) -> str:
 def _text_list(value, what: str, where: str) -> list[str]:
     if value is None:
         return []
-    if isinstance(value, str):
+    if isinstance(value, (str, dict)):
         value = [value]
     if not isinstance(value, (list, tuple)):
         raise UserError(f"{where}: {what} must be a string or a list of strings, got {type(value).__name__}")
-    return [_text(v, what, where) for v in value]
+    return [passage_text(v, what, where) for v in value]
 
 
-def parse_record(record, where: str, num_turns: int = 5) -> Example:
-    """An :class:`Example` from one record in any of the three formats.
-
-    (a) ``messages`` (role/content turns), ``positive``, ``hard_negatives``;
-    (b) ``anchor``, ``positive``, ``negative`` (a string or a list);
-    (c) ``query``, ``positive``, ``negatives``.
-    ``where`` names the record in error messages (``file:line``).
-    """
+def record_format(record, where: str) -> RecordFormat:
+    """The format of one record, from its query and positive fields; ambiguous or incomplete
+    records raise :class:`UserError` naming the fields."""
     if not isinstance(record, dict):
         raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
     # A missing field, None (a Parquet column of other rows) and, for negatives, [] count as absent.
-    query_keys = [key for key in FORMATS if record.get(key) is not None]
-    if len(query_keys) > 1:
-        raise UserError(f"{where}: ambiguous record: it has both {query_keys[0]!r} and {query_keys[1]!r}")
-    if not query_keys:
+    queries = sorted({f.query for f in FORMATS if record.get(f.query) is not None})
+    if len(queries) > 1:
+        raise UserError(f"{where}: ambiguous record: it has both {queries[0]!r} and {queries[1]!r}")
+    if not queries:
         raise UserError(f"{where}: no query: expected a 'messages', 'anchor' or 'query' field")
-    query_key = query_keys[0]
-    negatives_key = FORMATS[query_key]
-    stray = [key for key in FORMATS.values() if key != negatives_key and record.get(key) not in (None, [], "")]
+    candidates = [f for f in FORMATS if f.query == queries[0]]
+    found = [f for f in candidates if record.get(f.positive) is not None]
+    if len(found) > 1:
+        raise UserError(f"{where}: ambiguous record: it has both {found[0].positive!r} and {found[1].positive!r}")
+    if not found:
+        expected = " or ".join(repr(f.positive) for f in candidates)
+        raise UserError(f"{where}: no {expected} field (the positive)")
+    chosen = found[0]
+    stray = [f.negatives for f in FORMATS if f.negatives != chosen.negatives and record.get(f.negatives) not in (None, [], "")]
     if stray:  # e.g. 'negatives' next to 'messages': the user's negatives would be silently ignored
-        raise UserError(f"{where}: a record with {query_key!r} takes its negatives as {negatives_key!r}, "
-                        f"not {stray[0]!r}")
-    if query_key == "messages":
+        raise UserError(f"{where}: a {chosen.name} record (with {chosen.query!r} and {chosen.positive!r}) takes its "
+                        f"negatives as {chosen.negatives!r}, not {stray[0]!r}")
+    return chosen
+
+
+def parse_record(record, where: str, num_turns: int = 5) -> Example:
+    """An :class:`Example` from one record in any of the :data:`FORMATS`.
+
+    conversation: ``messages`` (role/content turns), ``positive``, ``hard_negatives``;
+    synthetic: ``anchor``, ``positive``, ``negative`` (a string or a list);
+    plain: ``query``, ``positive``, ``negatives``;
+    flagembedding: ``query``, ``pos`` (list), ``neg`` (list), optional ``prompt`` (put before the query);
+    tevatron: ``query``, ``positive_passages``, ``negative_passages`` (lists of ``{docid, title, text}``).
+    ``where`` names the record in error messages (``file:line``).
+    """
+    form = record_format(record, where)
+    if form.query == "messages":
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
             raise UserError(f"{where}: 'messages' must be a non-empty list of turns")
@@ -92,12 +141,14 @@ def parse_record(record, where: str, num_turns: int = 5) -> Example:
             _text(turn.get("content"), "each turn's 'content'", where)
         query = format_query(messages, num_turns)
     else:
-        query = _text(record[query_key], f"{query_key!r}", where)
-    negatives = record.get(negatives_key)
-    if "positive" not in record:
-        raise UserError(f"{where}: no 'positive' field")
-    positive = _text(record["positive"], "'positive'", where)
-    return Example(query, positive, _text_list(negatives, f"'{negatives_key}'", where))
+        query = _text(record[form.query], f"{form.query!r}", where)
+        if form.name == "flagembedding" and record.get("prompt"):
+            query = _text(record["prompt"], "'prompt'", where) + query
+    positives = _text_list(record[form.positive], f"{form.positive!r}", where)
+    if not positives:
+        raise UserError(f"{where}: {form.positive!r} is empty: a record needs a positive")
+    negatives = _text_list(record.get(form.negatives), f"'{form.negatives}'", where)
+    return Example(query, positives[0], negatives, positives[1:])
 
 
 def _iter_file_records(path: Path):
@@ -174,24 +225,45 @@ def _iter_folder_records(folder: Path):
         yield from _iter_file_records(path)
 
 
+def is_beir_folder(folder: Path) -> bool:
+    return all((folder / name).exists() for name in ("corpus.jsonl", "queries.jsonl", "qrels"))
+
+
+def _iter_beir_records(folder: Path):
+    """A BEIR folder's training split (``qrels/train.tsv``) as flagembedding records: one per query,
+    every relevant document (score > 0) a positive, no negatives (mine them:
+    ``data/mine_hard_negatives.py --input FOLDER``)."""
+    from .beir import load_beir
+
+    data = load_beir(str(folder), "train")
+    text_of = dict(zip(data.doc_ids, data.passages))
+    for query_id, query in zip(data.query_ids, data.queries):
+        positives = [text_of[doc] for doc, grade in data.qrels[query_id].items() if grade > 0]
+        yield f"{folder}: query {query_id}", {"query": query, "pos": positives, "neg": []}
+
+
 def iter_records(name: str):
     """(where, record) pairs of a data file or folder (see :func:`load_examples`); ``where`` names
     the record in messages (``file:line``)."""
     path = Path(name)
     if not path.exists():
         raise UserError(f"data not found: {name}")
-    return _iter_folder_records(path) if path.is_dir() else _iter_file_records(path)
+    if path.is_dir():
+        return _iter_beir_records(path) if is_beir_folder(path) else _iter_folder_records(path)
+    return _iter_file_records(path)
 
 
 def load_examples(paths: list[str], num_turns: int = 5) -> list[Example]:
     """Every example of the given files and folders, in order.
 
-    A folder is either a ``datasets.save_to_disk`` folder or holds data files, read in name order.
-    Any problem (a missing file, a malformed or truncated line, bytes that are not UTF-8, a record
-    without a query or positive or with an empty text, no examples at all) raises
-    :class:`UserError` naming the file and line. Records of the three formats may be mixed. Exact
-    duplicates (same query, positive and negatives) are dropped with a warning, so that a file
-    concatenated twice does not weigh every example double.
+    A folder is a BEIR folder (``corpus.jsonl``, ``queries.jsonl``, ``qrels/train.tsv``), a
+    ``datasets.save_to_disk`` folder, or holds data files, read in name order. Any problem (a
+    missing file, a malformed or truncated line, bytes that are not UTF-8, a record without a query
+    or positive or with an empty text, no examples at all) raises :class:`UserError` naming the
+    file and line. Records of all :data:`FORMATS` may be mixed. Exact duplicates (same query,
+    positives and negatives) are dropped with a warning, so that a file concatenated twice does not
+    weigh every example double. Every example learns all positives of its query anywhere in the
+    data (``known_positives``): none of them is ever its negative.
     """
     if not paths:
         raise UserError("no training data given (--train_data)")
@@ -200,7 +272,7 @@ def load_examples(paths: list[str], num_turns: int = 5) -> list[Example]:
         count = len(examples)
         for where, record in iter_records(name):
             example = parse_record(record, where, num_turns)
-            key = (example.query, example.positive, tuple(example.negatives))
+            key = (example.query, tuple(example.positives), tuple(example.negatives))
             if key in seen:
                 duplicates.append((where, seen[key]))
                 continue
@@ -212,13 +284,20 @@ def load_examples(paths: list[str], num_turns: int = 5) -> list[Example]:
         logger.warning("dropped %d exact duplicate examples (the first: %s repeats %s)", len(duplicates), where, first)
     if not examples:
         raise UserError(f"the training data is empty: {', '.join(paths)}")
+    known: dict[str, list[str]] = {}
+    for example in examples:
+        mine = known.setdefault(example.query, [])
+        mine.extend(p for p in example.positives if p not in mine)
+    for example in examples:
+        example.known_positives = known[example.query]
     return examples
 
 
 def make_dataset(examples: list[Example]):
-    """The examples as a ``datasets.Dataset`` with columns query, positive, negatives and length.
+    """The examples as a ``datasets.Dataset`` with columns query, positive (the first),
+    positives (all of the example's), known_positives (all of its query's), negatives and length.
 
-    ``length`` (characters of the query and the positive) is what the Trainer's
+    ``length`` (characters of the query and the first positive) is what the Trainer's
     ``--train_sampling_strategy group_by_length`` groups by.
     """
     import datasets
@@ -226,9 +305,16 @@ def make_dataset(examples: list[Example]):
     return datasets.Dataset.from_dict({
         "query": [e.query for e in examples],
         "positive": [e.positive for e in examples],
+        "positives": [e.positives for e in examples],
+        "known_positives": [e.known_positives or e.positives for e in examples],
         "negatives": [e.negatives for e in examples],
         "length": [len(e.query) + len(e.positive) for e in examples],
     })
+
+
+def max_known_positives(examples: list[Example]) -> int:
+    """The most positives any query has: the width of the collator's ``query_positive_ids``."""
+    return max(len(e.known_positives or e.positives) for e in examples)
 
 
 def read_json(path: str | Path):
@@ -290,14 +376,18 @@ def pad(sequences: list[list[int]], pad_token_id: int, device=None, shifts: list
 class ContrastiveCollator:
     """Tokenises rows of :func:`make_dataset` into one contrastive batch (not padded yet).
 
-    Each row keeps at most ``num_hard_negatives`` hard negatives, in listed order (mined lists put
-    the hardest first); a row with fewer uses what it has, so the passages per batch may vary.
-    Returns ``query_ids`` (B lists of token ids), ``passage_ids`` (P lists: the B positives in
-    query order, then every row's hard negatives) and ``passage_text_ids`` (P,): equal integers
-    for identical passage texts (in every process), which the loss uses to mask duplicates of a
-    query's positive. ``max_positions`` set: also ``passage_position_shifts`` (P ints), a random
-    shift per distinct passage (copies share it, so they stay one text to encode) that places it
-    within ``max_positions`` (:func:`.positions.draw_position_shifts`).
+    A row with several positives contributes one, drawn uniformly from torch's generator (which
+    the Trainer seeds and checkpoints, so a resumed run draws the same); a row with one draws
+    nothing. Each row keeps at most ``num_hard_negatives`` hard negatives, in listed order (mined
+    lists put the hardest first); a row with fewer uses what it has, so the passages per batch may
+    vary. Returns ``query_ids`` (B lists of token ids), ``passage_ids`` (P lists: the B positives
+    in query order, then every row's hard negatives) and ``passage_text_ids`` (P,): equal
+    integers for equal token sequences (in every process), which the loss uses to mask copies of a
+    query's positive. ``max_positives`` > 1: also ``query_positive_ids`` (B, max_positives), the
+    ids of every known positive of each query (-1 pads), all masked out of its negatives.
+    ``max_positions`` set: also ``passage_position_shifts`` (P ints), a random shift per distinct
+    passage (copies share it, so they stay one text to encode) that places it within
+    ``max_positions`` (:func:`.positions.draw_position_shifts`).
     """
 
     tokenizer: object
@@ -307,18 +397,30 @@ class ContrastiveCollator:
     query_prompt: str = ""  # instruction before every query (kept when the query is cut)
     passage_prompt: str = ""  # before every passage
     max_positions: int | None = None  # shift passages' position ids within this many positions (None: no shift)
+    max_positives: int = 1  # the most positives a query has in the data (max_known_positives)
+
+    def _tokenize_passages(self, texts: list[str]) -> list[list[int]]:
+        return tokenize(self.tokenizer, texts, self.passage_max_len, "right", self.passage_prompt)
 
     def __call__(self, rows: list[dict]) -> dict:
+        positives = []
+        for row in rows:
+            choices = row.get("positives") or [row["positive"]]
+            positives.append(choices[int(torch.randint(len(choices), ()))] if len(choices) > 1 else choices[0])
         negatives = [n for row in rows for n in row["negatives"][: self.num_hard_negatives]]
-        passages = [row["positive"] for row in rows] + negatives
-        passage_text_ids = torch.tensor([text_id(p) for p in passages])  # (P,)
-        passage_ids = tokenize(self.tokenizer, passages, self.passage_max_len, "right", self.passage_prompt)
+        passage_ids = self._tokenize_passages(positives + negatives)
         batch = {
             "query_ids": tokenize(self.tokenizer, [row["query"] for row in rows], self.query_max_len, "left",
                                   self.query_prompt),
             "passage_ids": passage_ids,
-            "passage_text_ids": passage_text_ids,
+            "passage_text_ids": torch.tensor([sequence_id(ids) for ids in passage_ids]),  # (P,)
         }
+        if self.max_positives > 1:
+            known = torch.full((len(rows), self.max_positives), -1, dtype=torch.long)  # (B, M)
+            for index, row in enumerate(rows):
+                ids = [sequence_id(x) for x in self._tokenize_passages(row.get("known_positives") or [row["positive"]])]
+                known[index, : len(ids)] = torch.tensor(ids)
+            batch["query_positive_ids"] = known
         if self.max_positions is not None:
             unique, copy_of = unique_sequences(passage_ids)
             shifts = draw_position_shifts([len(ids) for ids in unique], self.max_positions)

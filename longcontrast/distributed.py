@@ -42,9 +42,11 @@ def any_process(flags: list[bool], device) -> list[bool]:
     return [bool(value) for value in values.tolist()]
 
 
-def text_id(text: str) -> int:
-    """A 63-bit id equal for equal texts in every process (Python's ``hash`` differs per process)."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+def sequence_id(token_ids: list[int]) -> int:
+    """A 63-bit id equal for equal token sequences in every process (Python's ``hash`` differs per
+    process): the identity of a passage as the model reads it, the one GradCache deduplicates by."""
+    data = b"".join(int(t).to_bytes(8, "little", signed=True) for t in token_ids)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
 
 
 def gather_rows(local: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
@@ -72,8 +74,9 @@ def gather_rows(local: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
 
 
 def gather_batch(
-    queries: torch.Tensor, passages: torch.Tensor, passage_text_ids: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    queries: torch.Tensor, passages: torch.Tensor, passage_text_ids: torch.Tensor,
+    query_positive_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The global contrastive batch from each process's (B_r, D) queries and (P_r, D) passages.
 
     Each process lays its passages out as its B_r positives (in query order) then its hard
@@ -81,11 +84,13 @@ def gather_batch(
     not all positives first: query i of rank r has its positive at (passages of ranks < r) + i.
 
     Returns:
-        queries (B, D), passages (P, D), targets (B,) and passage_text_ids (P,) of the global batch.
+        queries (B, D), passages (P, D), targets (B,), passage_text_ids (P,) and (if given)
+        query_positive_ids (B, M) of the global batch.
     """
     all_queries, query_counts = gather_rows(queries)  # (B, D)
     all_passages, passage_counts = gather_rows(passages)  # (P, D)
     all_text_ids, _ = gather_rows(passage_text_ids)  # (P,)
     offsets = torch.tensor([0, *passage_counts[:-1]]).cumsum(0).tolist()
     targets = torch.cat([offset + torch.arange(count) for offset, count in zip(offsets, query_counts)])  # (B,)
-    return all_queries, all_passages, targets.to(queries.device), all_text_ids
+    known = gather_rows(query_positive_ids)[0] if query_positive_ids is not None else None  # (B, M)
+    return all_queries, all_passages, targets.to(queries.device), all_text_ids, known

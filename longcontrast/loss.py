@@ -19,6 +19,7 @@ def contrastive_loss(
     temperature: float,
     targets: torch.Tensor | None = None,
     passage_text_ids: torch.Tensor | None = None,
+    query_positive_ids: torch.Tensor | None = None,
 ) -> LossOutput:
     """InfoNCE loss of each query against every passage of the batch.
 
@@ -34,6 +35,9 @@ def contrastive_loss(
             passage with the same text as a query's own positive, at another index (the same chunk
             reached through another example of the batch), is not a negative for that query: its
             logit is masked out. ``None`` masks nothing.
+        query_positive_ids: (B, M) the ids of every positive of each query (-1 pads): a passage
+            with any of them is masked out of that query's negatives too (a query with several
+            positives, or repeated in several examples). Needs ``passage_text_ids``.
 
     Returns:
         ``LossOutput(loss, accuracy)``: the mean cross-entropy and the in-batch top-1 accuracy.
@@ -47,6 +51,8 @@ def contrastive_loss(
     if passage_text_ids is not None:
         positive_ids = passage_text_ids[targets]  # (B,)
         same_text = passage_text_ids[None, :] == positive_ids[:, None]  # (B, P)
+        if query_positive_ids is not None:
+            same_text |= (passage_text_ids[None, :, None] == query_positive_ids[:, None, :]).any(dim=-1)  # (B, P)
         same_text[torch.arange(num_queries, device=scores.device), targets] = False
         scores = scores.masked_fill(same_text, float("-inf"))  # (B, P)
     loss = F.cross_entropy(scores, targets)

@@ -28,7 +28,7 @@ from scipy import sparse
 from tqdm.auto import tqdm
 
 from . import UserError
-from .data import FORMATS, iter_records, parse_record, read_json, tokenize
+from .data import iter_records, parse_record, read_json, record_format, tokenize
 from .inference import PRECISIONS, autocast_dtype, encode, load_retriever, prompts_for
 from .positions import token_positions
 
@@ -334,7 +334,7 @@ def run(args: MiningArguments) -> dict:
     ``<output>.json``)."""
     validate(args)
     started = time.perf_counter()
-    records, queries, positive_texts, documents = [], [], [], []
+    records, queries, positive_texts, other_positives, documents, negative_keys = [], [], [], [], [], []
     for name in args.input:
         for where, record in iter_records(name):
             example = parse_record(record, where, args.query_turns)
@@ -342,8 +342,10 @@ def run(args: MiningArguments) -> dict:
                 raise UserError(f"{where}: --per_document needs a 'document' field naming the record's document")
             records.append(record)
             queries.append(example.query)
-            positive_texts.append(example.positive)
+            positive_texts.append(example.positive)  # the filter's reference: the first positive
+            other_positives.append(example.other_positives)
             documents.append(record.get("document"))
+            negative_keys.append(record_format(record, where))
     if not records:
         raise UserError(f"no records in {', '.join(args.input)}")
 
@@ -363,8 +365,9 @@ def run(args: MiningArguments) -> dict:
     elif corpus is not None:
         everything = np.array(sorted({text_index(t) for t in corpus}), dtype=np.int64)
     positives = [text_index(t) for t in positive_texts]
+    others = [[text_index(t) for t in more] for more in other_positives]
     if corpus is None:
-        everything = np.array(sorted(set(positives)), dtype=np.int64)
+        everything = np.array(sorted(set(positives).union(*others)), dtype=np.int64)
     if args.per_document:
         if not isinstance(corpus, dict):
             raise UserError(f"--per_document needs a documents.json corpus ({{document: [chunk, ...]}}), not {args.corpus}")
@@ -398,20 +401,20 @@ def run(args: MiningArguments) -> dict:
     config = MiningConfig(args.num_negatives, args.skip_top, args.max_score_ratio, args.margin, args.scorer)
     # a query may come in several records with other positives: none of them is ever its negative
     positives_of: dict[str, set[int]] = defaultdict(set)
-    for query, positive in zip(queries, positives):
-        positives_of[normalised(query)].add(positive)
+    for query, positive, more in zip(queries, positives, others):
+        positives_of[normalised(query)].update([positive, *more])
     excluded = [positives_of[normalised(query)] for query in queries]
     negatives, stats = mine(queries, positives, pools, texts, config, dense, device=device, excluded=excluded)
 
     output = args.output
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output + ".tmp", "w", encoding="utf-8") as handle:
-        for record, chosen in zip(records, negatives):
-            query_key = next(key for key in FORMATS if record.get(key) is not None)
-            key = FORMATS[query_key]
+        for record, chosen, form in zip(records, negatives, negative_keys):
+            key = form.negatives
             # fields describing the old negatives (indices, page ids, the miner) would be stale
             record = {k: v for k, v in record.items() if not (k != key and k.startswith(("hard_negative", "negative")))}
-            record[key] = [texts[i] for i in chosen]
+            mined = [texts[i] for i in chosen]
+            record[key] = [{"docid": "", "title": "", "text": t} for t in mined] if form.name == "tevatron" else mined
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     os.replace(output + ".tmp", output)
     summary = {

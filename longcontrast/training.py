@@ -19,7 +19,8 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from . import UserError, checkpoints
 from .arguments import DEFAULT_MAX_POSITIONS, parse_arguments, validate, validate_lengths
 from .data import (
-    ContrastiveCollator, length_sorted_mini_batches, load_examples, make_dataset, pad, unique_sequences,
+    ContrastiveCollator, length_sorted_mini_batches, load_examples, make_dataset, max_known_positives, pad,
+    unique_sequences,
 )
 from .distributed import any_process, gather_batch, shut_down, world_size
 from .gradcache import grad_cache_step
@@ -207,13 +208,15 @@ def contrastive_step(
     last GradCache replay.
     """
     text_ids = inputs["passage_text_ids"].to(device)  # (P,)
+    known = inputs.get("query_positive_ids")  # (B, M) every positive of each query, or None
+    known = known.to(device) if known is not None else None
     shifts = inputs.get("passage_position_shifts")  # P ints (shifted position ids) or None
 
     def loss_fn(queries, passages):  # (B, D), (P, D) in batch order
         if cross_device:
-            queries, passages, targets, ids = gather_batch(queries, passages, text_ids)
-            return contrastive_loss(queries, passages, temperature, targets, ids)
-        return contrastive_loss(queries, passages, temperature, passage_text_ids=text_ids)
+            queries, passages, targets, ids, all_known = gather_batch(queries, passages, text_ids, known)
+            return contrastive_loss(queries, passages, temperature, targets, ids, all_known)
+        return contrastive_loss(queries, passages, temperature, passage_text_ids=text_ids, query_positive_ids=known)
 
     if cross_device:
         scale = scale * world_size()
@@ -326,7 +329,8 @@ def train(argv=None, gradcache: bool = True) -> str:
         data_collator=ContrastiveCollator(
             tokenizer, data_args.query_max_len, data_args.passage_max_len, data_args.num_hard_negatives,
             data_args.query_instruction, data_args.passage_instruction,
-            model_args.max_position_embeddings if model_args.shift_positions else None),
+            model_args.max_position_embeddings if model_args.shift_positions else None,
+            max_known_positives(examples)),
         processing_class=tokenizer,
         temperature=model_args.temperature,
         mini_batch_size=cache_args.mini_batch_size if gradcache else None,

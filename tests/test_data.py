@@ -4,7 +4,7 @@ import pytest
 
 from conftest import conversation_records, write_jsonl
 from longcontrast import UserError
-from longcontrast.distributed import text_id
+from longcontrast.distributed import sequence_id
 from longcontrast.data import (
     ContrastiveCollator, format_query, length_sorted_mini_batches, load_examples, make_dataset, parse_record, tokenize,
     unique_sequences,
@@ -45,7 +45,7 @@ def test_three_formats(record, expected):
     ([1, 2], "expected a JSON object"),
     ({"query": "q", "anchor": "a", "positive": "p"}, "ambiguous record: it has both 'anchor' and 'query'"),
     ({"messages": MESSAGES, "positive": "p", "negatives": ["n"]},
-     "a record with 'messages' takes its negatives as 'hard_negatives', not 'negatives'"),
+     r"a conversation record \(with 'messages' and 'positive'\) takes its negatives as 'hard_negatives', not 'negatives'"),
     ({"anchor": "a", "positive": "p", "negatives": ["n"]}, "takes its negatives as 'negative', not 'negatives'"),
 ])
 def test_bad_records_name_the_place(record, message):
@@ -208,9 +208,12 @@ def test_collator_layout_and_duplicate_ids(tiny_model_dir):
         [Example("q0", "same", ["n0"]), Example("q1", "same", []), Example("q2", "other", ["same"])])))
     assert len(batch["query_ids"]) == 3 and len(batch["passage_ids"]) == 5
     # positives first in query order, then the hard negatives: same, same, other, n0, same
-    same, other, n0 = (text_id(t) for t in ("same", "other", "n0"))
+    same, other, n0 = (sequence_id(ids) for ids in tokenize(collate.tokenizer, ["same", "other", "n0"], 16, "right"))
     assert batch["passage_text_ids"].tolist() == [same, same, other, n0, same]
-    assert len({same, other, n0}) == 3 and text_id("same") == same
+    assert len({same, other, n0}) == 3
+    # one identity: the token sequence; an uncased tokenizer reads "SAME" as "same"
+    upper = collate(list(make_dataset([Example("q0", "SAME", []), Example("q1", "same", [])])))
+    assert upper["passage_text_ids"].tolist() == [same, same]
 
 
 def test_mini_batches_are_length_sorted_and_padded_to_their_own_longest():
