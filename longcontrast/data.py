@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -376,9 +377,9 @@ def pad(sequences: list[list[int]], pad_token_id: int, device=None, shifts: list
 class ContrastiveCollator:
     """Tokenises rows of :func:`make_dataset` into one contrastive batch (not padded yet).
 
-    A row with several positives contributes one, drawn uniformly from torch's generator (which
-    the Trainer seeds and checkpoints, so a resumed run draws the same); a row with one draws
-    nothing. Each row keeps at most ``num_hard_negatives`` hard negatives, in listed order (mined
+    A row with several positives contributes one, drawn uniformly by a hash of ``(seed, epoch,
+    query)``: one draw per query per epoch, the same in every process and in a resumed run (the
+    trainer sets ``epoch`` at each epoch's start). Each row keeps at most ``num_hard_negatives`` hard negatives, in listed order (mined
     lists put the hardest first); a row with fewer uses what it has, so the passages per batch may
     vary. Returns ``query_ids`` (B lists of token ids), ``passage_ids`` (P lists: the B positives
     in query order, then every row's hard negatives) and ``passage_text_ids`` (P,): equal
@@ -387,7 +388,8 @@ class ContrastiveCollator:
     ids of every known positive of each query (-1 pads), all masked out of its negatives.
     ``max_positions`` set: also ``passage_position_shifts`` (P ints), a random shift per distinct
     passage (copies share it, so they stay one text to encode) that places it within
-    ``max_positions`` (:func:`.positions.draw_position_shifts`).
+    ``max_positions`` (:func:`.positions.draw_position_shifts`), drawn from a generator keyed by
+    the seed, the epoch and the batch's texts (resumable like the positive's draw).
     """
 
     tokenizer: object
@@ -398,6 +400,14 @@ class ContrastiveCollator:
     passage_prompt: str = ""  # before every passage
     max_positions: int | None = None  # shift passages' position ids within this many positions (None: no shift)
     max_positives: int = 1  # the most positives a query has in the data (max_known_positives)
+    seed: int = 0  # with the epoch, picks each query's positive
+    epoch: int = 0
+
+    def _draw(self, *parts: str) -> int:
+        """A 63-bit number fixed by the seed, the epoch and ``parts``: the same in every process
+        and in a resumed run, other in the next epoch."""
+        key = "\0".join([str(self.seed), str(self.epoch), *parts]).encode("utf-8")
+        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
     def _tokenize_passages(self, texts: list[str]) -> list[list[int]]:
         return tokenize(self.tokenizer, texts, self.passage_max_len, "right", self.passage_prompt)
@@ -406,7 +416,7 @@ class ContrastiveCollator:
         positives = []
         for row in rows:
             choices = row.get("positives") or [row["positive"]]
-            positives.append(choices[int(torch.randint(len(choices), ()))] if len(choices) > 1 else choices[0])
+            positives.append(choices[self._draw(row["query"]) % len(choices)])
         negatives = [n for row in rows for n in row["negatives"][: self.num_hard_negatives]]
         passage_ids = self._tokenize_passages(positives + negatives)
         batch = {
@@ -423,7 +433,9 @@ class ContrastiveCollator:
             batch["query_positive_ids"] = known
         if self.max_positions is not None:
             unique, copy_of = unique_sequences(passage_ids)
-            shifts = draw_position_shifts([len(ids) for ids in unique], self.max_positions)
+            # a generator keyed by the epoch and the batch's texts: a resumed run draws the same shifts
+            generator = torch.Generator().manual_seed(self._draw(*map(str, batch["passage_text_ids"].tolist())))
+            shifts = draw_position_shifts([len(ids) for ids in unique], self.max_positions, generator)
             batch["passage_position_shifts"] = [shifts[i] for i in copy_of]
         return batch
 

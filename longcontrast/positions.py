@@ -159,7 +159,7 @@ def freeze_rows(table: nn.Embedding, rows: int) -> None:
 def draw_position_shifts(lengths: list[int], max_positions: int, generator: torch.Generator | None = None) -> list[int]:
     """A random shift ``u`` per text, uniform over 0..``max_positions - length``: the text's last
     token then sits at most at position ``max_positions - 1``. Drawn from ``generator`` (default:
-    torch's global generator, which the Trainer seeds and checkpoints)."""
+    torch's global generator; the collator passes its own, keyed by epoch and batch)."""
     return [int(torch.randint(0, max(max_positions - n, 0) + 1, (1,), generator=generator)) for n in lengths]
 
 

@@ -170,6 +170,18 @@ class CheckpointOnSignal(TrainerCallback):
         return control
 
 
+class CollatorEpoch(TrainerCallback):
+    """Tells the collator which epoch starts, so that its draw of each query's positive changes
+    per epoch and a resumed run (its state's epoch restored) draws what an uninterrupted one did."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.epoch = int(state.epoch or 0)  # 0 at the start; e exactly after e epochs
+        return control
+
+
 class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
     """``--train_sampling_strategy group_by_length`` drawing from its own generator, seeded with
     ``seed + epoch``: every process draws the same order whatever its dropout seed, and a resumed
@@ -322,22 +334,23 @@ def train(argv=None, gradcache: bool = True) -> str:
         training_args.world_size, f"GradCache mini-batch {cache_args.mini_batch_size}" if gradcache else "full batch",
     )
     stop_on_signal = CheckpointOnSignal()
+    collator = ContrastiveCollator(
+        tokenizer, data_args.query_max_len, data_args.passage_max_len, data_args.num_hard_negatives,
+        data_args.query_instruction, data_args.passage_instruction,
+        model_args.max_position_embeddings if model_args.shift_positions else None,
+        max_known_positives(examples), seed=training_args.data_seed or training_args.seed)
     trainer = ContrastiveTrainer(
         model=model,
         args=training_args,
         train_dataset=make_dataset(examples),
-        data_collator=ContrastiveCollator(
-            tokenizer, data_args.query_max_len, data_args.passage_max_len, data_args.num_hard_negatives,
-            data_args.query_instruction, data_args.passage_instruction,
-            model_args.max_position_embeddings if model_args.shift_positions else None,
-            max_known_positives(examples)),
+        data_collator=collator,
         processing_class=tokenizer,
         temperature=model_args.temperature,
         mini_batch_size=cache_args.mini_batch_size if gradcache else None,
         mini_batch_tokens=cache_args.mini_batch_tokens if gradcache else None,
         deduplicate_texts=cache_args.deduplicate_texts if gradcache else False,
         negatives_cross_device=model_args.negatives_cross_device and distributed,
-        callbacks=[stop_on_signal],
+        callbacks=[stop_on_signal, CollatorEpoch(collator)],
     )
     if distributed:
         # The same seed everywhere up to here (the model); dropout must differ per process. The

@@ -39,15 +39,31 @@ CONFIGS = {
     # in every process and in the one-process reference; see shifted()).
     "efficient_neg2_shifted": (2, 2, False, True),
     "origin_neg2_shifted": (None, 2, False, True),
+    # Each query of rank 0 is asked again on rank 1 with another positive: both positives are
+    # known positives of both, masked out of each other's negatives across the processes.
+    "efficient_neg2_known": (2, 2, False, True),
+    "origin_neg2_known": (None, 2, False, True),
     # Negative control: the replays reach DDP through a wrapper, so no no_sync: one all-reduce
     # per mini-batch.
     "efficient_neg2_without_no_sync": (2, 2, False, False),
 }
 
 
-def rows(n: int) -> list[dict]:
-    """Rows as make_dataset gives them (query, positive, negatives)."""
-    return [dataclasses.asdict(parse_record(record, f"record {i}")) for i, record in enumerate(conversation_records(n))]
+def rows(n: int, name: str = "") -> list[dict]:
+    """Rows as make_dataset gives them (query, positive, negatives, known positives). For a
+    ``*_known`` configuration, record i + n/2 asks record i's question (another positive)."""
+    records = conversation_records(n)
+    if name.endswith("_known"):
+        for i in range(n // 2):
+            records[i + n // 2]["messages"] = records[i]["messages"]
+    examples = [parse_record(record, f"record {i}") for i, record in enumerate(records)]
+    for example in examples:
+        example.known_positives = list(dict.fromkeys(e.positive for e in examples if e.query == example.query))
+    return [dataclasses.asdict(example) for example in examples]
+
+
+def collator(tokenizer, negatives: int, name: str) -> ContrastiveCollator:
+    return ContrastiveCollator(tokenizer, 32, 48, negatives, max_positives=2 if name.endswith("_known") else 1)
 
 
 def build(model_dir: str, untied: bool) -> tuple[DualEncoder, object]:
@@ -78,8 +94,8 @@ class Passthrough(nn.Module):
 def main(model_dir: str, out_dir: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    batch_rows = rows(PER_RANK * world)
     for name, (mini_batch_size, negatives, untied, ddp_sees_replays) in CONFIGS.items():
+        batch_rows = rows(PER_RANK * world, name)
         model, tokenizer = build(model_dir, untied)
         ddp = DistributedDataParallel(
             model, broadcast_buffers=False, bucket_cap_mb=0.01,  # several buckets on a tiny model
@@ -92,8 +108,7 @@ def main(model_dir: str, out_dir: str) -> None:
             return allreduce_hook(state, bucket)
 
         ddp.register_comm_hook(None, counting_hook)
-        batch = shifted(ContrastiveCollator(tokenizer, 32, 48, negatives)(batch_rows[rank * PER_RANK : (rank + 1) * PER_RANK]),
-                        name)
+        batch = shifted(collator(tokenizer, negatives, name)(batch_rows[rank * PER_RANK : (rank + 1) * PER_RANK]), name)
         # Step 1 warms up: DDP puts all gradients in one bucket for its first backward and cuts the
         # real buckets (bucket_cap_mb) after it. Step 2, same batch and weights, is measured.
         for _ in range(2):

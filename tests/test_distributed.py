@@ -63,7 +63,7 @@ def test_two_processes_give_the_gradient_of_the_concatenated_batch(name, worker_
     """Batch B per process with cross-device negatives == one process with the batch 2B."""
     mini_batch_size, negatives, untied, _ = worker.CONFIGS[name]
     model, tokenizer = worker.build(tiny_model_dir, untied)
-    batch = worker.shifted(ContrastiveCollator(tokenizer, 32, 48, negatives)(worker.rows(worker.PER_RANK * WORLD)), name)
+    batch = worker.shifted(worker.collator(tokenizer, negatives, name)(worker.rows(worker.PER_RANK * WORLD, name)), name)
     contrastive_step(model, batch, worker.TEMPERATURE, tokenizer.pad_token_id, "cpu", mini_batch_size)
     reference = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert relative_error(worker_results[name]["grads"], reference) <= 1e-5
@@ -76,6 +76,12 @@ def test_negative_control_local_negatives_only_differ(worker_results, tiny_model
     contrastive_step(model, half, worker.TEMPERATURE, tokenizer.pad_token_id, "cpu", None)
     local = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert relative_error(worker_results["origin_neg2"]["grads"], local) > 0.05
+    # and without the known positives' mask the repeated queries' gradient differs too
+    model, tokenizer = worker.build(tiny_model_dir, False)
+    batch = worker.collator(tokenizer, 2, "")(worker.rows(worker.PER_RANK * WORLD, "origin_neg2_known"))
+    contrastive_step(model, batch, worker.TEMPERATURE, tokenizer.pad_token_id, "cpu", None)
+    unmasked = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert relative_error(worker_results["origin_neg2_known"]["grads"], unmasked) > 1e-3
 
 
 def test_negatives_cross_device_flag_spellings():

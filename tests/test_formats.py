@@ -92,10 +92,16 @@ def test_a_positive_is_drawn_per_query_and_the_draw_is_seeded(tiny_model_dir):
     rows = list(make_dataset(examples))
 
     def draws(seed):
-        torch.manual_seed(seed)
-        return [tuple(map(tuple, collate(rows)["passage_ids"][:3])) for _ in range(12)]
+        collate.seed, drawn = seed, []
+        for epoch in range(30):
+            collate.epoch = epoch
+            torch.manual_seed(epoch)  # the global generator plays no part
+            drawn.append(tuple(map(tuple, collate(rows)["passage_ids"][:3])))
+        return drawn
 
     assert draws(0) == draws(0) and draws(0) != draws(1)
+    collate.epoch = 3
+    assert collate(rows)["passage_ids"] == collate(rows)["passage_ids"]  # one draw per query per epoch
     seen = {batch[0] for batch in draws(0)}
     assert len(seen) == 3  # every positive of query 0 gets its turn
 
@@ -158,3 +164,37 @@ def test_flagembedding_with_three_positives_trains_and_mines(tiny_model_dir, tmp
     first = json.loads((tmp_path / "tev_mined.jsonl").read_text().splitlines()[0])
     assert first["negative_passages"] and all(set(n) == {"docid", "title", "text"} for n in first["negative_passages"])
     assert load_examples([str(tmp_path / "tev_mined.jsonl")])[0].negatives  # trains as it is
+
+
+def several_positives_file(tmp_path):
+    records = [{"query": f"how can i renew permit {i}", "pos": [f"permit {i} fee option {j}" for j in range(3)],
+                "neg": [f"library card {i}", f"permit {(i + 1) % 8} fee option 0"]} for i in range(8)]
+    return write_jsonl(tmp_path / "several.jsonl", records)
+
+
+def test_gradcache_equals_the_plain_step_with_several_positives(tiny_model_dir, tmp_path):
+    import origin_train
+    from test_scripts import update
+
+    data = several_positives_file(tmp_path)
+    argv = [*SGD[:-2], "--per_device_train_batch_size", "8"]
+    origin_train.main(common(tiny_model_dir, data, tmp_path / "o", *argv))
+    efficient_train.main(common(tiny_model_dir, data, tmp_path / "e", *argv, "--mini_batch_size", "3"))
+    update_o, update_e = update(tiny_model_dir, tmp_path / "o"), update(tiny_model_dir, tmp_path / "e")
+    assert update_o.norm() > 0 and ((update_e - update_o).norm() / update_o.norm()).item() <= 1e-5
+
+
+def test_resume_with_several_positives_is_bit_exact(tiny_model_dir, tmp_path):
+    """The positive drawn per query comes from the Trainer's checkpointed generator: a run resumed in
+    its second epoch draws what the uninterrupted run drew."""
+    import shutil
+
+    data = several_positives_file(tmp_path)
+    argv = ["--max_steps", "5", "--dropout", "0.1", "--per_device_train_batch_size", "4", "--save_strategy", "steps",
+            "--save_steps", "1", "--save_total_limit", "10", "--mini_batch_size", "3"]
+    efficient_train.main(common(tiny_model_dir, data, tmp_path / "full", *argv))
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    efficient_train.main(common(tiny_model_dir, data, tmp_path / "resumed", *argv,
+                                "--resume_from_checkpoint", str(tmp_path / "resumed" / "checkpoint-3")))
+    full, resumed = weights(tmp_path / "full"), weights(tmp_path / "resumed")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)

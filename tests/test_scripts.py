@@ -158,13 +158,15 @@ def test_same_seed_gives_bit_identical_weights(module, tiny_model_dir, tiny_trai
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-@pytest.mark.parametrize("sampling", ["random", "group_by_length"])
-def test_resume_from_checkpoint_ends_with_the_same_weights(sampling, tiny_model_dir, tiny_train_file, tmp_path):
-    """Resumed in its second epoch (12 examples, batch 4: 3 steps per epoch) from an explicit checkpoint."""
+@pytest.mark.parametrize("sampling, extra", [("random", []), ("group_by_length", []),
+                                             ("random", ["--shift_positions", "--mini_batch_size", "3"])])
+def test_resume_from_checkpoint_ends_with_the_same_weights(sampling, extra, tiny_model_dir, tiny_train_file, tmp_path):
+    """Resumed in its second epoch (12 examples, batch 4: 3 steps per epoch) from an explicit
+    checkpoint; with shifted positions the resumed run draws the same shifts."""
     import shutil
 
     argv = ["--max_steps", "7", "--dropout", "0.1", "--per_device_train_batch_size", "4", "--save_strategy", "steps",
-            "--save_steps", "1", "--save_total_limit", "10", "--train_sampling_strategy", sampling]
+            "--save_steps", "1", "--save_total_limit", "10", "--train_sampling_strategy", sampling, *extra]
     efficient_train.main(common(tiny_model_dir, tiny_train_file, tmp_path / "full", *argv))
     shutil.copytree(tmp_path / "full" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
     efficient_train.main(common(tiny_model_dir, tiny_train_file, tmp_path / "resumed", *argv,
