@@ -379,9 +379,9 @@ class ContrastiveCollator:
 
     A row with several positives contributes one, drawn uniformly by a hash of ``(seed, epoch,
     query)``: one draw per query per epoch, the same in every process and in a resumed run (the
-    trainer sets ``epoch`` at each epoch's start). Each row keeps at most ``num_hard_negatives`` hard negatives, in listed order (mined
-    lists put the hardest first); a row with fewer uses what it has, so the passages per batch may
-    vary. Returns ``query_ids`` (B lists of token ids), ``passage_ids`` (P lists: the B positives
+    trainer sets ``epoch`` at each epoch's start). Each row keeps at most ``num_hard_negatives``
+    hard negatives, in listed order (mined lists put the hardest first); a row with fewer uses what
+    it has, so the passages per batch may vary. Returns ``query_ids`` (B lists of token ids), ``passage_ids`` (P lists: the B positives
     in query order, then every row's hard negatives) and ``passage_text_ids`` (P,): equal
     integers for equal token sequences (in every process), which the loss uses to mask copies of a
     query's positive. ``max_positives`` > 1: also ``query_positive_ids`` (B, max_positives), the
