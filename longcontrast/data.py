@@ -377,19 +377,19 @@ def pad(sequences: list[list[int]], pad_token_id: int, device=None, shifts: list
 class ContrastiveCollator:
     """Tokenises rows of :func:`make_dataset` into one contrastive batch (not padded yet).
 
-    A row with several positives contributes one, drawn uniformly by a hash of ``(seed, epoch,
-    query)``: one draw per query per epoch, the same in every process and in a resumed run (the
-    trainer sets ``epoch`` at each epoch's start). Each row keeps at most ``num_hard_negatives``
-    hard negatives, in listed order (mined lists put the hardest first); a row with fewer uses what
-    it has, so the passages per batch may vary. Returns ``query_ids`` (B lists of token ids), ``passage_ids`` (P lists: the B positives
-    in query order, then every row's hard negatives) and ``passage_text_ids`` (P,): equal
+    A row with several positives contributes one, drawn uniformly by a hash of ``(seed, epoch, query)``:
+    one draw per query per epoch, the same in every process and in a resumed run (the trainer sets
+    ``epoch`` at each epoch's start). Each row keeps at most ``num_hard_negatives`` hard negatives, in
+    listed order (mined lists put the hardest first); a row with fewer uses what it has, so the passages
+    per batch may vary. Returns ``query_ids`` (B lists of token ids), ``passage_ids`` (P lists: the B
+    positives in query order, then every row's hard negatives) and ``passage_text_ids`` (P,): equal
     integers for equal token sequences (in every process), which the loss uses to mask copies of a
-    query's positive. ``max_positives`` > 1: also ``query_positive_ids`` (B, max_positives), the
-    ids of every known positive of each query (-1 pads), all masked out of its negatives.
-    ``max_positions`` set: also ``passage_position_shifts`` (P ints), a random shift per distinct
-    passage (copies share it, so they stay one text to encode) that places it within
-    ``max_positions`` (:func:`.positions.draw_position_shifts`), drawn from a generator keyed by
-    the seed, the epoch and the batch's texts (resumable like the positive's draw).
+    query's positive. ``max_positives`` > 1: also ``query_positive_ids`` (B, max_positives), the ids of
+    every known positive of each query (-1 pads), all masked out of its negatives. ``max_positions``
+    set: also ``passage_position_shifts`` (P ints), a random shift per distinct passage (copies share
+    it, so they stay one text to encode) that places it within ``max_positions``
+    (:func:`.positions.draw_position_shifts`), drawn from a generator keyed by the seed, the epoch and
+    the batch's texts (resumable like the positive's draw).
     """
 
     tokenizer: object
