@@ -25,6 +25,7 @@ printed as a table.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -78,14 +79,12 @@ def run(command: list[str], log: str) -> float:
 
 
 def negatives_file(source: str, args, results: dict) -> tuple[str, float]:
-    """The training file for a negatives source (mined once, then reused) and the mining seconds."""
+    """The training file for a negatives source and the mining seconds: mined once per set of
+    mining flags (the file name carries their hash, so other flags mine again) and then reused."""
     if source == "shared":
         return TRAIN, 0.0
-    path = os.path.join(args.work_dir, f"train_{source.replace(':', '_')}.jsonl")
-    if os.path.exists(path):
-        return path, json.load(open(path + ".json"))["seconds"]
     command = [sys.executable, "data/mine_hard_negatives.py", "--input", TRAIN, "--corpus", CORPUS,
-               "--per_document", "--num_negatives", "7", "--output", path]
+               "--per_document", "--num_negatives", "7"]
     if source.startswith(("dense", "iterative")):
         model = "default"
         if source.startswith("iterative:"):
@@ -95,7 +94,10 @@ def negatives_file(source: str, args, results: dict) -> tuple[str, float]:
         command += ["--model_name_or_path", model, *args.precision_flags]
         if source != "dense_nofilter":
             command += ["--max_score_ratio", "0.95"]
-    run(command, path + ".log")
+    flags = hashlib.sha256(json.dumps(command[1:]).encode()).hexdigest()[:10]
+    path = os.path.join(args.work_dir, f"train_{source.replace(':', '_')}_{flags}.jsonl")
+    if not os.path.exists(path):
+        run([*command, "--output", path], path + ".log")
     return path, json.load(open(path + ".json"))["seconds"]
 
 

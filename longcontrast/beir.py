@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from . import UserError
-from .data import tokenize
+from .data import join_title, tokenize
 from .inference import encode, split_windows
 from .metrics import BEIR_METRICS, DEGENERATE_SPREAD, beir_metrics
 from .search import faiss_top_k, top_k
@@ -68,11 +68,6 @@ def _jsonl(path: Path, fields: tuple[str, ...]):
                 yield number, record
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not UTF-8 ({err})") from err
-
-
-def join_title(title, text) -> str:
-    """BEIR's passage: ``title + " " + text``, stripped (the text alone without a title)."""
-    return f"{title or ''} {text or ''}".strip()
 
 
 def load_beir(folder: str, split: str = "test") -> BeirSet:

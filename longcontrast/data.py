@@ -55,13 +55,18 @@ class Example:
         return [self.positive, *self.other_positives]
 
 
+def join_title(title, text) -> str:
+    """BEIR's and tevatron's passage: ``title + " " + text``, stripped (the text alone without a title)."""
+    return f"{title or ''} {text or ''}".strip()
+
+
 def passage_text(value, what: str, where: str) -> str:
     """A passage given as a string or as a ``{title, text}`` object (tevatron, BEIR): the title and
     the text joined by a space, as BEIR and tevatron join them."""
     if isinstance(value, dict):
         if not isinstance(value.get("text"), str):
             raise UserError(f"{where}: {what} as an object needs a 'text' string, got {sorted(value)}")
-        value = f"{value.get('title') or ''} {value['text']}".strip()
+        value = join_title(value.get("title"), value["text"])
     return _text(value, what, where)
 
 

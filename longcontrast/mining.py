@@ -28,7 +28,7 @@ from scipy import sparse
 from tqdm.auto import tqdm
 
 from . import UserError
-from .data import iter_records, parse_record, read_json, record_format, tokenize
+from .data import iter_records, join_title, parse_record, read_json, record_format, tokenize
 from .inference import PRECISIONS, autocast_dtype, encode, load_retriever, prompts_for
 from .positions import token_positions
 
@@ -233,8 +233,10 @@ def read_corpus(path: str) -> dict[str, list[str]] | list[str]:
     of strings or of objects with ``text``, a ``.jsonl`` of such strings or objects, or a ``.txt``
     with one passage a line. Problems raise :class:`UserError` naming the file."""
     def text_of(value, where):
-        if isinstance(value, dict):
-            value = next((value[k] for k in ("text", "passage", "contents") if k in value), None)
+        if isinstance(value, dict) and isinstance(value.get("text"), str):
+            value = join_title(value.get("title"), value["text"])  # BEIR's and tevatron's passage
+        elif isinstance(value, dict):
+            value = next((value[k] for k in ("passage", "contents") if k in value), None)
         if not isinstance(value, str) or not value.strip():
             raise UserError(f"{where}: a passage must be a non-empty string or an object with 'text', got {value!r:.80}")
         return value
