@@ -31,6 +31,7 @@ from . import UserError
 from .data import iter_records, join_title, parse_record, read_json, record_format, tokenize
 from .inference import PRECISIONS, autocast_dtype, encode, load_retriever, prompts_for
 from .positions import token_positions
+from .search import QUERY_BLOCK, top_k
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +172,10 @@ def mine(
     use_bm25, use_dense = config.scorer in ("bm25", "hybrid"), config.scorer in ("dense", "hybrid")
     if use_dense and dense is None:
         raise ValueError(f"scorer {config.scorer!r} needs dense embeddings")
+    if excluded is None:
+        excluded = [{p} for p in positives]
+    if config.scorer == "dense":
+        return mine_dense(positives, pools, config, dense, excluded, device)
     bm25 = BM25(texts) if use_bm25 else None
     if use_dense:
         query_embeddings, text_embeddings = (e.to(device) for e in dense)
@@ -206,14 +211,58 @@ def mine(
                 scored["bm25"], positive_scores["bm25"])
             tops = ranking.topk(top, dim=1).indices.tolist()  # (q, top)
             for k, query in enumerate(rows):
-                banned = excluded[query] if excluded is not None else {positives[query]}
                 # (C,) texts are distinct, so this is every copy of every positive of the query
-                mask = torch.from_numpy(np.isin(pool, np.fromiter(banned, dtype=np.int64)))
+                mask = torch.from_numpy(np.isin(pool, np.fromiter(excluded[query], dtype=np.int64)))
                 arguments = filtering[k], float(filtering_positive[k]), mask, config
                 chosen, filtered = select_negatives(tops[k], *arguments)
                 if len(chosen) < config.num_negatives and top < len(pool):  # the top was not enough: everything
                     chosen, filtered = select_negatives(ranking[k].argsort(descending=True, stable=True).tolist(), *arguments)
                 negatives[query] = [int(pool[c]) for c in chosen]
+                stats.queries += 1
+                stats.negatives += len(chosen)
+                stats.filtered += filtered
+                stats.short += len(chosen) < config.num_negatives
+            progress.update(len(rows))
+    progress.close()
+    return negatives, stats
+
+
+def mine_dense(positives: list[int], pools: list[np.ndarray], config: MiningConfig,
+               dense: tuple[torch.Tensor, torch.Tensor], excluded: list[set[int]], device=None,
+               ) -> tuple[list[list[int]], MiningStats]:
+    """:func:`mine` with the dense scorer alone, at corpus scale: each query's best candidates come
+    from the exact blocked search (:func:`.search.top_k`, on ``device``), never a full ranking;
+    a query whose top candidates the filter and the exclusions use up searches again, four times
+    deeper, until it has its negatives or the pool is spent."""
+    query_embeddings, text_embeddings = dense  # (Q, D), (T, D)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for query, pool in enumerate(pools):
+        groups[id(pool)].append(query)
+    stats, negatives = MiningStats(), [[] for _ in positives]
+    progress = tqdm(total=len(positives), desc="mining", unit="query")
+    for members in groups.values():
+        pool = pools[members[0]]  # (C,) candidate indices
+        whole = len(pool) == len(text_embeddings) and bool((pool == np.arange(len(pool))).all())
+        candidates = text_embeddings if whole else text_embeddings[torch.from_numpy(pool)]  # (C, D) no copy if whole
+        for start in range(0, len(members), QUERY_BLOCK):
+            rows = members[start: start + QUERY_BLOCK]
+            query_rows = query_embeddings[torch.tensor(rows)]  # (q, D)
+            own = text_embeddings[torch.tensor([positives[q] for q in rows])]  # (q, D)
+            positive_scores = (query_rows.float() * own.float()).sum(dim=-1).tolist()  # (q,)
+            depth = min(len(pool), config.skip_top + 4 * config.num_negatives + 32 + max(len(excluded[q]) for q in rows))
+            scores, found = top_k(query_rows, candidates, depth, device=device)  # (q, depth)
+            for k, query in enumerate(rows):
+                row_scores, row_found, row_depth = scores[k], found[k], depth
+                while True:
+                    banned = np.fromiter(excluded[query], dtype=np.int64)
+                    mask = torch.from_numpy(np.isin(pool[row_found.numpy()], banned))  # (depth,)
+                    chosen, filtered = select_negatives(range(len(row_found)), row_scores, positive_scores[k], mask,
+                                                        config)
+                    if len(chosen) == config.num_negatives or row_depth >= len(pool):
+                        break
+                    row_depth = min(len(pool), 4 * row_depth)  # not enough: search this query deeper
+                    row_scores, row_found = (x[0] for x in top_k(query_rows[k: k + 1], candidates, row_depth, device=device))
+                negatives[query] = [int(pool[int(row_found[c])]) for c in chosen]
                 stats.queries += 1
                 stats.negatives += len(chosen)
                 stats.filtered += filtered

@@ -206,3 +206,25 @@ def test_corpus_files(tmp_path):
     (tmp_path / "bad.csv").write_text("a,b\n")
     with pytest.raises(UserError, match="unsupported"):
         read_corpus(str(tmp_path / "bad.csv"))
+
+
+@pytest.mark.parametrize("ratio", [None, 0.9, 0.2])
+def test_dense_mining_equals_walking_the_whole_ranking(ratio):
+    """The blocked top-k search with deeper re-searches gives what walking every candidate gives."""
+    generator = torch.Generator().manual_seed(0)
+    texts = torch.nn.functional.normalize(torch.randn(300, 16, generator=generator), dim=1)  # (T, D)
+    queries = torch.nn.functional.normalize(texts[:20] + 0.3 * torch.randn(20, 16, generator=generator), dim=1)
+    positives = list(range(20))
+    excluded = [{q, (q + 1) % 20} for q in range(20)]  # each query has a second positive
+    config = MiningConfig(num_negatives=5, max_score_ratio=ratio, scorer="dense", skip_top=1)
+    pools = [np.arange(300)] * 20
+    got, stats = mine([""] * 20, positives, pools, [""] * 300, config, dense=(queries, texts), excluded=excluded)
+    for q in range(20):
+        scores = (texts @ queries[q]).tolist()
+        positive = scores[q]
+        threshold = math.inf if ratio is None else positive - (1 - ratio) * abs(positive)
+        walk = [c for c in sorted(range(300), key=lambda c: -scores[c]) if c not in excluded[q]][1:]  # skip_top 1
+        assert got[q] == [c for c in walk if scores[c] <= threshold][:5], q
+    assert stats.queries == 20
+    if ratio == 0.2:
+        assert stats.filtered > 20 * (4 * 5 + 32)  # deeper than the first search: re-searched
