@@ -18,7 +18,7 @@ import math
 import os
 import re
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,24 +54,31 @@ class BM25:
     k1 = 0.9, b = 0.4 are Anserini's defaults (and those of the Doc2Dial reference in ``../shared``).
     """
 
-    def __init__(self, texts: list[str], k1: float = 0.9, b: float = 0.4):
+    def __init__(self, texts: list[str], k1: float = 0.9, b: float = 0.4, chunk: int = 100_000):
         self.vocabulary: dict[str, int] = {}
-        rows, cols, counts = [], [], []
-        lengths = np.zeros(len(texts))
-        for row, text in enumerate(texts):
-            tokens = words(text)
-            lengths[row] = len(tokens)
-            for word, count in Counter(tokens).items():
-                rows.append(row)
-                cols.append(self.vocabulary.setdefault(word, len(self.vocabulary)))
-                counts.append(count)
-        tf = sparse.csr_matrix((counts, (rows, cols)), shape=(len(texts), len(self.vocabulary)), dtype=np.float64)
-        df = np.bincount(cols, minlength=len(self.vocabulary))  # (V,)
+        lengths = np.zeros(len(texts))  # (N,) words per text
+        parts = []  # term counts, ``chunk`` texts at a time: memory stays near the index's own size
+        for start in range(0, len(texts), chunk):
+            columns, counts = [], []
+            for row, text in enumerate(texts[start: start + chunk]):
+                tokens = words(text)
+                lengths[start + row] = len(tokens)
+                columns.extend(self.vocabulary.setdefault(w, len(self.vocabulary)) for w in tokens)
+                counts.append(len(tokens))
+            rows = np.repeat(np.arange(len(counts)), counts)
+            columns = np.asarray(columns, dtype=np.int64)
+            # one entry per token: the sparse matrix sums a text's repeats into its term counts
+            parts.append(sparse.csr_matrix((np.ones(len(columns)), (rows, columns)),
+                                           shape=(len(counts), len(self.vocabulary))))
+        for part in parts:
+            part.resize((part.shape[0], len(self.vocabulary)))
+        tf = sparse.vstack(parts, format="csr") if parts else sparse.csr_matrix((0, 0))  # (N, V)
+        df = np.bincount(tf.indices, minlength=len(self.vocabulary))  # (V,)
         idf = np.log(1 + (len(texts) - df + 0.5) / (df + 0.5))  # (V,)
-        norm = k1 * (1 - b + b * lengths / max(lengths.mean(), 1e-9))  # (N,)
-        tf = tf.tocoo()
-        weights = idf[tf.col] * tf.data * (k1 + 1) / (tf.data + norm[tf.row])
-        self.weights = sparse.csr_matrix((weights, (tf.row, tf.col)), shape=tf.shape)  # (N, V)
+        norm = k1 * (1 - b + b * lengths / max(lengths.mean() if len(texts) else 0, 1e-9))  # (N,)
+        rows = np.repeat(np.arange(tf.shape[0]), np.diff(tf.indptr))  # (nnz,)
+        tf.data = idf[tf.indices] * tf.data * (k1 + 1) / (tf.data + norm[rows])
+        self.weights = tf  # (N, V)
 
     def query_matrix(self, queries: list[str]) -> sparse.csr_matrix:
         """(Q, V) indicator of each query's distinct known words."""

@@ -40,6 +40,8 @@ def test_bm25_matches_the_formula():
     for query in ["permit fee", "the office", "unknown words only", "fee fee permit library"]:
         got = bm25.scores(bm25.query_matrix([query]), np.arange(len(texts)))[0]
         assert got.tolist() == pytest.approx(bm25_by_hand(query, texts))
+    chunked = BM25(texts, chunk=2)  # built two texts at a time, the vocabulary growing between chunks
+    assert chunked.vocabulary == bm25.vocabulary and (chunked.weights != bm25.weights).nnz == 0
     subset = bm25.scores(bm25.query_matrix(["permit fee"]), np.array([2, 0]))[0]
     assert subset.tolist() == pytest.approx([bm25_by_hand("permit fee", texts)[i] for i in (2, 0)])
 

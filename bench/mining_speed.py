@@ -1,0 +1,145 @@
+#!/usr/bin/env python
+"""Hard-negative mining speed and memory (longcontrast.mining), each row in a fresh process.
+
+- doc2dial_bm25 / doc2dial_dense: data/mine_hard_negatives.py's work on the 682 shared Doc2Dial
+  training queries against their documents' chunks (--per_document, 7 negatives; dense: the
+  embedded MiniLM, filtered at 95% of the positive's cosine);
+- dense_1m: 10k queries against 1M precomputed random unit vectors (384-d float16), 7 negatives,
+  filtered at 95%: the blocked exact search and the selection, no encoding;
+- bm25_index_1m: the BM25 index of 1M generated passages of ~100 words (Zipf-distributed over a
+  50k-word vocabulary), then 1k queries mined from it.
+
+    python bench/mining_speed.py                       # every row
+    python bench/mining_speed.py --rows dense_1m       # some
+
+Prints a table (seconds, peak RSS) and writes JSON (``--output``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+SHARED = os.path.join(ROOT, "..", "shared", "data", "doc2dial")
+ROWS = ("doc2dial_bm25", "doc2dial_dense", "dense_1m", "bm25_index_1m")
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def doc2dial(scorer: str) -> dict:
+    from longcontrast.mining import MiningArguments, run
+
+    with tempfile.TemporaryDirectory() as folder:
+        args = MiningArguments(input=[os.path.join(SHARED, "train_triples.jsonl")],
+                               output=os.path.join(folder, "mined.jsonl"),
+                               corpus=os.path.join(SHARED, "dev", "documents.json"), per_document=True,
+                               model_name_or_path="default" if scorer == "dense" else None, num_negatives=7,
+                               max_score_ratio=0.95 if scorer == "dense" else None)
+        summary = run(args)
+    return {"queries": summary["records"], "seconds": summary["seconds"], "filtered": summary["filtered"]}
+
+
+def dense_1m(size: int = 1_000_000, queries: int = 10_000, dim: int = 384) -> dict:
+    import numpy as np
+    import torch
+
+    from longcontrast.mining import MiningConfig, mine
+
+    torch.manual_seed(0)
+    texts = torch.empty(size, dim, dtype=torch.float16)
+    for start in range(0, size, 65_536):
+        block = torch.randn(min(65_536, size - start), dim)
+        texts[start: start + len(block)] = (block / block.norm(dim=1, keepdim=True)).half()
+    positives = torch.randint(0, size, (queries,))
+    noisy = texts[positives].float() + 0.05 * torch.randn(queries, dim)  # each query near its positive
+    query_vectors = noisy / noisy.norm(dim=1, keepdim=True)
+    before = peak_mb()
+    started = time.perf_counter()
+    config = MiningConfig(num_negatives=7, max_score_ratio=0.95, scorer="dense")
+    negatives, stats = mine([""] * queries, positives.tolist(), [np.arange(size)] * queries, [], config,
+                            dense=(query_vectors, texts))
+    seconds = time.perf_counter() - started
+    return {"corpus": size, "queries": queries, "seconds": round(seconds, 1), "vectors_mb": round(texts.numel() * 2 / 2**20),
+            "peak_before_mining_mb": round(before), "negatives_per_query": stats.negatives / stats.queries,
+            "filtered": stats.filtered}
+
+
+def bm25_index_1m(size: int = 1_000_000, queries: int = 1_000) -> dict:
+    import numpy as np
+
+    from longcontrast.mining import BM25, MiningConfig, mine
+
+    rng = np.random.default_rng(0)
+    vocabulary = np.array([f"w{i}" for i in range(50_000)])
+    lengths = rng.integers(80, 121, size)
+    ids = rng.zipf(1.2, int(lengths.sum())) % len(vocabulary)
+    words = vocabulary[ids]
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    texts = [" ".join(words[bounds[i]: bounds[i + 1]]) for i in range(size)]
+    del words, ids
+    generated_mb = peak_mb()
+    started = time.perf_counter()
+    index = BM25(texts)
+    index_seconds = time.perf_counter() - started
+    index_mb = peak_mb()
+    del index
+    chosen = rng.choice(size, queries, replace=False)
+    query_texts = [" ".join(texts[i].split()[:8]) for i in chosen]
+    started = time.perf_counter()
+    _, stats = mine(query_texts, chosen.tolist(), [np.arange(size)] * queries, texts, MiningConfig(num_negatives=7))
+    return {"corpus": size, "mean_words": float(lengths.mean()), "index_seconds": round(index_seconds, 1),
+            "peak_after_generating_mb": round(generated_mb), "peak_after_index_mb": round(index_mb),
+            "queries": queries, "mining_seconds": round(time.perf_counter() - started, 1),
+            "negatives_per_query": stats.negatives / stats.queries}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    parser.add_argument("--output", default=os.path.join(HERE, "results", "mining_speed_cpu.json"))
+    parser.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.row:
+        measure = {"doc2dial_bm25": lambda: doc2dial("bm25"), "doc2dial_dense": lambda: doc2dial("dense"),
+                   "dense_1m": dense_1m, "bm25_index_1m": bm25_index_1m}[args.row]
+        result = measure()
+        print(json.dumps({**result, "peak_rss_mb": round(peak_mb())}))
+        return 0
+    results = {}
+    for row in args.rows:
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, __file__, "--row", row], capture_output=True, text=True)
+        if done.returncode != 0:
+            print(done.stderr[-3000:], file=sys.stderr)
+            return 1
+        results[row] = {**json.loads(done.stdout.strip().splitlines()[-1]),
+                        "wall_seconds": round(time.perf_counter() - started, 1)}
+        print(f"{row}: {results[row]}", file=sys.stderr)
+    print("| row | what | seconds | peak RSS MB |\n|---|---|---|---|")
+    for row, r in results.items():
+        what = {"doc2dial_bm25": f"{r.get('queries')} queries, BM25", "doc2dial_dense": f"{r.get('queries')} queries, MiniLM",
+                "dense_1m": f"{r.get('queries')} queries x {r.get('corpus')} vectors",
+                "bm25_index_1m": f"index of {r.get('corpus')} passages ({r.get('index_seconds')} s), "
+                                 f"{r.get('queries')} queries mined"}[row]
+        seconds = r.get("seconds", r.get("mining_seconds"))
+        print(f"| {row} | {what} | {seconds} | {r['peak_rss_mb']} |")
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as handle:
+        json.dump(results, handle, indent=2)
+    print(f"results written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
