@@ -7,7 +7,7 @@
 - dense_1m: 10k queries against 1M precomputed random unit vectors (384-d float16), 7 negatives,
   filtered at 95%: the blocked exact search and the selection, no encoding;
 - bm25_index_1m: the BM25 index of 1M generated passages of ~100 words (Zipf-distributed over a
-  50k-word vocabulary), then 1k queries mined from it.
+  50k-word vocabulary), then 1k queries mined from it; bm25s_index_1m: bm25s indexing the same.
 
     python bench/mining_speed.py                       # every row
     python bench/mining_speed.py --rows dense_1m       # some
@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 SHARED = os.path.join(ROOT, "..", "shared", "data", "doc2dial")
-ROWS = ("doc2dial_bm25", "doc2dial_dense", "dense_1m", "bm25_index_1m")
+ROWS = ("doc2dial_bm25", "doc2dial_dense", "dense_1m", "bm25_index_1m", "bm25s_index_1m")
 
 
 def peak_mb() -> float:
@@ -75,19 +75,39 @@ def dense_1m(size: int = 1_000_000, queries: int = 10_000, dim: int = 384) -> di
             "filtered": stats.filtered}
 
 
+def generated_passages(size: int):
+    """``size`` passages of 80-120 words, Zipf-distributed over a 50k-word vocabulary, and their lengths."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    vocabulary = np.array([f"w{i}" for i in range(50_000)])
+    lengths = rng.integers(80, 121, size)
+    words = vocabulary[rng.zipf(1.2, int(lengths.sum())) % len(vocabulary)]
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    return [" ".join(words[bounds[i]: bounds[i + 1]]) for i in range(size)], lengths
+
+
+def bm25s_index_1m(size: int = 1_000_000) -> dict:
+    """The same index built by bm25s (Lucene scoring, the same tokens), for comparison."""
+    import bm25s
+
+    texts, _ = generated_passages(size)
+    generated_mb = peak_mb()
+    started = time.perf_counter()
+    index = bm25s.BM25(k1=0.9, b=0.4, method="lucene", idf_method="lucene")
+    index.index(bm25s.tokenize(texts, stopwords=None, token_pattern=r"(?u)\b\w+\b", show_progress=False),
+                show_progress=False)
+    return {"corpus": size, "index_seconds": round(time.perf_counter() - started, 1),
+            "peak_after_generating_mb": round(generated_mb), "peak_after_index_mb": round(peak_mb())}
+
+
 def bm25_index_1m(size: int = 1_000_000, queries: int = 1_000) -> dict:
     import numpy as np
 
     from longcontrast.mining import BM25, MiningConfig, mine
 
-    rng = np.random.default_rng(0)
-    vocabulary = np.array([f"w{i}" for i in range(50_000)])
-    lengths = rng.integers(80, 121, size)
-    ids = rng.zipf(1.2, int(lengths.sum())) % len(vocabulary)
-    words = vocabulary[ids]
-    bounds = np.concatenate([[0], np.cumsum(lengths)])
-    texts = [" ".join(words[bounds[i]: bounds[i + 1]]) for i in range(size)]
-    del words, ids
+    rng = np.random.default_rng(1)
+    texts, lengths = generated_passages(size)
     generated_mb = peak_mb()
     started = time.perf_counter()
     index = BM25(texts)
@@ -112,7 +132,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.row:
         measure = {"doc2dial_bm25": lambda: doc2dial("bm25"), "doc2dial_dense": lambda: doc2dial("dense"),
-                   "dense_1m": dense_1m, "bm25_index_1m": bm25_index_1m}[args.row]
+                   "dense_1m": dense_1m, "bm25_index_1m": bm25_index_1m, "bm25s_index_1m": bm25s_index_1m}[args.row]
         result = measure()
         print(json.dumps({**result, "peak_rss_mb": round(peak_mb())}))
         return 0
@@ -130,9 +150,10 @@ def main(argv=None) -> int:
     for row, r in results.items():
         what = {"doc2dial_bm25": f"{r.get('queries')} queries, BM25", "doc2dial_dense": f"{r.get('queries')} queries, MiniLM",
                 "dense_1m": f"{r.get('queries')} queries x {r.get('corpus')} vectors",
-                "bm25_index_1m": f"index of {r.get('corpus')} passages ({r.get('index_seconds')} s), "
-                                 f"{r.get('queries')} queries mined"}[row]
-        seconds = r.get("seconds", r.get("mining_seconds"))
+                "bm25_index_1m": f"index of {r.get('corpus')} passages ({r.get('index_seconds')} s, peak "
+                                 f"{r.get('peak_after_index_mb')} MB), then {r.get('queries')} queries mined",
+                "bm25s_index_1m": f"bm25s: index of {r.get('corpus')} passages"}[row]
+        seconds = r.get("seconds", r.get("mining_seconds", r.get("index_seconds")))
         print(f"| {row} | {what} | {seconds} | {r['peak_rss_mb']} |")
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as handle:

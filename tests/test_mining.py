@@ -46,6 +46,22 @@ def test_bm25_matches_the_formula():
     assert subset.tolist() == pytest.approx([bm25_by_hand("permit fee", texts)[i] for i in (2, 0)])
 
 
+def test_bm25_agrees_with_bm25s_lucene_scores():
+    """Against a maintained Lucene-style implementation (bm25s, method and idf "lucene", the same
+    tokens): Lucene drops the constant (k1 + 1) of the classic formula, nothing else differs."""
+    bm25s = pytest.importorskip("bm25s")
+    rng = np.random.default_rng(0)
+    vocabulary = "permit fee office renew card library parking address proof days open ten".split()
+    texts = [" ".join(rng.choice(vocabulary, rng.integers(3, 40))) for _ in range(60)]
+    theirs = bm25s.BM25(k1=0.9, b=0.4, method="lucene", idf_method="lucene")
+    theirs.index(bm25s.tokenize(texts, stopwords=None, token_pattern=r"(?u)\b\w+\b", show_progress=False),
+                 show_progress=False)
+    ours = BM25(texts)
+    for query in ["permit fee", "office office days", "library proof ten card"]:
+        got = ours.scores(ours.query_matrix([query]), np.arange(len(texts)))[0].numpy() / (0.9 + 1)
+        assert got == pytest.approx(theirs.get_scores(sorted(set(query.split()))), rel=1e-5, abs=1e-6)
+
+
 def test_select_negatives_filters_relative_to_the_positive():
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
     excluded = torch.tensor([False, False, True, False, False, False])  # a copy of the positive
