@@ -196,6 +196,27 @@ def compare(rows: dict[str, dict], resamples: int) -> dict:
     return out
 
 
+def compare_windows(rows: dict[str, dict], resamples: int) -> dict:
+    """Whole passages against the same model's MaxP windows, per query (paired), on every set scored
+    both ways: does reading the whole long passage beat chunking it? Positive = whole is better."""
+    out = {}
+    for name, results in rows.items():
+        for dataset, scored in results.items():
+            if not isinstance(scored, dict):
+                continue
+            for key, windowed in scored.items():
+                if not key.startswith("maxp@") or not isinstance(windowed, dict):
+                    continue
+                whole = dict(parts(scored))
+                for part, metrics in parts(windowed):
+                    if part in whole and "per_item" in metrics:
+                        out.setdefault(name, {}).setdefault(f"{dataset} whole - {key}", {})[part or "all"] = {
+                            metric: paired_difference(np.array(values), np.array(whole[part]["per_item"][metric]),
+                                                      resamples=resamples)
+                            for metric, values in metrics["per_item"].items()}
+    return out
+
+
 def format_comparison(comparison: dict, first: str) -> str:
     """A Markdown table of :func:`compare`: difference [95% interval] per metric, one row per model and set."""
     rows = [(name, dataset, part, cells) for name, datasets in comparison.items()
@@ -221,14 +242,17 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     comparison = compare(rows, args.bootstrap_samples) if len(rows) > 1 else {}
+    windows = compare_windows(rows, args.bootstrap_samples) if args.passage_window else {}
     print(format_beir_table({n: r["beir"] for n, r in rows.items()}) if args.beir else format_table(rows))
     if comparison:
         print(format_comparison(comparison, next(iter(rows))))
+    if windows:
+        print(format_comparison(windows, "its own MaxP windows").replace("Difference to", "Whole passages against"))
     output_file = args.output_file or os.path.join("outputs", time.strftime("eval-%Y%m%d-%H%M%S.json"))
     os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
     with open(output_file, "w") as handle:
         json.dump({"data_folder": args.beir or args.data_folder, "results": without_per_item(rows),
-                   "comparison": comparison}, handle, indent=2)
+                   "comparison": comparison, "whole_vs_windows": windows}, handle, indent=2)
     print(f"results written to {output_file}")
     return 0
 

@@ -297,3 +297,24 @@ def test_long_document_sets_are_also_scored_by_answer_position(saved_models, tmp
     write_set(tmp_path / "doc2dial", items, DOCS)
     with pytest.raises(UserError, match="gold_start_token"):
         load_chatrag(str(tmp_path), "doc2dial")
+
+
+def test_passage_window_rows_and_whole_against_windows(saved_models, tmp_path, capsys):
+    long_docs = {"d": [" ".join(f"permit {i} fee is {j} and the office is open" for j in range(4)) for i in range(8)]}
+    write_set(tmp_path / "doc2dial", [item(i, gold=i % 8) for i in range(8)], long_docs)
+    out = tmp_path / "r.json"
+    model = str(saved_models / "shared")
+    argv = ["--model_path", model, "--data-folder", str(tmp_path), "--eval-dataset", "doc2dial",
+            "--query_max_len", "32", "--output_file", str(out), "--bootstrap_samples", "200"]
+    assert evaluate.main([*argv, "--passage_window", "64"]) == 0  # every chunk fits one window: MaxP is the chunk
+    printed = capsys.readouterr().out
+    assert "[doc2dial maxp@64, 8 items]" in printed and "Whole passages against its own MaxP windows" in printed
+    saved = json.loads(out.read_text())
+    same = saved["whole_vs_windows"][model]["doc2dial whole - maxp@64"]["all"]
+    assert all(c["difference"] == 0 and c["p"] == 1 for c in same.values())
+    assert saved["results"][model]["doc2dial"]["maxp@64"]["windows"] == 8
+    assert evaluate.main([*argv, "--passage_window", "12"]) == 0  # several windows a chunk
+    saved = json.loads(out.read_text())
+    assert saved["results"][model]["doc2dial"]["maxp@12"]["windows"] > 8
+    windowed = saved["whole_vs_windows"][model]["doc2dial whole - maxp@12"]["all"]
+    assert any(c["difference"] != 0 for c in windowed.values())
