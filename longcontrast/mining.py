@@ -196,7 +196,7 @@ def mine(
         if use_bm25:
             pool_weights = bm25.weights[pool].T.tocsc()  # (V, C)
         if use_dense:
-            pool_embeddings = text_embeddings[torch.from_numpy(pool).to(text_embeddings.device)]  # (C, D)
+            pool_embeddings = text_embeddings[torch.from_numpy(pool).to(text_embeddings.device)].float()  # (C, D)
         # Selection walks the top of the ranking; enough for the filter to drop a good many first.
         top = min(len(pool), config.skip_top + 4 * config.num_negatives + 32)
         step = max(1, max_scores // max(len(pool), 1))
@@ -211,7 +211,7 @@ def mine(
             if use_dense:
                 rows_embeddings = query_embeddings[torch.tensor(rows, device=query_embeddings.device)]  # (q, D)
                 scored["dense"] = (rows_embeddings @ pool_embeddings.T).cpu()  # (q, C)
-                own = text_embeddings[torch.from_numpy(positive).to(text_embeddings.device)]  # (q, D)
+                own = text_embeddings[torch.from_numpy(positive).to(text_embeddings.device)].float()  # (q, D)
                 positive_scores["dense"] = (rows_embeddings * own).sum(dim=-1).cpu().numpy()  # (q,)
             ranking = rank_fusion(*scored.values()) if config.scorer == "hybrid" else next(iter(scored.values()))
             filtering, filtering_positive = (scored["dense"], positive_scores["dense"]) if use_dense else (
@@ -450,8 +450,11 @@ def run(args: MiningArguments) -> dict:
         needed = np.unique(np.concatenate([*{id(p): p for p in pools}.values(), np.array(positives)]))
         text_ids = tokenize(tokenizer, [texts[i] for i in needed], min(args.passage_max_len, positions), "right",
                             prompts["document"])
-        text_embeddings = torch.zeros(len(texts), model.config.hidden_size)  # (T, D) rows of unused texts stay 0
-        text_embeddings[torch.from_numpy(needed)] = encode(model, text_ids, "passage", desc="passages", **batching)
+        # half precision on a GPU: a million passages in 2 GB (scores are computed in float32 anyway)
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        text_embeddings = torch.zeros(len(texts), model.config.hidden_size, dtype=dtype)  # (T, D) unused rows stay 0
+        text_embeddings[torch.from_numpy(needed)] = encode(model, text_ids, "passage", desc="passages", out_dtype=dtype,
+                                                           **batching)
         query_ids = tokenize(tokenizer, queries, min(args.query_max_len, positions), "left", prompts["query"])
         dense = encode(model, query_ids, "query", desc="queries", **batching), text_embeddings  # (Q, D), (T, D)
         del model
