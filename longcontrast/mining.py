@@ -328,10 +328,11 @@ def read_corpus(path: str) -> dict[str, list[str]] | list[str]:
 
 @dataclass
 class MiningArguments:
-    input: list[str] = field(metadata={"help": "Training records (.jsonl, .json, .parquet files or folders) in any "
-                                       "of the three formats; each needs a query and a positive."})
+    input: list[str] = field(metadata={"help": "Training records (.jsonl, .json, .parquet files or folders, or a "
+                                       "BEIR folder) in any training format; each needs a query and a positive."})
     output: str = field(metadata={"help": "Where the records go, as JSON lines: each input record with its "
-                                  "negatives field (hard_negatives / negative / negatives) replaced, hardest first."})
+                                  "negatives field (hard_negatives / negative / negatives / neg / negative_passages) "
+                                  "replaced, hardest first."})
     corpus: str | None = field(default=None, metadata={
         "help": "Candidate passages: a ChatRAG documents.json ({document: [chunk, ...]}), a JSON list, a .jsonl "
                 "(strings or objects with 'text') or a .txt (one a line). Default: every positive of the input."})
