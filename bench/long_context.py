@@ -256,6 +256,8 @@ def plot(results: dict, lengths: list[int], path: str) -> None:
     import matplotlib.pyplot as plt
 
     kinds = [k for k in TASKS if any(k in r for r in results.values())]
+    if not kinds:
+        return  # pages only: the tables say it all
     legend_rows = -(-len(results) // 3)  # one legend under the plots, 3 models a row: lines stay visible
     height = 4.2 + 0.25 * legend_rows  # inches
     figure, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), height), squeeze=False)
@@ -366,7 +368,7 @@ def main(argv=None) -> int:
     print(format_tables(results, lengths))
     plot_path = args.plot or os.path.splitext(args.output)[0] + ".png"
     plot(results, lengths, plot_path)
-    print(f"results written to {args.output} and {plot_path}")
+    print(f"results written to {args.output}" + (f" and {plot_path}" if os.path.isfile(plot_path) else ""))
     return 0
 
 

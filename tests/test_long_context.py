@@ -97,3 +97,6 @@ def test_tables_and_plot(tmp_path):
     assert "| long | 96.0 | 70.0 | 83.0 |" in table and "| 512 | - | 80 (25) / 0 (25) |" in table
     long_context.plot(results, [256, 1024], str(tmp_path / "plot.png"))
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    pages_only = {"512": {"positions": 512, "pages": {"recall@1": 60.0}}}
+    long_context.plot(pages_only, [], str(tmp_path / "none.png"))  # no synthetic task: no plot, no error
+    assert not (tmp_path / "none.png").exists()
