@@ -104,7 +104,8 @@ def bm25s_index_1m(size: int = 1_000_000) -> dict:
 def bm25_index_1m(size: int = 1_000_000, queries: int = 1_000) -> dict:
     import numpy as np
 
-    from longcontrast.mining import BM25, MiningConfig, mine
+    from longcontrast.bm25 import BM25
+    from longcontrast.mining import MiningConfig, mine
 
     rng = np.random.default_rng(1)
     texts, lengths = generated_passages(size)

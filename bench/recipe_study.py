@@ -120,7 +120,7 @@ def bm25_row() -> dict:
     sys.path.insert(0, ROOT)
     from longcontrast.evaluation import load_chatrag
     from longcontrast.metrics import gold_rank, retrieval_metrics
-    from longcontrast.mining import BM25
+    from longcontrast.bm25 import BM25
 
     items, documents = load_chatrag(DEV, "doc2dial")
     ranks = []

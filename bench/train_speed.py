@@ -44,7 +44,8 @@ def make_batches(args, tokenizer) -> list[dict]:
     lists for B queries and (1 + hard negatives) x B passages. Every method sees the same batches."""
     import torch
 
-    from longcontrast.data import ContrastiveCollator, load_examples, make_dataset
+    from longcontrast.data import ContrastiveCollator, make_dataset
+    from longcontrast.records import load_examples
 
     rng = random.Random(0)
     count = 1 + args.steps
@@ -194,7 +195,8 @@ def padding_report(args, samples: int = 200) -> None:
     mini-batches (as CachedMNRL cuts them) and with length-sorted ones (efficient_train). For a
     cost linear in padded tokens, "all padding removed / unsorted" bounds what any padding
     trimming can gain over the peer."""
-    from longcontrast.data import length_sorted_groups, load_examples
+    from longcontrast.data import length_sorted_groups
+    from longcontrast.records import load_examples
     from longcontrast.modeling import default_model_path
     from transformers import AutoTokenizer
 

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from . import UserError
-from .data import join_title, tokenize
+from .data import tokenize
+from .records import join_title
 from .inference import encode, split_windows
 from .metrics import BEIR_METRICS, DEGENERATE_SPREAD, beir_metrics
 from .search import faiss_top_k, top_k

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from . import UserError
-from .data import format_query, read_json, tokenize, unique_sequences
+from .data import tokenize, unique_sequences
+from .records import format_query, read_json
 from .inference import encode, split_windows
 from .metrics import CHATRAG_METRICS, DEGENERATE_SPREAD, gold_rank, per_item_metrics
 from .search import max_per_passage

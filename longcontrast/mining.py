@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -24,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import sparse
 from tqdm.auto import tqdm
 
 from . import UserError
-from .data import iter_records, join_title, parse_record, read_json, record_format, tokenize
+from .bm25 import BM25
+from .data import tokenize
+from .records import iter_records, join_title, parse_record, read_json, record_format
 from .inference import PRECISIONS, autocast_dtype, encode, load_retriever, prompts_for
 from .positions import token_positions
 from .search import QUERY_BLOCK, top_k
@@ -38,62 +38,6 @@ logger = logging.getLogger(__name__)
 SCORERS = ("bm25", "dense", "hybrid")
 # Reciprocal-rank fusion constant (Cormack et al., 2009): hybrid score = sum over scorers of 1 / (K + rank).
 RRF_K = 60
-_WORD = re.compile(r"\w+")
-
-
-def words(text: str) -> list[str]:
-    """BM25's tokens: lower-cased runs of letters and digits."""
-    return _WORD.findall(text.lower())
-
-
-class BM25:
-    """Okapi BM25 over a fixed list of texts, as a sparse (texts x vocabulary) weight matrix.
-
-    ``score(t, d) = idf(t) * tf (k1 + 1) / (tf + k1 (1 - b + b |d| / avgdl))`` summed over the
-    query's distinct words, with Lucene's ``idf = ln(1 + (N - df + 0.5) / (df + 0.5))``.
-    k1 = 0.9, b = 0.4 are Anserini's defaults (and those of the Doc2Dial reference in ``../shared``).
-    """
-
-    def __init__(self, texts: list[str], k1: float = 0.9, b: float = 0.4, chunk: int = 100_000):
-        self.vocabulary: dict[str, int] = {}
-        lengths = np.zeros(len(texts))  # (N,) words per text
-        parts = []  # term counts, ``chunk`` texts at a time: memory stays near the index's own size
-        for start in range(0, len(texts), chunk):
-            columns, counts = [], []
-            for row, text in enumerate(texts[start: start + chunk]):
-                tokens = words(text)
-                lengths[start + row] = len(tokens)
-                columns.extend(self.vocabulary.setdefault(w, len(self.vocabulary)) for w in tokens)
-                counts.append(len(tokens))
-            rows = np.repeat(np.arange(len(counts)), counts)
-            columns = np.asarray(columns, dtype=np.int64)
-            # one entry per token: the sparse matrix sums a text's repeats into its term counts
-            parts.append(sparse.csr_matrix((np.ones(len(columns)), (rows, columns)),
-                                           shape=(len(counts), len(self.vocabulary))))
-        for part in parts:
-            part.resize((part.shape[0], len(self.vocabulary)))
-        tf = sparse.vstack(parts, format="csr") if parts else sparse.csr_matrix((0, 0))  # (N, V)
-        df = np.bincount(tf.indices, minlength=len(self.vocabulary))  # (V,)
-        idf = np.log(1 + (len(texts) - df + 0.5) / (df + 0.5))  # (V,)
-        norm = k1 * (1 - b + b * lengths / max(lengths.mean() if len(texts) else 0, 1e-9))  # (N,)
-        rows = np.repeat(np.arange(tf.shape[0]), np.diff(tf.indptr))  # (nnz,)
-        tf.data = idf[tf.indices] * tf.data * (k1 + 1) / (tf.data + norm[rows])
-        self.weights = tf  # (N, V)
-
-    def query_matrix(self, queries: list[str]) -> sparse.csr_matrix:
-        """(Q, V) indicator of each query's distinct known words."""
-        rows, cols = [], []
-        for row, query in enumerate(queries):
-            known = {self.vocabulary[w] for w in words(query) if w in self.vocabulary}
-            rows.extend([row] * len(known))
-            cols.extend(known)
-        return sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(queries), len(self.vocabulary)))
-
-    def scores(self, queries: sparse.csr_matrix, texts: np.ndarray) -> torch.Tensor:
-        """(Q, C) scores of the query rows against the texts at indices ``texts``."""
-        return torch.from_numpy((queries @ self.weights[texts].T).toarray())
-
-
 @dataclass
 class MiningConfig:
     num_negatives: int = 7
@@ -109,6 +53,21 @@ class MiningStats:
     negatives: int = 0
     filtered: int = 0  # candidates dropped by the positive-aware filter, ranked above the last one taken
     short: int = 0  # queries left with fewer negatives than asked for
+
+    def add(self, chosen: list[int], filtered: int, wanted: int) -> None:
+        """Count one query's outcome."""
+        self.queries += 1
+        self.negatives += len(chosen)
+        self.filtered += filtered
+        self.short += len(chosen) < wanted
+
+
+def query_groups(pools: list[np.ndarray]) -> list[list[int]]:
+    """The queries sharing each pool array object (scored together)."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    for query, pool in enumerate(pools):
+        groups[id(pool)].append(query)
+    return list(groups.values())
 
 
 def rank_fusion(*scores: torch.Tensor) -> torch.Tensor:
@@ -186,12 +145,9 @@ def mine(
     bm25 = BM25(texts) if use_bm25 else None
     if use_dense:
         query_embeddings, text_embeddings = (e.to(device) for e in dense)
-    groups: dict[int, list[int]] = defaultdict(list)
-    for query, pool in enumerate(pools):
-        groups[id(pool)].append(query)
     stats, negatives = MiningStats(), [[] for _ in queries]
     progress = tqdm(total=len(queries), desc="mining", unit="query")
-    for members in groups.values():
+    for members in query_groups(pools):
         pool = pools[members[0]]  # (C,) candidate indices
         if use_bm25:
             pool_weights = bm25.weights[pool].T.tocsc()  # (V, C)
@@ -225,10 +181,7 @@ def mine(
                 if len(chosen) < config.num_negatives and top < len(pool):  # the top was not enough: everything
                     chosen, filtered = select_negatives(ranking[k].argsort(descending=True, stable=True).tolist(), *arguments)
                 negatives[query] = [int(pool[c]) for c in chosen]
-                stats.queries += 1
-                stats.negatives += len(chosen)
-                stats.filtered += filtered
-                stats.short += len(chosen) < config.num_negatives
+                stats.add(chosen, filtered, config.num_negatives)
             progress.update(len(rows))
     progress.close()
     return negatives, stats
@@ -242,12 +195,9 @@ def mine_dense(positives: list[int], pools: list[np.ndarray], config: MiningConf
     a query whose top candidates the filter and the exclusions use up searches again, four times
     deeper, until it has its negatives or the pool is spent."""
     query_embeddings, text_embeddings = dense  # (Q, D), (T, D)
-    groups: dict[int, list[int]] = defaultdict(list)
-    for query, pool in enumerate(pools):
-        groups[id(pool)].append(query)
     stats, negatives = MiningStats(), [[] for _ in positives]
     progress = tqdm(total=len(positives), desc="mining", unit="query")
-    for members in groups.values():
+    for members in query_groups(pools):
         pool = pools[members[0]]  # (C,) candidate indices
         whole = len(pool) == len(text_embeddings) and bool((pool == np.arange(len(pool))).all())
         candidates = text_embeddings if whole else text_embeddings[torch.from_numpy(pool)]  # (C, D) no copy if whole
@@ -270,10 +220,7 @@ def mine_dense(positives: list[int], pools: list[np.ndarray], config: MiningConf
                     row_depth = min(len(pool), 4 * row_depth)  # not enough: search this query deeper
                     row_scores, row_found = (x[0] for x in top_k(query_rows[k: k + 1], candidates, row_depth, device=device))
                 negatives[query] = [int(pool[int(row_found[c])]) for c in chosen]
-                stats.queries += 1
-                stats.negatives += len(chosen)
-                stats.filtered += filtered
-                stats.short += len(chosen) < config.num_negatives
+                stats.add(chosen, filtered, config.num_negatives)
             progress.update(len(rows))
     progress.close()
     return negatives, stats

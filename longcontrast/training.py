@@ -18,10 +18,8 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from . import UserError, checkpoints
 from .arguments import DEFAULT_MAX_POSITIONS, parse_arguments, validate, validate_lengths
-from .data import (
-    ContrastiveCollator, length_sorted_mini_batches, load_examples, make_dataset, max_known_positives, pad,
-    unique_sequences,
-)
+from .data import ContrastiveCollator, length_sorted_mini_batches, make_dataset, max_known_positives, pad, unique_sequences
+from .records import load_examples
 from .distributed import any_process, gather_batch, shut_down, world_size
 from .gradcache import grad_cache_step
 from .loss import LossOutput, contrastive_loss

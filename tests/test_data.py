@@ -5,10 +5,8 @@ import pytest
 from conftest import conversation_records, write_jsonl
 from longcontrast import UserError
 from longcontrast.distributed import sequence_id
-from longcontrast.data import (
-    ContrastiveCollator, format_query, length_sorted_mini_batches, load_examples, make_dataset, parse_record, tokenize,
-    unique_sequences,
-)
+from longcontrast.data import ContrastiveCollator, length_sorted_mini_batches, make_dataset, tokenize, unique_sequences
+from longcontrast.records import format_query, load_examples, parse_record
 
 MESSAGES = [
     {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
@@ -174,7 +172,7 @@ def test_non_utf8_and_unknown_type(tmp_path):
 def test_num_hard_negatives_takes_the_first(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from longcontrast.data import Example
+    from longcontrast.records import Example
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     rows = list(make_dataset([Example("q", "p", ["n1", "n2", "n3"]), Example("q", "p", [])]))
@@ -201,7 +199,7 @@ def test_truncation_sides_keep_special_tokens(tiny_model_dir):
 def test_collator_layout_and_duplicate_ids(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from longcontrast.data import Example
+    from longcontrast.records import Example
 
     collate = ContrastiveCollator(AutoTokenizer.from_pretrained(tiny_model_dir), 16, 16)
     batch = collate(list(make_dataset(
@@ -260,7 +258,7 @@ def test_real_doc2dial_triples_load(caplog):
 def test_texts_far_longer_than_the_limits_are_truncated(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from longcontrast.data import Example
+    from longcontrast.records import Example
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     huge = " ".join(["permit office"] * 20000)  # 40000 words

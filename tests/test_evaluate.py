@@ -7,7 +7,8 @@ import torch
 
 import evaluate
 from longcontrast import UserError
-from longcontrast.data import format_query, pad, tokenize
+from longcontrast.data import pad, tokenize
+from longcontrast.records import format_query
 from longcontrast.evaluation import METRICS, EvalConfig, evaluate_dataset, load_chatrag
 from longcontrast.inference import encode, load_retriever
 from longcontrast.metrics import Rank, gold_rank, retrieval_metrics

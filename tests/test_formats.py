@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import efficient_train
 from conftest import write_jsonl
-from longcontrast.data import ContrastiveCollator, load_examples, make_dataset, max_known_positives, parse_record
+from longcontrast.data import ContrastiveCollator, make_dataset, max_known_positives
+from longcontrast.records import load_examples, parse_record
 from longcontrast.loss import contrastive_loss
 from test_beir import write_beir
 from test_mining import script as miner

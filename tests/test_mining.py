@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from conftest import write_jsonl
-from longcontrast.data import load_examples
-from longcontrast.mining import BM25, MiningConfig, mine, rank_fusion, select_negatives, words
+from longcontrast.records import load_examples
+from longcontrast.bm25 import BM25, words
+from longcontrast.mining import MiningConfig, mine, rank_fusion, select_negatives
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("mine_hard_negatives", ROOT / "data" / "mine_hard_negatives.py")

@@ -1,0 +1,66 @@
+"""Okapi BM25 as a sparse (texts x vocabulary) weight matrix: the miner's keyword scorer and the
+recipe study's baseline. Its scores are Lucene's (bm25s, method "lucene") times ``k1 + 1``: the
+same ranking; the matrix lets the miner score any pool of texts and a query's own positive."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+from scipy import sparse
+
+_WORD = re.compile(r"\w+")
+
+
+def words(text: str) -> list[str]:
+    """BM25's tokens: lower-cased runs of letters and digits."""
+    return _WORD.findall(text.lower())
+
+
+class BM25:
+    """Okapi BM25 over a fixed list of texts, as a sparse (texts x vocabulary) weight matrix.
+
+    ``score(t, d) = idf(t) * tf (k1 + 1) / (tf + k1 (1 - b + b |d| / avgdl))`` summed over the
+    query's distinct words, with Lucene's ``idf = ln(1 + (N - df + 0.5) / (df + 0.5))``.
+    k1 = 0.9, b = 0.4 are Anserini's defaults (and those of the Doc2Dial reference in ``../shared``).
+    """
+
+    def __init__(self, texts: list[str], k1: float = 0.9, b: float = 0.4, chunk: int = 100_000):
+        self.vocabulary: dict[str, int] = {}
+        lengths = np.zeros(len(texts))  # (N,) words per text
+        parts = []  # term counts, ``chunk`` texts at a time: memory stays near the index's own size
+        for start in range(0, len(texts), chunk):
+            columns, counts = [], []
+            for row, text in enumerate(texts[start: start + chunk]):
+                tokens = words(text)
+                lengths[start + row] = len(tokens)
+                columns.extend(self.vocabulary.setdefault(w, len(self.vocabulary)) for w in tokens)
+                counts.append(len(tokens))
+            rows = np.repeat(np.arange(len(counts)), counts)
+            columns = np.asarray(columns, dtype=np.int64)
+            # one entry per token: the sparse matrix sums a text's repeats into its term counts
+            parts.append(sparse.csr_matrix((np.ones(len(columns)), (rows, columns)),
+                                           shape=(len(counts), len(self.vocabulary))))
+        for part in parts:
+            part.resize((part.shape[0], len(self.vocabulary)))
+        tf = sparse.vstack(parts, format="csr") if parts else sparse.csr_matrix((0, 0))  # (N, V)
+        df = np.bincount(tf.indices, minlength=len(self.vocabulary))  # (V,)
+        idf = np.log(1 + (len(texts) - df + 0.5) / (df + 0.5))  # (V,)
+        norm = k1 * (1 - b + b * lengths / max(lengths.mean() if len(texts) else 0, 1e-9))  # (N,)
+        rows = np.repeat(np.arange(tf.shape[0]), np.diff(tf.indptr))  # (nnz,)
+        tf.data = idf[tf.indices] * tf.data * (k1 + 1) / (tf.data + norm[rows])
+        self.weights = tf  # (N, V)
+
+    def query_matrix(self, queries: list[str]) -> sparse.csr_matrix:
+        """(Q, V) indicator of each query's distinct known words."""
+        rows, cols = [], []
+        for row, query in enumerate(queries):
+            known = {self.vocabulary[w] for w in words(query) if w in self.vocabulary}
+            rows.extend([row] * len(known))
+            cols.extend(known)
+        return sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(queries), len(self.vocabulary)))
+
+    def scores(self, queries: sparse.csr_matrix, texts: np.ndarray) -> torch.Tensor:
+        """(Q, C) scores of the query rows against the texts at indices ``texts``."""
+        return torch.from_numpy((queries @ self.weights[texts].T).toarray())

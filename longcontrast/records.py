@@ -1,0 +1,308 @@
+"""Training records as users bring them: the formats (plain, sentence-transformers, ChatRAG
+conversations, FlagEmbedding, tevatron, a BEIR folder), the file and folder readers, and the
+examples they become."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import UserError
+
+logger = logging.getLogger(__name__)
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+@dataclass(frozen=True)
+class RecordFormat:
+    """Where one training-record format keeps its query, positive(s) and hard negatives."""
+
+    name: str
+    query: str
+    positive: str
+    negatives: str
+
+
+# Detected per record by its query and positive fields (a BEIR folder is read as flagembedding records).
+FORMATS = (
+    RecordFormat("conversation", "messages", "positive", "hard_negatives"),  # ChatRAG-style dialogues
+    RecordFormat("synthetic", "anchor", "positive", "negative"),  # sentence-transformers (anchor, positive, negative)
+    RecordFormat("plain", "query", "positive", "negatives"),
+    RecordFormat("flagembedding", "query", "pos", "neg"),  # FlagEmbedding's fine-tuning files (BGE)
+    RecordFormat("tevatron", "query", "positive_passages", "negative_passages"),  # lists of {docid, title, text}
+)
+
+
+@dataclass
+class Example:
+    """One training example: a query text, its positive passage(s) and its hard negatives."""
+
+    query: str
+    positive: str  # the first positive
+    negatives: list[str] = field(default_factory=list)
+    other_positives: list[str] = field(default_factory=list)  # more positives: one of all is drawn per epoch
+    known_positives: list[str] = field(default_factory=list)  # every positive of this query in the data
+
+    @property
+    def positives(self) -> list[str]:
+        return [self.positive, *self.other_positives]
+
+
+def join_title(title, text) -> str:
+    """BEIR's and tevatron's passage: ``title + " " + text``, stripped (the text alone without a title)."""
+    return f"{title or ''} {text or ''}".strip()
+
+
+def passage_text(value, what: str, where: str) -> str:
+    """A passage given as a string or as a ``{title, text}`` object (tevatron, BEIR): the title and
+    the text joined by a space, as BEIR and tevatron join them."""
+    if isinstance(value, dict):
+        if not isinstance(value.get("text"), str):
+            raise UserError(f"{where}: {what} as an object needs a 'text' string, got {sorted(value)}")
+        value = join_title(value.get("title"), value["text"])
+    return _text(value, what, where)
+
+
+def format_query(messages: list[dict], num_turns: int = 5) -> str:
+    """A conversation as ChatRAG-Bench's retrievers see it: the last ``num_turns`` turns, one line each.
+
+    ``[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]`` becomes
+    ``"user: hi\\nagent: hello"`` (the role ``assistant`` is written ``agent``). Training and
+    evaluation both call this, so they see the same strings.
+    """
+    lines = []
+    for turn in messages[-num_turns:]:
+        role = "agent" if turn["role"] == "assistant" else turn["role"]
+        lines.append(f"{role}: {turn['content'].strip()}")
+    return "\n".join(lines).strip()
+
+
+def _text(value, what: str, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(f"{where}: {what} must be a non-empty string, got {value!r:.80}")
+    return value
+
+
+def _text_list(value, what: str, where: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (str, dict)):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise UserError(f"{where}: {what} must be a string or a list of strings, got {type(value).__name__}")
+    return [passage_text(v, what, where) for v in value]
+
+
+def record_format(record, where: str) -> RecordFormat:
+    """The format of one record, from its query and positive fields; ambiguous or incomplete
+    records raise :class:`UserError` naming the fields."""
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    # A missing field, None (a Parquet column of other rows) and, for negatives, [] count as absent.
+    queries = sorted({f.query for f in FORMATS if record.get(f.query) is not None})
+    if len(queries) > 1:
+        raise UserError(f"{where}: ambiguous record: it has both {queries[0]!r} and {queries[1]!r}")
+    if not queries:
+        raise UserError(f"{where}: no query: expected a 'messages', 'anchor' or 'query' field")
+    candidates = [f for f in FORMATS if f.query == queries[0]]
+    found = [f for f in candidates if record.get(f.positive) is not None]
+    if len(found) > 1:
+        raise UserError(f"{where}: ambiguous record: it has both {found[0].positive!r} and {found[1].positive!r}")
+    if not found:
+        expected = " or ".join(repr(f.positive) for f in candidates)
+        raise UserError(f"{where}: no {expected} field (the positive)")
+    chosen = found[0]
+    stray = [f.negatives for f in FORMATS if f.negatives != chosen.negatives and record.get(f.negatives) not in (None, [], "")]
+    if stray:  # e.g. 'negatives' next to 'messages': the user's negatives would be silently ignored
+        raise UserError(f"{where}: a {chosen.name} record (with {chosen.query!r} and {chosen.positive!r}) takes its "
+                        f"negatives as {chosen.negatives!r}, not {stray[0]!r}")
+    return chosen
+
+
+def parse_record(record, where: str, num_turns: int = 5) -> Example:
+    """An :class:`Example` from one record in any of the :data:`FORMATS`.
+
+    conversation: ``messages`` (role/content turns), ``positive``, ``hard_negatives``;
+    synthetic: ``anchor``, ``positive``, ``negative`` (a string or a list);
+    plain: ``query``, ``positive``, ``negatives``;
+    flagembedding: ``query``, ``pos`` (list), ``neg`` (list), optional ``prompt`` (put before the query);
+    tevatron: ``query``, ``positive_passages``, ``negative_passages`` (lists of ``{docid, title, text}``).
+    ``where`` names the record in error messages (``file:line``).
+    """
+    form = record_format(record, where)
+    if form.query == "messages":
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise UserError(f"{where}: 'messages' must be a non-empty list of turns")
+        for turn in messages:
+            if not isinstance(turn, dict) or not isinstance(turn.get("role"), str):
+                raise UserError(f"{where}: each turn in 'messages' needs a 'role' and a 'content'")
+            _text(turn.get("content"), "each turn's 'content'", where)
+        query = format_query(messages, num_turns)
+    else:
+        query = _text(record[form.query], f"{form.query!r}", where)
+        if form.name == "flagembedding" and record.get("prompt"):
+            query = _text(record["prompt"], "'prompt'", where) + query
+    positives = _text_list(record[form.positive], f"{form.positive!r}", where)
+    if not positives:
+        raise UserError(f"{where}: {form.positive!r} is empty: a record needs a positive")
+    negatives = _text_list(record.get(form.negatives), f"'{form.negatives}'", where)
+    return Example(query, positives[0], negatives, positives[1:])
+
+
+def _iter_file_records(path: Path):
+    """(where, record) pairs of one data file."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            with open(path, "rb") as handle:
+                for line_number, raw in enumerate(handle, start=1):
+                    where = f"{path}:{line_number}"
+                    try:
+                        line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+                    except UnicodeDecodeError as err:
+                        raise UserError(f"{where}: not valid UTF-8 text ({err.reason} at byte {err.start} of the line)") from err
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        hint = "" if raw.endswith(b"\n") else (
+                            "; it is the last line and has no newline: the file looks truncated (was it fully written?)")
+                        raise UserError(f"{where}: malformed JSON line ({err.msg}){hint}") from err
+                    yield where, record
+        elif suffix == ".json":
+            with open(path, encoding="utf-8-sig") as handle:
+                try:
+                    records = json.load(handle)
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{path}: malformed JSON at line {err.lineno} ({err.msg})") from err
+            if isinstance(records, dict) and isinstance(records.get("data"), list):
+                records = records["data"]
+            if not isinstance(records, list):
+                raise UserError(f"{path}: a .json data file must hold a list of records")
+            for index, record in enumerate(records):
+                yield f"{path}: record {index}", record
+        elif suffix == ".parquet":
+            import pyarrow
+            import pyarrow.parquet as pq
+
+            try:
+                rows = pq.read_table(path).to_pylist()
+            except pyarrow.ArrowException as err:
+                raise UserError(f"{path}: not a readable Parquet file ({err})") from err
+            for index, record in enumerate(rows):
+                yield f"{path}: row {index}", record
+        else:
+            raise UserError(f"{path}: unsupported data file type; use {', '.join(DATA_SUFFIXES)}")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not valid UTF-8 text ({err.reason} at byte {err.start})") from err
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror or err})") from err
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    return (folder / "dataset_info.json").is_file() or (folder / "dataset_dict.json").is_file()
+
+
+def _iter_folder_records(folder: Path):
+    if _is_saved_dataset(folder):
+        import datasets
+
+        dataset = datasets.load_from_disk(str(folder))
+        if isinstance(dataset, datasets.DatasetDict):
+            if "train" not in dataset:
+                raise UserError(f"{folder}: a saved DatasetDict needs a 'train' split, found {list(dataset)}")
+            dataset = dataset["train"]
+        for index, record in enumerate(dataset):
+            yield f"{folder}: row {index}", record
+        return
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+    if not files:
+        raise UserError(f"{folder}: no data files ({', '.join(DATA_SUFFIXES)}) in this folder")
+    for path in files:
+        yield from _iter_file_records(path)
+
+
+def is_beir_folder(folder: Path) -> bool:
+    return all((folder / name).exists() for name in ("corpus.jsonl", "queries.jsonl", "qrels"))
+
+
+def _iter_beir_records(folder: Path):
+    """A BEIR folder's training split (``qrels/train.tsv``) as flagembedding records: one per query,
+    every relevant document (score > 0) a positive, no negatives (mine them:
+    ``data/mine_hard_negatives.py --input FOLDER``)."""
+    from .beir import load_beir
+
+    data = load_beir(str(folder), "train")
+    text_of = dict(zip(data.doc_ids, data.passages))
+    for query_id, query in zip(data.query_ids, data.queries):
+        positives = [text_of[doc] for doc, grade in data.qrels[query_id].items() if grade > 0]
+        yield f"{folder}: query {query_id}", {"query": query, "pos": positives, "neg": []}
+
+
+def iter_records(name: str):
+    """(where, record) pairs of a data file or folder (see :func:`load_examples`); ``where`` names
+    the record in messages (``file:line``)."""
+    path = Path(name)
+    if not path.exists():
+        raise UserError(f"data not found: {name}")
+    if path.is_dir():
+        return _iter_beir_records(path) if is_beir_folder(path) else _iter_folder_records(path)
+    return _iter_file_records(path)
+
+
+def load_examples(paths: list[str], num_turns: int = 5) -> list[Example]:
+    """Every example of the given files and folders, in order.
+
+    A folder is a BEIR folder (``corpus.jsonl``, ``queries.jsonl``, ``qrels/train.tsv``), a
+    ``datasets.save_to_disk`` folder, or holds data files, read in name order. Any problem (a
+    missing file, a malformed or truncated line, bytes that are not UTF-8, a record without a query
+    or positive or with an empty text, no examples at all) raises :class:`UserError` naming the
+    file and line. Records of all :data:`FORMATS` may be mixed. Exact duplicates (same query,
+    positives and negatives) are dropped with a warning, so that a file concatenated twice does not
+    weigh every example double. Every example learns all positives of its query anywhere in the
+    data (``known_positives``): none of them is ever its negative.
+    """
+    if not paths:
+        raise UserError("no training data given (--train_data)")
+    examples, seen, duplicates = [], {}, []
+    for name in paths:
+        count = len(examples)
+        for where, record in iter_records(name):
+            example = parse_record(record, where, num_turns)
+            key = (example.query, tuple(example.positives), tuple(example.negatives))
+            if key in seen:
+                duplicates.append((where, seen[key]))
+                continue
+            seen[key] = where
+            examples.append(example)
+        logger.info("read %d examples from %s", len(examples) - count, name)
+    if duplicates:
+        where, first = duplicates[0]
+        logger.warning("dropped %d exact duplicate examples (the first: %s repeats %s)", len(duplicates), where, first)
+    if not examples:
+        raise UserError(f"the training data is empty: {', '.join(paths)}")
+    known: dict[str, list[str]] = {}
+    for example in examples:
+        mine = known.setdefault(example.query, [])
+        mine.extend(p for p in example.positives if p not in mine)
+    for example in examples:
+        example.known_positives = known[example.query]
+    return examples
+
+
+def read_json(path: str | Path):
+    """A JSON file's content; a missing, unreadable or malformed file raises :class:`UserError` naming it."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError as err:
+        raise UserError(f"{path}: not found") from err
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: malformed JSON at line {err.lineno} ({err.msg})") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read ({err})") from err
