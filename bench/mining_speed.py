@@ -82,9 +82,13 @@ def generated_passages(size: int):
     rng = np.random.default_rng(0)
     vocabulary = np.array([f"w{i}" for i in range(50_000)])
     lengths = rng.integers(80, 121, size)
-    words = vocabulary[rng.zipf(1.2, int(lengths.sum())) % len(vocabulary)]
-    bounds = np.concatenate([[0], np.cumsum(lengths)])
-    return [" ".join(words[bounds[i]: bounds[i + 1]]) for i in range(size)], lengths
+    texts = []
+    for start in range(0, size, 10_000):  # a block at a time: no array of every word at once
+        block = lengths[start: start + 10_000]
+        words = vocabulary[rng.zipf(1.2, int(block.sum())) % len(vocabulary)]
+        bounds = np.concatenate([[0], np.cumsum(block)])
+        texts += [" ".join(words[bounds[i]: bounds[i + 1]]) for i in range(len(block))]
+    return texts, lengths
 
 
 def bm25s_index_1m(size: int = 1_000_000) -> dict:
@@ -138,6 +142,9 @@ def main(argv=None) -> int:
         print(json.dumps({**result, "peak_rss_mb": round(peak_mb())}))
         return 0
     results = {}
+    if os.path.isfile(args.output):  # rows run before and not asked for now are kept
+        with open(args.output) as handle:
+            results = {k: v for k, v in json.load(handle).items() if k not in args.rows}
     for row in args.rows:
         started = time.perf_counter()
         done = subprocess.run([sys.executable, __file__, "--row", row], capture_output=True, text=True)

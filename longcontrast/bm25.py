@@ -26,7 +26,7 @@ class BM25:
     k1 = 0.9, b = 0.4 are Anserini's defaults (and those of the Doc2Dial reference in ``../shared``).
     """
 
-    def __init__(self, texts: list[str], k1: float = 0.9, b: float = 0.4, chunk: int = 100_000):
+    def __init__(self, texts: list[str], k1: float = 0.9, b: float = 0.4, chunk: int = 20_000):
         self.vocabulary: dict[str, int] = {}
         lengths = np.zeros(len(texts))  # (N,) words per text
         parts = []  # term counts, ``chunk`` texts at a time: memory stays near the index's own size
@@ -42,15 +42,18 @@ class BM25:
             # one entry per token: the sparse matrix sums a text's repeats into its term counts
             parts.append(sparse.csr_matrix((np.ones(len(columns)), (rows, columns)),
                                            shape=(len(counts), len(self.vocabulary))))
+        df = np.zeros(len(self.vocabulary), dtype=np.int64)  # (V,)
         for part in parts:
-            part.resize((part.shape[0], len(self.vocabulary)))
-        tf = sparse.vstack(parts, format="csr") if parts else sparse.csr_matrix((0, 0))  # (N, V)
-        df = np.bincount(tf.indices, minlength=len(self.vocabulary))  # (V,)
+            df += np.bincount(part.indices, minlength=len(self.vocabulary))
         idf = np.log(1 + (len(texts) - df + 0.5) / (df + 0.5))  # (V,)
         norm = k1 * (1 - b + b * lengths / max(lengths.mean() if len(texts) else 0, 1e-9))  # (N,)
-        rows = np.repeat(np.arange(tf.shape[0]), np.diff(tf.indptr))  # (nnz,)
-        tf.data = idf[tf.indices] * tf.data * (k1 + 1) / (tf.data + norm[rows])
-        self.weights = tf  # (N, V)
+        offset = 0
+        for part in parts:  # counts -> weights, one part at a time (the temporaries stay small)
+            part.resize((part.shape[0], len(self.vocabulary)))
+            rows = offset + np.repeat(np.arange(part.shape[0]), np.diff(part.indptr))  # (nnz,)
+            part.data = idf[part.indices] * part.data * (k1 + 1) / (part.data + norm[rows])
+            offset += part.shape[0]
+        self.weights = sparse.vstack(parts, format="csr") if parts else sparse.csr_matrix((0, 0))  # (N, V)
 
     def query_matrix(self, queries: list[str]) -> sparse.csr_matrix:
         """(Q, V) indicator of each query's distinct known words."""
