@@ -5,6 +5,7 @@ must score at chance or stop."""
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,7 +158,7 @@ def test_a_constant_model_scores_at_chance_on_beir_and_chatrag(model_dir, tmp_pa
     # ChatRAG layout (the generated sample): Recall@1 is exactly the mean of 1 / distinct candidates
     from longcontrast.evaluation import load_chatrag
 
-    sample = "data/chatrag_sample"
+    sample = str(Path(__file__).resolve().parents[1] / "data" / "chatrag_sample")
     got = evaluate_dataset(constant, tokenizer, sample, "doc2dial", config, torch.device("cpu"))
     items, documents = load_chatrag(sample, "doc2dial")
     chance = [1 / (1 + sum(c != documents[it.document][it.gold_index] for c in documents[it.document])) for it in items]
