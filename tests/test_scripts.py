@@ -163,13 +163,18 @@ def test_same_seed_gives_bit_identical_weights(module, tiny_model_dir, tiny_trai
 def test_resume_from_checkpoint_ends_with_the_same_weights(sampling, extra, tiny_model_dir, tiny_train_file, tmp_path):
     """Resumed in its second epoch (12 examples, batch 4: 3 steps per epoch) from an explicit
     checkpoint; with shifted positions the resumed run draws the same shifts."""
-    import shutil
-
     argv = ["--max_steps", "7", "--dropout", "0.1", "--per_device_train_batch_size", "4", "--save_strategy", "steps",
             "--save_steps", "1", "--save_total_limit", "10", "--train_sampling_strategy", sampling, *extra]
-    efficient_train.main(common(tiny_model_dir, tiny_train_file, tmp_path / "full", *argv))
-    shutil.copytree(tmp_path / "full" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
-    efficient_train.main(common(tiny_model_dir, tiny_train_file, tmp_path / "resumed", *argv,
-                                "--resume_from_checkpoint", str(tmp_path / "resumed" / "checkpoint-4")))
+    assert_resume_is_exact(tiny_model_dir, tiny_train_file, tmp_path, argv, "checkpoint-4")
+
+
+def assert_resume_is_exact(model_dir, data, tmp_path, argv, checkpoint: str) -> None:
+    """A run resumed from ``checkpoint`` of an uninterrupted one ends with bit-identical weights."""
+    import shutil
+
+    efficient_train.main(common(model_dir, data, tmp_path / "full", *argv))
+    shutil.copytree(tmp_path / "full" / checkpoint, tmp_path / "resumed" / checkpoint)
+    efficient_train.main(common(model_dir, data, tmp_path / "resumed", *argv,
+                                "--resume_from_checkpoint", str(tmp_path / "resumed" / checkpoint)))
     full, resumed = weights(tmp_path / "full"), weights(tmp_path / "resumed")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
