@@ -220,6 +220,10 @@ def evaluate_beir(model, tokenizer, data: BeirSet, config, device, *, run_file: 
         run[query] = [doc for doc, _ in ranked]
         degenerate += len(ranked) > 1 and ranked[0][1] - ranked[-1][1] < DEGENERATE_SPREAD
         lines += [f"{query} Q0 {doc} {rank} {score:.6f} longcontrast\n" for rank, (doc, score) in enumerate(ranked, 1)]
+    if degenerate > len(data.query_ids) / 10:
+        logger.warning("MODEL COLLAPSE: for %d of %d queries the top %d documents score within %g of each other; the "
+                       "model cannot tell texts apart and its metrics mean nothing beyond chance",
+                       degenerate, len(data.query_ids), DEPTH, DEGENERATE_SPREAD)
     if run_file:
         os.makedirs(os.path.dirname(os.path.abspath(run_file)), exist_ok=True)
         with open(run_file, "w") as handle:

@@ -144,7 +144,7 @@ class Constant(torch.nn.Module):
         return torch.nn.functional.normalize(torch.ones(len(input_ids), 8), dim=1)
 
 
-def test_a_constant_model_scores_at_chance_on_beir_and_chatrag(model_dir, tmp_path):
+def test_a_constant_model_scores_at_chance_on_beir_and_chatrag(model_dir, tmp_path, caplog):
     model, tokenizer = load_retriever(model_dir)
     constant = Constant(model)
     constant.paths, constant.pooling = model.paths, model.pooling
@@ -154,7 +154,7 @@ def test_a_constant_model_scores_at_chance_on_beir_and_chatrag(model_dir, tmp_pa
     config = EvalConfig(query_max_len=32, passage_max_len=32, batch_size=8)
     got = evaluate_beir(constant, tokenizer, data, config, torch.device("cpu"))
     assert got["recall@1"] <= 10 and got["ndcg@10"] < 30  # chance: 1 in 60 at rank 1, not 100
-    assert got["degenerate_queries"] == 60
+    assert got["degenerate_queries"] == 60 and "MODEL COLLAPSE" in caplog.text
     # ChatRAG layout (the generated sample): Recall@1 is exactly the mean of 1 / distinct candidates
     from longcontrast.evaluation import load_chatrag
 
