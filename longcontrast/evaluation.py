@@ -103,7 +103,13 @@ def _encode(model, ids, side, config, pad_id, device, desc, texts):
                   max_tokens=config.max_tokens, autocast=config.autocast, desc=desc, texts=texts)
 
 
-def _score_items(items, chunk_scores, copy_of, offsets, documents, split_at_token, gold_scores=None) -> dict:
+def _summary(values: dict, rows=slice(None)) -> dict:
+    """Mean (percent) and per-item values (percent) of each metric, over ``rows`` of the items."""
+    return {**{m: 100 * float(v[rows].mean()) for m, v in values.items()},
+            "per_item": {m: (100 * v[rows]).tolist() for m, v in values.items()}}
+
+
+def _score_items(items, chunk_scores, copy_of, offsets, *, split_at_token: int, gold_scores=None) -> dict:
     """Metrics (percent) and per-item values from each item's candidate scores.
 
     ``chunk_scores(index, item)``: the item's (C,) scores against its document's chunks;
@@ -120,8 +126,7 @@ def _score_items(items, chunk_scores, copy_of, offsets, documents, split_at_toke
         ranks.append(gold_rank(scores, item.gold_index, gold, copies))
         degenerate += len(scores) > 1 and float(scores.max() - scores.min()) < DEGENERATE_SPREAD
     values = per_item_metrics(ranks)
-    results = {"num_items": len(items), **{m: 100 * float(v.mean()) for m, v in values.items()},
-               "degenerate_queries": degenerate, "per_item": {m: (100 * v).tolist() for m, v in values.items()}}
+    results = {"num_items": len(items), **_summary(values), "degenerate_queries": degenerate}
     if degenerate > len(items) / 10:
         logger.warning("MODEL COLLAPSE: for %d of %d queries every candidate scores within %g of the others; the "
                        "model cannot tell texts apart and its metrics mean nothing beyond chance",
@@ -132,8 +137,7 @@ def _score_items(items, chunk_scores, copy_of, offsets, documents, split_at_toke
         for name, keep in ((f"gold_start<{cut}", lambda t: t < cut), (f"gold_start>={cut}", lambda t: t >= cut)):
             part = [i for i, item in enumerate(items) if item.gold_start_token is not None and keep(item.gold_start_token)]
             if part:
-                results[name] = {"num_items": len(part), **{m: 100 * float(v[part].mean()) for m, v in values.items()},
-                                 "per_item": {m: (100 * v[part]).tolist() for m, v in values.items()}}
+                results[name] = {"num_items": len(part), **_summary(values, part)}
     return results
 
 
@@ -175,7 +179,7 @@ def evaluate_dataset(model, tokenizer, data_folder: str, dataset: str, config: E
     # a chunk's identity is its whole token sequence: texts that only read alike when cut are not copies
     full_ids = tokenize(tokenizer, chunks, 10**9, "right", config.passage_prompt)
     copy_of = torch.tensor(unique_sequences(full_ids)[1])  # (T,)
-    results = _score_items(items, whole, copy_of, offsets, documents, config.split_at_token, gold_scores)
+    results = _score_items(items, whole, copy_of, offsets, split_at_token=config.split_at_token, gold_scores=gold_scores)
     if config.passage_window:
         window = config.passage_window
         pieces, owner = split_windows(tokenizer, full_ids, window, config.passage_prompt)
@@ -191,7 +195,7 @@ def evaluate_dataset(model, tokenizer, data_folder: str, dataset: str, config: E
             return max_per_passage(scores, owner[rows] - start, count)[0]  # (C,)
 
         results[f"maxp@{window}"] = {"windows": len(pieces), **_score_items(
-            items, windowed, copy_of, offsets, documents, config.split_at_token)}
+            items, windowed, copy_of, offsets, split_at_token=config.split_at_token)}
     return results
 
 
