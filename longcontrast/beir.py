@@ -30,7 +30,7 @@ import torch
 from . import UserError
 from .data import tokenize
 from .records import join_title
-from .inference import encode, split_windows
+from .inference import split_windows
 from .metrics import BEIR_METRICS, DEGENERATE_SPREAD, beir_metrics
 from .search import faiss_top_k, top_k
 
@@ -175,9 +175,8 @@ def corpus_embeddings(model, tokenizer, data: BeirSet, config, device, cache: st
     if window:
         ids, position = split_windows(tokenizer, ids, window, config.passage_prompt)
     started = time.perf_counter()
-    embeddings = encode(model, ids, "passage", batch_size=config.batch_size, pad_token_id=tokenizer.pad_token_id,
-                        device=device, max_tokens=config.max_tokens, autocast=config.autocast,
-                        out_dtype=config.embedding_dtype, desc="corpus", texts=[texts[p] for p in position])
+    embeddings = config.encode(model, ids, "passage", pad_token_id=tokenizer.pad_token_id, device=device,
+                               desc="corpus", texts=[texts[p] for p in position], out_dtype=config.embedding_dtype)
     logger.info("encoded %d corpus texts in %.1f s", len(ids), time.perf_counter() - started)
     position = torch.tensor(position)
     if cache:
@@ -198,9 +197,8 @@ def evaluate_beir(model, tokenizer, data: BeirSet, config, device, *, run_file: 
     """
     embeddings, position, order = corpus_embeddings(model, tokenizer, data, config, device, cache)
     query_ids = tokenize(tokenizer, data.queries, config.query_max_len, "right", config.query_prompt)
-    queries = encode(model, query_ids, "query", batch_size=config.batch_size, pad_token_id=tokenizer.pad_token_id,
-                     device=device, max_tokens=config.max_tokens, autocast=config.autocast, desc="queries",
-                     texts=data.queries)
+    queries = config.encode(model, query_ids, "query", pad_token_id=tokenizer.pad_token_id, device=device,
+                            desc="queries", texts=data.queries)
     started = time.perf_counter()
     windows = len(position) > len(data.doc_ids)  # some passage has several windows
     if use_faiss:

@@ -97,10 +97,11 @@ class EvalConfig:
     split_at_token: int = 512  # items with gold_start_token are also scored apart, before and from here
     passage_window: int | None = None  # also score each passage as the best of its windows of this many tokens
 
-
-def _encode(model, ids, side, config, pad_id, device, desc, texts):
-    return encode(model, ids, side, batch_size=config.batch_size, pad_token_id=pad_id, device=device,
-                  max_tokens=config.max_tokens, autocast=config.autocast, desc=desc, texts=texts)
+    def encode(self, model, ids, side: str, *, pad_token_id: int, device, desc: str, texts: list[str],
+               out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """:func:`.inference.encode` with this configuration's batching and precision."""
+        return encode(model, ids, side, batch_size=self.batch_size, pad_token_id=pad_token_id, device=device,
+                      max_tokens=self.max_tokens, autocast=self.autocast, out_dtype=out_dtype, desc=desc, texts=texts)
 
 
 def _summary(values: dict, rows=slice(None)) -> dict:
@@ -154,12 +155,12 @@ def evaluate_dataset(model, tokenizer, data_folder: str, dataset: str, config: E
     for name in names:
         offsets[name] = len(chunks)
         chunks.extend(documents[name])
-    pad_id = tokenizer.pad_token_id
     chunk_ids = tokenize(tokenizer, chunks, config.passage_max_len, "right", config.passage_prompt)
     query_ids = tokenize(tokenizer, [item.query for item in items], config.query_max_len, "left", config.query_prompt)
-    chunk_embeddings = _encode(model, chunk_ids, "passage", config, pad_id, device, f"{dataset} chunks", chunks)
-    query_embeddings = _encode(model, query_ids, "query", config, pad_id, device, f"{dataset} queries",
-                               [item.query for item in items])
+    encoding = {"pad_token_id": tokenizer.pad_token_id, "device": device}
+    chunk_embeddings = config.encode(model, chunk_ids, "passage", desc=f"{dataset} chunks", texts=chunks, **encoding)
+    query_embeddings = config.encode(model, query_ids, "query", desc=f"{dataset} queries",
+                                     texts=[item.query for item in items], **encoding)
     gold_scores = None
     if dataset == "qrecc" and config.qrecc_answer_rule:
         # ChatRAG's QReCC gold labels come from word overlap with the answer; its evaluation appends
@@ -169,7 +170,7 @@ def evaluate_dataset(model, tokenizer, data_folder: str, dataset: str, config: E
             for item in items
         ]
         gold_ids = tokenize(tokenizer, gold_texts, config.passage_max_len, "right", config.passage_prompt)
-        gold_embeddings = _encode(model, gold_ids, "passage", config, pad_id, device, "qrecc gold+answer", gold_texts)
+        gold_embeddings = config.encode(model, gold_ids, "passage", desc="qrecc gold+answer", texts=gold_texts, **encoding)
         gold_scores = (gold_embeddings * query_embeddings).sum(dim=1)  # (Q,)
 
     def whole(index, item):
@@ -184,8 +185,8 @@ def evaluate_dataset(model, tokenizer, data_folder: str, dataset: str, config: E
         window = config.passage_window
         pieces, owner = split_windows(tokenizer, full_ids, window, config.passage_prompt)
         owner = torch.tensor(owner)  # (R,) the chunk of each window
-        window_embeddings = _encode(model, pieces, "passage", config, pad_id, device, f"{dataset} windows",
-                                    [chunks[i] for i in owner.tolist()])
+        window_embeddings = config.encode(model, pieces, "passage", desc=f"{dataset} windows",
+                                          texts=[chunks[i] for i in owner.tolist()], **encoding)
         first_row = torch.searchsorted(owner, torch.arange(len(chunks) + 1))  # (T + 1,) each chunk's first window
 
         def windowed(index, item):
