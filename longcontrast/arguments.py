@@ -92,6 +92,35 @@ class ModelArguments:
                   "fused kernels; with dropout it falls back to its math path: measured 2-3x the step time and "
                   "memory on CPU for the same retrieval quality (README)."},
     )
+    torch_dtype: str | None = field(
+        default=None,
+        metadata={"help": "dtype of the loaded weights: float32, bfloat16, float16 or auto (the checkpoint's). "
+                  "Half precision is for the frozen base weights under LoRA (adapters and optimizer states stay "
+                  "float32); full fine-tuning keeps float32 weights (use --bf16 for mixed precision). "
+                  "Default: auto with --lora_r, else float32.",
+                  "choices": ["float32", "bfloat16", "float16", "auto"]},
+    )
+    lora_r: int = field(
+        default=0,
+        metadata={"help": "Train LoRA adapters of this rank (peft) instead of every weight: 16 is common for "
+                  "decoder embedders (Qwen3-Embedding, e5-mistral). 0: full fine-tuning."},
+    )
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA scaling alpha (default: 2 x --lora_r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch's input."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Module names (or name suffixes) that get adapters, e.g. q_proj k_proj v_proj o_proj. "
+                  "Default: every linear layer of the encoder but the pooler (all-linear)."},
+    )
+    lora_modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules trained whole beside the adapters and saved with them (e.g. norm)."},
+    )
+    merge_lora: bool = field(
+        default=False,
+        metadata={"help": "Save the model with the adapters merged into its weights (a plain model, no peft needed "
+                  "to load it) in --output_dir, and the adapter in --output_dir/adapter."},
+    )
 
 
 @dataclass
@@ -185,10 +214,33 @@ class ContrastiveTrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
+@dataclass
+class GradCacheTrainingArguments(ContrastiveTrainingArguments):
+    """efficient_train.py's training arguments: those of :class:`ContrastiveTrainingArguments`, with
+    the engines GradCache cannot run under refused before anything starts."""
+
+    def __post_init__(self):
+        # DeepSpeed steps its engine inside every backward at the step boundary: each GradCache replay
+        # would make one optimizer step on a mini-batch's partial gradient. FSDP would all-reduce each
+        # replay's partial gradients and has no no_sync for them. Neither is the full-batch gradient.
+        for flag, value, why in (
+            ("--deepspeed", self.deepspeed, "DeepSpeed steps its optimizer inside each backward, and GradCache "
+                                            "runs one backward per mini-batch"),
+            ("--fsdp", self.fsdp, "FSDP reduces the gradients of each of GradCache's mini-batch backwards on its own"),
+        ):
+            if value:
+                raise ValueError(
+                    f"{flag} is not supported by efficient_train.py: {why}, so one contrastive batch would not get "
+                    "its full-batch gradient. On one GPU use --lora_r with --torch_dtype bfloat16 and "
+                    "--gradient_checkpointing; on several, launch with torchrun (DDP); origin_train.py runs "
+                    f"under {flag} as the Trainer does")
+        super().__post_init__()
+
+
 def parse_arguments(argv, gradcache: bool):
     dataclass_types = [ModelArguments, DataArguments, ContrastiveTrainingArguments]
     if gradcache:
-        dataclass_types.insert(2, GradCacheArguments)
+        dataclass_types[2:] = [GradCacheArguments, GradCacheTrainingArguments]
     parser = HfArgumentParser(dataclass_types)
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv)
@@ -210,6 +262,7 @@ def validate(model_args, data_args, cache_args, training_args) -> None:
         value = getattr(model_args, name)
         if value is not None and not 0 <= value < 1:
             raise UserError(f"--{name} must be in [0, 1), got {value}")
+    validate_lora(model_args, training_args)
     if data_args.num_hard_negatives < 0:
         raise UserError(f"--num_hard_negatives must be >= 0, got {data_args.num_hard_negatives}")
     if data_args.query_turns < 1:
@@ -240,3 +293,38 @@ def validate_lengths(data_args, positions: int) -> None:
         if not 3 <= value <= positions:
             raise UserError(f"--{name} must be in [3, {positions}] (the positions the model reads; see "
                             f"--max_position_embeddings), got {value}")
+
+
+def validate_lora(model_args, training_args) -> None:
+    """LoRA's flags, half-precision weights and activation checkpointing, checked before loading."""
+    lora = model_args.lora_r > 0
+    if model_args.lora_r < 0:
+        raise UserError(f"--lora_r must be >= 0, got {model_args.lora_r}")
+    if not lora:
+        given = [flag for flag, on in (("--lora_alpha", model_args.lora_alpha is not None),
+                                       ("--lora_dropout", model_args.lora_dropout != 0.0),
+                                       ("--lora_target_modules", model_args.lora_target_modules),
+                                       ("--lora_modules_to_save", model_args.lora_modules_to_save),
+                                       ("--merge_lora", model_args.merge_lora)) if on]
+        if given:
+            raise UserError(f"{', '.join(given)} without --lora_r: LoRA is off (give --lora_r 16, say)")
+        if model_args.torch_dtype in ("bfloat16", "float16"):
+            raise UserError(f"--torch_dtype {model_args.torch_dtype} would train the weights themselves in half "
+                            "precision; full fine-tuning keeps float32 weights (use --bf16 or --fp16 for mixed "
+                            "precision), or train LoRA adapters over half-precision weights with --lora_r")
+        return
+    if not 0 <= model_args.lora_dropout < 1:
+        raise UserError(f"--lora_dropout must be in [0, 1), got {model_args.lora_dropout}")
+    for flag, conflict in (("--trainable_parameters", model_args.trainable_parameters != "all"),
+                           ("--untie_encoders", model_args.untie_encoders)):
+        if conflict:
+            raise UserError(f"--lora_r with {flag}: LoRA trains adapters on one shared encoder; drop {flag}, or "
+                            "train without LoRA")
+    if model_args.torch_dtype in ("bfloat16", "float16") and model_args.lora_modules_to_save and not (
+            training_args.bf16 or training_args.fp16):
+        raise UserError("--lora_modules_to_save trains whole modules in float32 over half-precision weights, "
+                        "which needs mixed precision: add --bf16 (or --fp16), or use --torch_dtype float32")
+    kwargs = training_args.activation_checkpointing_kwargs or {}
+    if training_args.activation_checkpointing and kwargs.get("use_reentrant"):
+        raise UserError("use_reentrant true: reentrant activation checkpointing gives LoRA adapters no gradient "
+                        "behind frozen embeddings and breaks DDP; leave it out (non-reentrant is the default)")

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from . import UserError
 from .data import length_sorted_groups, pad, special_tokens, unique_sequences
-from .modeling import DualEncoder, default_model_path, from_pretrained, load_tokenizer, read_pooling, read_prompts
+from .modeling import (DualEncoder, default_model_path, from_pretrained, load_tokenizer, prepare_tokenizer, read_pooling,
+                       read_prompts)
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,9 @@ def load_retriever(model_path=None, query_encoder_path=None, context_encoder_pat
                "document": read_prompts(context_encoder_path).get("document", "")}
     model = DualEncoder(query_encoder, recorded or pooling or "cls", context_encoder, prompts)
     model.paths = {"query": query_encoder_path, "passage": context_encoder_path}
-    return model, load_tokenizer(query_encoder_path, trust_remote_code)
+    tokenizer = load_tokenizer(query_encoder_path, trust_remote_code)
+    prepare_tokenizer(tokenizer, model.pooling)  # a base decoder evaluated as it comes: pad and end token
+    return model, tokenizer
 
 
 def prompts_for(model: DualEncoder, query_instruction: str | None, passage_instruction: str | None) -> dict[str, str]:

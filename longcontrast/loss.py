@@ -47,7 +47,11 @@ def contrastive_loss(
     num_queries = query_embeddings.size(0)
     if targets is None:
         targets = torch.arange(num_queries, device=query_embeddings.device)  # (B,)
-    scores = query_embeddings @ passage_embeddings.T / temperature  # (B, P)
+    # float32 at least, even inside an autocast region: at temperature 0.01 bf16 logits would sit
+    # on a grid 0.5 apart
+    dtype = torch.promote_types(query_embeddings.dtype, torch.float32)
+    with torch.autocast(query_embeddings.device.type, enabled=False):
+        scores = query_embeddings.to(dtype) @ passage_embeddings.to(dtype).T / temperature  # (B, P)
     if passage_text_ids is not None:
         positive_ids = passage_text_ids[targets]  # (B,)
         same_text = passage_text_ids[None, :] == positive_ids[:, None]  # (B, P)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import UserError
+from .data import special_tokens
 from .positions import extend_position_embeddings, position_offset, position_table, token_positions
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,9 @@ def pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor, pooling: str
         hidden_states: (N, L, D) last hidden states.
         attention_mask: (N, L) 1 for real tokens, 0 for padding.
         pooling: ``"cls"`` (the first token's vector, as BGE), ``"mean"`` (mean over real tokens),
-            ``"max"`` (element-wise max over real tokens) or ``"lasttoken"`` (the last real token).
+            ``"max"`` (element-wise max over real tokens) or ``"lasttoken"`` (the last real token, found
+            by the mask, so right and left padding pool the same token: decoder embedders, whose end
+            token :func:`prepare_tokenizer` makes sure of).
 
     Returns:
         (N, D) unit-norm embeddings.
@@ -89,8 +92,11 @@ def pool(hidden_states: torch.Tensor, attention_mask: torch.Tensor, pooling: str
     elif pooling == "max":
         padding = (attention_mask == 0).unsqueeze(-1)  # (N, L, 1)
         pooled = hidden_states.masked_fill(padding, torch.finfo(hidden_states.dtype).min).max(dim=1).values  # (N, D)
-    elif pooling == "lasttoken":  # right padding: the last real token
-        last = attention_mask.sum(dim=1).clamp(min=1) - 1  # (N,)
+    elif pooling == "lasttoken":
+        # the position of the last real token, from the mask alone: right or left padding alike, and
+        # never from input_ids != pad_id (Qwen3-Embedding's end token is its pad token)
+        positions = torch.arange(attention_mask.size(1), device=attention_mask.device)  # (L,)
+        last = (attention_mask.to(torch.long) * positions).argmax(dim=1)  # (N,)
         pooled = hidden_states[torch.arange(hidden_states.size(0), device=hidden_states.device), last]  # (N, D)
     else:
         raise ValueError(f"unknown pooling {pooling!r}; choose from {POOLING_MODES}")
@@ -119,16 +125,19 @@ def attention_candidates(prefer_flash: bool) -> list[str]:
     return candidates
 
 
-def from_pretrained(path: str, config=None, trust_remote_code: bool = False, prefer_flash_attention: bool = False):
+def from_pretrained(path: str, config=None, trust_remote_code: bool = False, prefer_flash_attention: bool = False,
+                    dtype: str | torch.dtype | None = None):
     """``AutoModel.from_pretrained`` with the best attention the architecture supports
-    (:func:`attention_candidates`; MPNet and DeBERTa-v2 have no SDPA path and get eager), logged."""
+    (:func:`attention_candidates`; MPNet and DeBERTa-v2 have no SDPA path and get eager), logged.
+    A LoRA adapter folder (``adapter_config.json``) loads as its base with the adapter applied.
+    ``dtype``: ``None`` float32 whatever the checkpoint holds, ``"auto"`` the checkpoint's."""
     from transformers import AutoModel
 
     errors = []
     for implementation in attention_candidates(prefer_flash_attention):
         try:
             model = AutoModel.from_pretrained(path, config=config, attn_implementation=implementation,
-                                              trust_remote_code=trust_remote_code)
+                                              trust_remote_code=trust_remote_code, dtype=dtype or torch.float32)
         except (ValueError, ImportError) as err:  # this architecture does not support that attention
             errors.append(f"{implementation}: {str(err).splitlines()[0][:120]}")
             continue
@@ -150,6 +159,48 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         raise UserError(f"cannot load the tokenizer of {path!r}: {err}") from err
 
 
+def prepare_tokenizer(tokenizer, pooling: str) -> None:
+    """Make a tokenizer ready for contrastive training and encoding, in place; each change logged.
+
+    - No pad token (Llama, Mistral bases): the end-of-sequence token pads (only the attention mask
+      tells padding from text, so a pad id shared with a real token is harmless).
+    - ``lasttoken`` pooling reads the token each text ends with. A tokenizer that already closes
+      every text with a special token (Qwen3-Embedding's ``<|endoftext|>``, which is also its pad
+      token, while its ``eos_token`` is another one) is left as it is; one that appends nothing
+      (e5-mistral, gte-Qwen2 on a Mistral/Qwen base) gets its ``eos_token`` appended by its
+      post-processor, which the saved ``tokenizer.json`` records, so sentence-transformers and
+      ``AutoTokenizer`` append it too.
+    """
+    if tokenizer.pad_token_id is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise UserError("the tokenizer has no pad, end-of-sequence or unknown token to pad with")
+        tokenizer.pad_token = fallback
+        logger.info("the tokenizer has no pad token: padding with %r (the attention mask marks padding)", fallback)
+    if pooling != "lasttoken":
+        return
+    prefix, suffix = special_tokens(tokenizer)
+    if suffix:
+        logger.info("lasttoken pooling on %r, which the tokenizer appends to every text",
+                    tokenizer.convert_ids_to_tokens(suffix[-1]))
+        return
+    eos, backend = tokenizer.eos_token, getattr(tokenizer, "backend_tokenizer", None)
+    if eos is None or backend is None:
+        raise UserError("lasttoken pooling reads each text's end token, but the tokenizer appends none and "
+                        + ("has no eos_token to append" if eos is None else "is not a fast tokenizer whose "
+                           "post-processor could append its eos_token"))
+    from tokenizers import processors
+
+    starts = tokenizer.convert_ids_to_tokens(prefix)
+    specials = sorted({(token, tokenizer.convert_tokens_to_ids(token)) for token in [*starts, eos]})
+    backend.post_processor = processors.TemplateProcessing(
+        single=[*starts, "$A", eos], pair=[*starts, "$A", eos, "$B:1", f"{eos}:1"], special_tokens=specials)
+    if special_tokens(tokenizer) != (prefix, [tokenizer.eos_token_id]):
+        raise UserError(f"could not make the tokenizer append {eos!r} to every text")
+    logger.info("lasttoken pooling: appending %r to every text (the tokenizer appended nothing); "
+                "recorded in the saved tokenizer", eos)
+
+
 def load_encoder(
     model_name_or_path: str,
     max_position_embeddings: int | None = None,
@@ -159,6 +210,7 @@ def load_encoder(
     trust_remote_code: bool = False,
     strict_positions: bool = True,
     prefer_flash_attention: bool = False,
+    dtype: str | torch.dtype | None = None,
 ):
     """An encoder (any ``AutoModel`` returning ``last_hidden_state``) and its tokenizer.
 
@@ -177,6 +229,7 @@ def load_encoder(
             (nomic-bert, jina-bert...): the user's choice, off by default.
         prefer_flash_attention: try FlashAttention-2 first (when installed; GPU with fp16/bf16).
             Otherwise SDPA where the architecture supports it, else eager attention.
+        dtype: the weights' dtype: ``None`` float32, ``"auto"`` the checkpoint's, or a torch dtype.
     """
     from transformers import AutoConfig
 
@@ -185,7 +238,7 @@ def load_encoder(
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load model {model_name_or_path!r}: {err}") from err
     set_dropout(config, dropout, attention_dropout)
-    model = from_pretrained(model_name_or_path, config, trust_remote_code, prefer_flash_attention)
+    model = from_pretrained(model_name_or_path, config, trust_remote_code, prefer_flash_attention, dtype)
     if getattr(model, "pooler", None) is not None:
         # The pooler is not used (CLS pooling takes the raw first hidden state, as BGE does). It is
         # kept, frozen, so the saved model reloads without "newly initialised weights" warnings and
@@ -254,9 +307,13 @@ class DualEncoder(nn.Module):
             hidden = hidden.float()  # pool, normalise and score in float32 under mixed precision
         return pool(hidden, attention_mask, self.pooling)  # (N, D)
 
+    def encoders(self) -> list[nn.Module]:
+        """The distinct encoders: one when shared, the query and the context encoder when untied."""
+        return [self.query_encoder] + ([self.context_encoder] if self.context_encoder is not None else [])
+
     def activation_checkpointing_enable(self, **kwargs):
         """Called by the Trainer for --gradient_checkpointing (transformers 5 name); applies to both encoders."""
-        for encoder in {self.query_encoder, self.encoder_for("passage")}:
+        for encoder in self.encoders():
             encoder.activation_checkpointing_enable(**kwargs)
 
     def save(self, output_dir: str | os.PathLike, tokenizer, max_seq_length: int, query_prompt: str = "",
@@ -280,19 +337,28 @@ class DualEncoder(nn.Module):
 
 def save_sentence_transformer(encoder, tokenizer, folder, pooling, max_seq_length, query_prompt="", passage_prompt="",
                               trust_remote_code=False):
-    """Write ``encoder`` as a Hugging Face model folder that is also a sentence-transformers model."""
+    """Write ``encoder`` as a Hugging Face model folder that is also a sentence-transformers model.
+
+    A PEFT (LoRA) encoder is written as its adapter (``adapter_config.json``, naming the base), which
+    ``SentenceTransformer(folder)`` and ``AutoModel.from_pretrained(folder)`` load onto the base.
+    """
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
     os.makedirs(folder, exist_ok=True)
     encoder.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    remote = {"trust_remote_code": True} if trust_remote_code else None
+    remote = {"trust_remote_code": True} if trust_remote_code else {}
+    transformer = Transformer(folder, max_seq_length=max_seq_length, model_kwargs={**remote, "dtype": "auto"},
+                              config_kwargs=remote or None, processor_kwargs=remote or None)
+    # sentence-transformers saves its module's model into the folder again: give it the trained one,
+    # so that a PEFT model is saved by peft itself (an adapter, as written above)
+    transformer.model = encoder
     modules = [
-        Transformer(folder, max_seq_length=max_seq_length, model_kwargs=remote, config_kwargs=remote,
-                    processor_kwargs=remote),
+        transformer,
         Pooling(encoder.config.hidden_size, pooling_mode=pooling),
         Normalize(),
     ]
     prompts = {"query": query_prompt, "document": passage_prompt} if query_prompt or passage_prompt else None
-    SentenceTransformer(modules=modules, prompts=prompts, similarity_fn_name="cosine").save(folder)
+    device = next(encoder.parameters()).device  # where the encoder is: nothing moves
+    SentenceTransformer(modules=modules, prompts=prompts, similarity_fn_name="cosine", device=str(device)).save(folder)

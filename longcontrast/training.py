@@ -23,8 +23,9 @@ from .records import load_examples
 from .distributed import any_process, gather_batch, shut_down, world_size
 from .gradcache import grad_cache_step
 from .loss import LossOutput, contrastive_loss
-from .modeling import DualEncoder, default_model_path, load_encoder, read_pooling
-from .positions import freeze_rows, position_table, token_positions
+from .lora import add_lora, merge
+from .modeling import DualEncoder, default_model_path, load_encoder, prepare_tokenizer, read_pooling
+from .positions import freeze_rows, position_offset, position_table, token_positions
 
 logger = logging.getLogger(__name__)
 # DDP's deprecation notice for broadcast_buffers=False, which is deliberate here (ddp_broadcast_buffers below).
@@ -41,8 +42,10 @@ class ContrastiveTrainer(Trainer):
 
     def __init__(self, *args, temperature: float, mini_batch_size: int | None = None,
                  mini_batch_tokens: int | None = None, deduplicate_texts: bool = True,
-                 negatives_cross_device: bool = False, **kwargs):
+                 negatives_cross_device: bool = False, checkpoint_trainable_only: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        # LoRA: checkpoints hold the trained parameters only (the frozen base is the model folder's)
+        self.checkpoint_trainable_only = checkpoint_trainable_only
         self.temperature = temperature
         self.negatives_cross_device = negatives_cross_device
         self.mini_batch_size = mini_batch_size
@@ -127,6 +130,23 @@ class ContrastiveTrainer(Trainer):
             final = checkpoints.publish(staged, self.args.output_dir)
             checkpoints.rotate(self.args.output_dir, self.args.save_total_limit, keep=final)
         self.accelerator.wait_for_everyone()
+
+    def _trained_names(self) -> set[str]:
+        return {name for name, p in self.accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad}
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if self.checkpoint_trainable_only and state_dict is None:
+            trained = self._trained_names()
+            state_dict = {k: v for k, v in self.accelerator.unwrap_model(self.model).state_dict().items() if k in trained}
+        super()._save(output_dir, state_dict)
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        if not self.checkpoint_trainable_only:
+            return super()._issue_warnings_after_load(load_result)
+        missing = self._trained_names() & set(load_result.missing_keys)
+        if missing or load_result.unexpected_keys:
+            raise UserError(f"the checkpoint does not match the LoRA model: missing {sorted(missing)[:5]}, "
+                            f"unexpected {sorted(load_result.unexpected_keys)[:5]}")
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._accuracy_count:
@@ -296,13 +316,28 @@ def train(argv=None, gradcache: bool = True) -> str:
         # Untied GradCache synchronises in the last passage replay, which the query encoder takes
         # no part in; everywhere else every trainable parameter is used, and the search is waste.
         training_args.ddp_find_unused_parameters = bool(gradcache and model_args.untie_encoders)
+    lora = model_args.lora_r > 0
+    if model_args.torch_dtype is None:
+        model_args.torch_dtype = "auto" if lora else "float32"
     set_seed(training_args.seed)  # before the model exists: the random position init draws from it
     encoder, tokenizer = load_encoder(
-        model_path, model_args.max_position_embeddings or DEFAULT_MAX_POSITIONS, model_args.position_init,
-        model_args.dropout, model_args.attention_dropout, model_args.trust_remote_code,
+        # LoRA keeps the base model as it is, its position table included: no default extension
+        model_path, model_args.max_position_embeddings or (None if lora else DEFAULT_MAX_POSITIONS),
+        model_args.position_init, model_args.dropout, model_args.attention_dropout, model_args.trust_remote_code,
         strict_positions=model_args.max_position_embeddings is not None,
         prefer_flash_attention=torch.cuda.is_available() and (training_args.bf16 or training_args.fp16),
+        dtype=model_args.torch_dtype if model_args.torch_dtype == "auto" else getattr(torch, model_args.torch_dtype),
     )
+    if lora and getattr(position_table(encoder), "trained_rows", None) is not None:
+        raise UserError(f"--max_position_embeddings {model_args.max_position_embeddings} with --lora_r: the extended "
+                        "position table is not part of the base model that the saved adapter names; train LoRA at the "
+                        f"model's {position_table(encoder).trained_rows - position_offset(position_table(encoder))} "
+                        "positions, or extend without LoRA")
+    dtype = next(encoder.parameters()).dtype
+    if dtype != torch.float32 and not lora:
+        raise UserError(f"--torch_dtype auto loaded {dtype} weights, which full fine-tuning would train in half "
+                        "precision; use --torch_dtype float32 (with --bf16 for mixed precision), or --lora_r")
+    prepare_tokenizer(tokenizer, pooling)
     model_args.max_position_embeddings = token_positions(encoder)  # recorded as resolved
     validate_lengths(data_args, model_args.max_position_embeddings)
     table = position_table(encoder)
@@ -323,11 +358,19 @@ def train(argv=None, gradcache: bool = True) -> str:
         if training_args.weight_decay:
             raise UserError("--trainable_parameters new_positions keeps the trained rows exact, which weight decay "
                             f"would shrink; use --weight_decay 0 (got {training_args.weight_decay})")
-        freeze_rows(table, table.trained_rows)
+    if lora:
+        encoder = add_lora(encoder, base_path=model_path, r=model_args.lora_r,
+                           alpha=model_args.lora_alpha or 2 * model_args.lora_r, dropout=model_args.lora_dropout,
+                           target_modules=model_args.lora_target_modules,
+                           modules_to_save=model_args.lora_modules_to_save)
     model = (DualEncoder.untied if model_args.untie_encoders else DualEncoder)(encoder, pooling)
+    if model_args.trainable_parameters == "new_positions":
+        for each in model.encoders():  # after untying: a gradient hook is not copied with its module
+            freeze_rows(position_table(each), table.trained_rows)
     logger.info(
-        "%s: %s, pooling %s, %d positions, %d examples, contrastive batch %d x %d device(s), %s",
-        "efficient_train" if gradcache else "origin_train", model_path, pooling,
+        "%s: %s (%s weights%s), pooling %s, %d positions, %d examples, contrastive batch %d x %d device(s), %s",
+        "efficient_train" if gradcache else "origin_train", model_path, str(dtype).removeprefix("torch."),
+        f", LoRA r={model_args.lora_r}" if lora else "", pooling,
         model_args.max_position_embeddings, len(examples), training_args.per_device_train_batch_size,
         training_args.world_size, f"GradCache mini-batch {cache_args.mini_batch_size}" if gradcache else "full batch",
     )
@@ -348,6 +391,7 @@ def train(argv=None, gradcache: bool = True) -> str:
         mini_batch_tokens=cache_args.mini_batch_tokens if gradcache else None,
         deduplicate_texts=cache_args.deduplicate_texts if gradcache else False,
         negatives_cross_device=model_args.negatives_cross_device and distributed,
+        checkpoint_trainable_only=lora,
         callbacks=[stop_on_signal, CollatorEpoch(collator)],
     )
     if distributed:
@@ -367,8 +411,12 @@ def train(argv=None, gradcache: bool = True) -> str:
 
     output_dir = training_args.output_dir
     if trainer.is_world_process_zero():
-        model.save(output_dir, tokenizer, data_args.passage_max_len, data_args.query_instruction,
-                   data_args.passage_instruction, model_args.trust_remote_code)
+        save = dict(tokenizer=tokenizer, max_seq_length=data_args.passage_max_len, query_prompt=data_args.query_instruction,
+                    passage_prompt=data_args.passage_instruction, trust_remote_code=model_args.trust_remote_code)
+        if model_args.merge_lora:
+            model.save(os.path.join(output_dir, "adapter"), **save)
+            model.query_encoder = merge(model.query_encoder)
+        model.save(output_dir, **save)
         arguments = {
             "script": "efficient_train.py" if gradcache else "origin_train.py",
             **{k: v for a in (model_args, data_args, cache_args) if a is not None for k, v in dataclasses.asdict(a).items()},

@@ -76,3 +76,70 @@ def conversation_records(n: int = 10, negatives: int = 2) -> list[dict]:
 @pytest.fixture
 def tiny_train_file(tmp_path) -> str:
     return write_jsonl(tmp_path / "train.jsonl", conversation_records(12))
+
+
+# Decoder embedders as users bring them, each with its tokenizer's habits:
+# - qwen3: Qwen3-Embedding's tokenizer closes every text with <|endoftext|>, which is also its pad
+#   token, while its eos_token is <|im_end|>;
+# - llama: a Llama/Mistral base (e5-mistral): <s> before every text, nothing after, no pad token;
+# - gemma3: <bos> before, nothing after, a pad token of its own.
+DECODER_SPECIALS = {
+    "qwen3": (["<|endoftext|>", "<|im_end|>", "<unk>"], "$A <|endoftext|>",
+              dict(pad_token="<|endoftext|>", eos_token="<|im_end|>", unk_token="<unk>")),
+    "llama": (["<unk>", "<s>", "</s>"], "<s> $A", dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>")),
+    "gemma3": (["<pad>", "<eos>", "<bos>", "<unk>"], "<bos> $A",
+               dict(pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>")),
+}
+DECODERS = list(DECODER_SPECIALS)
+
+
+def decoder_config(family: str, vocab_size: int, ids: dict, dropout: float = 0.0):
+    import transformers as tf
+
+    small = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16, intermediate_size=37, max_position_embeddings=128,
+                 initializer_range=0.3, attention_dropout=dropout, **ids)
+    if family == "qwen3":
+        return tf.Qwen3Config(**small)
+    if family == "llama":
+        return tf.LlamaConfig(**small)
+    if family == "gemma3":
+        return tf.Gemma3TextConfig(**small, sliding_window=16, layer_types=["sliding_attention", "full_attention"])
+    raise ValueError(family)
+
+
+def make_decoder(folder: Path, family: str, dropout: float = 0.0, seed: int = 0) -> str:
+    """A random 2-layer decoder of ``family`` and a word-level tokenizer with that family's special
+    tokens (:data:`DECODER_SPECIALS`), written to ``folder``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import AutoModel, PreTrainedTokenizerFast
+
+    specials, template, named = DECODER_SPECIALS[family]
+    vocab = specials + [":", ".", ",", "?", "!", "'", "-"] + WORDS + list(string.ascii_lowercase)
+    vocab += [str(i) for i in range(100)] + ["instruct", "query", "passage", "user", "assistant"]
+    vocab = list(dict.fromkeys(vocab))
+    index = {token: i for i, token in enumerate(vocab)}
+    backend = Tokenizer(models.WordLevel(index, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(t, index[t]) for t in specials if t in template])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **named)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(folder)
+    ids = {f"{kind}_token_id": index[named[f"{kind}_token"]] if f"{kind}_token" in named else None
+           for kind in ("pad", "bos", "eos")}
+    torch.manual_seed(seed)
+    AutoModel.from_config(decoder_config(family, len(vocab), ids, dropout)).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def decoder_dir(tmp_path_factory):
+    made = {}
+
+    def make(family: str) -> str:
+        if family not in made:
+            made[family] = make_decoder(tmp_path_factory.mktemp(family), family)
+        return made[family]
+
+    return make

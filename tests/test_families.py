@@ -1,6 +1,7 @@
 """Every encoder family a user may bring, as a tiny random model built offline from its config:
 positions extended (or kept native), both scripts' one-step parity, saved folders that reload in
-AutoModel and SentenceTransformer with the same vectors, evaluate.py on the result."""
+AutoModel and SentenceTransformer with the same vectors, evaluate.py on the result. Decoder
+embedders (Qwen3, Llama, Gemma 3, with last-token pooling) go through the same tests."""
 
 import string
 from pathlib import Path
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 import efficient_train
 import evaluate
 import origin_train
-from conftest import WORDS, conversation_records, write_jsonl
+from conftest import DECODERS, WORDS, conversation_records, make_decoder, write_jsonl
 from longcontrast import UserError
 from longcontrast.data import pad
 from longcontrast.modeling import load_encoder, pool
@@ -63,6 +64,8 @@ def family_dir(tmp_path_factory):
     made = {}
 
     def make(family: str) -> str:
+        if family in DECODERS and family not in made:
+            made[family] = make_decoder(tmp_path_factory.mktemp(family), family)
         if family not in made:
             folder = tmp_path_factory.mktemp(family)
             letters = list(string.ascii_lowercase + string.digits)
@@ -119,17 +122,21 @@ def test_attention_falls_back_where_sdpa_is_missing(family_dir, caplog):
     assert modernbert.config._attn_implementation == "sdpa"
 
 
+def family_pooling(family: str) -> str:
+    return "lasttoken" if family in DECODERS else "mean" if family == "modernbert" else "cls"
+
+
 def arguments(model_dir, data, out, family, *extra):
     positions = ["--max_position_embeddings", str(LONG)] if family in LEARNED else []
     return ["--model_name_or_path", model_dir, "--train_data", data, "--output_dir", str(out), *positions,
             "--query_max_len", "32", "--passage_max_len", "48", "--num_hard_negatives", "2", "--save_strategy", "no",
             "--disable_tqdm", "true", "--optim", "sgd", "--learning_rate", "1", "--lr_scheduler_type", "constant",
             "--weight_decay", "0", "--max_grad_norm", "0", "--dropout", "0", "--max_steps", "1",
-            "--per_device_train_batch_size", "7", "--pooling", "mean" if family == "modernbert" else "cls",
+            "--per_device_train_batch_size", "7", "--pooling", family_pooling(family),
             "--query_instruction", "query: ", "--passage_instruction", "passage: ", *extra]
 
 
-@pytest.mark.parametrize("family", LEARNED + NATIVE)
+@pytest.mark.parametrize("family", LEARNED + NATIVE + DECODERS)
 def test_family_trains_saves_reloads_and_evaluates(family, family_dir, tmp_path):
     """One SGD step of both scripts gives the same update (GradCache parity, uneven mini-batches);
     the saved folder embeds like the trained encoder in AutoModel and SentenceTransformer, with its
@@ -155,8 +162,14 @@ def test_family_trains_saves_reloads_and_evaluates(family, family_dir, tmp_path)
     assert st.prompts["query"] == "query: " and st.prompts["document"] == "passage: "
     texts = ["how can i apply for a permit", "the office"]
     batch = tokenizer(["passage: " + t for t in texts], return_tensors="pt", padding=True)
+    if family in DECODERS:  # every text ends with the end token pooled on, as in training
+        start_tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        end = start_tokenizer.eos_token_id if family != "qwen3" else start_tokenizer.pad_token_id
+        lengths = batch["attention_mask"].sum(dim=1)
+        assert batch["input_ids"][torch.arange(2), lengths - 1].tolist() == [end, end]
+        assert st.tokenize(["a"])["input_ids"][0].tolist().count(end) == 1  # appended once, not twice
     with torch.no_grad():
-        ours = pool(reloaded(**batch).last_hidden_state, batch["attention_mask"], "mean" if family == "modernbert" else "cls")
+        ours = pool(reloaded(**batch).last_hidden_state, batch["attention_mask"], family_pooling(family))
     torch.testing.assert_close(st.encode_document(texts, convert_to_tensor=True), ours, rtol=1e-4, atol=1e-5)
 
     write_set(tmp_path / "sets" / "doc2dial", [item(i, gold=i % 8) for i in range(4)], DOCS)

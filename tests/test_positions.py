@@ -151,23 +151,27 @@ def train(tiny_model_dir, tmp_path, *extra):
     return out
 
 
-@pytest.mark.parametrize("trainable, init, kept", [
-    ("positions", "copy", False), ("new_positions", "copy", True), ("new_positions", "interpolate_all", False)])
-def test_positions_only_training_moves_only_the_position_table(tiny_model_dir, tmp_path, trainable, init, kept):
+@pytest.mark.parametrize("trainable, init, kept, untie", [
+    ("positions", "copy", False, False), ("new_positions", "copy", True, False),
+    ("new_positions", "interpolate_all", False, False), ("new_positions", "copy", True, True)])
+def test_positions_only_training_moves_only_the_position_table(tiny_model_dir, tmp_path, trainable, init, kept, untie):
     """positions moves the whole table and nothing else; new_positions only the rows it added (the
     trained rows stay bit-identical, which positions, the negative control, does not keep), and
-    after interpolate_all, which moved every row, the whole table."""
+    after interpolate_all, which moved every row, the whole table. Untied, both encoders keep
+    their trained rows (the freeze is applied to each, not lost when the passage encoder is copied)."""
     out = train(tiny_model_dir, tmp_path, "--shift_positions", "--trainable_parameters", trainable,
-                "--position_init", init)
+                "--position_init", init, *(["--untie_encoders"] if untie else []))
     start, _ = load_encoder(tiny_model_dir, LONG, position_init=init, dropout=0.0)
     before = start.state_dict()
-    after = load_file(out / "model.safetensors")
     key = "embeddings.position_embeddings.weight"
-    assert not torch.equal(after[key][TINY_MAX_POSITIONS:], before[key][TINY_MAX_POSITIONS:])
-    assert torch.equal(after[key][:TINY_MAX_POSITIONS], before[key][:TINY_MAX_POSITIONS]) == kept
-    for name, value in after.items():
-        if name != key:
-            assert torch.equal(value, before[name]), name
+    for folder in (["query_encoder", "context_encoder"] if untie else [""]):
+        after = load_file(out / folder / "model.safetensors")
+        if folder != "query_encoder":  # (short, unshifted queries never read the new rows)
+            assert not torch.equal(after[key][TINY_MAX_POSITIONS:], before[key][TINY_MAX_POSITIONS:])
+        assert torch.equal(after[key][:TINY_MAX_POSITIONS], before[key][:TINY_MAX_POSITIONS]) == kept, folder
+        for name, value in after.items():
+            if name != key:
+                assert torch.equal(value, before[name]), name
     recorded = json.loads((out / "training_args.json").read_text())
     assert recorded["shift_positions"] is True and recorded["trainable_parameters"] == trainable
 
