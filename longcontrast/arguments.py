@@ -232,7 +232,7 @@ class GradCacheTrainingArguments(ContrastiveTrainingArguments):
                 raise ValueError(
                     f"{flag} is not supported by efficient_train.py: {why}, so one contrastive batch would not get "
                     "its full-batch gradient. On one GPU use --lora_r with --torch_dtype bfloat16 and "
-                    "--gradient_checkpointing; on several, launch with torchrun (DDP); origin_train.py runs "
+                    "--activation_checkpointing; on several, launch with torchrun (DDP); origin_train.py runs "
                     f"under {flag} as the Trainer does")
         super().__post_init__()
 

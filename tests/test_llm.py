@@ -269,7 +269,7 @@ def test_half_precision_base_weights_with_float32_adapters(decoder_dir, tmp_path
     (["--lora_r", "4", "--trainable_parameters", "positions"], "--lora_r with --trainable_parameters"),
     (["--lora_r", "4", "--max_position_embeddings", "128"], "the extended position table is not part of the base"),
     (["--lora_r", "4", "--lora_target_modules", "no_such_layer"], "LoRA: "),
-    (["--lora_r", "4", "--gradient_checkpointing", "--gradient_checkpointing_kwargs", '{"use_reentrant": true}'],
+    (["--lora_r", "4", "--activation_checkpointing", "--activation_checkpointing_kwargs", '{"use_reentrant": true}'],
      "reentrant activation checkpointing"),
     (["--lora_r", "4", "--torch_dtype", "bfloat16", "--lora_modules_to_save", "pooler"], "needs mixed precision"),
 ])

@@ -1,0 +1,154 @@
+#!/usr/bin/env python
+"""Peak memory and step time of a decoder embedder's training step: full fine-tuning, LoRA, LoRA +
+activation checkpointing, each with GradCache mini-batches and without.
+
+The model is a random Qwen3 of Qwen3-Embedding-0.6B's shape (28 layers, 1024 wide, 16 query and 8
+key/value heads, vocabulary 151,669), built from its config: nothing is downloaded. One contrastive
+batch is ``--batch`` queries of 32 tokens and as many passages of ``--passage_len`` tokens,
+last-token pooling, AdamW (on the trainable parameters). Each configuration runs in a process of
+its own: it builds the model, makes ``--steps`` optimizer steps, and reports its peak resident
+memory (``ru_maxrss``) and the mean time of the steps after the first. A process that would need
+more than ``--memory_limit_gb`` stops with an allocation error and is reported as out of memory.
+
+    python bench/llm_memory.py                         # the CPU table (JSON: bench/results/llm_memory_cpu.json)
+    python bench/llm_memory.py --passage_len 8192 --device cuda --bf16 --steps 3 --output bench/results/llm_memory_gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# name -> (LoRA, activation checkpointing, GradCache mini-batch or None, batch override or None)
+CONFIGS = {
+    "full": (False, False, None, None),
+    "full_gradcache4": (False, False, 4, None),
+    "lora": (True, False, None, None),
+    "lora_gradcache4": (True, False, 4, None),
+    "lora_ckpt": (True, True, None, None),
+    "lora_ckpt_gradcache4": (True, True, 4, None),
+    "lora_ckpt_gradcache4_batch4": (True, True, 4, 4),
+}
+QWEN3_EMBEDDING_06B = dict(vocab_size=151669, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
+                           num_key_value_heads=8, head_dim=128, intermediate_size=3072, max_position_embeddings=32768,
+                           rope_theta=1_000_000, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                           pad_token_id=151643, eos_token_id=151643)
+
+
+def child(args) -> dict:
+    """One configuration in this process: build, step, measure."""
+    import torch
+
+    from longcontrast.lora import add_lora
+    from longcontrast.modeling import DualEncoder
+    from longcontrast.training import contrastive_step
+    from transformers import AutoModel, Qwen3Config
+
+    lora, checkpointing, mini_batch, batch_override = CONFIGS[args.child]
+    batch = batch_override or args.batch
+    limit = int(args.memory_limit_gb * 2**30)
+    if args.device == "cpu":
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    config = Qwen3Config(**{**QWEN3_EMBEDDING_06B, "num_hidden_layers": args.layers}, attention_dropout=0.0)
+    encoder = AutoModel.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    if lora:
+        encoder = add_lora(encoder, base_path="random-qwen3", r=16, alpha=32, dropout=0.0)
+    model = DualEncoder(encoder, "lasttoken").to(device).train()
+    if checkpointing:
+        model.activation_checkpointing_enable()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    g = torch.Generator().manual_seed(1)
+    inputs = {
+        "query_ids": [[*torch.randint(0, 150000, (31,), generator=g).tolist(), 151643] for _ in range(batch)],
+        "passage_ids": [[*torch.randint(0, 150000, (args.passage_len - 1,), generator=g).tolist(), 151643]
+                        for _ in range(batch)],
+        "passage_text_ids": torch.arange(batch),
+    }
+    times = []
+    for _ in range(args.steps):
+        started = time.perf_counter()
+        try:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                output = contrastive_step(model, inputs, 0.05, 151643, device, mini_batch_size=mini_batch)
+        except (RuntimeError, MemoryError) as err:
+            if "memory" not in str(err).lower() and not isinstance(err, MemoryError):
+                raise
+            return {"config": args.child, "batch": batch, "out_of_memory": True, "limit_gb": args.memory_limit_gb}
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # bytes
+    return {"config": args.child, "batch": batch, "passage_len": args.passage_len, "layers": args.layers,
+            "lora": lora, "activation_checkpointing": checkpointing, "gradcache_mini_batch": mini_batch,
+            "trainable_parameters": sum(p.numel() for p in trainable),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "peak_gb": round(peak / 2**30, 2), "step_seconds": round(sum(times[1:] or times) / len(times[1:] or times), 1),
+            "loss": round(output.loss.item(), 4), "device": args.device, "bf16": args.bf16}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| config | batch | LoRA | checkpointing | GradCache | peak GB | step s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("out_of_memory"):
+            lines.append(f"| {r['config']} | {r['batch']} | | | | > {r['limit_gb']} (out of memory) | - |")
+            continue
+        lines.append(f"| {r['config']} | {r['batch']} | {'yes' if r['lora'] else 'no'} | "
+                     f"{'yes' if r['activation_checkpointing'] else 'no'} | {r['gradcache_mini_batch'] or 'no'} | "
+                     f"{r['peak_gb']} | {r['step_seconds']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--batch", type=int, default=16, help="Queries (and passages) per contrastive batch.")
+    parser.add_argument("--passage_len", type=int, default=512, help="Tokens per passage.")
+    parser.add_argument("--layers", type=int, default=28, help="Decoder layers (28: Qwen3-Embedding-0.6B).")
+    parser.add_argument("--steps", type=int, default=1, help="Optimizer steps per configuration (with more, the first is not timed).")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="Run the step under bf16 autocast (GPU).")
+    parser.add_argument("--memory_limit_gb", type=float, default=20.0,
+                        help="CPU: address-space limit of each configuration's process (an allocation past it fails).")
+    parser.add_argument("--output", default=os.path.join(ROOT, "bench", "results", "llm_memory_cpu.json"))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+    rows = []
+    for name in args.configs:
+        command = [sys.executable, __file__, "--child", name, *[f"--{k}={v}" for k, v in (
+            ("batch", args.batch), ("passage_len", args.passage_len), ("layers", args.layers), ("steps", args.steps),
+            ("device", args.device), ("memory_limit_gb", args.memory_limit_gb))], *(["--bf16"] if args.bf16 else [])]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode == 0:
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        elif "memory" in done.stderr.lower():  # an allocation failed outside the step (e.g. in the optimizer)
+            rows.append({"config": name, "batch": CONFIGS[name][3] or args.batch, "out_of_memory": True,
+                         "limit_gb": args.memory_limit_gb})
+        else:
+            sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as handle:
+            json.dump({"command": " ".join(sys.argv), "rows": rows}, handle, indent=2)
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
