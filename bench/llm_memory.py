@@ -118,7 +118,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=16, help="Queries (and passages) per contrastive batch.")
     parser.add_argument("--passage_len", type=int, default=512, help="Tokens per passage.")
     parser.add_argument("--layers", type=int, default=28, help="Decoder layers (28: Qwen3-Embedding-0.6B).")
-    parser.add_argument("--steps", type=int, default=1, help="Optimizer steps per configuration (with more, the first is not timed).")
+    parser.add_argument("--steps", type=int, default=1,
+                        help="Optimizer steps per configuration (with more, the first is not timed).")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="Run the step under bf16 autocast (GPU).")
     parser.add_argument("--memory_limit_gb", type=float, default=20.0,

@@ -312,7 +312,7 @@ class DualEncoder(nn.Module):
         return [self.query_encoder] + ([self.context_encoder] if self.context_encoder is not None else [])
 
     def activation_checkpointing_enable(self, **kwargs):
-        """Called by the Trainer for --activation_checkpointing (or its old name --gradient_checkpointing); applies to both encoders."""
+        """Called by the Trainer for --activation_checkpointing; applies to both encoders."""
         for encoder in self.encoders():
             encoder.activation_checkpointing_enable(**kwargs)
 
