@@ -29,7 +29,7 @@ import torch
 from longcontrast import UserError
 from longcontrast.beir import evaluate_beir, format_beir_table, load_beir
 from longcontrast.evaluation import (
-    DATASETS, EvalConfig, average, evaluate_dataset, format_table, parts, without_per_item,
+    DATASETS, EvalConfig, average, evaluate_bm25, evaluate_dataset, format_table, parts, without_per_item,
 )
 from longcontrast.inference import DEFAULT_MAX_TOKENS, PRECISIONS, autocast_dtype, load_retriever, prompts_for
 from longcontrast.metrics import paired_difference
@@ -49,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     flag("model_path", nargs="+", default=None,
          help="Model folders to evaluate (a training output, with or without query_encoder/ and context_encoder/, "
-              "or any encoder); 'default' is the embedded all-MiniLM-L6-v2. Default: default.")
+              "or any encoder); 'default' is the embedded all-MiniLM-L6-v2, 'bm25' the keyword baseline (BM25, "
+              "k1 0.9, b 0.4, over each document's chunks; ChatRAG sets). Default: default.")
     flag("query_encoder_path", help="Query encoder folder (with --context_encoder_path, instead of --model_path).")
     flag("context_encoder_path", help="Context encoder folder.")
     flag("data_folder", default=os.path.join(HERE, "data", "chatrag_sample"),
@@ -84,6 +85,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     flag("bootstrap_samples", type=int, default=10_000,
          help="Resamples of the paired bootstrap comparing each model with the first.")
     flag("num_turns", type=int, default=5, help="Dialogue turns kept in a query.")
+    flag("page_split", action="store_true",
+         help="Also score the set in two halves split by page (the items' source_doc_id; each page in one half, "
+              "the halves of about equal size): choose recipes on split=selection, quote split=report.")
+    flag("per_item", action="store_true",
+         help="Keep every item's metrics in the JSON (for paired comparisons made elsewhere).")
     flag("split_at_token", type=int, default=512,
          help="Sets whose items carry gold_start_token (where the answer starts in the gold text, e.g. the whole "
               "pages of ../shared/data/doc2dial/pages/dev) are also scored apart for answers starting before and "
@@ -128,6 +134,20 @@ def run(args) -> dict:
     beir = load_beir(args.beir, args.split) if args.beir else None
     rows = {}
     for number, (name, model_path) in enumerate(models.items(), 1):
+        if name == "bm25":
+            if beir is not None:
+                raise UserError("bm25 ranks the ChatRAG sets (--data-folder); a BEIR corpus takes a model folder")
+            config = EvalConfig(num_turns=args.num_turns, split_at_token=args.split_at_token,
+                                page_split=args.page_split)
+            results = {}
+            for dataset in datasets:
+                started = time.perf_counter()
+                results[dataset] = {**evaluate_bm25(args.data_folder, dataset, config),
+                                    "seconds": round(time.perf_counter() - started, 2)}
+            if len(datasets) > 1:
+                results["average"] = average({d: results[d] for d in datasets})
+            rows[name] = results
+            continue
         model, tokenizer = load_retriever(model_path, args.query_encoder_path, args.context_encoder_path, args.pooling,
                                           args.trust_remote_code)
         model.to(device)
@@ -138,7 +158,8 @@ def run(args) -> dict:
                             max_tokens=args.max_tokens_per_batch, num_turns=args.num_turns,
                             qrecc_answer_rule=not args.no_qrecc_answer, autocast=autocast, embedding_dtype=dtype,
                             query_prompt=prompts["query"], passage_prompt=prompts["document"],
-                            split_at_token=args.split_at_token, passage_window=args.passage_window)
+                            split_at_token=args.split_at_token, passage_window=args.passage_window,
+                            page_split=args.page_split)
         logger.info("%s reads queries up to %d tokens and passages up to %d (its position table: %d)%s", name,
                     config.query_max_len, config.passage_max_len, positions,
                     f"; also every passage as its {args.passage_window}-token windows" if args.passage_window else "")
@@ -251,7 +272,7 @@ def main(argv=None) -> int:
     output_file = args.output_file or os.path.join("outputs", time.strftime("eval-%Y%m%d-%H%M%S.json"))
     os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
     with open(output_file, "w") as handle:
-        json.dump({"data_folder": args.beir or args.data_folder, "results": without_per_item(rows),
+        json.dump({"data_folder": args.beir or args.data_folder, "results": rows if args.per_item else without_per_item(rows),
                    "comparison": comparison, "whole_vs_windows": windows}, handle, indent=2)
     print(f"results written to {output_file}")
     return 0

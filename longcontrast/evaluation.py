@@ -10,13 +10,17 @@ With ``passage_window`` the set is also scored with every chunk as the best of i
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import UserError
+from .bm25 import BM25
 from .data import tokenize, unique_sequences
 from .records import format_query, read_json
 from .inference import encode, split_windows
@@ -37,6 +41,19 @@ class Item:
     gold_index: int
     answers: list[str]
     gold_start_token: int | None = None  # where the answer starts in the gold text (long-document sets)
+    page: str = ""  # the page the dialogue is about (source_doc_id): what --page_split splits by
+
+
+def split_pages(items: list[Item]) -> dict[str, str]:
+    """Each page's half of a set split by page, for choosing on one half and reporting the other:
+    pages in the order of a hash of their name, each to the half with fewer items so far, so both
+    halves hold about as many items and no page is in both. Returns page -> "selection" | "report"."""
+    count = Counter(item.page for item in items)
+    sizes, part = {"selection": 0, "report": 0}, {}
+    for page in sorted(count, key=lambda name: hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest()):
+        part[page] = min(sizes, key=lambda half: (sizes[half], half == "report"))
+        sizes[part[page]] += count[page]
+    return part
 
 
 def load_chatrag(data_folder: str, dataset: str, num_turns: int = 5) -> tuple[list[Item], dict[str, list[str]]]:
@@ -76,7 +93,10 @@ def load_chatrag(data_folder: str, dataset: str, num_turns: int = 5) -> tuple[li
         start = record.get("gold_start_token")
         if start is not None and not isinstance(start, int):
             raise UserError(f"{where}: 'gold_start_token' must be an integer, got {start!r}")
-        items.append(Item(item_id, format_query(messages, num_turns), document, gold, [str(a) for a in answers], start))
+        # the page (Doc2Dial's source_doc_id), else the dialogue (the id before its turn number)
+        page = str(record.get("source_doc_id") or record["ground_truth_ctx"].get("page") or item_id.rsplit("_", 1)[0])
+        items.append(Item(item_id, format_query(messages, num_turns), document, gold, [str(a) for a in answers], start,
+                          page))
     if not items:
         raise UserError(f"{folder / 'test.json'}: the evaluation set is empty")
     return items, documents
@@ -95,6 +115,7 @@ class EvalConfig:
     query_prompt: str = ""  # prefixed to every query (a model's recorded "query" prompt)
     passage_prompt: str = ""  # prefixed to every chunk (its "document" prompt)
     split_at_token: int = 512  # items with gold_start_token are also scored apart, before and from here
+    page_split: bool = False  # also score the two halves of :func:`split_pages` apart
     passage_window: int | None = None  # also score each passage as the best of its windows of this many tokens
 
     def encode(self, model, ids, side: str, *, pad_token_id: int, device, desc: str, texts: list[str],
@@ -110,12 +131,15 @@ def _summary(values: dict, rows=slice(None)) -> dict:
             "per_item": {m: (100 * v[rows]).tolist() for m, v in values.items()}}
 
 
-def _score_items(items, chunk_scores, copy_of, offsets, *, split_at_token: int, gold_scores=None) -> dict:
+def _score_items(items, chunk_scores, copy_of, offsets, *, split_at_token: int, page_split: bool = False,
+                 gold_scores=None) -> dict:
     """Metrics (percent) and per-item values from each item's candidate scores.
 
     ``chunk_scores(index, item)``: the item's (C,) scores against its document's chunks;
     ``copy_of``: per chunk (global index) the id of its distinct text; ``gold_scores``: (Q,) scores
-    replacing the gold's own (QReCC's answer rule).
+    replacing the gold's own (QReCC's answer rule). Parts: answers before / from ``split_at_token``
+    (items with ``gold_start_token``) and, with ``page_split``, ``split=selection`` and
+    ``split=report`` (:func:`split_pages`), each with its own answer-position parts.
     """
     ranks, degenerate = [], 0
     for index, item in enumerate(items):
@@ -127,18 +151,25 @@ def _score_items(items, chunk_scores, copy_of, offsets, *, split_at_token: int, 
         ranks.append(gold_rank(scores, item.gold_index, gold, copies))
         degenerate += len(scores) > 1 and float(scores.max() - scores.min()) < DEGENERATE_SPREAD
     values = per_item_metrics(ranks)
-    results = {"num_items": len(items), **_summary(values), "degenerate_queries": degenerate}
     if degenerate > len(items) / 10:
         logger.warning("MODEL COLLAPSE: for %d of %d queries every candidate scores within %g of the others; the "
                        "model cannot tell texts apart and its metrics mean nothing beyond chance",
                        degenerate, len(items), DEGENERATE_SPREAD)
-    if any(item.gold_start_token is not None for item in items):
-        # Long documents: is the answer found where a 512-token reader never looks?
-        cut = split_at_token
+
+    def scored(rows: list[int]) -> dict:
+        result = {"num_items": len(rows), **_summary(values, rows)}
+        cut = split_at_token  # long documents: is the answer found where a 512-token reader never looks?
         for name, keep in ((f"gold_start<{cut}", lambda t: t < cut), (f"gold_start>={cut}", lambda t: t >= cut)):
-            part = [i for i, item in enumerate(items) if item.gold_start_token is not None and keep(item.gold_start_token)]
+            part = [i for i in rows if items[i].gold_start_token is not None and keep(items[i].gold_start_token)]
             if part:
-                results[name] = {"num_items": len(part), **_summary(values, part)}
+                result[name] = {"num_items": len(part), **_summary(values, part)}
+        return result
+
+    results = {**scored(list(range(len(items)))), "degenerate_queries": degenerate}
+    if page_split:
+        half = split_pages(items)
+        for name in ("selection", "report"):
+            results[f"split={name}"] = scored([i for i, item in enumerate(items) if half[item.page] == name])
     return results
 
 
@@ -180,7 +211,8 @@ def evaluate_dataset(model, tokenizer, data_folder: str, dataset: str, config: E
     # a chunk's identity is its whole token sequence: texts that only read alike when cut are not copies
     full_ids = tokenize(tokenizer, chunks, 10**9, "right", config.passage_prompt)
     copy_of = torch.tensor(unique_sequences(full_ids)[1])  # (T,)
-    results = _score_items(items, whole, copy_of, offsets, split_at_token=config.split_at_token, gold_scores=gold_scores)
+    splits = {"split_at_token": config.split_at_token, "page_split": config.page_split}
+    results = _score_items(items, whole, copy_of, offsets, gold_scores=gold_scores, **splits)
     if config.passage_window:
         window = config.passage_window
         pieces, owner = split_windows(tokenizer, full_ids, window, config.passage_prompt)
@@ -195,9 +227,28 @@ def evaluate_dataset(model, tokenizer, data_folder: str, dataset: str, config: E
             scores = (window_embeddings[rows] @ query_embeddings[index])[None]  # (1, r)
             return max_per_passage(scores, owner[rows] - start, count)[0]  # (C,)
 
-        results[f"maxp@{window}"] = {"windows": len(pieces), **_score_items(
-            items, windowed, copy_of, offsets, split_at_token=config.split_at_token)}
+        results[f"maxp@{window}"] = {"windows": len(pieces), **_score_items(items, windowed, copy_of, offsets, **splits)}
     return results
+
+
+def evaluate_bm25(data_folder: str, dataset: str, config: EvalConfig) -> dict:
+    """The keyword baseline, ranked and split like a model: :class:`.bm25.BM25` (k1 0.9, b 0.4),
+    its statistics from each document's own chunks, over the same queries (QReCC's answer rule is
+    not applied: it is a property of the dense evaluation's gold text)."""
+    items, documents = load_chatrag(data_folder, dataset, config.num_turns)
+    names = sorted({item.document for item in items})
+    offsets, chunks, scores = {}, [], {}
+    for name in names:
+        offsets[name] = len(chunks)
+        chunks.extend(documents[name])
+        mine = [index for index, item in enumerate(items) if item.document == name]
+        bm25 = BM25(documents[name])
+        rows = bm25.scores(bm25.query_matrix([items[i].query for i in mine]), np.arange(len(documents[name])))  # (q, C)
+        scores.update(zip(mine, rows))
+    distinct: dict[str, int] = {}
+    copy_of = torch.tensor([distinct.setdefault(chunk, len(distinct)) for chunk in chunks])  # (T,) equal texts are copies
+    return _score_items(items, lambda index, item: scores[index], copy_of, offsets,
+                        split_at_token=config.split_at_token, page_split=config.page_split)
 
 
 def average(results: dict[str, dict]) -> dict[str, float]:

@@ -319,3 +319,53 @@ def test_passage_window_rows_and_whole_against_windows(saved_models, tmp_path, c
     assert saved["results"][model]["doc2dial"]["maxp@12"]["windows"] > 8
     windowed = saved["whole_vs_windows"][model]["doc2dial whole - maxp@12"]["all"]
     assert any(c["difference"] != 0 for c in windowed.values())
+
+
+def test_bm25_ranks_like_bm25s_and_the_page_split_partitions_the_pages(tmp_path):
+    """evaluate.py --model_path bm25 ranks each item's document by BM25: its per-item Recall@1 and
+    MRR equal those of bm25s (a maintained Lucene-style BM25, same k1 and b) ranking the same
+    chunks. --page_split puts every page in one half and every item in exactly one half."""
+    bm25s = pytest.importorskip("bm25s")
+    from longcontrast.records import format_query
+
+    words = ["permit", "fee", "office", "renew", "address", "proof", "library", "parking", "days", "cost"]
+    documents = {"d": [" ".join(words[(i * 3 + j) % 10] for j in range(i % 4 + 2)) + f" item{i}" for i in range(12)]}
+    records = []
+    for i in range(16):
+        record = item(i, gold=i % 12)
+        record["messages"][-1]["content"] = f"{words[i % 10]} {words[(i * 7) % 10]}" + (f" item{i % 12}" if i % 2 else "")
+        record["source_doc_id"] = f"page {i % 5}"
+        records.append(record)
+    write_set(tmp_path / "doc2dial", records, documents)
+    out = tmp_path / "bm25.json"
+    assert evaluate.main(["--model_path", "bm25", "--data-folder", str(tmp_path), "--eval-dataset", "doc2dial",
+                          "--page_split", "--per_item", "--output_file", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]["bm25"]["doc2dial"]
+
+    chunks = documents["d"]
+    theirs = bm25s.BM25(k1=0.9, b=0.4, method="lucene", idf_method="lucene")
+    theirs.index(bm25s.tokenize(chunks, stopwords=None, token_pattern=r"(?u)\b\w+\b", show_progress=False),
+                 show_progress=False)
+    recall, mrr = [], []
+    for record in records:
+        query = bm25s.tokenize([format_query(record["messages"], 5)], stopwords=None, token_pattern=r"(?u)\b\w+\b",
+                               show_progress=False, return_ids=False)[0]
+        scores = theirs.get_scores(sorted(set(query)))  # (C,) each distinct query word once, as ours
+        gold = scores[record["ground_truth_ctx"]["index"]]
+        higher = int((scores > gold + 1e-6).sum())
+        tied = int((abs(scores - gold) <= 1e-6).sum()) - 1
+        ranks = range(higher + 1, higher + tied + 2)  # a tie broken at random: each of these equally likely
+        recall.append(100.0 * sum(r == 1 for r in ranks) / len(ranks))
+        mrr.append(100.0 * sum(1 / r for r in ranks if r <= 20) / len(ranks))
+    assert results["per_item"]["recall@1"] == pytest.approx(recall)
+    assert results["per_item"]["mrr@20"] == pytest.approx(mrr)
+    assert 0 < sum(recall) < 100 * len(records)  # neither all found nor none
+
+    halves = {name: results[f"split={name}"] for name in ("selection", "report")}
+    assert sum(h["num_items"] for h in halves.values()) == len(records)
+    assert abs(halves["selection"]["num_items"] - halves["report"]["num_items"]) <= 4  # the largest page: 4 items
+    from longcontrast.evaluation import load_chatrag, split_pages
+    parts = split_pages(load_chatrag(str(tmp_path), "doc2dial")[0])
+    assert set(parts) == {f"page {i}" for i in range(5)} and set(parts.values()) == {"selection", "report"}
+    selected = [r for r, v in zip(records, results["per_item"]["recall@1"]) if parts[r["source_doc_id"]] == "selection"]
+    assert len(selected) == halves["selection"]["num_items"]
