@@ -1,24 +1,33 @@
 #!/usr/bin/env python
-"""Which training recipe gives the best retriever? Train and evaluate on the shared Doc2Dial split.
+"""Which training recipe gives the best retriever? Rows trained with several seeds, chosen on one
+half of the dev pages and reported on the other.
 
 Every row trains all-MiniLM-L6-v2 with efficient_train.py on the queries and positives of
-../shared/data/doc2dial/train_triples.jsonl, with hard negatives from one source, and evaluates it
-on ../shared/data/doc2dial/dev (Recall@1/5/20, MRR@20, NDCG@20). Negative sources:
+../shared/data/doc2dial/train_triples.jsonl, with hard negatives from one source, once per seed
+(``--seeds``), and evaluates each model on ../shared/data/doc2dial/dev split by page
+(``evaluate.py --page_split``): recipes are compared on ``split=selection`` and quoted on
+``split=report``, whose pages no choice has seen. Negative sources:
 
 - ``shared``: the 7 BM25 negatives that come with the file;
 - ``bm25``: re-mined with data/mine_hard_negatives.py's BM25 from the chunks of each query's own
-  document (dev/documents.json: the corpus of every domain, used as negatives only; dev queries
-  and labels are never read before evaluation);
+  document (dev/documents.json: the corpus of every domain, its texts used, never its queries or
+  labels);
 - ``dense``: mined with the untrained model from the same chunks, NV-Retriever's filter (drop
   candidates above 95% of the positive's cosine); ``dense_nofilter``: the same without the filter;
-- ``iterative:ROW``: mined like ``dense`` with the model trained by row ROW.
+  ``hybrid``: reciprocal-rank fusion of BM25 and the untrained model, the same filter;
+- ``iterative:ROW``: mined like ``dense`` with the model trained by row ROW (its first seed).
 
-Rows ``untrained`` and ``bm25`` (BM25 ranking the same items, the keyword baseline) train nothing.
-Each row runs in fresh processes; its wall times (mining, training) are what this machine took.
-Results are merged into --output (JSON, one entry per row, so the study can run in parts) and
-printed as a table.
+``pairs``: label-free pairs made from the corpus texts by data/make_pairs.py (``crop`` or ``ict``)
+added to the training data. ``soup:ROW`` trains nothing: the uniform average of ROW's seed models'
+weights (a model soup, Wortsman et al. 2022). Rows ``untrained`` and ``bm25`` (the keyword baseline,
+evaluate.py --model_path bm25) train nothing either.
 
-    python bench/recipe_study.py --rows untrained shared_n1 dense_n3
+The table gives, per row, the mean and spread over seeds of each half's Recall@1 and, on the report
+half, the paired bootstrap 95% interval of the difference to BM25 and to the untrained model (each
+query's metric averaged over the row's seeds, then resampled over queries). Each row runs in fresh
+processes; results are merged into --output (JSON, one entry per row, so the study can run in parts).
+
+    python bench/recipe_study.py --rows bm25 untrained dense_n1 soup:dense_n1 --seeds 0 1 2
     python bench/recipe_study.py --list
 """
 
@@ -32,39 +41,38 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 SHARED = os.path.join(ROOT, "..", "shared", "data", "doc2dial")
 TRAIN = os.path.join(SHARED, "train_triples.jsonl")
 CORPUS = os.path.join(SHARED, "dev", "documents.json")
 DEV = os.path.join(SHARED, "dev")
 
-# name -> (negatives, hard negatives per query, batch, epochs, temperature, learning rate, extra flags)
-BASE = {"negatives": "shared", "num_hard_negatives": 1, "batch": 16, "epochs": 1, "temperature": 0.05, "lr": 2e-5}
+# row -> its differences to BASE (None: a baseline that trains nothing); "soup:ROW" rows are implicit
+BASE = {"negatives": "shared", "num_hard_negatives": 1, "batch": 16, "epochs": 1, "temperature": 0.05, "lr": 2e-5,
+        "pairs": None}
 ROWS = {
     "bm25": None,
     "untrained": None,
     "shared_n1": {},
     "shared_n3": {"num_hard_negatives": 3},
-    "shared_n7": {"num_hard_negatives": 7},
     "bm25_n3": {"negatives": "bm25", "num_hard_negatives": 3},
     "dense_n1": {"negatives": "dense"},
     "dense_n3": {"negatives": "dense", "num_hard_negatives": 3},
     "dense_nofilter_n3": {"negatives": "dense_nofilter", "num_hard_negatives": 3},
-    "dense_n7": {"negatives": "dense", "num_hard_negatives": 7},
-    "dense_n3_b32": {"negatives": "dense", "num_hard_negatives": 3, "batch": 32},
-    "dense_n3_b64": {"negatives": "dense", "num_hard_negatives": 3, "batch": 64},
-    "dense_n3_t0.02": {"negatives": "dense", "num_hard_negatives": 3, "temperature": 0.02},
-    "dense_n3_t0.1": {"negatives": "dense", "num_hard_negatives": 3, "temperature": 0.1},
-    "dense_n3_e2": {"negatives": "dense", "num_hard_negatives": 3, "epochs": 2},
-    "dense_n3_e3": {"negatives": "dense", "num_hard_negatives": 3, "epochs": 3},
-    "dense_n3_lr5e-5": {"negatives": "dense", "num_hard_negatives": 3, "lr": 5e-5},
-    "iterative_n3": {"negatives": "iterative:dense_n3", "num_hard_negatives": 3},
-    "dense_n1_b32": {"negatives": "dense", "batch": 32},
-    "dense_n1_b64": {"negatives": "dense", "batch": 64},
+    "hybrid_n1": {"negatives": "hybrid"},
+    "dense_n1_crop": {"negatives": "dense", "pairs": "crop"},
+    "dense_n1_ict": {"negatives": "dense", "pairs": "ict"},
+    "dense_n3_b32_lr4e-5": {"negatives": "dense", "num_hard_negatives": 3, "batch": 32, "lr": 4e-5},
     "dense_n1_t0.02": {"negatives": "dense", "temperature": 0.02},
+    "dense_n1_lr5e-5": {"negatives": "dense", "lr": 5e-5},
     "dense_n1_e2": {"negatives": "dense", "epochs": 2},
     "iterative_n1": {"negatives": "iterative:dense_n1"},
 }
+HALVES = ("selection", "report")
+METRICS = ("recall@1", "recall@5", "recall@20")
 
 
 def run(command: list[str], log: str) -> float:
@@ -78,117 +86,186 @@ def run(command: list[str], log: str) -> float:
     return time.perf_counter() - started
 
 
-def negatives_file(source: str, args, results: dict) -> tuple[str, float]:
-    """The training file for a negatives source and the mining seconds: mined once per set of
-    mining flags (the file name carries their hash, so other flags mine again) and then reused."""
+def cached(command: list[str], stem: str, args) -> str:
+    """The output of a data command, made once per set of flags (the file name carries their hash)."""
+    flags = hashlib.sha256(json.dumps(command[1:]).encode()).hexdigest()[:10]
+    path = os.path.join(args.work_dir, f"{stem}_{flags}.jsonl")
+    if not os.path.exists(path):
+        run([*command, "--output", path], path + ".log")
+    return path
+
+
+def negatives_file(source: str, args) -> tuple[str, float]:
+    """The training file for a negatives source and the mining seconds."""
     if source == "shared":
         return TRAIN, 0.0
     command = [sys.executable, "data/mine_hard_negatives.py", "--input", TRAIN, "--corpus", CORPUS,
                "--per_document", "--num_negatives", "7"]
-    if source.startswith(("dense", "iterative")):
+    if source.startswith(("dense", "iterative", "hybrid")):
         model = "default"
         if source.startswith("iterative:"):
-            model = os.path.join(args.work_dir, source.split(":", 1)[1])
+            model = os.path.join(args.work_dir, source.split(":", 1)[1], f"seed{args.seeds[0]}")
             if not os.path.isdir(model):
                 sys.exit(f"row {source.split(':', 1)[1]} must run before {source}")
         command += ["--model_name_or_path", model, *args.precision_flags]
+        if source == "hybrid":
+            command += ["--scorer", "hybrid"]
         if source != "dense_nofilter":
             command += ["--max_score_ratio", "0.95"]
-    flags = hashlib.sha256(json.dumps(command[1:]).encode()).hexdigest()[:10]
-    path = os.path.join(args.work_dir, f"train_{source.replace(':', '_')}_{flags}.jsonl")
-    if not os.path.exists(path):
-        run([*command, "--output", path], path + ".log")
+    path = cached(command, f"train_{source.replace(':', '_')}", args)
     return path, json.load(open(path + ".json"))["seconds"]
 
 
-def evaluate(model: str, output_file: str, args) -> dict:
-    # always float32: evaluate.py's CPU default, the precision every figure in the README uses
-    command = [sys.executable, "evaluate.py", "--data-folder", DEV, "--eval-dataset", "doc2dial",
-               "--output_file", output_file, "--model_path", model]
-    seconds = run(command, output_file + ".log")
-    results = json.load(open(output_file))["results"]
-    return {**next(iter(results.values()))["doc2dial"], "eval_seconds": round(seconds, 1)}
+def evaluate(model: str, output_file: str) -> dict:
+    """evaluate.py on the dev set, split by page, per-item values kept (float32, as every figure)."""
+    if not os.path.exists(output_file):
+        run([sys.executable, "evaluate.py", "--data-folder", DEV, "--eval-dataset", "doc2dial", "--page_split",
+             "--per_item", "--output_file", output_file, "--model_path", model], output_file + ".log")
+    return next(iter(json.load(open(output_file))["results"].values()))["doc2dial"]
 
 
-def bm25_row() -> dict:
-    """The keyword baseline on the same dev set: BM25 (data/mine_hard_negatives.py's, k1 0.9, b 0.4,
-    statistics of each document's chunks) ranking each item's document, ranked by evaluate.py's rule
-    (copies of the gold are the gold, other ties are broken at random)."""
-    import numpy as np
-    import torch
-
-    sys.path.insert(0, ROOT)
-    from longcontrast.evaluation import load_chatrag
-    from longcontrast.metrics import gold_rank, retrieval_metrics
-    from longcontrast.bm25 import BM25
-
-    items, documents = load_chatrag(DEV, "doc2dial")
-    ranks = []
-    for name, chunks in documents.items():
-        mine = [item for item in items if item.document == name]
-        if mine:
-            bm25 = BM25(chunks)
-            scores = bm25.scores(bm25.query_matrix([item.query for item in mine]), np.arange(len(chunks)))  # (q, C)
-            ranks += [gold_rank(row, item.gold_index, copies=torch.tensor([c == chunks[item.gold_index] for c in chunks]))
-                      for row, item in zip(scores, mine)]
-    return {"recipe": "bm25", "num_items": len(ranks), **retrieval_metrics(ranks)}
+def halves(scored: dict) -> dict:
+    """Per half: the means and the per-item values of the study's metrics."""
+    return {half: {"num_items": scored[f"split={half}"]["num_items"],
+                   **{m: scored[f"split={half}"][m] for m in METRICS},
+                   "per_item": {m: scored[f"split={half}"]["per_item"][m] for m in METRICS}} for half in HALVES}
 
 
-def study_row(name: str, args, results: dict) -> dict:
+def soup(row: str, args) -> str:
+    """The uniform average of a row's seed models (same start, same architecture), saved beside them."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folders = [os.path.join(args.work_dir, row, f"seed{seed}") for seed in args.seeds]
+    missing = [f for f in folders if not os.path.isfile(os.path.join(f, "model.safetensors"))]
+    if missing:
+        sys.exit(f"soup:{row} needs the trained seeds of row {row} first: {missing}")
+    target = os.path.join(args.work_dir, row, "soup")
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(folders[0], target, ignore=shutil.ignore_patterns("*.safetensors", "checkpoint-*"))
+    states = [load_file(os.path.join(f, "model.safetensors")) for f in folders]
+    averaged = {k: (sum(s[k].double() for s in states) / len(states)).to(v.dtype) if v.is_floating_point() else v
+                for k, v in states[0].items()}
+    save_file(averaged, os.path.join(target, "model.safetensors"), metadata={"format": "pt"})
+    return target
+
+
+def study_row(name: str, args) -> dict:
     if name == "bm25":
-        return bm25_row()
-    if ROWS[name] is None:
-        return {"recipe": "untrained", **evaluate("default", os.path.join(args.work_dir, "untrained_eval.json"), args)}
+        return {"recipe": "bm25", "seeds": {"-": halves(evaluate("bm25", os.path.join(args.work_dir, "bm25_eval.json")))}}
+    if name == "untrained":
+        return {"recipe": "untrained",
+                "seeds": {"-": halves(evaluate("default", os.path.join(args.work_dir, "untrained_eval.json")))}}
+    if name.startswith("soup:"):
+        row = name.split(":", 1)[1]
+        folder = soup(row, args)
+        return {"recipe": f"soup of {row}, seeds {args.seeds}",
+                "seeds": {"soup": halves(evaluate(folder, folder + "_eval.json"))}}
     spec = {**BASE, **ROWS[name]}
-    train_file, mining_seconds = negatives_file(spec["negatives"], args, results)
-    output_dir = os.path.join(args.work_dir, name)
-    command = [sys.executable, "efficient_train.py", "--train_data", train_file, "--output_dir", output_dir,
-               "--overwrite_output_dir", "--num_hard_negatives", str(spec["num_hard_negatives"]),
-               "--per_device_train_batch_size", str(spec["batch"]), "--num_train_epochs", str(spec["epochs"]),
-               "--temperature", str(spec["temperature"]), "--learning_rate", str(spec["lr"]),
-               "--save_strategy", "no", "--logging_steps", "10", "--disable_tqdm", "true", *args.train_flags]
-    if os.path.isfile(os.path.join(output_dir, "training_args.json")) and args.reuse:
-        # a finished model of an earlier, interrupted study: only evaluated; the Trainer's own runtime
-        log = [json.loads(line) for line in open(os.path.join(output_dir, "loss_log.jsonl"))]
-        train_seconds = next(entry["train_runtime"] for entry in log if "train_runtime" in entry)
-    else:
-        train_seconds = run(command, output_dir + ".log")
-    return {"recipe": spec, "mining_seconds": round(mining_seconds, 1), "train_seconds": round(train_seconds, 1),
-            **evaluate(output_dir, output_dir + "_eval.json", args)}
+    train_file, mining_seconds = negatives_file(spec["negatives"], args)
+    data = [train_file]
+    if spec["pairs"]:
+        data.append(cached([sys.executable, "data/make_pairs.py", "--corpus", CORPUS, "--method", spec["pairs"]],
+                           f"pairs_{spec['pairs']}", args))
+    seeds, train_seconds = {}, {}
+    for seed in args.seeds:
+        output_dir = os.path.join(args.work_dir, name, f"seed{seed}")
+        command = [sys.executable, "efficient_train.py", "--train_data", *data, "--output_dir", output_dir,
+                   "--overwrite_output_dir", "--num_hard_negatives", str(spec["num_hard_negatives"]),
+                   "--per_device_train_batch_size", str(spec["batch"]), "--num_train_epochs", str(spec["epochs"]),
+                   "--temperature", str(spec["temperature"]), "--learning_rate", str(spec["lr"]), "--seed", str(seed),
+                   "--save_strategy", "no", "--logging_steps", "10", "--disable_tqdm", "true", *args.train_flags]
+        if os.path.isfile(os.path.join(output_dir, "training_args.json")):
+            # a finished model of an earlier, interrupted study: only evaluated; the Trainer's own runtime
+            log = [json.loads(line) for line in open(os.path.join(output_dir, "loss_log.jsonl"))]
+            train_seconds[seed] = next(entry["train_runtime"] for entry in log if "train_runtime" in entry)
+        else:
+            os.makedirs(os.path.dirname(output_dir), exist_ok=True)
+            train_seconds[seed] = round(run(command, output_dir + ".log"), 1)
+        seeds[str(seed)] = halves(evaluate(output_dir, output_dir + "_eval.json"))
+    return {"recipe": spec, "mining_seconds": round(mining_seconds, 1), "train_seconds": train_seconds, "seeds": seeds}
+
+
+def seed_mean(row: dict, half: str, metric: str) -> np.ndarray:
+    """(N,) each query's metric averaged over the row's seeds."""
+    return np.mean([np.array(v[half]["per_item"][metric]) for v in row["seeds"].values()], axis=0)
+
+
+def summary(results: dict, resamples: int = 10_000) -> dict:
+    """Per row: mean and spread over seeds per half and metric; report-half paired differences."""
+    from longcontrast.metrics import paired_difference
+
+    out = {}
+    for name, row in results.items():
+        entry = {}
+        for half in HALVES:
+            for metric in METRICS:
+                values = [v[half][metric] for v in row["seeds"].values()]
+                entry[f"{half} {metric}"] = {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1))
+                                             if len(values) > 1 else 0.0, "seeds": len(values)}
+        for baseline in ("bm25", "untrained"):
+            if baseline in results and baseline != name:
+                for half in HALVES:
+                    entry[f"{half} vs {baseline}"] = {
+                        metric: paired_difference(seed_mean(results[baseline], half, metric), seed_mean(row, half, metric),
+                                                  resamples=resamples) for metric in METRICS}
+        out[name] = entry
+    return out
 
 
 def table(results: dict) -> str:
-    lines = ["| row | negatives | n | B | epochs | T | lr | R@1 | R@5 | R@20 | MRR@20 | NDCG@20 | mining s | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        spec = r["recipe"]
-        cells = [spec] + ["-"] * 5 if isinstance(spec, str) else [
-            spec["negatives"], spec["num_hard_negatives"], spec["batch"], spec["epochs"], spec["temperature"], spec["lr"]]
-        metrics = [f"{r[m]:.2f}" for m in ("recall@1", "recall@5", "recall@20", "mrr@20", "ndcg@20")]
-        times = [str(r.get("mining_seconds", "-")), str(r.get("train_seconds", "-"))]
-        lines.append("| " + " | ".join(map(str, [name, *cells, *metrics, *times])) + " |")
+    stats = summary(results)
+    lines = ["| row | seeds | selection R@1 | report R@1 | report R@5 | report R@20 | report R@1 - BM25 [95%] | "
+             "report R@1 - untrained [95%] | report R@20 - untrained [95%] | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(entry, key):
+        value = entry[key]
+        return f"{value['mean']:.2f}" + (f" ± {value['sd']:.2f}" if value["seeds"] > 1 else "")
+
+    def interval(entry, key, metric):
+        if key not in entry:
+            return "-"
+        c = entry[key][metric]
+        return f"{c['difference']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]"
+
+    for name, row in results.items():
+        entry = stats[name]
+        seconds = row.get("train_seconds") or {}
+        lines.append("| " + " | ".join([
+            name, str(len(row["seeds"])), cell(entry, "selection recall@1"), cell(entry, "report recall@1"),
+            cell(entry, "report recall@5"), cell(entry, "report recall@20"),
+            interval(entry, "report vs bm25", "recall@1"), interval(entry, "report vs untrained", "recall@1"),
+            interval(entry, "report vs untrained", "recall@20"),
+            f"{np.mean(list(seconds.values())):.0f}" if seconds else "-"]) + " |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), help="Rows to run, in order (default: all).")
+    parser.add_argument("--rows", nargs="+", default=["bm25", "untrained", "dense_n1", "soup:dense_n1"],
+                        help="Rows to run, in order (--list shows them; soup:ROW for any trained ROW).")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="Training seeds of every trained row.")
     parser.add_argument("--list", action="store_true", help="List the rows and exit.")
-    parser.add_argument("--reuse", action="store_true",
-                        help="A row whose trained model is already in --work_dir is only evaluated (its training "
-                             "time is then the Trainer's train_runtime, without loading).")
     parser.add_argument("--work_dir", default=os.path.join(ROOT, "outputs", "recipe_study"),
-                        help="Mined files, trained models and logs.")
-    parser.add_argument("--output", default=os.path.join(ROOT, "bench", "results", "recipe_study.json"),
+                        help="Mined files, trained models, their evaluations and logs (a finished model or evaluation "
+                             "found there is reused).")
+    parser.add_argument("--output", default=os.path.join(ROOT, "bench", "results", "recipe_study_split.json"),
                         help="JSON results, merged with the rows already there.")
+    parser.add_argument("--table", action="store_true", help="Print the table of --output and exit.")
     parser.add_argument("--bf16", action="store_true",
                         help="Train and mine under bf16 autocast on the CPU (fast on AVX512-BF16/AMX); evaluation stays float32.")
     args = parser.parse_args(argv)
     if args.list:
         for name, spec in ROWS.items():
-            print(name, "untrained" if spec is None else {**BASE, **spec})
+            print(name, "baseline" if spec is None else {**BASE, **spec})
         return 0
-    unknown = [r for r in args.rows if r not in ROWS]
+    results = json.load(open(args.output)) if os.path.exists(args.output) else {}
+    if args.table:
+        print(table(results))
+        return 0
+    unknown = [r for r in args.rows if r not in ROWS and not (r.startswith("soup:") and r[5:] in ROWS)]
     if unknown:
         parser.error(f"unknown rows {unknown}; --list shows them")
     if not os.path.isfile(TRAIN):
@@ -196,14 +273,13 @@ def main(argv=None) -> int:
     args.precision_flags = ["--precision", "bf16"] if args.bf16 else []
     args.train_flags = ["--bf16", "--use_cpu"] if args.bf16 else []
     os.makedirs(args.work_dir, exist_ok=True)
-    results = json.load(open(args.output)) if os.path.exists(args.output) else {}
     for name in args.rows:
         print(f"row {name} ...", flush=True)
-        results[name] = {**study_row(name, args, results), "bf16": args.bf16}
+        results[name] = {**study_row(name, args), "bf16": args.bf16}
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as handle:
-            json.dump(results, handle, indent=2)
-        print(table({name: results[name]}).splitlines()[-1], flush=True)
+            json.dump(results, handle)
+        print(table(results).splitlines()[-1], flush=True)
     print(table(results))
     return 0
 
