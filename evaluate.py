@@ -43,8 +43,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    def flag(name, **kwargs):
-        spellings = {"--" + name, "--" + name.replace("_", "-")}
+    def flag(name, *aliases, **kwargs):
+        spellings = {"--" + name, "--" + name.replace("_", "-"), *aliases}
         parser.add_argument(*sorted(spellings), dest=name, **kwargs)
 
     flag("model_path", nargs="+", default=None,
@@ -84,7 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
               "holds two 8192-token passages.")
     flag("bootstrap_samples", type=int, default=10_000,
          help="Resamples of the paired bootstrap comparing each model with the first.")
-    flag("num_turns", type=int, default=5, help="Dialogue turns kept in a query.")
+    flag("query_turns", "--num_turns", "--num-turns", type=int, default=5,
+         help="A conversation query keeps its last N turns (as in training).")
     flag("page_split", action="store_true",
          help="Also score the set in two halves split by page (the items' source_doc_id; each page in one half, "
               "the halves of about equal size): choose recipes on split=selection, quote split=report.")
@@ -111,7 +112,7 @@ def parse_args(argv=None) -> argparse.Namespace:
               "else fp16; fp32 on CPU. On a CPU with AVX512-BF16 or AMX, bf16 is about 1.5x faster (embeddings "
               "move by ~1e-3); on others it is slower.")
     args = parser.parse_args(argv)
-    for name in ("query_max_len", "passage_max_len", "batch_size", "num_turns", "passage_window",
+    for name in ("query_max_len", "passage_max_len", "batch_size", "query_turns", "passage_window",
                  "max_tokens_per_batch", "bootstrap_samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
@@ -137,7 +138,7 @@ def run(args) -> dict:
         if name == "bm25":
             if beir is not None:
                 raise UserError("bm25 ranks the ChatRAG sets (--data-folder); a BEIR corpus takes a model folder")
-            config = EvalConfig(num_turns=args.num_turns, split_at_token=args.split_at_token,
+            config = EvalConfig(num_turns=args.query_turns, split_at_token=args.split_at_token,
                                 page_split=args.page_split)
             results = {}
             for dataset in datasets:
@@ -155,7 +156,7 @@ def run(args) -> dict:
         prompts = prompts_for(model, args.query_instruction, args.passage_instruction)
         config = EvalConfig(query_max_len=min(args.query_max_len, positions),
                             passage_max_len=min(args.passage_max_len, positions), batch_size=batch_size,
-                            max_tokens=args.max_tokens_per_batch, num_turns=args.num_turns,
+                            max_tokens=args.max_tokens_per_batch, num_turns=args.query_turns,
                             qrecc_answer_rule=not args.no_qrecc_answer, autocast=autocast, embedding_dtype=dtype,
                             query_prompt=prompts["query"], passage_prompt=prompts["document"],
                             split_at_token=args.split_at_token, passage_window=args.passage_window,

@@ -30,7 +30,7 @@ trap 'rm -rf "$work"' EXIT
 
 SECONDS=0
 "$python" data/mine_hard_negatives.py --input "$shared/train_triples.jsonl" --corpus "$shared/dev/documents.json" \
-  --per_document --model_name_or_path default --max_score_ratio 0.95 --num_negatives 7 \
+  --per_document --model_name_or_path default --max_score_ratio 0.95 --num_negatives 7 --passage_max_len 512 \
   --output "$work/train_mined.jsonl"
 mined=$SECONDS
 "$python" efficient_train.py --train_data "$work/train_mined.jsonl" --output_dir "$out" \

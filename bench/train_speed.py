@@ -71,7 +71,7 @@ def worker(args) -> dict:
 
     from longcontrast.data import pad, unique_sequences
     from longcontrast.modeling import DualEncoder, default_model_path, load_encoder
-    from longcontrast.training import contrastive_step
+    from longcontrast.step import contrastive_step
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -112,8 +112,8 @@ def worker(args) -> dict:
 
         def step(inputs):
             with autocast:
-                return contrastive_step(model, inputs, args.temperature, tokenizer.pad_token_id, device, mini_batch,
-                                        deduplicate=deduplicate)
+                return contrastive_step(model, inputs, temperature=args.temperature, pad_token_id=tokenizer.pad_token_id,
+                                        device=device, mini_batch_size=mini_batch, deduplicate=deduplicate)
 
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)

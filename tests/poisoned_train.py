@@ -13,9 +13,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from longcontrast import training  # noqa: E402
+from longcontrast import trainer, training  # noqa: E402
 
-original_step, original_train, calls = training.contrastive_step, training.ContrastiveTrainer.train, []
+original_step, original_train, calls = trainer.contrastive_step, trainer.ContrastiveTrainer.train, []
 
 
 def poisoned_step(model, *args, **kwargs):
@@ -33,6 +33,6 @@ def train_and_record(self, *args, **kwargs):
     return result
 
 
-training.contrastive_step = poisoned_step
-training.ContrastiveTrainer.train = train_and_record
+trainer.contrastive_step = poisoned_step
+trainer.ContrastiveTrainer.train = train_and_record
 training.main(sys.argv[2:])

@@ -12,7 +12,7 @@ from longcontrast.data import pad
 from longcontrast.gradcache import RandState, grad_cache_step
 from longcontrast.loss import contrastive_loss
 from longcontrast.modeling import DualEncoder, load_encoder
-from longcontrast.training import contrastive_step, full_batch_step
+from longcontrast.step import contrastive_step, full_batch_step
 
 def split_into_mini_batches(sequences, size, pad_token_id):
     """Consecutive mini-batches of ``size`` texts (None: one), each padded to its own longest."""
@@ -236,7 +236,8 @@ def run_step(model, inputs, mini_batch_size, deduplicate=True):
     model.forward = lambda **kw: (rows.append(kw["input_ids"].size(0)), forward(**kw))[1]
     model.zero_grad()
     try:
-        out = contrastive_step(model, inputs, 0.05, 0, torch.device("cpu"), mini_batch_size, deduplicate=deduplicate)
+        out = contrastive_step(model, inputs, temperature=0.05, pad_token_id=0, device=torch.device("cpu"),
+                               mini_batch_size=mini_batch_size, deduplicate=deduplicate)
     finally:
         del model.forward
     return out, gradients(model), sum(rows)

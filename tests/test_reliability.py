@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import efficient_train
 import origin_train
 from conftest import conversation_records, write_jsonl
-from longcontrast import checkpoints, training
+from longcontrast import checkpoints, trainer
 from test_scripts import common, run_main, weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,14 +93,14 @@ def test_an_interrupted_save_leaves_no_checkpoint_behind(tiny_model_dir, tiny_tr
     efficient_train.main(common(tiny_model_dir, tiny_train_file, tmp_path / "reference", *argv))
 
     out = tmp_path / "out"
-    original = training.ContrastiveTrainer._save_rng_state
+    original = trainer.ContrastiveTrainer._save_rng_state
 
     def crash_at_step_2(self, output_dir):
         if self.state.global_step == 2:
             raise KeyboardInterrupt("killed while saving")
         original(self, output_dir)
 
-    monkeypatch.setattr(training.ContrastiveTrainer, "_save_rng_state", crash_at_step_2)
+    monkeypatch.setattr(trainer.ContrastiveTrainer, "_save_rng_state", crash_at_step_2)
     with pytest.raises(KeyboardInterrupt):
         efficient_train.main(common(tiny_model_dir, tiny_train_file, out, *argv))
     monkeypatch.undo()
@@ -155,7 +155,7 @@ def test_output_dir_rules(tiny_model_dir, tiny_train_file, tmp_path, capsys):
 
 def poison_gradients(monkeypatch, bad_calls, what="gradient"):
     """Make the gradient (or only the loss) of the given (1-based) training steps NaN, as an overflow would."""
-    original, calls = training.contrastive_step, []
+    original, calls = trainer.contrastive_step, []
 
     def poisoned(model, *args, **kwargs):
         output = original(model, *args, **kwargs)
@@ -166,7 +166,7 @@ def poison_gradients(monkeypatch, bad_calls, what="gradient"):
             output = output._replace(loss=torch.tensor(float("nan")))
         return output
 
-    monkeypatch.setattr(training, "contrastive_step", poisoned)
+    monkeypatch.setattr(trainer, "contrastive_step", poisoned)
 
 
 @pytest.mark.parametrize("what", ["gradient", "loss"])

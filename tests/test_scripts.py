@@ -1,6 +1,7 @@
 """The two entry scripts end to end on a tiny model: smoke runs, one-step equivalence, bad input."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -145,6 +146,29 @@ def test_help(script):
                  "--trust_remote_code"):
         assert flag in result.stdout
     assert ("--mini_batch_size" in result.stdout) == (script == "efficient_train.py")
+    out = result.stdout
+    groups = [out.index(f"\n{title}") for title in ("model:", "positions (long context):", "LoRA (peft):", "data:")]
+    assert groups == sorted(groups) and groups[-1] < out.index("\ntraining (transformers.TrainingArguments")
+    assert out.startswith(f"usage: python {script} [--flag value ...]")  # not 100 flags in the usage line
+    assert "(default: None)" not in out  # the help says what None resolves to
+    assert os.path.dirname(ROOT) not in out  # no machine's absolute path
+    for refused in ("--label_smoothing_factor", "--neftune_noise_alpha", "--auto_find_batch_size", "--push_to_hub"):
+        assert refused not in out
+    pooling = " ".join(out[out.index("--pooling {"):out.index("--temperature")].split())
+    assert all(mode in pooling for mode in ("cls (", "mean (", "max (", "lasttoken ("))  # every choice explained
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--label_smoothing_factor", "0.1"), ("--eval_strategy", "steps"), ("--do_eval", None),
+    ("--load_best_model_at_end", None), ("--neftune_noise_alpha", "5"), ("--auto_find_batch_size", None),
+    ("--push_to_hub", None), ("--do_predict", None)])
+@pytest.mark.parametrize("module", [origin_train, efficient_train])
+def test_trainer_flags_that_cannot_apply_are_refused(module, flag, value, tiny_model_dir, tiny_train_file, tmp_path,
+                                                     capsys):
+    out = tmp_path / "o"
+    err = run_main(module, common(tiny_model_dir, tiny_train_file, out, flag, *([value] if value else [])), capsys)
+    assert err.startswith(f"error: {flag} is not supported: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("module", [origin_train, efficient_train])
@@ -178,3 +202,11 @@ def assert_resume_is_exact(model_dir, data, tmp_path, argv, checkpoint: str) -> 
                                 "--resume_from_checkpoint", str(tmp_path / "resumed" / checkpoint)))
     full, resumed = weights(tmp_path / "full"), weights(tmp_path / "resumed")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_the_package_imports_from_another_folder(tmp_path):
+    """pip install -e . (requirements-dev.txt) makes longcontrast importable anywhere, from this checkout."""
+    result = subprocess.run([sys.executable, "-c", "import longcontrast; print(longcontrast.__file__)"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()).resolve() == Path(ROOT, "longcontrast", "__init__.py").resolve()
