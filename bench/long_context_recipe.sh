@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU long-context recipe (README, "Long context"): all-MiniLM-L6-v2 extended to 8192 positions
+# The CPU long-context recipe (docs/results.md, "Long context"): all-MiniLM-L6-v2 extended to 8192 positions
 # (copy init) and trained with GradCache on the shared Doc2Dial whole-page triples only
 # (pages/train_pages.jsonl: the dialogues with their WHOLE gold page as positive and one BM25-mined
 # page of the same domain as hard negative, pages read up to 1024 tokens), batch 16, one epoch.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The recommended CPU recipe (README, "Getting a good model"): all-MiniLM-L6-v2 trained on the
+# The recommended CPU recipe (docs/results.md, "The recipe study"): all-MiniLM-L6-v2 trained on the
 # queries and positives of ../shared/data/doc2dial/train_triples.jsonl, with hard negatives re-mined
 # by the model itself from the chunks of each query's own document (dev/documents.json: the corpus
 # of every domain, used for negatives only) and filtered like NV-Retriever (nothing above 95% of the

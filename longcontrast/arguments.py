@@ -87,7 +87,7 @@ class EncoderArguments:
         default=None,
         metadata={"help": "Attention dropout. Default: --dropout if given, else 0. At 0 PyTorch's SDPA keeps its "
                   "fused kernels; with dropout it falls back to its math path: measured 2-3x the step time and "
-                  "memory on CPU for the same retrieval quality (docs/training.md)."},
+                  "memory on CPU for the same retrieval quality (docs/results.md)."},
     )
     torch_dtype: str | None = field(
         default=None,

@@ -55,7 +55,7 @@ def extended_position_table(trained: torch.Tensor, num_positions: int, init: str
             i.e. ``p_j + a / (1 - a) * (p_i - p_0)``. On BERT-style models row 0 (always [CLS]) is
             several times longer than the others, so the block offset swamps the row.
             ``"random"``: normal(0, 0.02) noise, as the original code did (for comparison only).
-            README "Long context" measures them before and after training.
+            docs/long-context.md measures them before and after training.
 
     Returns:
         (num_positions, D) the new table, in ``trained``'s dtype.
