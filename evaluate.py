@@ -107,6 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
          help="Do not append ' || <first answer>' to QReCC's gold chunk (ChatRAG's evaluation does).")
     flag("output_file", default=None, help="JSON results file (default: outputs/eval-<time>.json).")
     flag("device", default=None, help="cuda, cuda:1, cpu... (default: cuda if available).")
+    flag("torch_dtype", choices=["float32", "bfloat16", "float16", "auto"], default="float32",
+         help="dtype of the loaded weights (auto: the checkpoint's). Half-precision weights halve the memory of a "
+              "large embedder; encoding then runs in that dtype whatever --precision says.")
     flag("precision", choices=list(PRECISIONS), default="auto",
          help="Encode in float32 or under bf16 / fp16 autocast. auto: on a GPU bf16 where it computes in bf16, "
               "else fp16; fp32 on CPU. On a CPU with AVX512-BF16 or AMX, bf16 is about 1.5x faster (embeddings "
@@ -150,7 +153,8 @@ def run(args) -> dict:
             rows[name] = results
             continue
         model, tokenizer = load_retriever(model_path, args.query_encoder_path, args.context_encoder_path, args.pooling,
-                                          args.trust_remote_code)
+                                          args.trust_remote_code, dtype=args.torch_dtype if args.torch_dtype == "auto"
+                                          else getattr(torch, args.torch_dtype))
         model.to(device)
         positions = token_positions(model.query_encoder)
         prompts = prompts_for(model, args.query_instruction, args.passage_instruction)

@@ -12,8 +12,9 @@
 #   python bench/long_context.py --models "MiniLM 512=default" "recipe=OUTPUT_DIR"   # the long-context benchmark
 #
 # Writes the model to OUTPUT_DIR (AutoModel / SentenceTransformer folder) and the dev metrics to
-# OUTPUT_DIR/eval_doc2dial_dev.json (chunks) and OUTPUT_DIR/eval_doc2dial_pages.json (whole pages, with
-# the split by answer position). Extra flags override the recipe's (e.g. the 512-position control:
+# OUTPUT_DIR/eval_doc2dial_dev.json (chunks) and OUTPUT_DIR/eval_doc2dial_pages.json (whole pages beside
+# the 512-position MiniLM, each also as MaxP over 512-token windows, split by answer position and by page
+# into selection and report halves, with paired intervals). Extra flags override the recipe's (e.g. the 512-position control:
 # --max_position_embeddings 512 --passage_max_len 512 --shift_positions false). Environment: PYTHON (default python), SHARED
 # (default ../shared/data/doc2dial).
 set -euo pipefail
@@ -38,7 +39,7 @@ SECONDS=0
 trained=$SECONDS
 "$python" evaluate.py --model_path "$out" --data-folder "$shared/dev" --eval-dataset doc2dial \
   --output_file "$out/eval_doc2dial_dev.json"
-"$python" evaluate.py --model_path "$out" --data-folder "$shared/pages/dev" --eval-dataset doc2dial \
-  --passage_max_len 8192 --passage_window 512 --output_file "$out/eval_doc2dial_pages.json"
+"$python" evaluate.py --model_path default "$out" --data-folder "$shared/pages/dev" --eval-dataset doc2dial \
+  --passage_max_len 8192 --passage_window 512 --page_split --per_item --output_file "$out/eval_doc2dial_pages.json"
 echo "training ${trained} s, evaluation $((SECONDS - trained)) s; model in $out"
 echo "long-context benchmark: $python bench/long_context.py --models \"MiniLM 512=default\" \"recipe=$out\""

@@ -153,6 +153,7 @@ def corpus_embeddings(model, tokenizer, data: BeirSet, config, device, cache: st
         "corpus_sha256": _sha256(data.corpus_file), "passage_max_len": config.passage_max_len,
         "passage_prompt": config.passage_prompt, "window": config.passage_window, "autocast": str(config.autocast),
         "dtype": str(config.embedding_dtype), "tie_seed": TIE_SEED,
+        "weights": str(next(model.parameters()).dtype),
     }
     if cache and os.path.isfile(cache):
         try:

@@ -30,7 +30,7 @@ DEFAULT_MAX_TOKENS = 16384
 
 
 def load_retriever(model_path=None, query_encoder_path=None, context_encoder_path=None, pooling=None,
-                   trust_remote_code=False):
+                   trust_remote_code=False, dtype=None):
     """A :class:`DualEncoder` and tokenizer for evaluation.
 
     ``model_path``: a folder saved by training (with or without ``query_encoder/`` and
@@ -38,7 +38,8 @@ def load_retriever(model_path=None, query_encoder_path=None, context_encoder_pat
     ``query_encoder_path`` and ``context_encoder_path``. Pooling: the one recorded in the query
     encoder's sentence-transformers config, else ``pooling``, else ``cls``. The recorded prompts
     (``"query"`` of the query encoder, ``"document"`` of the context encoder) land in ``.prompts``;
-    the folders read land in ``.paths`` (what a cache of its embeddings is keyed by).
+    the folders read land in ``.paths`` (what a cache of its embeddings is keyed by). ``dtype``: the
+    weights' dtype (``None`` float32; ``"auto"`` the checkpoint's, e.g. bf16 for an 8B embedder).
     """
     if query_encoder_path or context_encoder_path:
         if model_path or not (query_encoder_path and context_encoder_path):
@@ -54,7 +55,7 @@ def load_retriever(model_path=None, query_encoder_path=None, context_encoder_pat
             query_encoder_path = context_encoder_path = str(model_path)
 
     def load(path):
-        return from_pretrained(path, trust_remote_code=trust_remote_code).eval()
+        return from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype).eval()
 
     query_encoder = load(query_encoder_path)
     context_encoder = load(context_encoder_path) if context_encoder_path != query_encoder_path else None

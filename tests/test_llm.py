@@ -284,3 +284,27 @@ def test_refused_combinations_exit_2_with_one_line(extra, message, tiny_model_di
     lines = err.strip().splitlines()  # (transformers' loading bar may come first)
     assert lines[-1].startswith("error: ") and sum(line.startswith("error:") for line in lines) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_loads_half_precision_weights(decoder_dir, tmp_path):
+    """evaluate.py --torch_dtype bfloat16: the weights load in bf16 (an 8B embedder in half the memory)
+    and the metrics stay those of the float32 model within bf16 rounding."""
+    write_set(tmp_path / "sets" / "doc2dial", [item(i, gold=i % 8) for i in range(8)], DOCS)
+    model_dir = decoder_dir("qwen3")
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"{dtype}.json"
+        assert evaluate.main(["--model_path", model_dir, "--data-folder", str(tmp_path / "sets"), "--pooling",
+                              "lasttoken", "--eval-dataset", "doc2dial", "--torch_dtype", dtype,
+                              "--output_file", str(out)]) == 0
+        results[dtype] = json.loads(out.read_text())["results"][model_dir]["doc2dial"]
+    assert abs(results["bfloat16"]["mrr@20"] - results["float32"]["mrr@20"]) <= 15  # 8 items: one rank swap moves ~10
+
+
+def test_load_retriever_honours_the_dtype(decoder_dir):
+    from longcontrast.inference import load_retriever
+
+    model, _ = load_retriever(decoder_dir("qwen3"), pooling="lasttoken", dtype=torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    model, _ = load_retriever(decoder_dir("qwen3"), pooling="lasttoken")
+    assert next(model.parameters()).dtype == torch.float32
