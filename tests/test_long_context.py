@@ -100,3 +100,16 @@ def test_tables_and_plot(tmp_path):
     pages_only = {"512": {"positions": 512, "pages": {"recall@1": 60.0}}}
     long_context.plot(pages_only, [], str(tmp_path / "none.png"))  # no synthetic task: no plot, no error
     assert not (tmp_path / "none.png").exists()
+
+
+def test_mixed_page_chunks_asks_each_dialogue_for_its_page_and_its_chunk():
+    spec = importlib.util.spec_from_file_location("mixed", Path(__file__).resolve().parents[1] / "bench" / "mixed_page_chunks.py")
+    mixed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mixed)
+    turns = [{"role": "user", "content": "how do i renew"}]
+    pages = [{"messages": turns, "document": "d", "positive": "the whole page", "hard_negatives": ["another page"]},
+             {"messages": [{"role": "user", "content": "unmatched"}], "document": "d", "positive": "p", "hard_negatives": []}]
+    chunks = [{"messages": turns, "document": "d", "positive": "the chunk", "hard_negatives": ["a chunk"], "id": "x"}]
+    records = mixed.mixed_records(pages, chunks)
+    assert [r["positive"] for r in records] == ["the whole page", "the chunk"]
+    assert all(r["messages"] == turns and set(r) == {"messages", "document", "positive", "hard_negatives"} for r in records)
