@@ -17,7 +17,7 @@ while [ $# -gt 0 ]; do
 done
 if [ ${#models[@]} -eq 1 ]; then
   latest=$(ls -dt outputs/run-*/ 2>/dev/null | while read -r d; do
-             if [ -f "$d/config.json" ] || [ -d "$d/query_encoder" ]; then echo "${d%/}"; break; fi
+             if [ -f "$d/config.json" ] || [ -f "$d/adapter_config.json" ] || [ -d "$d/query_encoder" ]; then echo "${d%/}"; break; fi
            done || true)
   if [ -n "${latest:-}" ]; then echo "also evaluating the latest trained model: $latest"; models+=("$latest"); fi
 fi
