@@ -26,10 +26,6 @@ DEFAULT_TARGET_MODULES = "all-linear"
 EXCLUDED_MODULES = ["pooler.dense"]
 
 
-def is_peft(module: nn.Module) -> bool:
-    return hasattr(module, "peft_config")
-
-
 def add_lora(encoder: nn.Module, *, base_path: str, r: int, alpha: float, dropout: float,
              target_modules: list[str] | None = None, modules_to_save: list[str] | None = None) -> nn.Module:
     """``encoder`` wrapped as a ``peft`` LoRA model; only the adapter (and ``modules_to_save``) trains.
