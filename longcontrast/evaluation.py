@@ -173,6 +173,16 @@ def _score_items(items, chunk_scores, copy_of, offsets, *, split_at_token: int, 
     return results
 
 
+def _chunks_ranked(items: list[Item], documents: dict[str, list[str]]) -> tuple[dict[str, int], list[str]]:
+    """The chunks of every document some item ranks, concatenated in name order, and each
+    document's offset into that list."""
+    offsets, chunks = {}, []
+    for name in sorted({item.document for item in items}):
+        offsets[name] = len(chunks)
+        chunks.extend(documents[name])
+    return offsets, chunks
+
+
 def evaluate_dataset(model, tokenizer, data_folder: str, dataset: str, config: EvalConfig, device) -> dict:
     """Metrics of one dataset: each chunk is encoded once, queries once, then ranked per document.
 
@@ -181,11 +191,7 @@ def evaluate_dataset(model, tokenizer, data_folder: str, dataset: str, config: E
     is not applied there).
     """
     items, documents = load_chatrag(data_folder, dataset, config.num_turns)
-    names = sorted({item.document for item in items})
-    offsets, chunks = {}, []
-    for name in names:
-        offsets[name] = len(chunks)
-        chunks.extend(documents[name])
+    offsets, chunks = _chunks_ranked(items, documents)
     chunk_ids = tokenize(tokenizer, chunks, config.passage_max_len, "right", config.passage_prompt)
     query_ids = tokenize(tokenizer, [item.query for item in items], config.query_max_len, "left", config.query_prompt)
     encoding = {"pad_token_id": tokenizer.pad_token_id, "device": device}
@@ -236,11 +242,9 @@ def evaluate_bm25(data_folder: str, dataset: str, config: EvalConfig) -> dict:
     its statistics from each document's own chunks, over the same queries (QReCC's answer rule is
     not applied: it is a property of the dense evaluation's gold text)."""
     items, documents = load_chatrag(data_folder, dataset, config.num_turns)
-    names = sorted({item.document for item in items})
-    offsets, chunks, scores = {}, [], {}
-    for name in names:
-        offsets[name] = len(chunks)
-        chunks.extend(documents[name])
+    offsets, chunks = _chunks_ranked(items, documents)
+    scores = {}
+    for name in offsets:
         mine = [index for index, item in enumerate(items) if item.document == name]
         bm25 = BM25(documents[name])
         rows = bm25.scores(bm25.query_matrix([items[i].query for i in mine]), np.arange(len(documents[name])))  # (q, C)
