@@ -77,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     flag("passage_window", type=int, default=None, metavar="W",
          help="Also score every passage longer than W tokens as the best of its consecutive W-token windows, "
               "each embedded on its own (MaxP): the chunking baseline of long documents.")
+    flag("fuse_bm25", action="store_true",
+         help="ChatRAG sets: also rank with each model fused with BM25 (reciprocal-rank fusion, k 60, of the two "
+              "rankings of each document's chunks): an extra row NAME+bm25, compared like a model.")
     flag("batch_size", type=int, default=None,
          help="Texts encoded at once (default: 64 on GPU; 8 on CPU, where bigger batches only add padding).")
     flag("max_tokens_per_batch", type=int, default=DEFAULT_MAX_TOKENS,
@@ -135,6 +138,8 @@ def run(args) -> dict:
         models = {name: None if name == "default" else name for name in (args.model_path or ["default"])}
     if args.corpus_embeddings and len(models) > 1:
         raise UserError("--corpus_embeddings caches one model's corpus: evaluate one model with it")
+    if args.fuse_bm25 and args.beir:
+        raise UserError("--fuse_bm25 fuses the rankings of the ChatRAG sets' chunks (--data-folder), not of a BEIR corpus")
     beir = load_beir(args.beir, args.split) if args.beir else None
     rows = {}
     for number, (name, model_path) in enumerate(models.items(), 1):
@@ -164,11 +169,11 @@ def run(args) -> dict:
                             qrecc_answer_rule=not args.no_qrecc_answer, autocast=autocast, embedding_dtype=dtype,
                             query_prompt=prompts["query"], passage_prompt=prompts["document"],
                             split_at_token=args.split_at_token, passage_window=args.passage_window,
-                            page_split=args.page_split)
+                            page_split=args.page_split, fuse_bm25=args.fuse_bm25)
         logger.info("%s reads queries up to %d tokens and passages up to %d (its position table: %d)%s", name,
                     config.query_max_len, config.passage_max_len, positions,
                     f"; also every passage as its {args.passage_window}-token windows" if args.passage_window else "")
-        results = {}
+        results, fused = {}, {}
         try:
             if beir is not None:
                 run_file = args.run_file
@@ -190,6 +195,8 @@ def run(args) -> dict:
                 started = time.perf_counter()
                 results[dataset] = evaluate_dataset(model, tokenizer, args.data_folder, dataset, config, device)
                 results[dataset]["seconds"] = round(time.perf_counter() - started, 2)
+                if args.fuse_bm25:
+                    fused[dataset] = results[dataset].pop("+bm25")
                 logger.info("%s %s: %s", name, dataset,
                             {k: round(v, 2) for k, v in results[dataset].items() if isinstance(v, (int, float))})
         except UserError as err:
@@ -200,6 +207,8 @@ def run(args) -> dict:
         results["prompts"] = prompts
         results["tokens_read"] = {"query": config.query_max_len, "passage": config.passage_max_len}
         rows[name] = results
+        if fused:
+            rows[f"{name}+bm25"] = {**fused, **({"average": average(fused)} if len(fused) > 1 else {})}
     return rows
 
 

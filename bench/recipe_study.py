@@ -17,6 +17,9 @@ Every row trains all-MiniLM-L6-v2 with efficient_train.py on the queries and pos
   ``hybrid``: reciprocal-rank fusion of BM25 and the untrained model, the same filter;
 - ``iterative:ROW``: mined like ``dense`` with the model trained by row ROW (its first seed).
 
+Every dense row also gives a row ``ROW+bm25``: the same models with each ranking fused with BM25's
+(reciprocal-rank fusion, evaluate.py --fuse_bm25), the hybrid retriever a practitioner would deploy.
+
 ``pairs``: label-free pairs made from the corpus texts by data/make_pairs.py (``crop`` or ``ict``)
 added to the training data. ``soup:ROW`` trains nothing: the uniform average of ROW's seed models'
 weights (a model soup, Wortsman et al. 2022). Rows ``untrained`` and ``bm25`` (the keyword baseline,
@@ -116,12 +119,16 @@ def negatives_file(source: str, args) -> tuple[str, float]:
     return path, json.load(open(path + ".json"))["seconds"]
 
 
-def evaluate(model: str, output_file: str) -> dict:
-    """evaluate.py on the dev set, split by page, per-item values kept (float32, as every figure)."""
+def evaluate(model: str, output_file: str) -> tuple[dict, dict | None]:
+    """evaluate.py on the dev set, split by page, per-item values kept (float32, as every figure):
+    the model's results and, for a dense model, those of its ranking fused with BM25's (--fuse_bm25)."""
+    fuse = model != "bm25"
     if not os.path.exists(output_file):
         run([sys.executable, "evaluate.py", "--data-folder", DEV, "--eval-dataset", "doc2dial", "--page_split",
-             "--per_item", "--output_file", output_file, "--model_path", model], output_file + ".log")
-    return next(iter(json.load(open(output_file))["results"].values()))["doc2dial"]
+             "--per_item", "--output_file", output_file, "--model_path", model, *(["--fuse_bm25"] if fuse else [])],
+            output_file + ".log")
+    rows = [row["doc2dial"] for row in json.load(open(output_file))["results"].values()]
+    return rows[0], rows[1] if fuse else None
 
 
 def halves(scored: dict) -> dict:
@@ -152,23 +159,27 @@ def soup(row: str, args) -> str:
 
 
 def study_row(name: str, args) -> dict:
+    """The row's entry: recipe, seconds and per seed the halves' results (``seeds``); for a dense
+    model also those of its fusion with BM25 (``fused_seeds``)."""
     if name == "bm25":
-        return {"recipe": "bm25", "seeds": {"-": halves(evaluate("bm25", os.path.join(args.work_dir, "bm25_eval.json")))}}
+        alone, _ = evaluate("bm25", os.path.join(args.work_dir, "bm25_eval.json"))
+        return {"recipe": "bm25", "seeds": {"-": halves(alone)}}
     if name == "untrained":
-        return {"recipe": "untrained",
-                "seeds": {"-": halves(evaluate("default", os.path.join(args.work_dir, "untrained_eval.json")))}}
+        alone, fused = evaluate("default", os.path.join(args.work_dir, "untrained_eval_fused.json"))
+        return {"recipe": "untrained", "seeds": {"-": halves(alone)}, "fused_seeds": {"-": halves(fused)}}
     if name.startswith("soup:"):
         row = name.split(":", 1)[1]
         folder = soup(row, args)
-        return {"recipe": f"soup of {row}, seeds {args.seeds}",
-                "seeds": {"soup": halves(evaluate(folder, folder + "_eval.json"))}}
+        alone, fused = evaluate(folder, folder + "_eval_fused.json")
+        return {"recipe": f"soup of {row}, seeds {args.seeds}", "seeds": {"soup": halves(alone)},
+                "fused_seeds": {"soup": halves(fused)}}
     spec = {**BASE, **ROWS[name]}
     train_file, mining_seconds = negatives_file(spec["negatives"], args)
     data = [train_file]
     if spec["pairs"]:
         data.append(cached([sys.executable, "data/make_pairs.py", "--corpus", CORPUS, "--method", spec["pairs"]],
                            f"pairs_{spec['pairs']}", args))
-    seeds, train_seconds = {}, {}
+    seeds, fused_seeds, train_seconds = {}, {}, {}
     for seed in args.seeds:
         output_dir = os.path.join(args.work_dir, name, f"seed{seed}")
         command = [sys.executable, "efficient_train.py", "--train_data", *data, "--output_dir", output_dir,
@@ -183,8 +194,10 @@ def study_row(name: str, args) -> dict:
         else:
             os.makedirs(os.path.dirname(output_dir), exist_ok=True)
             train_seconds[seed] = round(run(command, output_dir + ".log"), 1)
-        seeds[str(seed)] = halves(evaluate(output_dir, output_dir + "_eval.json"))
-    return {"recipe": spec, "mining_seconds": round(mining_seconds, 1), "train_seconds": train_seconds, "seeds": seeds}
+        alone, fused = evaluate(output_dir, output_dir + "_eval_fused.json")
+        seeds[str(seed)], fused_seeds[str(seed)] = halves(alone), halves(fused)
+    return {"recipe": spec, "mining_seconds": round(mining_seconds, 1), "train_seconds": train_seconds, "seeds": seeds,
+            "fused_seeds": fused_seeds}
 
 
 def seed_mean(row: dict, half: str, metric: str) -> np.ndarray:
@@ -275,7 +288,12 @@ def main(argv=None) -> int:
     os.makedirs(args.work_dir, exist_ok=True)
     for name in args.rows:
         print(f"row {name} ...", flush=True)
-        results[name] = {**study_row(name, args), "bf16": args.bf16}
+        row = study_row(name, args)
+        fused = row.pop("fused_seeds", None)
+        results[name] = {**row, "bf16": args.bf16}
+        if fused:  # the same models, each ranking fused with BM25's: a row of its own
+            results[f"{name}+bm25"] = {"recipe": f"{name} fused with BM25 (reciprocal-rank fusion)", "seeds": fused,
+                                       "bf16": args.bf16}
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as handle:
             json.dump(results, handle)

@@ -5,7 +5,8 @@ turns written as ``user: ...`` / ``agent: ...`` lines (:func:`longcontrast.data.
 truncated from the left; similarity is the cosine of the pooled, L2-normalised embeddings. The gold
 chunk is ranked by :func:`.metrics.gold_rank`: its copies are the gold, other ties are broken at
 random and scored in expectation. Metrics: Recall@1/5/20, MRR@20 and NDCG@20 (one relevant chunk).
-With ``passage_window`` the set is also scored with every chunk as the best of its windows (MaxP).
+With ``passage_window`` the set is also scored with every chunk as the best of its windows (MaxP);
+with ``fuse_bm25`` also with the model's ranking fused with BM25's (reciprocal-rank fusion).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .data import tokenize, unique_sequences
 from .records import format_query, read_json
 from .inference import encode, split_windows
 from .metrics import CHATRAG_METRICS, DEGENERATE_SPREAD, gold_rank, per_item_metrics
-from .search import max_per_passage
+from .search import max_per_passage, rank_fusion
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class EvalConfig:
     split_at_token: int = 512  # items with gold_start_token are also scored apart, before and from here
     page_split: bool = False  # also score the two halves of :func:`split_pages` apart
     passage_window: int | None = None  # also score each passage as the best of its windows of this many tokens
+    fuse_bm25: bool = False  # also score the model's ranking fused with BM25's (reciprocal-rank fusion)
 
     def encode(self, model, ids, side: str, *, pad_token_id: int, device, desc: str, texts: list[str],
                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -187,8 +189,9 @@ def evaluate_dataset(model, tokenizer, data_folder: str, dataset: str, config: E
     """Metrics of one dataset: each chunk is encoded once, queries once, then ranked per document.
 
     Per-item values (percent) come under ``"per_item"`` for paired comparisons; with
-    ``config.passage_window`` W the windowed scores come under ``"maxp@W"`` (QReCC's answer rule
-    is not applied there).
+    ``config.passage_window`` W the windowed scores come under ``"maxp@W"``, with ``config.fuse_bm25``
+    the hybrid's (each item's chunks ranked by reciprocal-rank fusion of the model's and
+    :func:`bm25_scores`' rankings) under ``"+bm25"``; QReCC's answer rule is applied to neither.
     """
     items, documents = load_chatrag(data_folder, dataset, config.num_turns)
     offsets, chunks = _chunks_ranked(items, documents)
@@ -234,21 +237,32 @@ def evaluate_dataset(model, tokenizer, data_folder: str, dataset: str, config: E
             return max_per_passage(scores, owner[rows] - start, count)[0]  # (C,)
 
         results[f"maxp@{window}"] = {"windows": len(pieces), **_score_items(items, windowed, copy_of, offsets, **splits)}
+    if config.fuse_bm25:
+        keyword = bm25_scores(items, documents)
+        results["+bm25"] = _score_items(
+            items, lambda index, item: rank_fusion(whole(index, item)[None], keyword[index][None])[0],  # (C,)
+            copy_of, offsets, **splits)
     return results
 
 
-def evaluate_bm25(data_folder: str, dataset: str, config: EvalConfig) -> dict:
-    """The keyword baseline, ranked and split like a model: :class:`.bm25.BM25` (k1 0.9, b 0.4),
-    its statistics from each document's own chunks, over the same queries (QReCC's answer rule is
-    not applied: it is a property of the dense evaluation's gold text)."""
-    items, documents = load_chatrag(data_folder, dataset, config.num_turns)
-    offsets, chunks = _chunks_ranked(items, documents)
+def bm25_scores(items: list[Item], documents: dict[str, list[str]]) -> dict[int, torch.Tensor]:
+    """Each item's (C,) :class:`.bm25.BM25` scores (k1 0.9, b 0.4) against its document's chunks,
+    the statistics taken from that document's chunks alone."""
     scores = {}
-    for name in offsets:
+    for name in sorted({item.document for item in items}):
         mine = [index for index, item in enumerate(items) if item.document == name]
         bm25 = BM25(documents[name])
         rows = bm25.scores(bm25.query_matrix([items[i].query for i in mine]), np.arange(len(documents[name])))  # (q, C)
         scores.update(zip(mine, rows))
+    return scores
+
+
+def evaluate_bm25(data_folder: str, dataset: str, config: EvalConfig) -> dict:
+    """The keyword baseline, ranked and split like a model: :func:`bm25_scores` over the same
+    queries (QReCC's answer rule is not applied: it is a property of the dense evaluation's gold text)."""
+    items, documents = load_chatrag(data_folder, dataset, config.num_turns)
+    offsets, chunks = _chunks_ranked(items, documents)
+    scores = bm25_scores(items, documents)
     distinct: dict[str, int] = {}
     copy_of = torch.tensor([distinct.setdefault(chunk, len(distinct)) for chunk in chunks])  # (T,) equal texts are copies
     return _score_items(items, lambda index, item: scores[index], copy_of, offsets,

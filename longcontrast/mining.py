@@ -31,13 +31,11 @@ from .data import tokenize
 from .records import iter_records, normalised, parse_record, read_corpus, record_format
 from .inference import PRECISIONS, autocast_dtype, encode, load_retriever, prompts_for
 from .positions import token_positions
-from .search import QUERY_BLOCK, top_k
+from .search import QUERY_BLOCK, rank_fusion, top_k
 
 logger = logging.getLogger(__name__)
 
 SCORERS = ("bm25", "dense", "hybrid")
-# Reciprocal-rank fusion constant (Cormack et al., 2009): hybrid score = sum over scorers of 1 / (K + rank).
-RRF_K = 60
 
 
 @dataclass(kw_only=True)
@@ -70,17 +68,6 @@ def query_groups(pools: list[np.ndarray]) -> list[list[int]]:
     for query, pool in enumerate(pools):
         groups[id(pool)].append(query)
     return list(groups.values())
-
-
-def rank_fusion(*scores: torch.Tensor) -> torch.Tensor:
-    """(Q, C) reciprocal-rank fusion of several (Q, C) score matrices (ranks from 1, ties by index)."""
-    fused = torch.zeros_like(scores[0], dtype=torch.float64)
-    for matrix in scores:
-        order = matrix.argsort(dim=1, descending=True, stable=True)  # (Q, C)
-        ranks = torch.empty_like(order)
-        ranks.scatter_(1, order, torch.arange(1, matrix.size(1) + 1).expand_as(order))
-        fused += 1.0 / (RRF_K + ranks)
-    return fused
 
 
 def select_negatives(

@@ -15,8 +15,22 @@ from __future__ import annotations
 
 import torch
 
+# Reciprocal-rank fusion constant (Cormack et al., 2009): fused score = sum over rankers of 1 / (K + rank).
+RRF_K = 60
 CORPUS_BLOCK = 65_536  # corpus rows scored at once
 QUERY_BLOCK = 1_024  # queries scored at once: 256 MB of float32 scores with CORPUS_BLOCK
+
+
+def rank_fusion(*scores: torch.Tensor) -> torch.Tensor:
+    """(Q, C) reciprocal-rank fusion of several (Q, C) score matrices: the hybrid of BM25 and a dense
+    model in mining and evaluation. A candidate's rank is 1 + the number of candidates scoring
+    strictly higher, so tied candidates share a rank (no order of the candidates breaks a tie)."""
+    fused = torch.zeros_like(scores[0], dtype=torch.float64)  # (Q, C)
+    for matrix in scores:
+        ascending = matrix.double().sort(dim=1).values  # (Q, C)
+        at_most = torch.searchsorted(ascending, matrix.double(), right=True)  # (Q, C) candidates scoring <= each
+        fused += 1.0 / (RRF_K + 1 + matrix.size(1) - at_most)
+    return fused
 
 
 def _block_bounds(owner: torch.Tensor | None, rows: int, block: int) -> list[tuple[int, int]]:

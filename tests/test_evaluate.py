@@ -369,3 +369,61 @@ def test_bm25_ranks_like_bm25s_and_the_page_split_partitions_the_pages(tmp_path)
     assert set(parts) == {f"page {i}" for i in range(5)} and set(parts.values()) == {"selection", "report"}
     selected = [r for r, v in zip(records, results["per_item"]["recall@1"]) if parts[r["source_doc_id"]] == "selection"]
     assert len(selected) == halves["selection"]["num_items"]
+
+
+def test_fuse_bm25_ranks_by_reciprocal_ranks_of_the_model_and_bm25(saved_models, tmp_path):
+    """--fuse_bm25 adds a row MODEL+bm25 whose per-item metrics are those of a brute force: the
+    model's cosines (from sentence-transformers) and bm25s's scores each turned into ranks (ties
+    sharing the best), fused as sum 1 / (60 + rank), the gold's rank among ties taken in expectation."""
+    bm25s = pytest.importorskip("bm25s")
+    from sentence_transformers import SentenceTransformer
+
+    from longcontrast.records import format_query
+
+    words = ["permit", "fee", "office", "renew", "address", "proof", "library", "parking", "days", "cost"]
+    documents = {"d": [" ".join(words[(i * 3 + j) % 10] for j in range(i % 4 + 2)) + f" item{i}" for i in range(12)]}
+    records = []
+    for i in range(16):
+        record = item(i, gold=i % 12)
+        record["messages"][-1]["content"] = f"{words[i % 10]} {words[(i * 7) % 10]}" + (f" item{i % 12}" if i % 3 else "")
+        records.append(record)
+    write_set(tmp_path / "doc2dial", records, documents)
+    model, out = str(saved_models / "shared"), tmp_path / "fused.json"
+    assert evaluate.main(["--model_path", "bm25", model, "--fuse_bm25", "--data-folder", str(tmp_path),
+                          "--eval-dataset", "doc2dial", "--per_item", "--bootstrap_samples", "200",
+                          "--output_file", str(out)]) == 0
+    saved = json.loads(out.read_text())
+    assert list(saved["results"]) == ["bm25", model, model + "+bm25"]
+    fused_row = saved["results"][model + "+bm25"]["doc2dial"]["per_item"]
+    assert "recall@1" in saved["comparison"][model + "+bm25"]["doc2dial"]["all"]
+
+    chunks = documents["d"]
+    encoder = SentenceTransformer(model, device="cpu")
+    queries = [format_query(r["messages"], 5) for r in records]
+    cosines = encoder.encode(queries, normalize_embeddings=True) @ encoder.encode(chunks, normalize_embeddings=True).T
+    theirs = bm25s.BM25(k1=0.9, b=0.4, method="lucene", idf_method="lucene")
+    theirs.index(bm25s.tokenize(chunks, stopwords=None, token_pattern=r"(?u)\b\w+\b", show_progress=False),
+                 show_progress=False)
+
+    def ranks(scores):
+        return [1 + sum(other > s + 1e-6 for other in scores) for s in scores]
+
+    recall = []
+    for q, record in enumerate(records):
+        query = bm25s.tokenize([queries[q]], stopwords=None, token_pattern=r"(?u)\b\w+\b", show_progress=False,
+                               return_ids=False)[0]
+        keyword = theirs.get_scores(sorted(set(query)))
+        fused = [1 / (60 + a) + 1 / (60 + b) for a, b in zip(ranks(list(cosines[q])), ranks(list(keyword)))]
+        gold = fused[record["ground_truth_ctx"]["index"]]
+        higher = sum(f > gold + 1e-12 for f in fused)
+        tied = sum(abs(f - gold) <= 1e-12 for f in fused)  # the gold among them
+        recall.append(100.0 * (higher == 0) / tied)
+    assert fused_row["recall@1"] == pytest.approx(recall)
+    for alone in ("bm25", model):  # the fusion is neither ranker alone
+        assert saved["results"][alone]["doc2dial"]["per_item"]["recall@1"] != fused_row["recall@1"]
+
+
+def test_fuse_bm25_is_refused_on_a_beir_corpus(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--fuse_bm25", "--beir", str(tmp_path), "--output_file", str(tmp_path / "r.json")])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("error: --fuse_bm25")

@@ -10,7 +10,8 @@ import torch
 from conftest import write_jsonl
 from longcontrast.records import load_examples
 from longcontrast.bm25 import BM25, words
-from longcontrast.mining import MiningConfig, mine, rank_fusion, select_negatives
+from longcontrast.mining import MiningConfig, mine, select_negatives
+from longcontrast.search import rank_fusion
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("mine_hard_negatives", ROOT / "data" / "mine_hard_negatives.py")
@@ -101,6 +102,9 @@ def test_rank_fusion_orders_by_summed_reciprocal_ranks():
     b = torch.tensor([[1.0, 3.0, 2.0]])
     fused = rank_fusion(a, b)[0]
     assert fused.tolist() == pytest.approx([1 / 61 + 1 / 63, 1 / 62 + 1 / 61, 1 / 63 + 1 / 62])
+    tied = rank_fusion(torch.tensor([[2.0, 2.0, 1.0]]), torch.tensor([[1.0, 1.0, 3.0]]))[0]
+    # ties share the best rank: the first two candidates are not told apart by their order
+    assert tied.tolist() == pytest.approx([1 / 61 + 1 / 62, 1 / 61 + 1 / 62, 1 / 63 + 1 / 61])
 
 
 def test_deep_filtering_falls_back_to_the_whole_ranking():
