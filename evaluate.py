@@ -232,23 +232,28 @@ def compare(rows: dict[str, dict], resamples: int) -> dict:
 
 
 def compare_windows(rows: dict[str, dict], resamples: int) -> dict:
-    """Whole passages against the same model's MaxP windows, per query (paired), on every set scored
-    both ways: does reading the whole long passage beat chunking it? Positive = whole is better."""
+    """Whole passages against MaxP windows, per query (paired), on every set scored both ways: does
+    reading the whole long passage beat chunking it? Each model's whole passages are compared with
+    its own windows (``"<set> whole - maxp@W"``) and with every other model's
+    (``"<set> whole - <model> maxp@W"``: e.g. a long-context model against a 512-token one's
+    chunking). Positive = whole is better."""
     out = {}
     for name, results in rows.items():
         for dataset, scored in results.items():
             if not isinstance(scored, dict):
                 continue
-            for key, windowed in scored.items():
-                if not key.startswith("maxp@") or not isinstance(windowed, dict):
-                    continue
-                whole = dict(parts(scored))
-                for part, metrics in parts(windowed):
-                    if part in whole and "per_item" in metrics:
-                        out.setdefault(name, {}).setdefault(f"{dataset} whole - {key}", {})[part or "all"] = {
-                            metric: paired_difference(np.array(values), np.array(whole[part]["per_item"][metric]),
-                                                      resamples=resamples)
-                            for metric, values in metrics["per_item"].items()}
+            whole = dict(parts(scored))
+            for other, other_results in rows.items():
+                for key, windowed in (other_results.get(dataset) or {}).items():
+                    if not key.startswith("maxp@") or not isinstance(windowed, dict):
+                        continue
+                    label = f"{dataset} whole - {key}" if other == name else f"{dataset} whole - {other} {key}"
+                    for part, metrics in parts(windowed):
+                        if part in whole and "per_item" in metrics and "per_item" in whole[part]:
+                            out.setdefault(name, {}).setdefault(label, {})[part or "all"] = {
+                                metric: paired_difference(np.array(values), np.array(whole[part]["per_item"][metric]),
+                                                          resamples=resamples)
+                                for metric, values in metrics["per_item"].items()}
     return out
 
 
@@ -282,7 +287,7 @@ def main(argv=None) -> int:
     if comparison:
         print(format_comparison(comparison, next(iter(rows))))
     if windows:
-        print(format_comparison(windows, "its own MaxP windows").replace("Difference to", "Whole passages against"))
+        print(format_comparison(windows, "MaxP windows").replace("Difference to", "Whole passages against"))
     output_file = args.output_file or os.path.join("outputs", time.strftime("eval-%Y%m%d-%H%M%S.json"))
     os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
     with open(output_file, "w") as handle:

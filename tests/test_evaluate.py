@@ -2,6 +2,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -309,7 +310,7 @@ def test_passage_window_rows_and_whole_against_windows(saved_models, tmp_path, c
             "--query_max_len", "32", "--output_file", str(out), "--bootstrap_samples", "200"]
     assert evaluate.main([*argv, "--passage_window", "64"]) == 0  # every chunk fits one window: MaxP is the chunk
     printed = capsys.readouterr().out
-    assert "[doc2dial maxp@64, 8 items]" in printed and "Whole passages against its own MaxP windows" in printed
+    assert "[doc2dial maxp@64, 8 items]" in printed and "Whole passages against MaxP windows" in printed
     saved = json.loads(out.read_text())
     same = saved["whole_vs_windows"][model]["doc2dial whole - maxp@64"]["all"]
     assert all(c["difference"] == 0 and c["p"] == 1 for c in same.values())
@@ -319,6 +320,15 @@ def test_passage_window_rows_and_whole_against_windows(saved_models, tmp_path, c
     assert saved["results"][model]["doc2dial"]["maxp@12"]["windows"] > 8
     windowed = saved["whole_vs_windows"][model]["doc2dial whole - maxp@12"]["all"]
     assert any(c["difference"] != 0 for c in windowed.values())
+    other = str(saved_models / "untied")  # whole passages also against another model's windows
+    assert evaluate.main(["--model_path", model, other, *argv[2:], "--passage_window", "12", "--per_item"]) == 0
+    saved = json.loads(out.read_text())
+    mine, theirs = saved["results"][model]["doc2dial"], saved["results"][other]["doc2dial"]["maxp@12"]
+    cross = saved["whole_vs_windows"][model][f"doc2dial whole - {other} maxp@12"]["all"]
+    for metric, cell in cross.items():
+        expected = np.mean(mine["per_item"][metric]) - np.mean(theirs["per_item"][metric])
+        assert cell["difference"] == pytest.approx(expected)
+    assert set(saved["whole_vs_windows"][other]) == {"doc2dial whole - maxp@12", f"doc2dial whole - {model} maxp@12"}
 
 
 def test_bm25_ranks_like_bm25s_and_the_page_split_partitions_the_pages(tmp_path):
