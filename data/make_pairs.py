@@ -10,6 +10,7 @@ Train on the pairs alone (a first stage) or beside your labelled data
 (`efficient_train.py --train_data train.jsonl pairs.jsonl`). Mining works on them as on any records.
 """
 
+import argparse
 import json
 import logging
 import os
@@ -46,7 +47,8 @@ def main(argv=None) -> int:
     from transformers import HfArgumentParser
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    (args,) = HfArgumentParser(PairArguments, description=__doc__).parse_args_into_dataclasses(args=argv)
+    (args,) = HfArgumentParser(PairArguments, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter).parse_args_into_dataclasses(args=argv)
     try:
         if args.per_passage < 1:
             raise UserError(f"--per_passage must be >= 1, got {args.per_passage}")
