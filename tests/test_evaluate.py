@@ -331,36 +331,51 @@ def test_passage_window_rows_and_whole_against_windows(saved_models, tmp_path, c
     assert set(saved["whole_vs_windows"][other]) == {"doc2dial whole - maxp@12", f"doc2dial whole - {model} maxp@12"}
 
 
+WORDS = ["permit", "fee", "office", "renew", "address", "proof", "library", "parking", "days", "cost"]
+
+
+def keyword_set(folder, *, named_every: int, pages: int | None = None):
+    """A Doc2Dial-shaped set whose queries share words with the chunks: 16 items over one document
+    of 12 chunks; item i's last turn also names a chunk's tag unless i is a multiple of
+    ``named_every``; with ``pages``, items spread over that many pages. Returns (records, chunks)."""
+    chunks = [" ".join(WORDS[(i * 3 + j) % 10] for j in range(i % 4 + 2)) + f" item{i}" for i in range(12)]
+    records = []
+    for i in range(16):
+        record = item(i, gold=i % 12)
+        record["messages"][-1]["content"] = (f"{WORDS[i % 10]} {WORDS[(i * 7) % 10]}"
+                                             + (f" item{i % 12}" if i % named_every else ""))
+        if pages:
+            record["source_doc_id"] = f"page {i % pages}"
+        records.append(record)
+    write_set(folder / "doc2dial", records, {"d": chunks})
+    return records, chunks
+
+
+def bm25s_scores(chunks: list[str], queries: list[str]) -> list:
+    """Each query's (C,) scores from bm25s (Lucene BM25, k1 0.9, b 0.4), each distinct query word once."""
+    bm25s = pytest.importorskip("bm25s")
+    pattern = r"(?u)\b\w+\b"
+    theirs = bm25s.BM25(k1=0.9, b=0.4, method="lucene", idf_method="lucene")
+    theirs.index(bm25s.tokenize(chunks, stopwords=None, token_pattern=pattern, show_progress=False), show_progress=False)
+    return [theirs.get_scores(sorted(set(bm25s.tokenize([q], stopwords=None, token_pattern=pattern, show_progress=False,
+                                                        return_ids=False)[0]))) for q in queries]
+
+
 def test_bm25_ranks_like_bm25s_and_the_page_split_partitions_the_pages(tmp_path):
     """evaluate.py --model_path bm25 ranks each item's document by BM25: its per-item Recall@1 and
     MRR equal those of bm25s (a maintained Lucene-style BM25, same k1 and b) ranking the same
     chunks. --page_split puts every page in one half and every item in exactly one half."""
-    bm25s = pytest.importorskip("bm25s")
+    pytest.importorskip("bm25s")
     from longcontrast.records import format_query
 
-    words = ["permit", "fee", "office", "renew", "address", "proof", "library", "parking", "days", "cost"]
-    documents = {"d": [" ".join(words[(i * 3 + j) % 10] for j in range(i % 4 + 2)) + f" item{i}" for i in range(12)]}
-    records = []
-    for i in range(16):
-        record = item(i, gold=i % 12)
-        record["messages"][-1]["content"] = f"{words[i % 10]} {words[(i * 7) % 10]}" + (f" item{i % 12}" if i % 2 else "")
-        record["source_doc_id"] = f"page {i % 5}"
-        records.append(record)
-    write_set(tmp_path / "doc2dial", records, documents)
+    records, chunks = keyword_set(tmp_path, named_every=2, pages=5)
     out = tmp_path / "bm25.json"
     assert evaluate.main(["--model_path", "bm25", "--data-folder", str(tmp_path), "--eval-dataset", "doc2dial",
                           "--page_split", "--per_item", "--output_file", str(out)]) == 0
     results = json.loads(out.read_text())["results"]["bm25"]["doc2dial"]
 
-    chunks = documents["d"]
-    theirs = bm25s.BM25(k1=0.9, b=0.4, method="lucene", idf_method="lucene")
-    theirs.index(bm25s.tokenize(chunks, stopwords=None, token_pattern=r"(?u)\b\w+\b", show_progress=False),
-                 show_progress=False)
     recall, mrr = [], []
-    for record in records:
-        query = bm25s.tokenize([format_query(record["messages"], 5)], stopwords=None, token_pattern=r"(?u)\b\w+\b",
-                               show_progress=False, return_ids=False)[0]
-        scores = theirs.get_scores(sorted(set(query)))  # (C,) each distinct query word once, as ours
+    for record, scores in zip(records, bm25s_scores(chunks, [format_query(r["messages"], 5) for r in records])):
         gold = scores[record["ground_truth_ctx"]["index"]]
         higher = int((scores > gold + 1e-6).sum())
         tied = int((abs(scores - gold) <= 1e-6).sum()) - 1
@@ -385,19 +400,12 @@ def test_fuse_bm25_ranks_by_reciprocal_ranks_of_the_model_and_bm25(saved_models,
     """--fuse_bm25 adds a row MODEL+bm25 whose per-item metrics are those of a brute force: the
     model's cosines (from sentence-transformers) and bm25s's scores each turned into ranks (ties
     sharing the best), fused as sum 1 / (60 + rank), the gold's rank among ties taken in expectation."""
-    bm25s = pytest.importorskip("bm25s")
+    pytest.importorskip("bm25s")
     from sentence_transformers import SentenceTransformer
 
     from longcontrast.records import format_query
 
-    words = ["permit", "fee", "office", "renew", "address", "proof", "library", "parking", "days", "cost"]
-    documents = {"d": [" ".join(words[(i * 3 + j) % 10] for j in range(i % 4 + 2)) + f" item{i}" for i in range(12)]}
-    records = []
-    for i in range(16):
-        record = item(i, gold=i % 12)
-        record["messages"][-1]["content"] = f"{words[i % 10]} {words[(i * 7) % 10]}" + (f" item{i % 12}" if i % 3 else "")
-        records.append(record)
-    write_set(tmp_path / "doc2dial", records, documents)
+    records, chunks = keyword_set(tmp_path, named_every=3)
     model, out = str(saved_models / "shared"), tmp_path / "fused.json"
     assert evaluate.main(["--model_path", "bm25", model, "--fuse_bm25", "--data-folder", str(tmp_path),
                           "--eval-dataset", "doc2dial", "--per_item", "--bootstrap_samples", "200",
@@ -407,22 +415,16 @@ def test_fuse_bm25_ranks_by_reciprocal_ranks_of_the_model_and_bm25(saved_models,
     fused_row = saved["results"][model + "+bm25"]["doc2dial"]["per_item"]
     assert "recall@1" in saved["comparison"][model + "+bm25"]["doc2dial"]["all"]
 
-    chunks = documents["d"]
     encoder = SentenceTransformer(model, device="cpu")
     queries = [format_query(r["messages"], 5) for r in records]
     cosines = encoder.encode(queries, normalize_embeddings=True) @ encoder.encode(chunks, normalize_embeddings=True).T
-    theirs = bm25s.BM25(k1=0.9, b=0.4, method="lucene", idf_method="lucene")
-    theirs.index(bm25s.tokenize(chunks, stopwords=None, token_pattern=r"(?u)\b\w+\b", show_progress=False),
-                 show_progress=False)
+    keyword_scores = bm25s_scores(chunks, queries)
 
     def ranks(scores):
         return [1 + sum(other > s + 1e-6 for other in scores) for s in scores]
 
     recall = []
-    for q, record in enumerate(records):
-        query = bm25s.tokenize([queries[q]], stopwords=None, token_pattern=r"(?u)\b\w+\b", show_progress=False,
-                               return_ids=False)[0]
-        keyword = theirs.get_scores(sorted(set(query)))
+    for q, (record, keyword) in enumerate(zip(records, keyword_scores)):
         fused = [1 / (60 + a) + 1 / (60 + b) for a, b in zip(ranks(list(cosines[q])), ranks(list(keyword)))]
         gold = fused[record["ground_truth_ctx"]["index"]]
         higher = sum(f > gold + 1e-12 for f in fused)
