@@ -29,7 +29,7 @@ import torch
 from longcontrast import UserError
 from longcontrast.beir import evaluate_beir, format_beir_table, load_beir
 from longcontrast.evaluation import (
-    DATASETS, EvalConfig, average, evaluate_bm25, evaluate_dataset, format_table, parts, without_per_item,
+    DATASETS, DEFAULT_BM25_WEIGHT, EvalConfig, average, evaluate_bm25, evaluate_dataset, format_table, parts, without_per_item,
 )
 from longcontrast.inference import DEFAULT_MAX_TOKENS, PRECISIONS, autocast_dtype, load_retriever, prompts_for
 from longcontrast.metrics import paired_difference
@@ -77,9 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     flag("passage_window", type=int, default=None, metavar="W",
          help="Also score every passage longer than W tokens as the best of its consecutive W-token windows, "
               "each embedded on its own (MaxP): the chunking baseline of long documents.")
-    flag("fuse_bm25", action="store_true",
-         help="ChatRAG sets: also rank with each model fused with BM25 (reciprocal-rank fusion, k 60, of the two "
-              "rankings of each document's chunks): an extra row NAME+bm25, compared like a model.")
+    flag("fuse_bm25", nargs="*", type=float, default=None, metavar="W",
+         help="ChatRAG sets: also rank with each model fused with BM25: each document's chunks scored "
+              "(1 - W) * z(cosine) + W * z(BM25), z-scored per query; a row NAME+bm25@W per weight, compared like a "
+              f"model. Bare: W {DEFAULT_BM25_WEIGHT:g} (chosen on the Doc2Dial dev selection half, docs/evaluation.md).")
     flag("batch_size", type=int, default=None,
          help="Texts encoded at once (default: 64 on GPU; 8 on CPU, where bigger batches only add padding).")
     flag("max_tokens_per_batch", type=int, default=DEFAULT_MAX_TOKENS,
@@ -118,6 +119,11 @@ def parse_args(argv=None) -> argparse.Namespace:
               "else fp16; fp32 on CPU. On a CPU with AVX512-BF16 or AMX, bf16 is about 1.5x faster (embeddings "
               "move by ~1e-3); on others it is slower.")
     args = parser.parse_args(argv)
+    if args.fuse_bm25 == []:
+        args.fuse_bm25 = [DEFAULT_BM25_WEIGHT]
+    args.fuse_bm25 = list(dict.fromkeys(args.fuse_bm25)) if args.fuse_bm25 is not None else None
+    if any(not 0 < weight < 1 for weight in args.fuse_bm25 or []):
+        parser.error(f"--fuse_bm25 weights must lie strictly between 0 and 1, not {args.fuse_bm25}")
     for name in ("query_max_len", "passage_max_len", "batch_size", "query_turns", "passage_window",
                  "max_tokens_per_batch", "bootstrap_samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -139,7 +145,7 @@ def run(args) -> dict:
     if args.corpus_embeddings and len(models) > 1:
         raise UserError("--corpus_embeddings caches one model's corpus: evaluate one model with it")
     if args.fuse_bm25 and args.beir:
-        raise UserError("--fuse_bm25 fuses the rankings of the ChatRAG sets' chunks (--data-folder), not of a BEIR corpus")
+        raise UserError("--fuse_bm25 fuses the scores of the ChatRAG sets' chunks (--data-folder), not of a BEIR corpus")
     beir = load_beir(args.beir, args.split) if args.beir else None
     rows = {}
     for number, (name, model_path) in enumerate(models.items(), 1):
@@ -169,7 +175,7 @@ def run(args) -> dict:
                             qrecc_answer_rule=not args.no_qrecc_answer, autocast=autocast, embedding_dtype=dtype,
                             query_prompt=prompts["query"], passage_prompt=prompts["document"],
                             split_at_token=args.split_at_token, passage_window=args.passage_window,
-                            page_split=args.page_split, fuse_bm25=args.fuse_bm25)
+                            page_split=args.page_split, fuse_bm25=tuple(args.fuse_bm25 or ()))
         logger.info("%s reads queries up to %d tokens and passages up to %d (its position table: %d)%s", name,
                     config.query_max_len, config.passage_max_len, positions,
                     f"; also every passage as its {args.passage_window}-token windows" if args.passage_window else "")
@@ -195,8 +201,8 @@ def run(args) -> dict:
                 started = time.perf_counter()
                 results[dataset] = evaluate_dataset(model, tokenizer, args.data_folder, dataset, config, device)
                 results[dataset]["seconds"] = round(time.perf_counter() - started, 2)
-                if args.fuse_bm25:
-                    fused[dataset] = results[dataset].pop("+bm25")
+                for weight in config.fuse_bm25:
+                    fused.setdefault(f"{name}+bm25@{weight:g}", {})[dataset] = results[dataset].pop(f"+bm25@{weight:g}")
                 logger.info("%s %s: %s", name, dataset,
                             {k: round(v, 2) for k, v in results[dataset].items() if isinstance(v, (int, float))})
         except UserError as err:
@@ -207,8 +213,8 @@ def run(args) -> dict:
         results["prompts"] = prompts
         results["tokens_read"] = {"query": config.query_max_len, "passage": config.passage_max_len}
         rows[name] = results
-        if fused:
-            rows[f"{name}+bm25"] = {**fused, **({"average": average(fused)} if len(fused) > 1 else {})}
+        for hybrid, per_dataset in fused.items():
+            rows[hybrid] = {**per_dataset, **({"average": average(per_dataset)} if len(per_dataset) > 1 else {})}
     return rows
 
 

@@ -17,8 +17,9 @@ Every row trains all-MiniLM-L6-v2 with efficient_train.py on the queries and pos
   ``hybrid``: reciprocal-rank fusion of BM25 and the untrained model, the same filter;
 - ``iterative:ROW``: mined like ``dense`` with the model trained by row ROW (its first seed).
 
-Every dense row also gives a row ``ROW+bm25``: the same models with each ranking fused with BM25's
-(reciprocal-rank fusion, evaluate.py --fuse_bm25), the hybrid retriever a practitioner would deploy.
+Every dense row also gives rows ``ROW+bm25@W``: the same models with their scores fused with BM25's,
+(1 - W) z(cosine) + W z(BM25) for each weight W of FUSION_WEIGHTS (evaluate.py --fuse_bm25), the hybrid
+retriever a practitioner would deploy; the weight is chosen on the selection half like any row.
 
 ``pairs``: label-free pairs made from the corpus texts by data/make_pairs.py (``crop`` or ``ict``)
 added to the training data. ``soup:ROW`` trains nothing: the uniform average of ROW's seed models'
@@ -75,6 +76,7 @@ ROWS = {
     "iterative_n1": {"negatives": "iterative:dense_n1"},
 }
 HALVES = ("selection", "report")
+FUSION_WEIGHTS = (0.2, 0.3, 0.4, 0.5)  # BM25's weight in each hybrid row
 METRICS = ("recall@1", "recall@5", "recall@20")
 
 
@@ -119,16 +121,16 @@ def negatives_file(source: str, args) -> tuple[str, float]:
     return path, json.load(open(path + ".json"))["seconds"]
 
 
-def evaluate(model: str, output_file: str) -> tuple[dict, dict | None]:
+def evaluate(model: str, output_file: str) -> tuple[dict, dict[float, dict]]:
     """evaluate.py on the dev set, split by page, per-item values kept (float32, as every figure):
-    the model's results and, for a dense model, those of its ranking fused with BM25's (--fuse_bm25)."""
-    fuse = model != "bm25"
+    the model's results and, for a dense model, per BM25 weight those of its hybrid (--fuse_bm25)."""
+    weights = [] if model == "bm25" else [f"{w:g}" for w in FUSION_WEIGHTS]
     if not os.path.exists(output_file):
         run([sys.executable, "evaluate.py", "--data-folder", DEV, "--eval-dataset", "doc2dial", "--page_split",
-             "--per_item", "--output_file", output_file, "--model_path", model, *(["--fuse_bm25"] if fuse else [])],
-            output_file + ".log")
+             "--per_item", "--output_file", output_file, "--model_path", model,
+             *(["--fuse_bm25", *weights] if weights else [])], output_file + ".log")
     rows = [row["doc2dial"] for row in json.load(open(output_file))["results"].values()]
-    return rows[0], rows[1] if fuse else None
+    return rows[0], dict(zip(weights, rows[1:]))
 
 
 def halves(scored: dict) -> dict:
@@ -160,26 +162,27 @@ def soup(row: str, args) -> str:
 
 def study_row(name: str, args) -> dict:
     """The row's entry: recipe, seconds and per seed the halves' results (``seeds``); for a dense
-    model also those of its fusion with BM25 (``fused_seeds``)."""
+    model also per BM25 weight those of its hybrid (``fused_seeds``: weight -> seed -> halves)."""
     if name == "bm25":
         alone, _ = evaluate("bm25", os.path.join(args.work_dir, "bm25_eval.json"))
         return {"recipe": "bm25", "seeds": {"-": halves(alone)}}
     if name == "untrained":
-        alone, fused = evaluate("default", os.path.join(args.work_dir, "untrained_eval_fused.json"))
-        return {"recipe": "untrained", "seeds": {"-": halves(alone)}, "fused_seeds": {"-": halves(fused)}}
+        alone, fused = evaluate("default", os.path.join(args.work_dir, "untrained_eval_hybrid.json"))
+        return {"recipe": "untrained", "seeds": {"-": halves(alone)},
+                "fused_seeds": {w: {"-": halves(r)} for w, r in fused.items()}}
     if name.startswith("soup:"):
         row = name.split(":", 1)[1]
         folder = soup(row, args)
-        alone, fused = evaluate(folder, folder + "_eval_fused.json")
+        alone, fused = evaluate(folder, folder + "_eval_hybrid.json")
         return {"recipe": f"soup of {row}, seeds {args.seeds}", "seeds": {"soup": halves(alone)},
-                "fused_seeds": {"soup": halves(fused)}}
+                "fused_seeds": {w: {"soup": halves(r)} for w, r in fused.items()}}
     spec = {**BASE, **ROWS[name]}
     train_file, mining_seconds = negatives_file(spec["negatives"], args)
     data = [train_file]
     if spec["pairs"]:
         data.append(cached([sys.executable, "data/make_pairs.py", "--corpus", CORPUS, "--method", spec["pairs"]],
                            f"pairs_{spec['pairs']}", args))
-    seeds, fused_seeds, train_seconds = {}, {}, {}
+    seeds, fused_seeds, train_seconds = {}, {w: {} for w in map("{:g}".format, FUSION_WEIGHTS)}, {}
     for seed in args.seeds:
         output_dir = os.path.join(args.work_dir, name, f"seed{seed}")
         command = [sys.executable, "efficient_train.py", "--train_data", *data, "--output_dir", output_dir,
@@ -194,8 +197,10 @@ def study_row(name: str, args) -> dict:
         else:
             os.makedirs(os.path.dirname(output_dir), exist_ok=True)
             train_seconds[seed] = round(run(command, output_dir + ".log"), 1)
-        alone, fused = evaluate(output_dir, output_dir + "_eval_fused.json")
-        seeds[str(seed)], fused_seeds[str(seed)] = halves(alone), halves(fused)
+        alone, fused = evaluate(output_dir, output_dir + "_eval_hybrid.json")
+        seeds[str(seed)] = halves(alone)
+        for weight, result in fused.items():
+            fused_seeds[weight][str(seed)] = halves(result)
     return {"recipe": spec, "mining_seconds": round(mining_seconds, 1), "train_seconds": train_seconds, "seeds": seeds,
             "fused_seeds": fused_seeds}
 
@@ -289,11 +294,11 @@ def main(argv=None) -> int:
     for name in args.rows:
         print(f"row {name} ...", flush=True)
         row = study_row(name, args)
-        fused = row.pop("fused_seeds", None)
+        fused = row.pop("fused_seeds", {})
         results[name] = {**row, "bf16": args.bf16}
-        if fused:  # the same models, each ranking fused with BM25's: a row of its own
-            results[f"{name}+bm25"] = {"recipe": f"{name} fused with BM25 (reciprocal-rank fusion)", "seeds": fused,
-                                       "bf16": args.bf16}
+        for weight, seeds in fused.items():  # the same models, their scores fused with BM25's: a row each
+            results[f"{name}+bm25@{weight}"] = {"recipe": f"{name} fused with BM25, weight {weight}", "seeds": seeds,
+                                                "bf16": args.bf16}
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as handle:
             json.dump(results, handle)

@@ -6,7 +6,7 @@ truncated from the left; similarity is the cosine of the pooled, L2-normalised e
 chunk is ranked by :func:`.metrics.gold_rank`: its copies are the gold, other ties are broken at
 random and scored in expectation. Metrics: Recall@1/5/20, MRR@20 and NDCG@20 (one relevant chunk).
 With ``passage_window`` the set is also scored with every chunk as the best of its windows (MaxP);
-with ``fuse_bm25`` also with the model's ranking fused with BM25's (reciprocal-rank fusion).
+with ``fuse_bm25`` also with the model's scores fused with BM25's (a convex combination of z-scores).
 """
 
 from __future__ import annotations
@@ -26,11 +26,14 @@ from .data import tokenize, unique_sequences
 from .records import format_query, read_json
 from .inference import encode, split_windows
 from .metrics import CHATRAG_METRICS, DEGENERATE_SPREAD, gold_rank, per_item_metrics
-from .search import max_per_passage, rank_fusion
+from .search import max_per_passage, score_fusion
 
 logger = logging.getLogger(__name__)
 
 DATASETS = ("doc2dial", "quac", "qrecc")
+# BM25's weight in the hybrid (search.score_fusion) when --fuse_bm25 names none: the best of 0.2-0.5 on
+# the selection half of the Doc2Dial dev set (docs/results.md, the recipe study)
+DEFAULT_BM25_WEIGHT = 0.3
 METRICS = CHATRAG_METRICS
 
 
@@ -118,7 +121,7 @@ class EvalConfig:
     split_at_token: int = 512  # items with gold_start_token are also scored apart, before and from here
     page_split: bool = False  # also score the two halves of :func:`split_pages` apart
     passage_window: int | None = None  # also score each passage as the best of its windows of this many tokens
-    fuse_bm25: bool = False  # also score the model's ranking fused with BM25's (reciprocal-rank fusion)
+    fuse_bm25: tuple[float, ...] = ()  # BM25 weights: also score each hybrid of the model and BM25 (score_fusion)
 
     def encode(self, model, ids, side: str, *, pad_token_id: int, device, desc: str, texts: list[str],
                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -189,9 +192,9 @@ def evaluate_dataset(model, tokenizer, data_folder: str, dataset: str, config: E
     """Metrics of one dataset: each chunk is encoded once, queries once, then ranked per document.
 
     Per-item values (percent) come under ``"per_item"`` for paired comparisons; with
-    ``config.passage_window`` W the windowed scores come under ``"maxp@W"``, with ``config.fuse_bm25``
-    the hybrid's (each item's chunks ranked by reciprocal-rank fusion of the model's and
-    :func:`bm25_scores`' rankings) under ``"+bm25"``; QReCC's answer rule is applied to neither.
+    ``config.passage_window`` W the windowed scores come under ``"maxp@W"``, with a BM25 weight W in
+    ``config.fuse_bm25`` the hybrid's (each item's chunks ranked by :func:`.search.score_fusion` of the
+    model's cosines and :func:`bm25_scores`) under ``"+bm25@W"``; QReCC's answer rule is applied to neither.
     """
     items, documents = load_chatrag(data_folder, dataset, config.num_turns)
     offsets, chunks = _chunks_ranked(items, documents)
@@ -237,11 +240,11 @@ def evaluate_dataset(model, tokenizer, data_folder: str, dataset: str, config: E
             return max_per_passage(scores, owner[rows] - start, count)[0]  # (C,)
 
         results[f"maxp@{window}"] = {"windows": len(pieces), **_score_items(items, windowed, copy_of, offsets, **splits)}
-    if config.fuse_bm25:
-        keyword = bm25_scores(items, documents)
-        results["+bm25"] = _score_items(
-            items, lambda index, item: rank_fusion(whole(index, item)[None], keyword[index][None])[0],  # (C,)
-            copy_of, offsets, **splits)
+    keyword = bm25_scores(items, documents) if config.fuse_bm25 else {}
+    for weight in config.fuse_bm25:
+        results[f"+bm25@{weight:g}"] = _score_items(
+            items, lambda index, item: score_fusion(whole(index, item)[None], keyword[index][None], weight=weight)[0],
+            copy_of, offsets, **splits)  # (C,) fused scores per item
     return results
 
 

@@ -396,46 +396,58 @@ def test_bm25_ranks_like_bm25s_and_the_page_split_partitions_the_pages(tmp_path)
     assert len(selected) == halves["selection"]["num_items"]
 
 
-def test_fuse_bm25_ranks_by_reciprocal_ranks_of_the_model_and_bm25(saved_models, tmp_path):
-    """--fuse_bm25 adds a row MODEL+bm25 whose per-item metrics are those of a brute force: the
-    model's cosines (from sentence-transformers) and bm25s's scores each turned into ranks (ties
-    sharing the best), fused as sum 1 / (60 + rank), the gold's rank among ties taken in expectation."""
+def test_fuse_bm25_ranks_by_a_weighted_sum_of_z_scores(saved_models, tmp_path):
+    """--fuse_bm25 W adds a row MODEL+bm25@W per weight whose per-item metrics are those of a brute
+    force: the model's cosines (from sentence-transformers) and bm25s's scores each standardised over
+    the query's chunks (numpy), summed with weights 1 - W and W, the gold's rank among ties taken in
+    expectation. A bare --fuse_bm25 means the default weight."""
     pytest.importorskip("bm25s")
     from sentence_transformers import SentenceTransformer
 
+    from longcontrast.evaluation import DEFAULT_BM25_WEIGHT
     from longcontrast.records import format_query
 
     records, chunks = keyword_set(tmp_path, named_every=3)
     model, out = str(saved_models / "shared"), tmp_path / "fused.json"
-    assert evaluate.main(["--model_path", "bm25", model, "--fuse_bm25", "--data-folder", str(tmp_path),
+    assert evaluate.main(["--model_path", "bm25", model, "--fuse_bm25", "0.2", "0.7", "--data-folder", str(tmp_path),
                           "--eval-dataset", "doc2dial", "--per_item", "--bootstrap_samples", "200",
                           "--output_file", str(out)]) == 0
     saved = json.loads(out.read_text())
-    assert list(saved["results"]) == ["bm25", model, model + "+bm25"]
-    fused_row = saved["results"][model + "+bm25"]["doc2dial"]["per_item"]
-    assert "recall@1" in saved["comparison"][model + "+bm25"]["doc2dial"]["all"]
+    assert list(saved["results"]) == ["bm25", model, model + "+bm25@0.2", model + "+bm25@0.7"]
+    assert "recall@1" in saved["comparison"][model + "+bm25@0.7"]["doc2dial"]["all"]
 
     encoder = SentenceTransformer(model, device="cpu")
     queries = [format_query(r["messages"], 5) for r in records]
     cosines = encoder.encode(queries, normalize_embeddings=True) @ encoder.encode(chunks, normalize_embeddings=True).T
-    keyword_scores = bm25s_scores(chunks, queries)
+    keyword_scores = np.array(bm25s_scores(chunks, queries))
 
-    def ranks(scores):
-        return [1 + sum(other > s + 1e-6 for other in scores) for s in scores]
+    def standardised(matrix):
+        matrix = np.asarray(matrix, dtype=np.float64)
+        return (matrix - matrix.mean(axis=1, keepdims=True)) / matrix.std(axis=1, keepdims=True)
 
-    recall = []
-    for q, (record, keyword) in enumerate(zip(records, keyword_scores)):
-        fused = [1 / (60 + a) + 1 / (60 + b) for a, b in zip(ranks(list(cosines[q])), ranks(list(keyword)))]
-        gold = fused[record["ground_truth_ctx"]["index"]]
-        higher = sum(f > gold + 1e-12 for f in fused)
-        tied = sum(abs(f - gold) <= 1e-12 for f in fused)  # the gold among them
-        recall.append(100.0 * (higher == 0) / tied)
-    assert fused_row["recall@1"] == pytest.approx(recall)
+    rows = {}
+    for weight in (0.2, 0.7):
+        fused = (1 - weight) * standardised(cosines) + weight * standardised(keyword_scores)  # (Q, C)
+        recall = []
+        for record, scores in zip(records, fused):
+            gold = scores[record["ground_truth_ctx"]["index"]]
+            higher, tied = (scores > gold + 1e-9).sum(), (abs(scores - gold) <= 1e-9).sum()  # the gold among the tied
+            recall.append(100.0 * (higher == 0) / tied)
+        rows[weight] = saved["results"][f"{model}+bm25@{weight:g}"]["doc2dial"]["per_item"]["recall@1"]
+        assert rows[weight] == pytest.approx(recall)
     for alone in ("bm25", model):  # the fusion is neither ranker alone
-        assert saved["results"][alone]["doc2dial"]["per_item"]["recall@1"] != fused_row["recall@1"]
+        assert all(saved["results"][alone]["doc2dial"]["per_item"]["recall@1"] != row for row in rows.values())
+    assert rows[0.2] != rows[0.7]  # the weight matters
+
+    bare = tmp_path / "bare.json"
+    assert evaluate.main(["--model_path", model, "--fuse_bm25", "--data-folder", str(tmp_path), "--eval-dataset",
+                          "doc2dial", "--output_file", str(bare)]) == 0
+    assert list(json.loads(bare.read_text())["results"]) == [model, f"{model}+bm25@{DEFAULT_BM25_WEIGHT:g}"]
 
 
-def test_fuse_bm25_is_refused_on_a_beir_corpus(tmp_path, capsys):
+@pytest.mark.parametrize("flags", [["--beir", "BEIR"], ["--fuse_bm25", "1.5"]])
+def test_fuse_bm25_is_refused_on_a_beir_corpus_and_outside_0_1(tmp_path, capsys, flags):
+    flags = [str(tmp_path) if f == "BEIR" else f for f in flags]
     with pytest.raises(SystemExit) as exit_info:
-        evaluate.main(["--fuse_bm25", "--beir", str(tmp_path), "--output_file", str(tmp_path / "r.json")])
-    assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("error: --fuse_bm25")
+        evaluate.main(["--fuse_bm25", *flags, "--output_file", str(tmp_path / "r.json")])
+    assert exit_info.value.code == 2 and "error: --fuse_bm25" in capsys.readouterr().err

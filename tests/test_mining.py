@@ -11,7 +11,7 @@ from conftest import write_jsonl
 from longcontrast.records import load_examples
 from longcontrast.bm25 import BM25, words
 from longcontrast.mining import MiningConfig, mine, select_negatives
-from longcontrast.search import rank_fusion
+from longcontrast.search import rank_fusion, score_fusion
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("mine_hard_negatives", ROOT / "data" / "mine_hard_negatives.py")
@@ -105,6 +105,15 @@ def test_rank_fusion_orders_by_summed_reciprocal_ranks():
     tied = rank_fusion(torch.tensor([[2.0, 2.0, 1.0]]), torch.tensor([[1.0, 1.0, 3.0]]))[0]
     # ties share the best rank: the first two candidates are not told apart by their order
     assert tied.tolist() == pytest.approx([1 / 61 + 1 / 62, 1 / 61 + 1 / 62, 1 / 63 + 1 / 61])
+
+
+def test_score_fusion_of_a_constant_ranker_is_the_other_ranker_scaled():
+    """A model that scores every candidate alike (collapse) adds nothing, not NaN: the hybrid is then
+    BM25's standardised scores times its weight; a single candidate scores 0."""
+    keyword = torch.tensor([[1.0, 4.0, 7.0]])
+    fused = score_fusion(torch.full((1, 3), 0.5), keyword, weight=0.25)[0]
+    assert fused.tolist() == pytest.approx((0.25 * (keyword[0] - 4.0) / keyword[0].std(correction=0)).tolist())
+    assert score_fusion(torch.ones(2, 1), torch.ones(2, 1), weight=0.5).tolist() == [[0.0], [0.0]]
 
 
 def test_deep_filtering_falls_back_to_the_whole_ranking():
