@@ -222,10 +222,13 @@ def summary(results: dict, resamples: int = 10_000) -> dict:
                 values = [v[half][metric] for v in row["seeds"].values()]
                 entry[f"{half} {metric}"] = {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1))
                                              if len(values) > 1 else 0.0, "seeds": len(values)}
-        for baseline in ("bm25", "untrained"):
+        # a hybrid is also compared with the untrained model's hybrid at the same weight: does training still pay?
+        weight = name.partition("+bm25@")[2]
+        hybrid = {"untrained hybrid": f"untrained+bm25@{weight}"} if weight else {}
+        for label, baseline in {"bm25": "bm25", "untrained": "untrained", **hybrid}.items():
             if baseline in results and baseline != name:
                 for half in HALVES:
-                    entry[f"{half} vs {baseline}"] = {
+                    entry[f"{half} vs {label}"] = {
                         metric: paired_difference(seed_mean(results[baseline], half, metric), seed_mean(row, half, metric),
                                                   resamples=resamples) for metric in METRICS}
         out[name] = entry
@@ -235,8 +238,8 @@ def summary(results: dict, resamples: int = 10_000) -> dict:
 def table(results: dict) -> str:
     stats = summary(results)
     lines = ["| row | seeds | selection R@1 | report R@1 | report R@5 | report R@20 | report R@1 - BM25 [95%] | "
-             "report R@1 - untrained [95%] | report R@20 - untrained [95%] | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "report R@1 - untrained [95%] | report R@20 - untrained [95%] | report R@1 - untrained hybrid [95%] | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(entry, key):
         value = entry[key]
@@ -255,7 +258,7 @@ def table(results: dict) -> str:
             name, str(len(row["seeds"])), cell(entry, "selection recall@1"), cell(entry, "report recall@1"),
             cell(entry, "report recall@5"), cell(entry, "report recall@20"),
             interval(entry, "report vs bm25", "recall@1"), interval(entry, "report vs untrained", "recall@1"),
-            interval(entry, "report vs untrained", "recall@20"),
+            interval(entry, "report vs untrained", "recall@20"), interval(entry, "report vs untrained hybrid", "recall@1"),
             f"{np.mean(list(seconds.values())):.0f}" if seconds else "-"]) + " |")
     return "\n".join(lines)
 
