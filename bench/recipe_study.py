@@ -17,7 +17,7 @@ Every row trains all-MiniLM-L6-v2 with efficient_train.py on the queries and pos
   ``hybrid``: reciprocal-rank fusion of BM25 and the untrained model, the same filter;
 - ``iterative:ROW``: mined like ``dense`` with the model trained by row ROW (its first seed).
 
-Every dense row also gives rows ``ROW+bm25@W``: the same models with their scores fused with BM25's,
+Every dense row also gives rows ``ROW+bm25@W``: the same models with their scores fused with BM25's:
 (1 - W) z(cosine) + W z(BM25) for each weight W of FUSION_WEIGHTS (evaluate.py --fuse_bm25), the hybrid
 retriever a practitioner would deploy; the weight is chosen on the selection half like any row.
 
@@ -121,7 +121,7 @@ def negatives_file(source: str, args) -> tuple[str, float]:
     return path, json.load(open(path + ".json"))["seconds"]
 
 
-def evaluate(model: str, output_file: str) -> tuple[dict, dict[float, dict]]:
+def evaluate(model: str, output_file: str) -> tuple[dict, dict[str, dict]]:
     """evaluate.py on the dev set, split by page, per-item values kept (float32, as every figure):
     the model's results and, for a dense model, per BM25 weight those of its hybrid (--fuse_bm25)."""
     weights = [] if model == "bm25" else [f"{w:g}" for w in FUSION_WEIGHTS]
@@ -182,7 +182,7 @@ def study_row(name: str, args) -> dict:
     if spec["pairs"]:
         data.append(cached([sys.executable, "data/make_pairs.py", "--corpus", CORPUS, "--method", spec["pairs"]],
                            f"pairs_{spec['pairs']}", args))
-    seeds, fused_seeds, train_seconds = {}, {w: {} for w in map("{:g}".format, FUSION_WEIGHTS)}, {}
+    seeds, fused_seeds, train_seconds = {}, {}, {}
     for seed in args.seeds:
         output_dir = os.path.join(args.work_dir, name, f"seed{seed}")
         command = [sys.executable, "efficient_train.py", "--train_data", *data, "--output_dir", output_dir,
@@ -200,7 +200,7 @@ def study_row(name: str, args) -> dict:
         alone, fused = evaluate(output_dir, output_dir + "_eval_hybrid.json")
         seeds[str(seed)] = halves(alone)
         for weight, result in fused.items():
-            fused_seeds[weight][str(seed)] = halves(result)
+            fused_seeds.setdefault(weight, {})[str(seed)] = halves(result)
     return {"recipe": spec, "mining_seconds": round(mining_seconds, 1), "train_seconds": train_seconds, "seeds": seeds,
             "fused_seeds": fused_seeds}
 
