@@ -3,10 +3,11 @@
 # queries and positives of ../shared/data/doc2dial/train_triples.jsonl, with hard negatives re-mined
 # by the model itself from the chunks of each query's own document (dev/documents.json: the corpus
 # of every domain, used for negatives only) and filtered like NV-Retriever (nothing above 95% of the
-# positive's cosine), the hardest one per query, two epochs; then evaluated on the Doc2Dial dev set.
-# Measured (docs/results.md, "The recipe study"): Recall@1 57.80 on the whole dev set (chosen there); on the
-# report half of the page split, 3 seeds, 61.73 against BM25's 60.80 (+0.93 [-4.22, +6.28]): level with BM25;
-# fused with BM25 (the row OUTPUT_DIR+bm25, chosen on the selection half) R@1 61.97, R@5 89.51 against 83.02.
+# positive's cosine), the hardest one per query, two epochs; deployed fused with BM25 (0.7 z(cosine) +
+# 0.3 z(BM25), evaluate.py --fuse_bm25); then evaluated on the Doc2Dial dev set split by page.
+# Measured (docs/results.md, "The recipe study"; chosen on the selection half, 3 seeds): on the report
+# half, the row OUTPUT_DIR+bm25@0.3 R@1 68.62, R@5 90.12 against BM25's 60.80 / 83.02 (R@1 +7.82
+# [+3.70, +11.94]); the model alone (row OUTPUT_DIR) 61.73, level with BM25.
 #
 #   bash bench/recommended_recipe.sh OUTPUT_DIR
 #

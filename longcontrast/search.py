@@ -23,7 +23,7 @@ QUERY_BLOCK = 1_024  # queries scored at once: 256 MB of float32 scores with COR
 
 def rank_fusion(*scores: torch.Tensor) -> torch.Tensor:
     """(Q, C) reciprocal-rank fusion of several (Q, C) score matrices: the hybrid of BM25 and a dense
-    model in mining and evaluation. A candidate's rank is 1 + the number of candidates scoring
+    model in mining. A candidate's rank is 1 + the number of candidates scoring
     strictly higher, so tied candidates share a rank (no order of the candidates breaks a tie)."""
     fused = torch.zeros_like(scores[0], dtype=torch.float64)  # (Q, C)
     for matrix in scores:
