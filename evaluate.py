@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from longcontrast import UserError
-from longcontrast.beir import evaluate_beir, format_beir_table, load_beir
+from longcontrast.beir import evaluate_beir, evaluate_beir_bm25, format_beir_table, load_beir
 from longcontrast.evaluation import (
     DATASETS, DEFAULT_BM25_WEIGHT, EvalConfig, average, evaluate_bm25, evaluate_dataset, format_table, parts, without_per_item,
 )
@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     flag("model_path", nargs="+", default=None,
          help="Model folders to evaluate (a training output, with or without query_encoder/ and context_encoder/, "
               "or any encoder); 'default' is the embedded all-MiniLM-L6-v2, 'bm25' the keyword baseline (BM25, "
-              "k1 0.9, b 0.4, over each document's chunks; ChatRAG sets). Default: default.")
+              "k1 0.9, b 0.4, over each document's chunks, or over the whole --beir corpus). Default: default.")
     flag("query_encoder_path", help="Query encoder folder (with --context_encoder_path, instead of --model_path).")
     flag("context_encoder_path", help="Context encoder folder.")
     flag("data_folder", default=os.path.join(HERE, "data", "chatrag_sample"),
@@ -77,6 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     flag("passage_window", type=int, default=None, metavar="W",
          help="Also score every passage longer than W tokens as the best of its consecutive W-token windows, "
               "each embedded on its own (MaxP): the chunking baseline of long documents.")
+    flag("late_chunking", action="store_true",
+         help="With --passage_window (ChatRAG sets): also score every passage as the best of the same W-token "
+              "windows, each the mean of its token states from ONE pass over the whole passage (late chunking, "
+              "Guenther et al. 2024): chunk-sized vectors that read the whole passage's context. Rows late@W.")
     flag("fuse_bm25", nargs="*", type=float, default=None, metavar="W",
          help="ChatRAG sets: also rank with each model fused with BM25: each document's chunks scored "
               "(1 - W) * z(cosine) + W * z(BM25), z-scored per query; a row NAME+bm25@W per weight, compared like a "
@@ -119,6 +123,10 @@ def parse_args(argv=None) -> argparse.Namespace:
               "else fp16; fp32 on CPU. On a CPU with AVX512-BF16 or AMX, bf16 is about 1.5x faster (embeddings "
               "move by ~1e-3); on others it is slower.")
     args = parser.parse_args(argv)
+    if args.late_chunking and not args.passage_window:
+        parser.error("--late_chunking pools the token states over --passage_window W windows: give --passage_window")
+    if args.late_chunking and args.beir:
+        parser.error("--late_chunking scores the ChatRAG sets (--data-folder), not a BEIR corpus")
     if args.fuse_bm25 == []:
         args.fuse_bm25 = [DEFAULT_BM25_WEIGHT]
     args.fuse_bm25 = list(dict.fromkeys(args.fuse_bm25)) if args.fuse_bm25 is not None else None
@@ -149,9 +157,14 @@ def run(args) -> dict:
     beir = load_beir(args.beir, args.split) if args.beir else None
     rows = {}
     for number, (name, model_path) in enumerate(models.items(), 1):
+        run_file = args.run_file
+        if run_file and number > 1:
+            stem, extension = os.path.splitext(run_file)
+            run_file = f"{stem}-{number}{extension}"
+        if name == "bm25" and beir is not None:
+            rows[name] = {"beir": evaluate_beir_bm25(beir, run_file=run_file)}
+            continue
         if name == "bm25":
-            if beir is not None:
-                raise UserError("bm25 ranks the ChatRAG sets (--data-folder); a BEIR corpus takes a model folder")
             config = EvalConfig(num_turns=args.query_turns, split_at_token=args.split_at_token,
                                 page_split=args.page_split)
             results = {}
@@ -175,17 +188,13 @@ def run(args) -> dict:
                             qrecc_answer_rule=not args.no_qrecc_answer, autocast=autocast, embedding_dtype=dtype,
                             query_prompt=prompts["query"], passage_prompt=prompts["document"],
                             split_at_token=args.split_at_token, passage_window=args.passage_window,
-                            page_split=args.page_split, fuse_bm25=tuple(args.fuse_bm25 or ()))
+                            late_chunking=args.late_chunking, page_split=args.page_split, fuse_bm25=tuple(args.fuse_bm25 or ()))
         logger.info("%s reads queries up to %d tokens and passages up to %d (its position table: %d)%s", name,
                     config.query_max_len, config.passage_max_len, positions,
                     f"; also every passage as its {args.passage_window}-token windows" if args.passage_window else "")
         results, fused = {}, {}
         try:
             if beir is not None:
-                run_file = args.run_file
-                if run_file and number > 1:
-                    stem, extension = os.path.splitext(run_file)
-                    run_file = f"{stem}-{number}{extension}"
                 started = time.perf_counter()
                 results["beir"] = evaluate_beir(model, tokenizer, beir, replace(config, passage_window=None), device,
                                                 run_file=run_file, cache=args.corpus_embeddings, use_faiss=args.faiss)
@@ -239,27 +248,31 @@ def compare(rows: dict[str, dict], resamples: int) -> dict:
 
 def compare_windows(rows: dict[str, dict], resamples: int) -> dict:
     """Whole passages against MaxP windows, per query (paired), on every set scored both ways: does
-    reading the whole long passage beat chunking it? Each model's whole passages are compared with
-    its own windows (``"<set> whole - maxp@W"``) and with every other model's
+    reading the whole long passage beat chunking it? Each model's whole passages (and its late-chunked
+    windows, ``late@W``, which read the whole passage too) are compared with its own windows
+    (``"<set> whole - maxp@W"``, ``"<set> late@W - maxp@W"``) and with every other model's
     (``"<set> whole - <model> maxp@W"``: e.g. a long-context model against a 512-token one's
-    chunking). Positive = whole is better."""
+    chunking). Positive = the whole-passage reader is better."""
     out = {}
     for name, results in rows.items():
         for dataset, scored in results.items():
             if not isinstance(scored, dict):
                 continue
-            whole = dict(parts(scored))
-            for other, other_results in rows.items():
-                for key, windowed in (other_results.get(dataset) or {}).items():
-                    if not key.startswith("maxp@") or not isinstance(windowed, dict):
-                        continue
-                    label = f"{dataset} whole - {key}" if other == name else f"{dataset} whole - {other} {key}"
-                    for part, metrics in parts(windowed):
-                        if part in whole and "per_item" in metrics and "per_item" in whole[part]:
-                            out.setdefault(name, {}).setdefault(label, {})[part or "all"] = {
-                                metric: paired_difference(np.array(values), np.array(whole[part]["per_item"][metric]),
-                                                          resamples=resamples)
-                                for metric, values in metrics["per_item"].items()}
+            readers = {"whole": scored, **{key: value for key, value in scored.items()
+                                           if key.startswith("late@") and isinstance(value, dict)}}
+            for reader, read in readers.items():
+                whole = dict(parts(read))
+                for other, other_results in rows.items():
+                    for key, windowed in (other_results.get(dataset) or {}).items():
+                        if not key.startswith("maxp@") or not isinstance(windowed, dict):
+                            continue
+                        label = f"{dataset} {reader} - {key}" if other == name else f"{dataset} {reader} - {other} {key}"
+                        for part, metrics in parts(windowed):
+                            if part in whole and "per_item" in metrics and "per_item" in whole[part]:
+                                out.setdefault(name, {}).setdefault(label, {})[part or "all"] = {
+                                    metric: paired_difference(np.array(values), np.array(whole[part]["per_item"][metric]),
+                                                              resamples=resamples)
+                                    for metric, values in metrics["per_item"].items()}
     return out
 
 

@@ -7,15 +7,16 @@
 # Every passage reads its tokens at randomly shifted positions (--shift_positions, PoSE), so rows up
 # to 8191 learn from texts of at most 1024 tokens. Nothing generated like the benchmark's passkey or
 # needle documents is trained on. Then the chunk-level and the page-level dev sets are evaluated.
-# Measured on 2 CPU cores: 27 minutes of training, 5 of evaluation.
+# Measured on 2 CPU cores: 27-33 minutes of training, 5-12 of evaluation (the late-chunked pages add one
+# whole-page pass per model; 12 minutes with another training run beside it).
 #
 #   bash bench/long_context_recipe.sh OUTPUT_DIR [extra efficient_train.py flags]
 #   python bench/long_context.py --models "MiniLM 512=default" "recipe=OUTPUT_DIR"   # the long-context benchmark
 #
 # Writes the model to OUTPUT_DIR (AutoModel / SentenceTransformer folder) and the dev metrics to
 # OUTPUT_DIR/eval_doc2dial_dev.json (chunks) and OUTPUT_DIR/eval_doc2dial_pages.json (whole pages beside
-# the 512-position MiniLM, each also as MaxP over 512-token windows, split by answer position and by page
-# into selection and report halves, with paired intervals). Extra flags override the recipe's (e.g. the 512-position control:
+# the 512-position MiniLM, each also as MaxP over 512-token windows and late-chunked into the same windows,
+# split by answer position and by page into selection and report halves, with paired intervals). Extra flags override the recipe's (e.g. the 512-position control:
 # --max_position_embeddings 512 --passage_max_len 512 --shift_positions false). Environment: PYTHON (default python), SHARED
 # (default ../shared/data/doc2dial).
 set -euo pipefail
@@ -45,6 +46,7 @@ trained=$SECONDS
 "$python" evaluate.py --model_path "$out" --data-folder "$shared/dev" --eval-dataset doc2dial \
   --output_file "$out/eval_doc2dial_dev.json"
 "$python" evaluate.py --model_path default "$out" --data-folder "$shared/pages/dev" --eval-dataset doc2dial \
-  --passage_max_len 8192 --passage_window 512 --page_split --per_item --output_file "$out/eval_doc2dial_pages.json"
+  --passage_max_len 8192 --passage_window 512 --late_chunking --page_split --per_item \
+  --output_file "$out/eval_doc2dial_pages.json"
 echo "training ${trained} s, evaluation $((SECONDS - trained)) s; model in $out"
 echo "long-context benchmark: $python bench/long_context.py --models \"MiniLM 512=default\" \"recipe=$out\""

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from . import UserError
+from .bm25 import BM25
 from .data import tokenize
 from .records import join_title
 from .inference import split_windows
@@ -168,7 +169,7 @@ def corpus_embeddings(model, tokenizer, data: BeirSet, config, device, cache: st
                             "delete it or give another path")
         logger.info("corpus embeddings read from %s", cache)
         return saved["embeddings"], saved["position"], saved["order"]
-    order = torch.randperm(len(data.passages), generator=torch.Generator().manual_seed(TIE_SEED))  # (N,)
+    order = tie_order(len(data.passages))  # (N,)
     texts = [data.passages[i] for i in order.tolist()]
     window = config.passage_window
     ids = tokenize(tokenizer, texts, 10**9 if window else config.passage_max_len, "right", config.passage_prompt)
@@ -211,30 +212,52 @@ def evaluate_beir(model, tokenizer, data: BeirSet, config, device, *, run_file: 
                               device=device)  # (Q, 101): one spare for the query's own id
     found = order[found]  # (Q, k) corpus indices
     search_seconds = time.perf_counter() - started
-    run, degenerate = {}, 0
-    lines = []
-    for row, query in enumerate(data.query_ids):
-        ranked = [(data.doc_ids[i], s) for i, s in zip(found[row].tolist(), scores[row].tolist())
-                  if data.doc_ids[i] != query][:DEPTH]
-        run[query] = [doc for doc, _ in ranked]
-        degenerate += len(ranked) > 1 and ranked[0][1] - ranked[-1][1] < DEGENERATE_SPREAD
-        lines += [f"{query} Q0 {doc} {rank} {score:.6f} longcontrast\n" for rank, (doc, score) in enumerate(ranked, 1)]
+    ranked = [(found[row].tolist(), scores[row].tolist()) for row in range(len(data.query_ids))]
+    results = {**_score_run(data, ranked, run_file, what="model"), "search_seconds": round(search_seconds, 2)}
+    if windows:
+        results["windows"] = int(len(position))
+    return results
+
+
+def evaluate_beir_bm25(data: BeirSet, *, run_file: str | None = None) -> dict:
+    """BM25 (:class:`.bm25.BM25`, k1 0.9, b 0.4) over the whole corpus: the keyword baseline, scored
+    like :func:`evaluate_beir`. A document that shares no word with a query is not retrieved;
+    ties fall in the same seeded corpus order as the models'."""
+    started = time.perf_counter()
+    order = tie_order(len(data.passages)).numpy()  # (N,)
+    keyword = BM25([data.passages[i] for i in order.tolist()])
+    ranked = [(order[found].tolist(), scores.tolist()) for found, scores in keyword.top_k(data.queries, DEPTH + 1)]
+    seconds = time.perf_counter() - started  # indexing and search
+    return {**_score_run(data, ranked, run_file, what="BM25"), "search_seconds": round(seconds, 2)}
+
+
+def tie_order(count: int) -> torch.Tensor:
+    """(N,) the seeded random order of the corpus in which equal scores fall."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(TIE_SEED))
+
+
+def _score_run(data: BeirSet, ranked: list[tuple[list[int], list[float]]], run_file: str | None, *, what: str) -> dict:
+    """Metrics of per-query ``(corpus indices, scores)``, best first (the query's own id is dropped,
+    the rest cut at :data:`DEPTH`); with ``run_file`` the ranking is also written in TREC format."""
+    run, degenerate, lines = {}, 0, []
+    for query, (found, scores) in zip(data.query_ids, ranked):
+        kept = [(data.doc_ids[i], s) for i, s in zip(found, scores) if data.doc_ids[i] != query][:DEPTH]
+        run[query] = [doc for doc, _ in kept]
+        degenerate += len(kept) > 1 and kept[0][1] - kept[-1][1] < DEGENERATE_SPREAD
+        lines += [f"{query} Q0 {doc} {rank} {score:.6f} longcontrast\n" for rank, (doc, score) in enumerate(kept, 1)]
     if degenerate > len(data.query_ids) / 10:
         logger.warning("MODEL COLLAPSE: for %d of %d queries the top %d documents score within %g of each other; the "
-                       "model cannot tell texts apart and its metrics mean nothing beyond chance",
-                       degenerate, len(data.query_ids), DEPTH, DEGENERATE_SPREAD)
+                       "%s cannot tell texts apart and its metrics mean nothing beyond chance",
+                       degenerate, len(data.query_ids), DEPTH, DEGENERATE_SPREAD, what)
     if run_file:
         os.makedirs(os.path.dirname(os.path.abspath(run_file)), exist_ok=True)
         with open(run_file, "w") as handle:
             handle.writelines(lines)
     per_query = beir_metrics(data.qrels, run)
-    results = {"num_items": len(data.query_ids), "num_documents": len(data.doc_ids),
-               **{m: 100 * float(np.mean(list(per_query[m].values()))) for m in BEIR_METRICS},
-               "degenerate_queries": degenerate, "search_seconds": round(search_seconds, 2),
-               "per_item": {m: [100 * per_query[m][q] for q in data.query_ids] for m in BEIR_METRICS}}
-    if windows:
-        results["windows"] = int(len(position))
-    return results
+    return {"num_items": len(data.query_ids), "num_documents": len(data.doc_ids),
+            **{m: 100 * float(np.mean(list(per_query[m].values()))) for m in BEIR_METRICS},
+            "degenerate_queries": degenerate,
+            "per_item": {m: [100 * per_query[m][q] for q in data.query_ids] for m in BEIR_METRICS}}
 
 
 def format_beir_table(rows: dict[str, dict]) -> str:

@@ -67,3 +67,22 @@ class BM25:
     def scores(self, queries: sparse.csr_matrix, texts: np.ndarray) -> torch.Tensor:
         """(Q, C) scores of the query rows against the texts at indices ``texts``."""
         return torch.from_numpy((queries @ self.weights[texts].T).toarray())
+
+    def top_k(self, queries: list[str], k: int, *, block: int = 1 << 24) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each query's best ``k`` texts: ``(indices, scores)``, best first, only texts sharing a word
+        with the query (a score above 0); equal scores in index order.
+
+        The (Q, N) scores are never dense: queries go ``block // N`` at a time through one sparse
+        product with the (V, N) transposed weights, whose rows hold only the texts with a score.
+        """
+        transposed = self.weights.T.tocsr()  # (V, N)
+        step = max(1, block // max(self.weights.shape[0], 1))
+        out = []
+        for start in range(0, len(queries), step):
+            scores = (self.query_matrix(queries[start: start + step]) @ transposed).tocsr()  # (b, N) sparse
+            for row in range(scores.shape[0]):
+                found = scores.indices[scores.indptr[row]: scores.indptr[row + 1]]  # (n,) texts with a score
+                values = scores.data[scores.indptr[row]: scores.indptr[row + 1]]  # (n,)
+                best = np.lexsort((found, -values))[:k]  # by score, then by index
+                out.append((found[best], values[best]))
+        return out

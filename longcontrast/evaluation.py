@@ -5,7 +5,8 @@ turns written as ``user: ...`` / ``agent: ...`` lines (:func:`longcontrast.data.
 truncated from the left; similarity is the cosine of the pooled, L2-normalised embeddings. The gold
 chunk is ranked by :func:`.metrics.gold_rank`: its copies are the gold, other ties are broken at
 random and scored in expectation. Metrics: Recall@1/5/20, MRR@20 and NDCG@20 (one relevant chunk).
-With ``passage_window`` the set is also scored with every chunk as the best of its windows (MaxP);
+With ``passage_window`` the set is also scored with every chunk as the best of its windows (MaxP),
+and with ``late_chunking`` as the best of the same windows pooled from one pass over the whole chunk;
 with ``fuse_bm25`` also with the model's scores fused with BM25's (a convex combination of z-scores).
 """
 
@@ -24,7 +25,7 @@ from . import UserError
 from .bm25 import BM25
 from .data import tokenize, unique_sequences
 from .records import format_query, read_json
-from .inference import encode, split_windows
+from .inference import encode, late_chunk_embeddings, split_windows, window_spans
 from .metrics import CHATRAG_METRICS, DEGENERATE_SPREAD, gold_rank, per_item_metrics
 from .search import max_per_passage, score_fusion
 
@@ -121,6 +122,7 @@ class EvalConfig:
     split_at_token: int = 512  # items with gold_start_token are also scored apart, before and from here
     page_split: bool = False  # also score the two halves of :func:`split_pages` apart
     passage_window: int | None = None  # also score each passage as the best of its windows of this many tokens
+    late_chunking: bool = False  # with passage_window: also as the best of its windows pooled from one whole pass
     fuse_bm25: tuple[float, ...] = ()  # BM25 weights: also score each hybrid of the model and BM25 (score_fusion)
 
     def encode(self, model, ids, side: str, *, pad_token_id: int, device, desc: str, texts: list[str],
@@ -192,7 +194,8 @@ def evaluate_dataset(model, tokenizer, data_folder: str, dataset: str, config: E
     """Metrics of one dataset: each chunk is encoded once, queries once, then ranked per document.
 
     Per-item values (percent) come under ``"per_item"`` for paired comparisons; with
-    ``config.passage_window`` W the windowed scores come under ``"maxp@W"``, with a BM25 weight W in
+    ``config.passage_window`` W the windowed scores come under ``"maxp@W"`` (and with ``config.late_chunking``
+the late-chunked ones under ``"late@W"``), with a BM25 weight W in
     ``config.fuse_bm25`` the hybrid's (each item's chunks ranked by :func:`.search.score_fusion` of the
     model's cosines and :func:`bm25_scores`) under ``"+bm25@W"``; QReCC's answer rule is applied to neither.
     """
@@ -227,19 +230,30 @@ def evaluate_dataset(model, tokenizer, data_folder: str, dataset: str, config: E
     results = _score_items(items, whole, copy_of, offsets, gold_scores=gold_scores, **splits)
     if config.passage_window:
         window = config.passage_window
+
+        def best_window(embeddings, owner):
+            owner = torch.tensor(owner)  # (R,) the chunk of each window
+            first_row = torch.searchsorted(owner, torch.arange(len(chunks) + 1))  # (T + 1,) each chunk's first window
+
+            def scores(index, item):
+                start, count = offsets[item.document], len(documents[item.document])
+                rows = slice(int(first_row[start]), int(first_row[start + count]))
+                window_scores = (embeddings[rows] @ query_embeddings[index])[None]  # (1, r)
+                return max_per_passage(window_scores, owner[rows] - start, count)[0]  # (C,)
+            return scores
+
         pieces, owner = split_windows(tokenizer, full_ids, window, config.passage_prompt)
-        owner = torch.tensor(owner)  # (R,) the chunk of each window
         window_embeddings = config.encode(model, pieces, "passage", desc=f"{dataset} windows",
-                                          texts=[chunks[i] for i in owner.tolist()], **encoding)
-        first_row = torch.searchsorted(owner, torch.arange(len(chunks) + 1))  # (T + 1,) each chunk's first window
-
-        def windowed(index, item):
-            start, count = offsets[item.document], len(documents[item.document])
-            rows = slice(int(first_row[start]), int(first_row[start + count]))
-            scores = (window_embeddings[rows] @ query_embeddings[index])[None]  # (1, r)
-            return max_per_passage(scores, owner[rows] - start, count)[0]  # (C,)
-
-        results[f"maxp@{window}"] = {"windows": len(pieces), **_score_items(items, windowed, copy_of, offsets, **splits)}
+                                          texts=[chunks[i] for i in owner], **encoding)
+        results[f"maxp@{window}"] = {"windows": len(pieces), **_score_items(
+            items, best_window(window_embeddings, owner), copy_of, offsets, **splits)}
+        if config.late_chunking:
+            spans = window_spans(tokenizer, chunk_ids, window, config.passage_prompt)
+            late, owner = late_chunk_embeddings(
+                model, chunk_ids, spans, batch_size=config.batch_size, max_tokens=config.max_tokens,
+                autocast=config.autocast, desc=f"{dataset} late chunks", texts=chunks, **encoding)
+            results[f"late@{window}"] = {"windows": len(owner), **_score_items(
+                items, best_window(late, owner), copy_of, offsets, **splits)}
     keyword = bm25_scores(items, documents) if config.fuse_bm25 else {}
     for weight in config.fuse_bm25:
         results[f"+bm25@{weight:g}"] = _score_items(

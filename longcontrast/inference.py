@@ -95,6 +95,32 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def _check_finite(vectors: torch.Tensor, rows: list[int], first_copy: dict[int, int], *, desc: str, side: str,
+                  texts: list[str] | None) -> None:
+    """Stop on a non-finite (b, D) embedding, naming the first text (of ``rows``) that gave one."""
+    finite = torch.isfinite(vectors).all(dim=1)  # (b,)
+    if not bool(finite.all()):
+        index = first_copy[rows[int((~finite).nonzero()[0])]]
+        text = f" {texts[index][:80]!r}" if texts is not None else ""
+        raise UserError(f"{desc}: the model gives a non-finite embedding (NaN or inf) for {side} {index}{text}; "
+                        "it has diverged or its weights are broken, so it is not scored")
+
+
+def _batches(token_ids: list[list[int]], *, batch_size: int, max_tokens: int | None, desc: str):
+    """The distinct sequences, each text's distinct index, each distinct's first text, and the
+    length-sorted groups of distinct indices to encode (with a progress bar on a terminal)."""
+    if not token_ids:
+        raise UserError(f"{desc}: nothing to encode")
+    unique, copy_of = unique_sequences(token_ids)
+    first_copy = {}
+    for index, distinct in enumerate(copy_of):
+        first_copy.setdefault(distinct, index)
+    groups = length_sorted_groups(unique, batch_size, max_tokens or DEFAULT_MAX_TOKENS)
+    # padded one batch at a time: a whole corpus padded at once would not fit on the device;
+    # the bar shows on a terminal only (disable=None), not in logs
+    return unique, copy_of, first_copy, tqdm(groups, desc=desc, leave=False, unit="batch", disable=None)
+
+
 def encode(model: DualEncoder, token_ids: list[list[int]], side: str, *, batch_size: int, pad_token_id: int,
            device: torch.device, max_tokens: int | None = None, autocast: torch.dtype | None = None,
            out_dtype: torch.dtype = torch.float32, desc: str = "encoding", texts: list[str] | None = None
@@ -109,31 +135,39 @@ def encode(model: DualEncoder, token_ids: list[list[int]], side: str, *, batch_s
     the budget goes alone. ``autocast``: encode under autocast in that dtype. ``texts``: the
     texts the ids come from, to name one whose embedding is not finite.
     """
-    if not token_ids:
-        raise UserError(f"{desc}: nothing to encode")
-    unique, copy_of = unique_sequences(token_ids)
-    first_copy = {}
-    for index, distinct in enumerate(copy_of):
-        first_copy.setdefault(distinct, index)
+    unique, copy_of, first_copy, groups = _batches(token_ids, batch_size=batch_size, max_tokens=max_tokens, desc=desc)
     embeddings = None
     context = torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext()
-    groups = length_sorted_groups(unique, batch_size, max_tokens or DEFAULT_MAX_TOKENS)
     with torch.inference_mode(), context:
-        # padded one batch at a time: a whole corpus padded at once would not fit on the device;
-        # the bar shows on a terminal only (disable=None), not in logs
-        for rows in tqdm(groups, desc=desc, leave=False, unit="batch", disable=None):
+        for rows in groups:
             batch = pad([unique[i] for i in rows], pad_token_id, device)
             vectors = model(**batch, side=side).float()  # (b, D)
-            finite = torch.isfinite(vectors).all(dim=1)  # (b,)
-            if not bool(finite.all()):
-                index = first_copy[rows[int((~finite).nonzero()[0])]]
-                text = f" {texts[index][:80]!r}" if texts is not None else ""
-                raise UserError(f"{desc}: the model gives a non-finite embedding (NaN or inf) for {side} {index}{text}; "
-                                "it has diverged or its weights are broken, so it is not scored")
+            _check_finite(vectors, rows, first_copy, desc=desc, side=side, texts=texts)
             if embeddings is None:
                 embeddings = torch.empty(len(unique), vectors.shape[1], dtype=out_dtype)  # (U, D)
             embeddings[torch.tensor(rows)] = vectors.to("cpu", out_dtype)
     return embeddings[torch.tensor(copy_of, dtype=torch.long)]  # (N, D)
+
+
+def window_spans(tokenizer, token_ids: list[list[int]], window: int, prompt: str = "") -> list[list[tuple[int, int]]]:
+    """Per tokenised passage, the ``[start, end)`` ranges of its text tokens that its consecutive
+    ``window``-token windows hold: ``[(0, len)]`` for a passage of at most ``window`` tokens (the
+    passage is its own window); else pieces of ``window`` tokens less the special tokens and the
+    prompt that each window is wrapped in (:func:`split_windows`).
+
+    ``token_ids``: passages as :func:`.data.tokenize` returns them (special tokens and the prompt included).
+    """
+    prefix, suffix = special_tokens(tokenizer)
+    kept = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0
+    width = window - len(prefix) - len(suffix) - kept
+    if width < 1:
+        raise UserError(f"--passage_window {window} leaves no room for text")
+    spans = []
+    for ids in token_ids:
+        head, tail = len(prefix) + kept, len(ids) - len(suffix)
+        spans.append([(0, len(ids))] if len(ids) <= window else
+                     [(start, min(start + width, tail)) for start in range(head, tail, width)])
+    return spans
 
 
 def split_windows(tokenizer, token_ids: list[list[int]], window: int, prompt: str = "") -> tuple[list[list[int]], list[int]]:
@@ -141,24 +175,48 @@ def split_windows(tokenizer, token_ids: list[list[int]], window: int, prompt: st
 
     ``token_ids``: passages as :func:`.data.tokenize` returns them (special tokens and the prompt
     included, uncut). A passage of at most ``window`` tokens is one piece, itself; a longer one is
-    cut into pieces of ``window`` tokens or fewer, each wrapped in the special tokens and the
+    cut into the pieces of :func:`window_spans`, each wrapped in the special tokens and the
     prompt, so that every piece reads as a passage of its own (MaxP, Dai & Callan 2019).
     Returns the pieces and, for each, the index of its passage (non-decreasing).
     """
     prefix, suffix = special_tokens(tokenizer)
-    kept = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0
-    width = window - len(prefix) - len(suffix) - kept
-    if width < 1:
-        raise UserError(f"--passage_window {window} leaves no room for text")
     pieces, owner = [], []
-    for passage, ids in enumerate(token_ids):
+    for passage, (ids, spans) in enumerate(zip(token_ids, window_spans(tokenizer, token_ids, window, prompt))):
         if len(ids) <= window:
             pieces.append(ids)
-            owner.append(passage)
-            continue
-        head = len(prefix) + kept
-        instruction, body = ids[len(prefix): head], ids[head: len(ids) - len(suffix)]
-        for start in range(0, len(body), width):
-            pieces.append(prefix + instruction + body[start: start + width] + suffix)
-            owner.append(passage)
+        else:
+            instruction = ids[len(prefix): spans[0][0]]
+            pieces.extend(prefix + instruction + ids[start:end] + suffix for start, end in spans)
+        owner.extend([passage] * len(spans))
     return pieces, owner
+
+
+def late_chunk_embeddings(model: DualEncoder, token_ids: list[list[int]], spans: list[list[tuple[int, int]]], *,
+                          batch_size: int, pad_token_id: int, device: torch.device, max_tokens: int | None = None,
+                          autocast: torch.dtype | None = None, desc: str = "late chunks",
+                          texts: list[str] | None = None) -> tuple[torch.Tensor, list[int]]:
+    """Late chunking (Günther et al. 2024): each passage read once, whole, and its token states
+    mean-pooled over each of its ``spans`` (the mean whatever the model's pooling, as the paper does), so
+    every window's vector carries the context of the whole passage.
+
+    A passage's first span is widened to its start and its last to its end, so the leading special
+    tokens and prompt join the first window and the closing ones the last (a one-span passage pools
+    all its tokens). Returns (R, D) unit-norm window vectors, on the CPU, and the passage of each
+    (non-decreasing); copies of a passage share their vectors.
+    """
+    unique, copy_of, first_copy, groups = _batches(token_ids, batch_size=batch_size, max_tokens=max_tokens, desc=desc)
+    span_of = {distinct: spans[index] for distinct, index in first_copy.items()}
+    vectors_of: dict[int, torch.Tensor] = {}
+    context = torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext()
+    with torch.inference_mode(), context:
+        for rows in groups:
+            batch = pad([unique[i] for i in rows], pad_token_id, device)
+            hidden = model.hidden_states(**batch, side="passage")  # (b, L, D)
+            for row, distinct in enumerate(rows):
+                bounds = span_of[distinct]
+                edges = [0] + [start for start, _ in bounds[1:]] + [len(unique[distinct])]
+                pooled = torch.stack([hidden[row, a:b].mean(dim=0) for a, b in zip(edges, edges[1:])])  # (k, D)
+                _check_finite(pooled, [distinct] * len(pooled), first_copy, desc=desc, side="passage", texts=texts)
+                vectors_of[distinct] = torch.nn.functional.normalize(pooled, dim=-1).to("cpu", torch.float32)
+    owner = [passage for passage, distinct in enumerate(copy_of) for _ in range(len(vectors_of[distinct]))]
+    return torch.cat([vectors_of[distinct] for distinct in copy_of]), owner  # (R, D)

@@ -296,16 +296,23 @@ class DualEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, side: str,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        # input_ids, attention_mask: (N, L); position_ids: (N, L) token positions counted from 0
-        # (shifted training, :mod:`.positions`), moved past a RoBERTa-style offset here.
+        """(N, D) unit-norm embeddings of (N, L) token ids."""
+        hidden = self.hidden_states(input_ids, attention_mask, side, position_ids)  # (N, L, D)
+        return pool(hidden, attention_mask, self.pooling)  # (N, D)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, side: str,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, L, D) last hidden states, in float32 whatever the autocast (pooling and scoring stay float32).
+
+        input_ids, attention_mask: (N, L); position_ids: (N, L) token positions counted from 0
+        (shifted training, :mod:`.positions`), moved past a RoBERTa-style offset here.
+        """
         encoder = self.encoder_for(side)
         extra = {}
         if position_ids is not None:
             extra["position_ids"] = position_ids + position_offset(position_table(encoder))
-        hidden = encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
-        if hidden.dtype in (torch.float16, torch.bfloat16):
-            hidden = hidden.float()  # pool, normalise and score in float32 under mixed precision
-        return pool(hidden, attention_mask, self.pooling)  # (N, D)
+        hidden = encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state  # (N, L, D)
+        return hidden.float() if hidden.dtype in (torch.float16, torch.bfloat16) else hidden
 
     def encoders(self) -> list[nn.Module]:
         """The distinct encoders: one when shared, the query and the context encoder when untied."""

@@ -1,4 +1,4 @@
-"""BEIR-format evaluation: metrics against ranx (another maintained implementation), the layout's
+"""BEIR-format evaluation: metrics against a brute force of trec_eval's definitions, the layout's
 rules, the run file, the embedding cache, MaxP windows; and broken models (constant, NaN) that
 must score at chance or stop."""
 
@@ -52,8 +52,20 @@ def model_dir(tiny_model_dir, tmp_path_factory):
     return str(folder)
 
 
-def test_metrics_equal_ranx_on_graded_multi_relevant_runs():
-    ranx = pytest.importorskip("ranx")
+def brute_force_metrics(grades: dict[str, int], ranked: list[str]) -> dict[str, float]:
+    """trec_eval's definitions, written out: linear gains (gain = grade), the ideal ranking from
+    every judged document, relevant = grade > 0; MAP@100 divides by every relevant document."""
+    relevant = {d for d, g in grades.items() if g > 0}
+    dcg = sum(grades.get(d, 0) / math.log2(i + 2) for i, d in enumerate(ranked[:10]))
+    ideal = sum(g / math.log2(i + 2) for i, g in enumerate(sorted(grades.values(), reverse=True)[:10]))
+    hits = [i for i, d in enumerate(ranked[:100]) if d in relevant]  # 0-based ranks of relevant documents
+    out = {"ndcg@10": dcg / ideal, "mrr@10": next((1 / (i + 1) for i in hits if i < 10), 0.0),
+           "map@100": sum((n + 1) / (i + 1) for n, i in enumerate(hits)) / len(relevant)}
+    out.update({f"recall@{k}": sum(i < k for i in hits) / len(relevant) for k in (1, 5, 10, 20, 100)})
+    return out
+
+
+def test_metrics_equal_a_brute_force_on_graded_multi_relevant_runs():
     rng = random.Random(1)
     qrels = {f"q{i}": {f"d{j}": rng.choice([0, 1, 2, 3]) for j in rng.sample(range(300), rng.randint(1, 12))}
              for i in range(40)}
@@ -63,13 +75,11 @@ def test_metrics_equal_ranx_on_graded_multi_relevant_runs():
         relevant = [d for d, g in qrels[q].items() if g > 0]
         run[q] = relevant + [d for d in run[q] if d not in relevant][: 100 - len(relevant)]
     ours = beir_metrics(qrels, run)
-    scored = {q: {d: float(100 - i) for i, d in enumerate(docs)} for q, docs in run.items()}
-    positive = {q: {d: g for d, g in docs.items() if g > 0} for q, docs in qrels.items()}
-    theirs = ranx.Run(scored)
-    ranx.evaluate(ranx.Qrels(positive), theirs, list(BEIR_METRICS))  # per-query values land in theirs.scores
-    for metric in BEIR_METRICS:
-        for q in qrels:
-            assert ours[metric][q] == pytest.approx(float(theirs.scores[metric][q]), abs=1e-6), (metric, q)
+    for q in qrels:
+        expected = brute_force_metrics(qrels[q], run[q])
+        for metric in BEIR_METRICS:
+            assert ours[metric][q] == pytest.approx(expected[metric], abs=1e-6), (metric, q)
+    assert 0 < sum(ours["ndcg@10"].values()) < len(qrels)  # neither all perfect nor all zero
 
 
 def test_metrics_by_hand():
@@ -104,7 +114,6 @@ def test_loading_rules_and_errors(tmp_path):
 
 
 def test_script_end_to_end_run_file_and_comparison(model_dir, tmp_path, capsys):
-    ranx = pytest.importorskip("ranx")
     corpus, queries, qrels = generated_set()
     corpus.append({"_id": "q3", "text": queries[3]["text"]})  # a query that is also a document: dropped
     folder = write_beir(tmp_path / "set", corpus, queries, qrels)
@@ -121,17 +130,69 @@ def test_script_end_to_end_run_file_and_comparison(model_dir, tmp_path, capsys):
     run = {}
     for q, _, doc, rank, score, _ in lines:
         run.setdefault(q, {})[doc] = 1000.0 - int(rank)
-    positive = {}
+    grades = {}
     for q, d, s in qrels:
-        if s > 0:
-            positive.setdefault(q, {})[d] = s
-    scored = ranx.evaluate(ranx.Qrels(positive), ranx.Run(run), ["ndcg@10", "recall@100", "mrr@10"])
-    assert ours["ndcg@10"] == pytest.approx(100 * scored["ndcg@10"], abs=1e-4)
-    assert ours["recall@100"] == pytest.approx(100 * scored["recall@100"], abs=1e-4)
+        grades.setdefault(q, {})[d] = s
+    for metric in ("ndcg@10", "recall@100", "mrr@10"):  # the run file reproduces the reported metrics
+        expected = [brute_force_metrics(grades[q], sorted(run[q], key=lambda d: -run[q][d]))[metric] for q in run]
+        assert ours[metric] == pytest.approx(100 * sum(expected) / len(expected), abs=1e-4), metric
     assert (tmp_path / "run-2.trec").is_file()  # the second model's run
     comparison = results["comparison"]["default"]["beir"]["all"]
     assert set(comparison) == set(BEIR_METRICS) and comparison["ndcg@10"]["low"] <= comparison["ndcg@10"]["high"]
 
+
+
+def test_bm25_on_a_beir_corpus_scores_like_bm25s(model_dir, tmp_path, capsys):
+    """--model_path bm25 --beir: each query's run holds exactly the documents bm25s (Lucene BM25,
+    k1 0.9, b 0.4) scores above 0, best first, with bm25s's scores (ours are Lucene's times
+    k1 + 1), cut at 100; the reported metrics are those of that run; a model compares with it."""
+    bm25s = pytest.importorskip("bm25s")
+    rng = random.Random(3)
+    vocabulary = [f"{w}{i}" for w in WORDS for i in range(12)]
+    corpus = [{"_id": f"d{i}", "title": rng.choice(vocabulary) if i % 2 else "",
+               "text": " ".join(rng.choice(vocabulary) for _ in range(rng.randint(2, 40)))} for i in range(160)]
+    queries = [{"_id": f"q{i}", "text": " ".join(rng.choice(vocabulary) for _ in range(3))} for i in range(10)]
+    queries.append({"_id": "q10", "text": "nothing known"})  # no word in the corpus: nothing retrieved
+    corpus.append({"_id": "q3", "text": queries[3]["text"]})  # a query that is also a document: dropped
+    qrels = [(f"q{i}", f"d{rng.randrange(160)}", 1) for i in range(11)]
+    folder = write_beir(tmp_path / "set", corpus, queries, qrels)
+    out, run_file = tmp_path / "r.json", tmp_path / "bm25.trec"
+    assert evaluate.main(["--model_path", "bm25", model_dir, "--beir", folder, "--run_file", str(run_file),
+                          "--per_item", "--output_file", str(out), "--bootstrap_samples", "200"]) == 0
+    assert "| bm25 | 11 |" in capsys.readouterr().out
+
+    pattern = r"(?u)\b\w+\b"
+    passages = [(d.get("title", "") + " " + d["text"]).strip() for d in corpus]
+    theirs = bm25s.BM25(k1=0.9, b=0.4, method="lucene", idf_method="lucene")
+    theirs.index(bm25s.tokenize(passages, stopwords=None, token_pattern=pattern, show_progress=False),
+                 show_progress=False)
+    run = {}
+    for line in run_file.read_text().splitlines():
+        q, _, doc, _, score, _ = line.split()
+        run.setdefault(q, []).append((doc, float(score)))
+    for query in queries:
+        words = sorted(set(bm25s.tokenize([query["text"].lower()], stopwords=None, token_pattern=pattern,
+                                          show_progress=False, return_ids=False)[0]))
+        expected = {corpus[i]["_id"]: float(s) for i, s in enumerate(theirs.get_scores(words))
+                    if s > 0 and corpus[i]["_id"] != query["_id"]}
+        got = run.get(query["_id"], [])
+        assert [s for _, s in got] == sorted((s for _, s in got), reverse=True)  # best first
+        assert len(got) == min(len(expected), 100)
+        assert all(expected[doc] * 1.9 == pytest.approx(score, abs=1e-5) for doc, score in got)  # k1 + 1 = 1.9
+        assert not got or min(s for _, s in got) >= 1.9 * sorted(expected.values())[-len(got)] - 1e-5  # the best kept
+    assert "q10" not in run and 0 < len(run["q3"]) and all(doc != "q3" for doc, _ in run["q3"])
+    results = json.loads(out.read_text())
+    reported = results["results"]["bm25"]["beir"]
+    expected = beir_metrics({q: {d: 1} for q, d, _ in qrels}, {q: [d for d, _ in run.get(q, [])] for q, _, _ in qrels})
+    assert reported["per_item"]["ndcg@10"] == pytest.approx([100 * expected["ndcg@10"][q] for q, _, _ in qrels])
+    assert 0 < reported["recall@100"] < 100
+    assert set(results["comparison"][model_dir]["beir"]["all"]) == set(BEIR_METRICS)
+    assert (tmp_path / "bm25-2.trec").is_file()  # the model's run, second
+    from longcontrast.bm25 import BM25
+    index, texts = BM25(passages), [q["text"] for q in queries]
+    blocked = index.top_k(texts, 7, block=2 * len(passages))  # two queries per sparse product
+    for (found, scores), (one_found, one_scores) in zip(index.top_k(texts, 7), blocked, strict=True):
+        assert found.tolist() == one_found.tolist() and scores.tolist() == one_scores.tolist()
 
 class Constant(torch.nn.Module):
     """A collapsed model: every text maps to the same unit vector."""

@@ -331,6 +331,65 @@ def test_passage_window_rows_and_whole_against_windows(saved_models, tmp_path, c
     assert set(saved["whole_vs_windows"][other]) == {"doc2dial whole - maxp@12", f"doc2dial whole - {model} maxp@12"}
 
 
+
+def test_late_chunking_equals_mean_token_states_of_one_whole_pass(saved_models, tmp_path, capsys):
+    """late@W: each chunk read once, whole, by sentence-transformers (shares no code with the
+    evaluation), its token embeddings averaged over its W-token windows (first window from the
+    start, last to the end), the chunk scored as its best window. A chunk that fits one window
+    scores as the whole chunk; the context changes the windows (late@W != maxp@W)."""
+    from sentence_transformers import SentenceTransformer
+
+    long_docs = {"d": [" ".join(f"permit {i} fee is {j} and the office is open" for j in range(4 + i % 3))
+                       for i in range(8)]}
+    long_docs["d"].insert(1, long_docs["d"][3])  # a copy: text index and distinct index part ways
+    write_set(tmp_path / "doc2dial", [item(i, gold=i % 8) for i in range(8)], long_docs)
+    folder = str(saved_models / "shared")
+    model, tokenizer = load_retriever(folder)
+    items, documents = load_chatrag(str(tmp_path), "doc2dial")
+    config = EvalConfig(query_max_len=32, passage_max_len=64, batch_size=3, passage_window=12, late_chunking=True)
+    got = evaluate_dataset(model, tokenizer, str(tmp_path), "doc2dial", config, torch.device("cpu"))
+
+    reference = SentenceTransformer(folder, device="cpu")
+    tokens = reference.encode(documents["d"], output_value="token_embeddings", convert_to_numpy=False)  # [(L, D)]
+    queries = reference.encode([i.query for i in items], normalize_embeddings=True)  # (Q, D)
+    width = 12 - 2  # [CLS] and [SEP] wrap each window
+    best = []
+    for states in tokens:
+        cuts = list(range(1, len(states) - 1, width))[1:]  # window starts after the first
+        pieces = [states[a:b].mean(0) for a, b in zip([0, *cuts], [*cuts, len(states)])]
+        windows = torch.nn.functional.normalize(torch.stack(pieces), dim=-1).numpy()  # (k, D)
+        best.append(windows)
+    expected = []
+    for index, it in enumerate(items):
+        scores = np.array([float((w @ queries[index]).max()) for w in best])  # (C,)
+        expected.append(100.0 / (1 + int((scores > scores[it.gold_index] + 1e-6).sum())))
+    from longcontrast.inference import late_chunk_embeddings, window_spans
+    ids = tokenize(tokenizer, documents["d"], 64, "right")
+    vectors, owner = late_chunk_embeddings(model, ids, window_spans(tokenizer, ids, 12), batch_size=3,
+                                           pad_token_id=tokenizer.pad_token_id, device=torch.device("cpu"))
+    assert owner == [c for c, w in enumerate(best) for _ in w]
+    assert vectors.numpy() == pytest.approx(np.concatenate(best), abs=1e-5)
+    late = got["late@12"]
+    assert late["windows"] == sum(len(w) for w in best) > len(best)
+    assert late["per_item"]["mrr@20"] == pytest.approx(expected, abs=1e-4)
+    assert late["per_item"] != got["maxp@12"]["per_item"]
+
+    one_window = evaluate_dataset(model, tokenizer, str(tmp_path), "doc2dial",
+                                  EvalConfig(query_max_len=32, passage_max_len=64, batch_size=3, passage_window=64,
+                                             late_chunking=True), torch.device("cpu"))
+    for metric, values in one_window["per_item"].items():
+        assert one_window["late@64"]["per_item"][metric] == pytest.approx(values, abs=1e-6), metric
+
+    out = tmp_path / "r.json"
+    assert evaluate.main(["--model_path", folder, "--data-folder", str(tmp_path), "--eval-dataset", "doc2dial",
+                          "--query_max_len", "32", "--passage_max_len", "64", "--passage_window", "12", "--late_chunking",
+                          "--bootstrap_samples", "200", "--output_file", str(out)]) == 0
+    assert "[doc2dial late@12, 8 items]" in capsys.readouterr().out
+    assert "doc2dial late@12 - maxp@12" in json.loads(out.read_text())["whole_vs_windows"][folder]
+    with pytest.raises(SystemExit):
+        evaluate.main(["--data-folder", str(tmp_path), "--late_chunking"])
+    assert "error: --late_chunking pools the token states over --passage_window" in capsys.readouterr().err
+
 WORDS = ["permit", "fee", "office", "renew", "address", "proof", "library", "parking", "days", "cost"]
 
 

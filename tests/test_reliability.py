@@ -32,7 +32,7 @@ def test_sigkill_mid_epoch_then_restart_ends_with_the_same_weights(tiny_model_di
     """A run killed with SIGKILL and started again with the same command (automatic resume from
     the newest checkpoint in --output_dir) ends with the weights of an uninterrupted run."""
     data = write_jsonl(tmp_path / "d.jsonl", conversation_records(60))  # 15 steps per epoch at batch 4
-    argv = ["--max_steps", "24", "--per_device_train_batch_size", "4", "--dropout", "0.1", "--save_strategy",
+    argv = ["--max_steps", "18", "--per_device_train_batch_size", "4", "--dropout", "0.1", "--save_strategy",
             "steps", "--save_steps", "1", "--save_total_limit", "2", "--mini_batch_size", "3"]
     efficient_train.main(common(tiny_model_dir, data, tmp_path / "reference", *argv))
 
@@ -65,7 +65,7 @@ def test_sigterm_writes_a_checkpoint_and_stops_then_the_rerun_finishes_the_run(t
     """SIGTERM (pre-emption): the current step ends, a checkpoint is written, the process exits 143
     without a final model; the same command resumes and ends with an uninterrupted run's weights."""
     data = write_jsonl(tmp_path / "d.jsonl", conversation_records(60))
-    argv = ["--max_steps", "40", "--per_device_train_batch_size", "4", "--dropout", "0.1", "--save_strategy", "no",
+    argv = ["--max_steps", "16", "--per_device_train_batch_size", "4", "--dropout", "0.1", "--save_strategy", "no",
             "--mini_batch_size", "3", "--logging_steps", "1"]
     efficient_train.main(common(tiny_model_dir, data, tmp_path / "reference", *argv))
 
@@ -80,7 +80,7 @@ def test_sigterm_writes_a_checkpoint_and_stops_then_the_rerun_finishes_the_run(t
     assert process.returncode == 143, stderr[-2000:]
     assert "stopped on SIGTERM after step" in stderr and "run the same command again to resume" in stderr
     written = checkpoints.complete_checkpoints(out)
-    assert len(written) == 1 and checkpoints.checkpoint_step(written[0]) < 40  # stopped early, with a checkpoint
+    assert len(written) == 1 and checkpoints.checkpoint_step(written[0]) < 16  # stopped early, with a checkpoint
     assert not (out / checkpoints.FINISHED_MARKER).exists()
 
     restart = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
