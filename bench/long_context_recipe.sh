@@ -4,8 +4,8 @@
 # training dialogue of the shared Doc2Dial set asks for its WHOLE gold page (pages/train_pages.jsonl,
 # one BM25-mined page of the same domain as hard negative, pages read up to 1024 tokens) and for its
 # gold chunk (train_triples.jsonl, one BM25-mined chunk as hard negative), batch 16, one epoch.
-# Every passage reads its tokens at randomly shifted positions (--shift_positions, PoSE), so rows up
-# to 8191 learn from texts of at most 1024 tokens. Nothing generated like the benchmark's passkey or
+# Positions are not shifted: chosen on the selection half of the page dev set over --shift_positions (PoSE),
+# which read whole pages no better (docs/results.md, "Long context"). Nothing generated like the benchmark's passkey or
 # needle documents is trained on. Then the chunk-level and the page-level dev sets are evaluated.
 # Measured on 2 CPU cores: 27-33 minutes of training, 5-12 of evaluation (the late-chunked pages add one
 # whole-page pass per model; 12 minutes with another training run beside it).
@@ -17,7 +17,7 @@
 # OUTPUT_DIR/eval_doc2dial_dev.json (chunks) and OUTPUT_DIR/eval_doc2dial_pages.json (whole pages beside
 # the 512-position MiniLM, each also as MaxP over 512-token windows and late-chunked into the same windows,
 # split by answer position and by page into selection and report halves, with paired intervals). Extra flags override the recipe's (e.g. the 512-position control:
-# --max_position_embeddings 512 --passage_max_len 512 --shift_positions false). Environment: PYTHON (default python), SHARED
+# --max_position_embeddings 512 --passage_max_len 512; the shift ablation: --shift_positions). Environment: PYTHON (default python), SHARED
 # (default ../shared/data/doc2dial).
 set -euo pipefail
 if [ $# -lt 1 ]; then echo "usage: bash bench/long_context_recipe.sh OUTPUT_DIR [extra efficient_train.py flags]" >&2; exit 2; fi
@@ -38,7 +38,7 @@ SECONDS=0
 "$python" bench/mixed_page_chunks.py --pages "$shared/pages/train_pages.jsonl" --chunks "$shared/train_triples.jsonl" \
   --output "$work/mixed_pages.jsonl"
 "$python" efficient_train.py --train_data "$work/mixed_pages.jsonl" \
-  --output_dir "$out" --max_position_embeddings 8192 --position_init copy --shift_positions \
+  --output_dir "$out" --max_position_embeddings 8192 --position_init copy --shift_positions false \
   --passage_max_len 1024 --mini_batch_size 8 --mini_batch_tokens 8192 --num_hard_negatives 1 \
   --per_device_train_batch_size 16 --num_train_epochs 1 --temperature 0.05 --learning_rate 2e-5 \
   --save_strategy no --logging_steps 10 "$@"
