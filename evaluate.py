@@ -16,6 +16,7 @@ underscores.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -227,6 +228,16 @@ def run(args) -> dict:
     return rows
 
 
+def _paired_parts(base: dict, other: dict, resamples: int) -> dict:
+    """``other`` against ``base`` on every part both scored per item (``"all"``, ``gold_start>=512``...):
+    per metric the mean per-query difference ``other - base`` with its paired interval and p-value."""
+    others = dict(parts(other))
+    return {part or "all": {metric: paired_difference(np.array(values), np.array(others[part]["per_item"][metric]),
+                                                      resamples=resamples)
+                            for metric, values in metrics["per_item"].items()}
+            for part, metrics in parts(base) if "per_item" in metrics and "per_item" in others.get(part, {})}
+
+
 def compare(rows: dict[str, dict], resamples: int) -> dict:
     """Each model after the first against the first, on every set and part both have: per metric
     the mean per-query difference (points) with its paired bootstrap 95% interval and p-value."""
@@ -236,13 +247,9 @@ def compare(rows: dict[str, dict], resamples: int) -> dict:
         for dataset, scored in results.items():
             if not isinstance(scored, dict) or "per_item" not in scored or dataset not in base:
                 continue
-            baseline = dict(parts(base[dataset]))
-            for part, metrics in parts(scored):
-                if part in baseline and "per_item" in metrics:
-                    out.setdefault(name, {}).setdefault(dataset, {})[part or "all"] = {
-                        metric: paired_difference(np.array(baseline[part]["per_item"][metric]), np.array(values),
-                                                  resamples=resamples)
-                        for metric, values in metrics["per_item"].items()}
+            paired = _paired_parts(base[dataset], scored, resamples)
+            if paired:
+                out.setdefault(name, {})[dataset] = paired
     return out
 
 
@@ -260,19 +267,14 @@ def compare_windows(rows: dict[str, dict], resamples: int) -> dict:
                 continue
             readers = {"whole": scored, **{key: value for key, value in scored.items()
                                            if key.startswith("late@") and isinstance(value, dict)}}
-            for reader, read in readers.items():
-                whole = dict(parts(read))
-                for other, other_results in rows.items():
-                    for key, windowed in (other_results.get(dataset) or {}).items():
-                        if not key.startswith("maxp@") or not isinstance(windowed, dict):
-                            continue
+            for (reader, read), (other, other_results) in itertools.product(readers.items(), rows.items()):
+                for key, windowed in (other_results.get(dataset) or {}).items():
+                    if not key.startswith("maxp@") or not isinstance(windowed, dict):
+                        continue
+                    paired = _paired_parts(windowed, read, resamples)
+                    if paired:
                         label = f"{dataset} {reader} - {key}" if other == name else f"{dataset} {reader} - {other} {key}"
-                        for part, metrics in parts(windowed):
-                            if part in whole and "per_item" in metrics and "per_item" in whole[part]:
-                                out.setdefault(name, {}).setdefault(label, {})[part or "all"] = {
-                                    metric: paired_difference(np.array(values), np.array(whole[part]["per_item"][metric]),
-                                                              resamples=resamples)
-                                    for metric, values in metrics["per_item"].items()}
+                        out.setdefault(name, {})[label] = paired
     return out
 
 
