@@ -204,7 +204,15 @@ the late-chunked ones under ``"late@W"``), with a BM25 weight W in
     chunk_ids = tokenize(tokenizer, chunks, config.passage_max_len, "right", config.passage_prompt)
     query_ids = tokenize(tokenizer, [item.query for item in items], config.query_max_len, "left", config.query_prompt)
     encoding = {"pad_token_id": tokenizer.pad_token_id, "device": device}
-    chunk_embeddings = config.encode(model, chunk_ids, "passage", desc=f"{dataset} chunks", texts=chunks, **encoding)
+    late = None
+    if config.passage_window and config.late_chunking:
+        # one pass over the chunks gives both their whole embeddings and their late-chunked windows
+        spans = window_spans(tokenizer, chunk_ids, config.passage_window, config.passage_prompt)
+        *late, chunk_embeddings = late_chunk_embeddings(
+            model, chunk_ids, spans, batch_size=config.batch_size, max_tokens=config.max_tokens,
+            autocast=config.autocast, desc=f"{dataset} chunks", texts=chunks, **encoding)
+    else:
+        chunk_embeddings = config.encode(model, chunk_ids, "passage", desc=f"{dataset} chunks", texts=chunks, **encoding)
     query_embeddings = config.encode(model, query_ids, "query", desc=f"{dataset} queries",
                                      texts=[item.query for item in items], **encoding)
     gold_scores = None
@@ -247,13 +255,9 @@ the late-chunked ones under ``"late@W"``), with a BM25 weight W in
                                           texts=[chunks[i] for i in owner], **encoding)
         results[f"maxp@{window}"] = {"windows": len(pieces), **_score_items(
             items, best_window(window_embeddings, owner), copy_of, offsets, **splits)}
-        if config.late_chunking:
-            spans = window_spans(tokenizer, chunk_ids, window, config.passage_prompt)
-            late, owner = late_chunk_embeddings(
-                model, chunk_ids, spans, batch_size=config.batch_size, max_tokens=config.max_tokens,
-                autocast=config.autocast, desc=f"{dataset} late chunks", texts=chunks, **encoding)
-            results[f"late@{window}"] = {"windows": len(owner), **_score_items(
-                items, best_window(late, owner), copy_of, offsets, **splits)}
+        if late is not None:
+            results[f"late@{window}"] = {"windows": len(late[1]), **_score_items(
+                items, best_window(*late), copy_of, offsets, **splits)}
     keyword = bm25_scores(items, documents) if config.fuse_bm25 else {}
     for weight in config.fuse_bm25:
         results[f"+bm25@{weight:g}"] = _score_items(

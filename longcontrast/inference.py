@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 
 from . import UserError
 from .data import length_sorted_groups, pad, special_tokens, unique_sequences
-from .modeling import (DualEncoder, default_model_path, from_pretrained, load_tokenizer, prepare_tokenizer, read_pooling,
-                       read_prompts)
+from .modeling import (DualEncoder, default_model_path, from_pretrained, load_tokenizer, pool, prepare_tokenizer,
+                       read_pooling, read_prompts)
 
 logger = logging.getLogger(__name__)
 
@@ -194,24 +194,32 @@ def split_windows(tokenizer, token_ids: list[list[int]], window: int, prompt: st
 def late_chunk_embeddings(model: DualEncoder, token_ids: list[list[int]], spans: list[list[tuple[int, int]]], *,
                           batch_size: int, pad_token_id: int, device: torch.device, max_tokens: int | None = None,
                           autocast: torch.dtype | None = None, desc: str = "late chunks",
-                          texts: list[str] | None = None) -> tuple[torch.Tensor, list[int]]:
+                          texts: list[str] | None = None) -> tuple[torch.Tensor, list[int], torch.Tensor]:
     """Late chunking (Günther et al. 2024): each passage read once, whole, and its token states
     mean-pooled over each of its ``spans`` (the mean whatever the model's pooling, as the paper does), so
     every window's vector carries the context of the whole passage.
 
     A passage's first span is widened to its start and its last to its end, so the leading special
     tokens and prompt join the first window and the closing ones the last (a one-span passage pools
-    all its tokens). Returns (R, D) unit-norm window vectors, on the CPU, and the passage of each
-    (non-decreasing); copies of a passage share their vectors.
+    all its tokens). Returns (R, D) unit-norm window vectors, on the CPU, the passage of each
+    (non-decreasing), and the (N, D) whole-passage embeddings that :func:`encode` gives, pooled
+    from the same pass (the model's pooling), so a passage is read once for both; copies of a
+    passage share their vectors.
     """
     unique, copy_of, first_copy, groups = _batches(token_ids, batch_size=batch_size, max_tokens=max_tokens, desc=desc)
     span_of = {distinct: spans[index] for distinct, index in first_copy.items()}
     vectors_of: dict[int, torch.Tensor] = {}
+    whole = None
     context = torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext()
     with torch.inference_mode(), context:
         for rows in groups:
             batch = pad([unique[i] for i in rows], pad_token_id, device)
             hidden = model.hidden_states(**batch, side="passage")  # (b, L, D)
+            pooled = pool(hidden, batch["attention_mask"], model.pooling)  # (b, D)
+            _check_finite(pooled, rows, first_copy, desc=desc, side="passage", texts=texts)
+            if whole is None:
+                whole = torch.empty(len(unique), pooled.shape[1])  # (U, D)
+            whole[torch.tensor(rows)] = pooled.cpu()
             for row, distinct in enumerate(rows):
                 bounds = span_of[distinct]
                 edges = [0] + [start for start, _ in bounds[1:]] + [len(unique[distinct])]
@@ -219,4 +227,5 @@ def late_chunk_embeddings(model: DualEncoder, token_ids: list[list[int]], spans:
                 _check_finite(pooled, [distinct] * len(pooled), first_copy, desc=desc, side="passage", texts=texts)
                 vectors_of[distinct] = torch.nn.functional.normalize(pooled, dim=-1).to("cpu", torch.float32)
     owner = [passage for passage, distinct in enumerate(copy_of) for _ in range(len(vectors_of[distinct]))]
-    return torch.cat([vectors_of[distinct] for distinct in copy_of]), owner  # (R, D)
+    windows = torch.cat([vectors_of[distinct] for distinct in copy_of])  # (R, D)
+    return windows, owner, whole[torch.tensor(copy_of, dtype=torch.long)]  # (R, D), (R,), (N, D)

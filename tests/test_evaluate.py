@@ -365,10 +365,18 @@ def test_late_chunking_equals_mean_token_states_of_one_whole_pass(saved_models, 
         expected.append(100.0 / (1 + int((scores > scores[it.gold_index] + 1e-6).sum())))
     from longcontrast.inference import late_chunk_embeddings, window_spans
     ids = tokenize(tokenizer, documents["d"], 64, "right")
-    vectors, owner = late_chunk_embeddings(model, ids, window_spans(tokenizer, ids, 12), batch_size=3,
-                                           pad_token_id=tokenizer.pad_token_id, device=torch.device("cpu"))
+    vectors, owner, whole = late_chunk_embeddings(model, ids, window_spans(tokenizer, ids, 12), batch_size=3,
+                                                  pad_token_id=tokenizer.pad_token_id, device=torch.device("cpu"))
     assert owner == [c for c, w in enumerate(best) for _ in w]
     assert vectors.numpy() == pytest.approx(np.concatenate(best), abs=1e-5)
+    # the same pass gives the whole chunks' embeddings: the whole rows score as without late chunking
+    assert whole.numpy() == pytest.approx(reference.encode(documents["d"], normalize_embeddings=True), abs=1e-5)
+    plain = evaluate_dataset(model, tokenizer, str(tmp_path), "doc2dial",
+                             EvalConfig(query_max_len=32, passage_max_len=64, batch_size=3, passage_window=12),
+                             torch.device("cpu"))
+    assert "late@12" not in plain and plain["maxp@12"]["per_item"] == got["maxp@12"]["per_item"]
+    for metric, values in plain["per_item"].items():
+        assert got["per_item"][metric] == pytest.approx(values, abs=1e-6), metric
     late = got["late@12"]
     assert late["windows"] == sum(len(w) for w in best) > len(best)
     assert late["per_item"]["mrr@20"] == pytest.approx(expected, abs=1e-4)
