@@ -7,8 +7,8 @@
 # Positions are not shifted: chosen on the selection half of the page dev set over --shift_positions (PoSE),
 # which read whole pages no better (docs/results.md, "Long context"). Nothing generated like the benchmark's passkey or
 # needle documents is trained on. Then the chunk-level and the page-level dev sets are evaluated.
-# Measured on 2 CPU cores: 27-33 minutes of training, 5-12 of evaluation (the late-chunked windows come from
-# the same pass that embeds the whole pages; 12 minutes with another training run beside it).
+# Measured on 2 CPU cores: 19-20 minutes of training alone (36 with another run beside it), 4 of evaluation
+# (the late-chunked windows come from the same pass that embeds the whole pages).
 #
 #   bash bench/long_context_recipe.sh OUTPUT_DIR [extra efficient_train.py flags]
 #   python bench/long_context.py --models "MiniLM 512=default" "recipe=OUTPUT_DIR"   # the long-context benchmark

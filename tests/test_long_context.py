@@ -113,3 +113,40 @@ def test_mixed_page_chunks_asks_each_dialogue_for_its_page_and_its_chunk():
     records = mixed.mixed_records(pages, chunks)
     assert [r["positive"] for r in records] == ["the whole page", "the chunk"]
     assert all(r["messages"] == turns and set(r) == {"messages", "document", "positive", "hard_negatives"} for r in records)
+
+
+def test_seeds_averages_each_item_over_seeds_before_pairing(tmp_path, caplog):
+    """bench/seeds.py: per-seed R@1, and the paired difference of the seed-averaged items (here
+    computed by hand on four items: late chunks win item 0 in both seeds, item 1 in one)."""
+    import json
+
+    spec = importlib.util.spec_from_file_location("seeds", Path(__file__).resolve().parents[1] / "bench" / "seeds.py")
+    seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seeds)
+
+    def reading(values):
+        part = {"per_item": {"recall@1": values}}
+        return {**part, "gold_start>=512": part, "split=report": {"gold_start>=512": part},
+                "split=selection": {"gold_start>=512": part}}
+
+    files = []
+    for seed, late in enumerate([[100, 100, 0, 0], [100, 0, 0, 0]]):
+        model = {**reading([0, 0, 100, 0]), "maxp@512": reading([0, 0, 100, 0]), "late@512": reading(late)}
+        path = tmp_path / f"seed{seed}.json"
+        path.write_text(json.dumps({"results": {"default": {"doc2dial": {"maxp@512": reading([0, 0, 0, 0])}},
+                                                "m": {"doc2dial": model}}}))
+        files.append(str(path))
+    out = tmp_path / "table.json"
+    with caplog.at_level("INFO"):
+        assert seeds.main([*files, "--output", str(out)]) == 0
+    table = json.loads(out.read_text())
+    assert table["recall@1"]["late chunks"]["all"] == [50.0, 25.0]
+    paired = table["paired"]["late chunks - own MaxP"]["all"]
+    assert paired["difference"] == pytest.approx((100 + 50 - 100 + 0) / 4)  # per item: mean late - own
+    assert table["paired"]["whole - MiniLM MaxP"]["all"]["difference"] == pytest.approx(25.0)
+    assert "| late chunks | 50.0 / 25.0 (mean 37.5, sd 17.7)" in caplog.text
+
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({"results": {"default": {"doc2dial": {}}, "m": {"doc2dial": {"recall@1": 1.0}}}}))
+    with pytest.raises(SystemExit, match="needs --passage_window 512 --late_chunking --per_item"):
+        seeds.main([str(bare)])

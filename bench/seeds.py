@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Several training seeds of one long-context recipe, read together: per seed and as mean and
+standard deviation, R@1 of the page dev set for whole pages, the model's own 512-token windows
+(MaxP), its late chunks and the 512-position MiniLM's windows; then each reading against each window
+row with a paired 95% bootstrap interval over items, each item's R@1 first averaged over the seeds
+(the recipe in expectation over seeds, its seed noise averaged out, the item noise kept).
+
+Each input is a page evaluation with per-item values (``bench/long_context_recipe.sh``'s
+OUTPUT_DIR/eval_doc2dial_pages.json, or a ``bench/results/long_context_*_pages.json``), the trained
+model beside the 512-position ``default``.
+
+    python bench/seeds.py bench/results/long_context_recipe_pages.json bench/results/long_context_seed{1,2}_pages.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from longcontrast.metrics import paired_difference  # noqa: E402
+
+logger = logging.getLogger("seeds")
+PARTS = {"all": "", "past 512": "gold_start>=512", "report, past 512": "split=report gold_start>=512",
+         "selection, past 512": "split=selection gold_start>=512"}
+
+
+def readings(path: str) -> dict[str, dict]:
+    """The four readings of one evaluation file: name -> its doc2dial results (per-item R@1 kept)."""
+    with open(path) as handle:
+        data = json.load(handle)
+    results = data.get("pages", data)["results"]
+    trained = [name for name in results if name != "default"]
+    if "default" not in results or len(trained) != 1:
+        raise SystemExit(f"error: {path}: expected the 512-position 'default' and one trained model")
+    model, minilm = results[trained[0]]["doc2dial"], results["default"]["doc2dial"]
+    if "late@512" not in model or "per_item" not in model:
+        raise SystemExit(f"error: {path}: needs --passage_window 512 --late_chunking --per_item results")
+    return {"whole": model, "own MaxP": model["maxp@512"], "late chunks": model["late@512"],
+            "MiniLM MaxP": minilm["maxp@512"]}
+
+
+def recall(results: dict, part: str) -> np.ndarray:
+    """(N,) per-item R@1 (0 or 100) of one part (``""``: all items)."""
+    for key in part.split():
+        results = results[key]
+    return np.asarray(results["per_item"]["recall@1"], dtype=np.float64)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("evaluations", nargs="+", help="page evaluation JSON files, one per seed")
+    parser.add_argument("--output", default=None, help="also write the table as JSON here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for path in args.evaluations:
+        if not os.path.isfile(path):
+            print(f"error: {path} not found", file=sys.stderr)
+            return 2
+    runs = [readings(path) for path in args.evaluations]
+    out = {"evaluations": args.evaluations, "recall@1": {}, "paired": {}}
+    lines = ["| reading | " + " | ".join(PARTS) + " |", "|---" * (len(PARTS) + 1) + "|"]
+    for reading in runs[0]:
+        cells = []
+        for label, part in PARTS.items():
+            values = [float(recall(run[reading], part).mean()) for run in runs]  # one per seed
+            out["recall@1"].setdefault(reading, {})[label] = values
+            cells.append(" / ".join(f"{v:.1f}" for v in values)
+                         + f" (mean {np.mean(values):.1f}, sd {np.std(values, ddof=1) if len(values) > 1 else 0:.1f})")
+        lines.append(f"| {reading} | " + " | ".join(cells) + " |")
+    lines += ["", "| seed-averaged items | " + " | ".join(PARTS) + " |", "|---" * (len(PARTS) + 1) + "|"]
+    for reading in ("whole", "late chunks"):
+        for window in ("own MaxP", "MiniLM MaxP"):
+            cells = []
+            for label, part in PARTS.items():
+                mean = lambda name: np.mean([recall(run[name], part) for run in runs], axis=0)  # noqa: E731 (N,)
+                paired = paired_difference(mean(window), mean(reading))
+                out["paired"].setdefault(f"{reading} - {window}", {})[label] = paired
+                cells.append(f"{paired['difference']:+.2f} [{paired['low']:+.2f}, {paired['high']:+.2f}]")
+            lines.append(f"| {reading} - {window} | " + " | ".join(cells) + " |")
+    logger.info("%d seeds: R@1 per seed\n%s", len(runs), "\n".join(lines))
+    if args.output:
+        with open(args.output, "w") as handle:
+            json.dump(out, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
