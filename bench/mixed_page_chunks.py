@@ -8,8 +8,16 @@ Joins ../shared/data/doc2dial/pages/train_pages.jsonl (whole pages, BM25-mined p
 ../shared/data/doc2dial/train_triples.jsonl (the same dialogues' gold chunks, BM25-mined chunk
 negatives) on the dialogue turns. Nothing from the dev sets is read.
 
+--chunks_in_page: the chunk record's positive becomes its page (cut to start where the chunk still
+ends within --passage_max_len tokens) with the chunk's characters as ``positive_span``: the chunk is
+read in the context of its page and its vector pools the chunk's tokens only, as late chunking reads
+windows at evaluation (span pooling in training, Günther et al. 2024). Its hard negative stays the
+mined chunk.
+
     python bench/mixed_page_chunks.py --output outputs/mixed_pages.jsonl
     bash bench/long_context_recipe.sh OUTPUT_DIR --train_data outputs/mixed_pages.jsonl
+    python bench/mixed_page_chunks.py --chunks_in_page --output outputs/mixed_spans.jsonl
+    bash bench/long_context_recipe.sh OUTPUT_DIR --train_data outputs/mixed_spans.jsonl
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "doc2dial")
@@ -36,11 +45,65 @@ def mixed_records(pages: list[dict], chunks: list[dict]) -> list[dict]:
     return out
 
 
+def locate(page: str, chunk: str) -> tuple[int, int] | None:
+    """The characters of ``page`` holding ``chunk``, whitespace runs counted as one (the chunk files
+    and the page files space paragraphs differently); None when the chunk is not in the page."""
+    starts, ends, words = [], [], []
+    for match in re.finditer(r"\S+", page):
+        starts.append(match.start())
+        ends.append(match.end())
+        words.append(match.group())
+    wanted = chunk.split()
+    if not wanted:
+        return None
+    joined, target = " ".join(words), " ".join(wanted)
+    at = joined.find(target)
+    # a match must start and end on word boundaries: count the words before it
+    if at < 0 or (at > 0 and joined[at - 1] != " "):
+        return None
+    first = joined[:at].count(" ")
+    return starts[first], ends[first + len(wanted) - 1]
+
+
+def chunk_in_page(page: str, span: tuple[int, int], tokenizer, max_tokens: int, margin: int = 8) -> tuple[str, list[int]]:
+    """``page`` and ``span``, the page cut at a token start so that the span ends within the first
+    ``max_tokens`` tokens (special tokens and ``margin`` kept free); the page whole where it already does."""
+    offsets = tokenizer(page, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    last = max(i for i, (a, b) in enumerate(offsets) if a < span[1])  # the span's last token
+    room = max_tokens - 2 - margin
+    if last < room:
+        return page, list(span)
+    cut = offsets[last - room + 1][0]
+    while cut > 0 and not page[cut - 1].isspace():  # start on a word, as a page would
+        cut += 1
+    return page[cut:], [span[0] - cut, span[1] - cut]
+
+
+def with_spans(records: list[dict], tokenizer, max_tokens: int) -> tuple[list[dict], int]:
+    """The chunk records (every second) as their page with the chunk's span; a chunk not found in its
+    page stays read alone. Returns the records and how many became spans."""
+    out, spanned = [], 0
+    for page_record, chunk_record in zip(records[::2], records[1::2]):
+        span = locate(page_record["positive"], chunk_record["positive"])
+        if span is not None and span[0] < len(page_record["positive"]):
+            text, cut_span = chunk_in_page(page_record["positive"], span, tokenizer, max_tokens)
+            if cut_span[0] >= 0:
+                chunk_record = {**chunk_record, "positive": text, "positive_span": cut_span}
+                spanned += 1
+        out += [page_record, chunk_record]
+    return out, spanned
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pages", default=os.path.join(SHARED, "pages", "train_pages.jsonl"))
     parser.add_argument("--chunks", default=os.path.join(SHARED, "train_triples.jsonl"))
     parser.add_argument("--output", required=True)
+    parser.add_argument("--chunks_in_page", action="store_true",
+                        help="each chunk read inside its page and pooled over its own tokens (positive_span)")
+    parser.add_argument("--passage_max_len", type=int, default=1024,
+                        help="with --chunks_in_page: the training's --passage_max_len, within which each chunk must end")
+    parser.add_argument("--model", default=None, help="whose tokenizer counts the tokens (default: the embedded MiniLM)")
     args = parser.parse_args(argv)
     for path in (args.pages, args.chunks):
         if not os.path.isfile(path):
@@ -48,10 +111,17 @@ def main(argv=None) -> int:
             return 2
     read = lambda path: [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]  # noqa: E731
     records = mixed_records(read(args.pages), read(args.chunks))
+    note = ""
+    if args.chunks_in_page:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from longcontrast.modeling import default_model_path, load_tokenizer
+
+        records, spanned = with_spans(records, load_tokenizer(args.model or default_model_path()), args.passage_max_len)
+        note = f"; {spanned} chunks read inside their page"
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as handle:
         handle.writelines(json.dumps(r) + "\n" for r in records)
-    print(f"{len(records)} records ({len(records) // 2} dialogues, page and chunk each) written to {args.output}")
+    print(f"{len(records)} records ({len(records) // 2} dialogues, page and chunk each{note}) written to {args.output}")
     return 0
 
 

@@ -19,10 +19,14 @@ def make_dataset(examples: list[Example]):
     positives (all of the example's), known_positives (all of its query's), negatives and length.
 
     ``length`` (characters of the query and the first positive) is what the Trainer's
-    ``--train_sampling_strategy group_by_length`` groups by.
+    ``--train_sampling_strategy group_by_length`` groups by. Examples with a ``positive_span`` add a
+    column of it (``[]`` where an example has none).
     """
     import datasets
 
+    spans = {}
+    if any(e.positive_span for e in examples):
+        spans["positive_span"] = [list(e.positive_span or ()) for e in examples]
     return datasets.Dataset.from_dict({
         "query": [e.query for e in examples],
         "positive": [e.positive for e in examples],
@@ -30,6 +34,7 @@ def make_dataset(examples: list[Example]):
         "known_positives": [e.known_positives or e.positives for e in examples],
         "negatives": [e.negatives for e in examples],
         "length": [len(e.query) + len(e.positive) for e in examples],
+        **spans,
     })
 
 
@@ -64,10 +69,42 @@ def tokenize(tokenizer, texts: list[str], max_length: int, truncation_side: str,
     return [prefix + x[:budget] + suffix for x in ids]
 
 
-def pad(sequences: list[list[int]], pad_token_id: int, device=None, shifts: list[int] | None = None
-        ) -> dict[str, torch.Tensor]:
+def span_tokens(tokenizer, text: str, span: tuple[int, int], max_length: int, prompt: str = "") -> tuple[int, int]:
+    """The tokens ``[start, end)`` of ``tokenize(tokenizer, [text], max_length, "right", prompt)[0]``
+    that carry the characters ``span`` of ``text``: every token overlapping them, within the kept
+    length. A span cut off entirely by ``max_length`` raises :class:`UserError`."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError("'positive_span' needs a fast tokenizer (character offsets); this model's is not")
+    prefix, suffix = special_tokens(tokenizer)
+    offsets = tokenizer([prompt + text], add_special_tokens=False, truncation=False, verbose=False,
+                        return_offsets_mapping=True)["offset_mapping"][0]
+    start, end = span[0] + len(prompt), span[1] + len(prompt)
+    kept = max_length - len(prefix) - len(suffix)
+    inside = [i for i, (a, b) in enumerate(offsets[:kept]) if a < end and b > start and b > a]
+    if not inside:
+        raise UserError(f"a positive_span ({span[0]}-{span[1]}) lies past the first {max_length} tokens of its passage; "
+                        "cut the passage so that the span starts within --passage_max_len tokens")
+    return len(prefix) + inside[0], len(prefix) + inside[-1] + 1
+
+
+def check_spans(examples: list[Example], tokenizer, max_length: int, prompt: str = "") -> None:
+    """Every ``positive_span`` within the first ``max_length`` tokens of its passage, checked before
+    training starts (a span found past the cut in step 900 would stop a long run); raises
+    :class:`UserError` naming the first example that fails."""
+    for example in examples:
+        if example.positive_span:
+            try:
+                span_tokens(tokenizer, example.positive, example.positive_span, max_length, prompt)
+            except UserError as err:
+                raise UserError(f"the example with query {example.query[:60]!r}: {err}") from None
+
+
+def pad(sequences: list[list[int]], pad_token_id: int, device=None, shifts: list[int] | None = None,
+        spans: list[tuple[int, int] | None] | None = None) -> dict[str, torch.Tensor]:
     """Right-pad token id lists to their own longest: ``input_ids`` and ``attention_mask``, (N, L);
-    with ``shifts`` (one per text) also ``position_ids`` (:func:`.positions.position_ids`)."""
+    with ``shifts`` (one per text) also ``position_ids`` (:func:`.positions.position_ids`); with
+    ``spans`` (a token range or None per text) also ``pool_mask`` (N, L): the tokens each vector pools
+    (the span, or every real token where None)."""
     length = max(len(s) for s in sequences)
     input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)  # (N, L)
     attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)  # (N, L)
@@ -77,6 +114,13 @@ def pad(sequences: list[list[int]], pad_token_id: int, device=None, shifts: list
     batch = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
     if shifts is not None:
         batch["position_ids"] = position_ids([len(s) for s in sequences], length, shifts).to(device)  # (N, L)
+    if spans is not None:
+        pool_mask = attention_mask.clone()  # (N, L)
+        for row, span in enumerate(spans):
+            if span is not None:
+                pool_mask[row] = 0
+                pool_mask[row, span[0] : span[1]] = 1
+        batch["pool_mask"] = pool_mask.to(device)
     return batch
 
 
@@ -96,7 +140,10 @@ class ContrastiveCollator:
     set: also ``passage_position_shifts`` (P ints), a random shift per distinct passage (copies share
     it, so they stay one text to encode) that places it within ``max_positions``
     (:func:`.positions.draw_position_shifts`), drawn from a generator keyed by the seed, the epoch and
-    the batch's texts (resumable like the positive's draw).
+    the batch's texts (resumable like the positive's draw). A row with a ``positive_span`` (its
+    positive's evidence, in characters): also ``passage_pool_spans`` (P: the span's tokens, or None),
+    so that the positive is read whole and pooled over the span only; its ``passage_text_ids`` stay
+    those of the whole text, so the same text pooled whole is never its negative.
     """
 
     tokenizer: object
@@ -126,6 +173,8 @@ class ContrastiveCollator:
             positives.append(choices[self._draw(row["query"]) % len(choices)])
         negatives = [n for row in rows for n in row["negatives"][: self.num_hard_negatives]]
         passage_ids = self._tokenize_passages(positives + negatives)
+        spans = [span_tokens(self.tokenizer, text, row["positive_span"], self.passage_max_len, self.passage_prompt)
+                 if row.get("positive_span") else None for row, text in zip(rows, positives)]
         batch = {
             "query_ids": tokenize(self.tokenizer, [row["query"] for row in rows], self.query_max_len, "left",
                                   self.query_prompt),
@@ -138,6 +187,8 @@ class ContrastiveCollator:
                 ids = [sequence_id(x) for x in self._tokenize_passages(row.get("known_positives") or [row["positive"]])]
                 known[index, : len(ids)] = torch.tensor(ids)
             batch["query_positive_ids"] = known
+        if any(spans):
+            batch["passage_pool_spans"] = spans + [None] * len(negatives)
         if self.max_positions is not None:
             unique, copy_of = unique_sequences(passage_ids)
             # a generator keyed by the epoch and the batch's texts: a resumed run draws the same shifts
@@ -166,26 +217,29 @@ def length_sorted_groups(sequences: list[list[int]], max_texts: int | None, max_
     return groups
 
 
-def unique_sequences(sequences: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+def unique_sequences(sequences: list[list[int]], tags: list | None = None) -> tuple[list[list[int]], list[int]]:
     """The distinct token id lists (first occurrences, in input order) and, for each input, the
-    index of its distinct copy: ``unique[copy_of[i]] == sequences[i]``."""
-    index: dict[tuple[int, ...], int] = {}
-    copy_of = [index.setdefault(tuple(ids), len(index)) for ids in sequences]
-    return [list(ids) for ids in index], copy_of
+    index of its distinct copy: ``unique[copy_of[i]] == sequences[i]``. With ``tags`` (hashable, one
+    per sequence: e.g. its pooling span), equal ids with different tags stay distinct."""
+    index: dict[tuple, int] = {}
+    keys = [(tuple(ids), None if tags is None else tags[i]) for i, ids in enumerate(sequences)]
+    copy_of = [index.setdefault(key, len(index)) for key in keys]
+    return [list(ids) for ids, _ in index], copy_of
 
 
 def length_sorted_mini_batches(
     sequences: list[list[int]], max_texts: int | None, max_tokens: int | None, pad_token_id: int, device=None,
-    shifts: list[int] | None = None,
+    shifts: list[int] | None = None, spans: list[tuple[int, int] | None] | None = None,
 ) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
     """The :func:`length_sorted_groups` as mini-batches, each padded to its own longest (with each
-    text's position shift, if given).
+    text's position shift and pooling span, if given).
 
     Returns the mini-batches and ``order``: ``order[k]`` is the input index of the k-th text fed.
     """
     groups = length_sorted_groups(sequences, max_texts, max_tokens)
     order = [index for group in groups for index in group]
-    batches = [pad([sequences[i] for i in group], pad_token_id, device, None if shifts is None else [shifts[i] for i in group])
+    pick = lambda values, group: None if values is None else [values[i] for i in group]  # noqa: E731
+    batches = [pad([sequences[i] for i in group], pad_token_id, device, pick(shifts, group), pick(spans, group))
                for group in groups]
     return batches, order
 

@@ -295,10 +295,11 @@ class DualEncoder(nn.Module):
         raise ValueError(f"side must be 'query' or 'passage', got {side!r}")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, side: str,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, D) unit-norm embeddings of (N, L) token ids."""
+                position_ids: torch.Tensor | None = None, pool_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, D) unit-norm embeddings of (N, L) token ids; ``pool_mask`` (N, L): the tokens pooled,
+        each text read whole (``attention_mask``) either way (late chunking in training)."""
         hidden = self.hidden_states(input_ids, attention_mask, side, position_ids)  # (N, L, D)
-        return pool(hidden, attention_mask, self.pooling)  # (N, D)
+        return pool(hidden, attention_mask if pool_mask is None else pool_mask, self.pooling)  # (N, D)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, side: str,
                       position_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -39,6 +39,7 @@ def contrastive_step(
     known = inputs.get("query_positive_ids")  # (B, M) every positive of each query, or None
     known = known.to(device) if known is not None else None
     shifts = inputs.get("passage_position_shifts")  # P ints (shifted position ids) or None
+    spans = inputs.get("passage_pool_spans")  # P token ranges pooled (None: the whole text), or None
 
     def loss_fn(queries, passages):  # (B, D), (P, D) in batch order
         if cross_device:
@@ -50,22 +51,26 @@ def contrastive_step(
         scale = scale * world_size()
     if mini_batch_size is None:
         queries = pad(inputs["query_ids"], pad_token_id, device)
-        passages = pad(inputs["passage_ids"], pad_token_id, device, shifts)
+        passages = pad(inputs["passage_ids"], pad_token_id, device, shifts, spans)
         return full_batch_step(model, queries, passages, loss_fn, scale, backward)
 
-    def mini_batches(sequences, shifts=None):
-        """Length-sorted mini-batches of the (distinct) sequences, and for each input row the row of
-        its embedding among theirs. Copies share their shift (see ContrastiveCollator)."""
-        unique, copy_of = unique_sequences(sequences) if deduplicate else (sequences, list(range(len(sequences))))
-        if shifts is not None:
-            shift_of = dict(zip(copy_of, shifts))  # distinct text -> its shift
-            shifts = [shift_of[u] for u in range(len(unique))]
+    def mini_batches(sequences, shifts=None, spans=None):
+        """Length-sorted mini-batches of the distinct (sequence, pooling span) pairs, and for each input
+        row the row of its embedding among theirs. Copies share their shift (see ContrastiveCollator)."""
+        unique, copy_of = unique_sequences(sequences, spans) if deduplicate else (sequences, list(range(len(sequences))))
+
+        def per_unique(values):  # one value per distinct pair (copies share theirs)
+            if values is None:
+                return None
+            value_of = dict(zip(copy_of, values))
+            return [value_of[u] for u in range(len(unique))]
+
         batches, order = length_sorted_mini_batches(unique, mini_batch_size, mini_batch_tokens, pad_token_id, device,
-                                                    shifts)
+                                                    per_unique(shifts), per_unique(spans))
         return batches, inverse_permutation(order)[torch.tensor(copy_of, dtype=torch.long)]
 
     queries, query_restore = mini_batches(inputs["query_ids"])
-    passages, passage_restore = mini_batches(inputs["passage_ids"], shifts)
+    passages, passage_restore = mini_batches(inputs["passage_ids"], shifts, spans)
     sync_context = None
     if isinstance(model, DistributedDataParallel):
         sync_context = lambda is_last: contextlib.nullcontext() if is_last else model.no_sync()  # noqa: E731

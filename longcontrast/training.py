@@ -16,7 +16,7 @@ from transformers import set_seed
 
 from . import UserError, checkpoints
 from .arguments import DEFAULT_MAX_POSITIONS, parse_arguments, validate, validate_lengths
-from .data import ContrastiveCollator, make_dataset, max_known_positives
+from .data import ContrastiveCollator, check_spans, make_dataset, max_known_positives
 from .distributed import shut_down
 from .lora import add_lora, merge
 from .modeling import DualEncoder, default_model_path, load_encoder, prepare_tokenizer, read_pooling
@@ -39,6 +39,9 @@ def train(argv=None, gradcache: bool = True) -> str:
     model_path = model_args.model_name_or_path or default_model_path()
     pooling = model_args.pooling or read_pooling(model_path) or "cls"
     examples = load_examples(data_args.train_data, data_args.query_turns)
+    if pooling not in ("mean", "max") and any(e.positive_span for e in examples):
+        raise UserError(f"the data has 'positive_span' records, whose vector pools the span's tokens; pooling {pooling!r} "
+                        "does not pool over tokens: use --pooling mean (or max)")
 
     # Defaults resolved here so training_args.json records them.
     if model_args.attention_dropout is None:
@@ -76,6 +79,7 @@ def train(argv=None, gradcache: bool = True) -> str:
     prepare_tokenizer(tokenizer, pooling)
     model_args.max_position_embeddings = token_positions(encoder)  # recorded as resolved
     validate_lengths(data_args, model_args.max_position_embeddings)
+    check_spans(examples, tokenizer, data_args.passage_max_len, data_args.passage_instruction)
     table = position_table(encoder)
     asked = [flag for flag, on in (("--shift_positions", model_args.shift_positions),
                                    (f"--trainable_parameters {model_args.trainable_parameters}",

@@ -45,6 +45,10 @@ def test_three_formats(record, expected):
     ({"messages": MESSAGES, "positive": "p", "negatives": ["n"]},
      r"a conversation record \(with 'messages' and 'positive'\) takes its negatives as 'hard_negatives', not 'negatives'"),
     ({"anchor": "a", "positive": "p", "negatives": ["n"]}, "takes its negatives as 'negative', not 'negatives'"),
+    ({"query": "q", "positive": "page", "positive_span": [2]}, r"'positive_span' must be \[start, end\]"),
+    ({"query": "q", "positive": "page", "positive_span": [2, 9]}, "not a non-blank part of the positive"),
+    ({"query": "q", "positive": "a  b", "positive_span": [1, 3]}, "not a non-blank part"),
+    ({"query": "q", "pos": ["p", "r"], "positive_span": [0, 1]}, "needs exactly one positive"),
 ])
 def test_bad_records_name_the_place(record, message):
     with pytest.raises(UserError, match=message) as err:
@@ -212,6 +216,40 @@ def test_collator_layout_and_duplicate_ids(tiny_model_dir):
     # one identity: the token sequence; an uncased tokenizer reads "SAME" as "same"
     upper = collate(list(make_dataset([Example("q0", "SAME", []), Example("q1", "same", [])])))
     assert upper["passage_text_ids"].tolist() == [same, same]
+
+
+def test_positive_span_pools_the_tokens_of_its_characters(tiny_model_dir, tmp_path):
+    """A record's positive_span (characters of its positive) becomes the token range whose states its
+    vector pools; the text ids stay the whole text's, so the whole page is never its negative."""
+    from transformers import AutoTokenizer
+
+    page = "the permit fee is 12. the office is open 3 days. bring proof of address."
+    start = page.index("the office")
+    end = page.index(" bring")
+    path = write_jsonl(tmp_path / "spans.jsonl", [
+        {"query": "when is the office open", "positive": page, "positive_span": [start, end], "negatives": ["the library"]},
+        {"query": "when is the office open", "positive": page, "negatives": ["parking"]},
+    ])
+    examples = load_examples([path])
+    assert [e.positive_span for e in examples] == [(start, end), None]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    collate = ContrastiveCollator(tokenizer, 16, 64, max_positives=2)
+    batch = collate(list(make_dataset(examples)))
+    spans = batch["passage_pool_spans"]
+    assert spans[1:] == [None, None, None]
+    ids = batch["passage_ids"][0]
+    assert tokenizer.decode(ids[spans[0][0] : spans[0][1]]) == "the office is open 3 days."
+    assert batch["passage_text_ids"][0] == batch["passage_text_ids"][1]  # one text, read whole both times
+    # cut where the span begins after the kept tokens: one error line, not a silent empty vector
+    with pytest.raises(UserError, match="lies past the first 8 tokens"):
+        ContrastiveCollator(tokenizer, 16, 8)(list(make_dataset(examples)))
+    # no span in the data: no column, no key
+    assert "passage_pool_spans" not in collate(list(make_dataset(examples[1:])))
+
+
+def test_unique_sequences_keeps_equal_ids_with_other_tags_apart():
+    unique, copy_of = unique_sequences([[1, 2], [1, 2], [1, 2], [3]], [None, (0, 1), None, None])
+    assert unique == [[1, 2], [1, 2], [3]] and copy_of == [0, 1, 0, 2]
 
 
 def test_mini_batches_are_length_sorted_and_padded_to_their_own_longest():

@@ -268,3 +268,41 @@ def test_negative_control_dropping_the_copies_differs(tiny_model_dir):
                "passage_text_ids": inputs["passage_text_ids"][keep]}
     _, other, _ = run_step(model, without, 3)
     assert max_relative_difference(other, expected) > 1e-2
+
+
+def span_inputs():
+    """step_inputs with positive 1 pooled over tokens 2-7 only: its copy at hard negative 8 stays a
+    whole-text vector, so the two are distinct texts to encode (one token sequence, two poolings)."""
+    inputs = step_inputs()
+    inputs["passage_pool_spans"] = [None, (2, 7)] + [None] * 10
+    return inputs
+
+
+@pytest.mark.parametrize("mini_batch_size", [1, 3, 20])
+def test_pooling_spans_match_the_full_batch_and_stay_distinct(tiny_model_dir, mini_batch_size):
+    model = make_model(tiny_model_dir, dropout=0.0, pooling="mean")
+    plain, expected, _ = run_step(model, span_inputs(), None)
+    out, got, rows = run_step(model, span_inputs(), mini_batch_size)
+    assert rows == 2 * (4 + 11)  # the span-pooled positive 1 is not merged with its whole copy
+    assert out.loss.item() == pytest.approx(plain.loss.item(), rel=1e-9)
+    assert_same(got, expected)
+    _, without, _ = run_step(model, step_inputs(), mini_batch_size)  # negative control: no span
+    assert max_relative_difference(without, expected) > 1e-3
+
+
+def test_span_pooled_vector_is_the_late_chunk_window(tiny_model_dir):
+    """Training's span pooling and the evaluation's late chunking give one vector for one span, and
+    both equal the mean of the encoder's own token states over the span (a brute force)."""
+    from longcontrast.inference import late_chunk_embeddings
+
+    model = make_model(tiny_model_dir, dropout=0.0, pooling="mean").float().eval()
+    ids = sequences(1, 30, 31, seed=4)[0]  # 32 tokens
+    with torch.no_grad():
+        trained = model(**pad([ids], 0, spans=[(8, 20)]), side="passage")[0]  # (D,)
+        states = model.query_encoder(input_ids=torch.tensor([ids])).last_hidden_state[0]  # (L, D)
+    brute = torch.nn.functional.normalize(states[8:20].mean(dim=0), dim=0)
+    windows, owner, _ = late_chunk_embeddings(model, [ids], [[(0, 8), (8, 20), (20, len(ids))]], batch_size=4,
+                                              pad_token_id=0, device=torch.device("cpu"))
+    torch.testing.assert_close(trained, brute)
+    torch.testing.assert_close(windows[1], trained)
+    assert owner == [0, 0, 0]

@@ -92,6 +92,27 @@ def test_one_sgd_step_gives_the_same_update(tiny_model_dir, tmp_path):
         assert ((table_e - table_o).norm() / table_o.norm()).item() <= 1e-6
 
 
+def test_span_records_train_and_bad_ones_stop_before_training(tiny_model_dir, tmp_path, capsys):
+    """positive_span records (the evidence pooled inside its page) train with both scripts; a span
+    the passage cut leaves out, or a pooling that cannot pool a span, is one error line before training."""
+    records = conversation_records(12)
+    for record in records[::2]:
+        record["positive"] = "the library is open. " + record["positive"]
+        record["positive_span"] = [len("the library is open. "), len(record["positive"])]
+    data = write_jsonl(tmp_path / "spans.jsonl", records)
+    for module, extra in ((efficient_train, ["--mini_batch_size", "4"]), (origin_train, [])):
+        out = tmp_path / module.__name__
+        assert module.main(common(tiny_model_dir, data, out, "--max_steps", "2", "--pooling", "mean", *extra)) == 0
+        assert (out / "model.safetensors").is_file()
+    err = run_main(efficient_train, common(tiny_model_dir, data, tmp_path / "cls", "--pooling", "cls"), capsys)
+    assert "pooling 'cls' does not pool over tokens" in err
+    records[0]["positive"] = "the library is open. " * 20 + records[0]["positive"][len("the library is open. "):]
+    records[0]["positive_span"] = [len(records[0]["positive"]) - 10, len(records[0]["positive"])]
+    late = write_jsonl(tmp_path / "late.jsonl", records)
+    err = run_main(efficient_train, common(tiny_model_dir, late, tmp_path / "late", "--pooling", "mean"), capsys)
+    assert "lies past the first 48 tokens" in err and not (tmp_path / "late").exists()
+
+
 def run_main(module, argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         module.main(argv)
