@@ -12,11 +12,13 @@ negatives) on the dialogue turns. Nothing from the dev sets is read.
 ends within --passage_max_len tokens) with the chunk's characters as ``positive_span``: the chunk is
 read in the context of its page and its vector pools the chunk's tokens only, as late chunking reads
 windows at evaluation (span pooling in training, Günther et al. 2024). Its hard negative stays the
-mined chunk.
+mined chunk, read alone; --negatives_in_page reads it inside the training page that holds it too
+(``negative_spans``), so positives and negatives are read the same way.
 
     python bench/mixed_page_chunks.py --output outputs/mixed_pages.jsonl
     bash bench/long_context_recipe.sh OUTPUT_DIR --train_data outputs/mixed_pages.jsonl
     python bench/mixed_page_chunks.py --chunks_in_page --output outputs/mixed_spans.jsonl
+    python bench/mixed_page_chunks.py --chunks_in_page --negatives_in_page --output outputs/mixed_spans_neg.jsonl
     bash bench/long_context_recipe.sh OUTPUT_DIR --train_data outputs/mixed_spans.jsonl
 """
 
@@ -79,19 +81,37 @@ def chunk_in_page(page: str, span: tuple[int, int], tokenizer, max_tokens: int, 
     return page[cut:], [span[0] - cut, span[1] - cut]
 
 
-def with_spans(records: list[dict], tokenizer, max_tokens: int) -> tuple[list[dict], int]:
+def in_page(chunk: str, pages: list[str], tokenizer, max_tokens: int) -> tuple[str, list[int]] | None:
+    """The first of ``pages`` holding ``chunk``, cut by :func:`chunk_in_page`, and the chunk's span;
+    None when no page holds it (or it is longer than the window)."""
+    for page in pages:
+        span = locate(page, chunk)
+        if span is not None:
+            text, cut_span = chunk_in_page(page, span, tokenizer, max_tokens)
+            return (text, cut_span) if cut_span[0] >= 0 else None
+    return None
+
+
+def with_spans(records: list[dict], tokenizer, max_tokens: int, negatives_in_page: bool = False) -> tuple[list[dict], int, int]:
     """The chunk records (every second) as their page with the chunk's span; a chunk not found in its
-    page stays read alone. Returns the records and how many became spans."""
-    out, spanned = [], 0
+    page stays read alone. ``negatives_in_page``: each chunk record's first hard negative too, inside
+    whichever training page (a gold or a mined one) holds it. Returns the records and how many
+    positives and negatives became spans."""
+    pages = list(dict.fromkeys(t for r in records[::2] for t in [r["positive"], *r["hard_negatives"]]))
+    out, spanned, negatives = [], 0, 0
     for page_record, chunk_record in zip(records[::2], records[1::2]):
-        span = locate(page_record["positive"], chunk_record["positive"])
-        if span is not None and span[0] < len(page_record["positive"]):
-            text, cut_span = chunk_in_page(page_record["positive"], span, tokenizer, max_tokens)
-            if cut_span[0] >= 0:
-                chunk_record = {**chunk_record, "positive": text, "positive_span": cut_span}
-                spanned += 1
+        found = in_page(chunk_record["positive"], [page_record["positive"]], tokenizer, max_tokens)
+        if found is not None:
+            chunk_record = {**chunk_record, "positive": found[0], "positive_span": found[1]}
+            spanned += 1
+            if negatives_in_page and chunk_record["hard_negatives"]:
+                negative = in_page(chunk_record["hard_negatives"][0], pages, tokenizer, max_tokens)
+                if negative is not None:
+                    chunk_record["hard_negatives"] = [negative[0]]
+                    chunk_record["negative_spans"] = [negative[1]]
+                    negatives += 1
         out += [page_record, chunk_record]
-    return out, spanned
+    return out, spanned, negatives
 
 
 def main(argv=None) -> int:
@@ -101,6 +121,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True)
     parser.add_argument("--chunks_in_page", action="store_true",
                         help="each chunk read inside its page and pooled over its own tokens (positive_span)")
+    parser.add_argument("--negatives_in_page", action="store_true",
+                        help="with --chunks_in_page: each chunk's hard negative read inside the training page holding it")
     parser.add_argument("--passage_max_len", type=int, default=1024,
                         help="with --chunks_in_page: the training's --passage_max_len, within which each chunk must end")
     parser.add_argument("--model", default=None, help="whose tokenizer counts the tokens (default: the embedded MiniLM)")
@@ -116,8 +138,9 @@ def main(argv=None) -> int:
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         from longcontrast.modeling import default_model_path, load_tokenizer
 
-        records, spanned = with_spans(records, load_tokenizer(args.model or default_model_path()), args.passage_max_len)
-        note = f"; {spanned} chunks read inside their page"
+        records, spanned, negatives = with_spans(records, load_tokenizer(args.model or default_model_path()),
+                                                 args.passage_max_len, args.negatives_in_page)
+        note = f"; {spanned} chunks read inside their page" + (f", {negatives} negatives inside theirs" if negatives else "")
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as handle:
         handle.writelines(json.dumps(r) + "\n" for r in records)

@@ -20,13 +20,16 @@ def make_dataset(examples: list[Example]):
 
     ``length`` (characters of the query and the first positive) is what the Trainer's
     ``--train_sampling_strategy group_by_length`` groups by. Examples with a ``positive_span`` add a
-    column of it (``[]`` where an example has none).
+    column of it (``[]`` where an example has none); with ``negative_spans``, a column of those.
     """
     import datasets
 
     spans = {}
     if any(e.positive_span for e in examples):
         spans["positive_span"] = [list(e.positive_span or ()) for e in examples]
+    if any(e.negative_spans for e in examples):
+        spans["negative_spans"] = [[list(s or ()) for s in (e.negative_spans or [None] * len(e.negatives))]
+                                   for e in examples]
     return datasets.Dataset.from_dict({
         "query": [e.query for e in examples],
         "positive": [e.positive for e in examples],
@@ -74,7 +77,8 @@ def span_tokens(tokenizer, text: str, span: tuple[int, int], max_length: int, pr
     that carry the characters ``span`` of ``text``: every token overlapping them, within the kept
     length. A span cut off entirely by ``max_length`` raises :class:`UserError`."""
     if not getattr(tokenizer, "is_fast", False):
-        raise UserError("'positive_span' needs a fast tokenizer (character offsets); this model's is not")
+        raise UserError("span records (positive_span, negative_spans) need a fast tokenizer (character offsets); "
+                        "this model's is not")
     prefix, suffix = special_tokens(tokenizer)
     offsets = tokenizer([prompt + text], add_special_tokens=False, truncation=False, verbose=False,
                         return_offsets_mapping=True)["offset_mapping"][0]
@@ -82,21 +86,23 @@ def span_tokens(tokenizer, text: str, span: tuple[int, int], max_length: int, pr
     kept = max_length - len(prefix) - len(suffix)
     inside = [i for i, (a, b) in enumerate(offsets[:kept]) if a < end and b > start and b > a]
     if not inside:
-        raise UserError(f"a positive_span ({span[0]}-{span[1]}) lies past the first {max_length} tokens of its passage; "
+        raise UserError(f"a span ({span[0]}-{span[1]}) lies past the first {max_length} tokens of its passage; "
                         "cut the passage so that the span starts within --passage_max_len tokens")
     return len(prefix) + inside[0], len(prefix) + inside[-1] + 1
 
 
 def check_spans(examples: list[Example], tokenizer, max_length: int, prompt: str = "") -> None:
-    """Every ``positive_span`` within the first ``max_length`` tokens of its passage, checked before
-    training starts (a span found past the cut in step 900 would stop a long run); raises
-    :class:`UserError` naming the first example that fails."""
+    """Every ``positive_span`` and ``negative_spans`` within the first ``max_length`` tokens of its
+    passage, checked before training starts (a span found past the cut in step 900 would stop a long
+    run); raises :class:`UserError` naming the first example that fails."""
     for example in examples:
-        if example.positive_span:
-            try:
-                span_tokens(tokenizer, example.positive, example.positive_span, max_length, prompt)
-            except UserError as err:
-                raise UserError(f"the example with query {example.query[:60]!r}: {err}") from None
+        pairs = [(example.positive, example.positive_span), *zip(example.negatives, example.negative_spans or ())]
+        for text, span in pairs:
+            if span:
+                try:
+                    span_tokens(tokenizer, text, span, max_length, prompt)
+                except UserError as err:
+                    raise UserError(f"the example with query {example.query[:60]!r}: {err}") from None
 
 
 def pad(sequences: list[list[int]], pad_token_id: int, device=None, shifts: list[int] | None = None,
@@ -141,9 +147,10 @@ class ContrastiveCollator:
     it, so they stay one text to encode) that places it within ``max_positions``
     (:func:`.positions.draw_position_shifts`), drawn from a generator keyed by the seed, the epoch and
     the batch's texts (resumable like the positive's draw). A row with a ``positive_span`` (its
-    positive's evidence, in characters): also ``passage_pool_spans`` (P: the span's tokens, or None),
-    so that the positive is read whole and pooled over the span only; its ``passage_text_ids`` stay
-    those of the whole text, so the same text pooled whole is never its negative.
+    positive's evidence, in characters) or ``negative_spans``: also ``passage_pool_spans`` (P: the
+    span's tokens, or None), so that the passage is read whole and pooled over the span only. A span
+    is part of a passage's identity: another span of the same page is another passage (a negative of
+    the same context), and the page pooled whole is masked only where the query knows it as a positive.
     """
 
     tokenizer: object
@@ -173,13 +180,18 @@ class ContrastiveCollator:
             positives.append(choices[self._draw(row["query"]) % len(choices)])
         negatives = [n for row in rows for n in row["negatives"][: self.num_hard_negatives]]
         passage_ids = self._tokenize_passages(positives + negatives)
-        spans = [span_tokens(self.tokenizer, text, row["positive_span"], self.passage_max_len, self.passage_prompt)
-                 if row.get("positive_span") else None for row, text in zip(rows, positives)]
+        wanted = [row.get("positive_span") for row in rows]
+        for row in rows:
+            wanted += (row.get("negative_spans") or [None] * len(row["negatives"]))[: self.num_hard_negatives]
+        spans = [span_tokens(self.tokenizer, text, span, self.passage_max_len, self.passage_prompt) if span else None
+                 for text, span in zip(positives + negatives, wanted)]
         batch = {
             "query_ids": tokenize(self.tokenizer, [row["query"] for row in rows], self.query_max_len, "left",
                                   self.query_prompt),
             "passage_ids": passage_ids,
-            "passage_text_ids": torch.tensor([sequence_id(ids) for ids in passage_ids]),  # (P,)
+            # a span joins the identity after a -1, which no token id is
+            "passage_text_ids": torch.tensor([sequence_id(ids + ([-1, *span] if span else []))
+                                              for ids, span in zip(passage_ids, spans)]),  # (P,)
         }
         if self.max_positives > 1:
             known = torch.full((len(rows), self.max_positives), -1, dtype=torch.long)  # (B, M)
@@ -188,7 +200,7 @@ class ContrastiveCollator:
                 known[index, : len(ids)] = torch.tensor(ids)
             batch["query_positive_ids"] = known
         if any(spans):
-            batch["passage_pool_spans"] = spans + [None] * len(negatives)
+            batch["passage_pool_spans"] = spans
         if self.max_positions is not None:
             unique, copy_of = unique_sequences(passage_ids)
             # a generator keyed by the epoch and the batch's texts: a resumed run draws the same shifts

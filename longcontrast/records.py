@@ -47,6 +47,7 @@ class Example:
     known_positives: list[str] = field(default_factory=list)  # every positive of this query in the data
     # (start, end) characters of the positive that its vector pools (the rest is read as context), or None
     positive_span: tuple[int, int] | None = None
+    negative_spans: list[tuple[int, int] | None] | None = None  # the same for each negative, or None
 
     @property
     def positives(self) -> list[str]:
@@ -152,25 +153,30 @@ def parse_record(record, where: str, num_turns: int = 5) -> Example:
     if not positives:
         raise UserError(f"{where}: {form.positive!r} is empty: a record needs a positive")
     negatives = _text_list(record.get(form.negatives), f"'{form.negatives}'", where)
-    span = _span(record.get("positive_span"), positives, where)
-    return Example(query, positives[0], negatives, positives[1:], positive_span=span)
+    if record.get("positive_span") is not None and len(positives) != 1:
+        raise UserError(f"{where}: 'positive_span' needs exactly one positive, got {len(positives)}")
+    span = _span(record.get("positive_span"), positives[0], "'positive_span'", where)
+    negative_spans = record.get("negative_spans")
+    if negative_spans is not None:
+        if not isinstance(negative_spans, list) or len(negative_spans) != len(negatives):
+            raise UserError(f"{where}: 'negative_spans' must be a list with one [start, end] or null per negative "
+                            f"({len(negatives)})")
+        negative_spans = [_span(v, n, f"'negative_spans'[{i}]", where) for i, (v, n) in enumerate(zip(negative_spans, negatives))]
+    return Example(query, positives[0], negatives, positives[1:], positive_span=span, negative_spans=negative_spans)
 
 
-def _span(value, positives: list[str], where: str) -> tuple[int, int] | None:
-    """An optional ``positive_span``: ``[start, end]`` characters of the (single) positive. The
-    positive is then read whole as context and its vector pools the span's tokens only (late
-    chunking in training: the evidence as the page around it lets the encoder see it)."""
+def _span(value, text: str, what: str, where: str) -> tuple[int, int] | None:
+    """An optional span: ``[start, end]`` characters of ``text``. The text is then read whole as
+    context and its vector pools the span's tokens only (late chunking in training: the evidence as
+    the page around it lets the encoder see it)."""
     if value is None:
         return None
-    if len(positives) != 1:
-        raise UserError(f"{where}: 'positive_span' needs exactly one positive, got {len(positives)}")
     if (not isinstance(value, (list, tuple)) or len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
                                                                          for v in value)):
-        raise UserError(f"{where}: 'positive_span' must be [start, end] character offsets, got {value!r:.80}")
+        raise UserError(f"{where}: {what} must be [start, end] character offsets, got {value!r:.80}")
     start, end = value
-    if not 0 <= start < end <= len(positives[0]) or not positives[0][start:end].strip():
-        raise UserError(f"{where}: 'positive_span' {list(value)} is not a non-blank part of the positive "
-                        f"({len(positives[0])} characters)")
+    if not 0 <= start < end <= len(text) or not text[start:end].strip():
+        raise UserError(f"{where}: {what} {list(value)} is not a non-blank part of its text ({len(text)} characters)")
     return start, end
 
 
@@ -295,7 +301,8 @@ def load_examples(paths: list[str], num_turns: int = 5) -> list[Example]:
         count = len(examples)
         for where, record in iter_records(name):
             example = parse_record(record, where, num_turns)
-            key = (example.query, tuple(example.positives), tuple(example.negatives), example.positive_span)
+            key = (example.query, tuple(example.positives), tuple(example.negatives), example.positive_span,
+                   tuple(example.negative_spans or ()))
             if key in seen:
                 duplicates.append((where, seen[key]))
                 continue

@@ -39,8 +39,8 @@ def train(argv=None, gradcache: bool = True) -> str:
     model_path = model_args.model_name_or_path or default_model_path()
     pooling = model_args.pooling or read_pooling(model_path) or "cls"
     examples = load_examples(data_args.train_data, data_args.query_turns)
-    if pooling not in ("mean", "max") and any(e.positive_span for e in examples):
-        raise UserError(f"the data has 'positive_span' records, whose vector pools the span's tokens; pooling {pooling!r} "
+    if pooling not in ("mean", "max") and any(e.positive_span or e.negative_spans for e in examples):
+        raise UserError(f"the data has span records, whose vectors pool the span's tokens; pooling {pooling!r} "
                         "does not pool over tokens: use --pooling mean (or max)")
 
     # Defaults resolved here so training_args.json records them.

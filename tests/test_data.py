@@ -46,7 +46,9 @@ def test_three_formats(record, expected):
      r"a conversation record \(with 'messages' and 'positive'\) takes its negatives as 'hard_negatives', not 'negatives'"),
     ({"anchor": "a", "positive": "p", "negatives": ["n"]}, "takes its negatives as 'negative', not 'negatives'"),
     ({"query": "q", "positive": "page", "positive_span": [2]}, r"'positive_span' must be \[start, end\]"),
-    ({"query": "q", "positive": "page", "positive_span": [2, 9]}, "not a non-blank part of the positive"),
+    ({"query": "q", "positive": "page", "positive_span": [2, 9]}, "not a non-blank part of its text"),
+    ({"query": "q", "positive": "p", "negatives": ["n"], "negative_spans": [[0, 1], None]}, "one \\[start, end\\] or null"),
+    ({"query": "q", "positive": "p", "negatives": ["n"], "negative_spans": [[0, 3]]}, r"'negative_spans'\[0\] \[0, 3\]"),
     ({"query": "q", "positive": "a  b", "positive_span": [1, 3]}, "not a non-blank part"),
     ({"query": "q", "pos": ["p", "r"], "positive_span": [0, 1]}, "needs exactly one positive"),
 ])
@@ -228,23 +230,29 @@ def test_positive_span_pools_the_tokens_of_its_characters(tiny_model_dir, tmp_pa
     end = page.index(" bring")
     path = write_jsonl(tmp_path / "spans.jsonl", [
         {"query": "when is the office open", "positive": page, "positive_span": [start, end], "negatives": ["the library"]},
-        {"query": "when is the office open", "positive": page, "negatives": ["parking"]},
+        {"query": "when is the office open", "positive": page, "negatives": [page], "negative_spans": [[0, 21]]},
     ])
     examples = load_examples([path])
     assert [e.positive_span for e in examples] == [(start, end), None]
+    assert [e.negative_spans for e in examples] == [None, [(0, 21)]]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     collate = ContrastiveCollator(tokenizer, 16, 64, max_positives=2)
     batch = collate(list(make_dataset(examples)))
     spans = batch["passage_pool_spans"]
-    assert spans[1:] == [None, None, None]
+    assert spans[1:3] == [None, None]
     ids = batch["passage_ids"][0]
     assert tokenizer.decode(ids[spans[0][0] : spans[0][1]]) == "the office is open 3 days."
-    assert batch["passage_text_ids"][0] == batch["passage_text_ids"][1]  # one text, read whole both times
+    assert tokenizer.decode(batch["passage_ids"][3][spans[3][0] : spans[3][1]]) == "the permit fee is 12."
+    # the span is part of the identity; the page pooled whole stays masked as a known positive
+    assert batch["passage_text_ids"][0] != batch["passage_text_ids"][1]
+    assert batch["passage_text_ids"][1] in batch["query_positive_ids"][0]
     # cut where the span begins after the kept tokens: one error line, not a silent empty vector
     with pytest.raises(UserError, match="lies past the first 8 tokens"):
         ContrastiveCollator(tokenizer, 16, 8)(list(make_dataset(examples)))
     # no span in the data: no column, no key
-    assert "passage_pool_spans" not in collate(list(make_dataset(examples[1:])))
+    from longcontrast.records import Example
+
+    assert "passage_pool_spans" not in collate(list(make_dataset([Example("q", page, ["n"])])))
 
 
 def test_unique_sequences_keeps_equal_ids_with_other_tags_apart():

@@ -115,6 +115,31 @@ def test_mixed_page_chunks_asks_each_dialogue_for_its_page_and_its_chunk():
     assert all(r["messages"] == turns and set(r) == {"messages", "document", "positive", "hard_negatives"} for r in records)
 
 
+def test_chunks_in_page_find_the_chunk_and_keep_it_within_the_window(tiny_model_dir):
+    """--chunks_in_page: the chunk found in its page across other spacing, and a page cut so that the
+    chunk ends within the window keeps the chunk's characters (checked by the collator's own count)."""
+    from transformers import AutoTokenizer
+
+    from longcontrast.data import span_tokens
+
+    spec = importlib.util.spec_from_file_location("mixed", Path(__file__).resolve().parents[1] / "bench" / "mixed_page_chunks.py")
+    mixed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mixed)
+    page = "the office is open.\n\nbring proof of address and the fee.  " + "the library is open 3 days. " * 12
+    chunk = "bring proof of address\nand the fee."
+    start, end = mixed.locate(page, chunk)
+    assert page[start:end] == "bring proof of address and the fee."
+    assert mixed.locate(page, "ring proof") is None and mixed.locate(page, "parking") is None
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert mixed.chunk_in_page(page, (start, end), tokenizer, 64) == (page, [start, end])  # ends inside: whole page
+    late = "the library is open 3 days. " * 12 + page
+    span = mixed.locate(late, chunk)
+    text, cut = mixed.chunk_in_page(late, span, tokenizer, 24)
+    assert text[cut[0] : cut[1]] == late[span[0] : span[1]] and text != late and late.endswith(text)
+    first, last = span_tokens(tokenizer, text, tuple(cut), 24)
+    assert last <= 24 - 1 and tokenizer.decode(tokenizer(text)["input_ids"][first:last]) == "bring proof of address and the fee."
+
+
 def test_seeds_averages_each_item_over_seeds_before_pairing(tmp_path, caplog):
     """bench/seeds.py: per-seed R@1, and the paired difference of the seed-averaged items (here
     computed by hand on four items: late chunks win item 0 in both seeds, item 1 in one)."""
