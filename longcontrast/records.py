@@ -167,8 +167,8 @@ def parse_record(record, where: str, num_turns: int = 5) -> Example:
 
 def _span(value, text: str, what: str, where: str) -> tuple[int, int] | None:
     """An optional span: ``[start, end]`` characters of ``text``. The text is then read whole as
-    context and its vector pools the span's tokens only (late chunking in training: the evidence as
-    the page around it lets the encoder see it)."""
+    context and its vector pools the span's tokens only (late chunking in training: the evidence
+    read inside its page)."""
     if value is None:
         return None
     if (not isinstance(value, (list, tuple)) or len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
