@@ -12,8 +12,8 @@ negatives) on the dialogue turns. Nothing from the dev sets is read.
 ends within --passage_max_len tokens) with the chunk's characters as ``positive_span``: the chunk is
 read in the context of its page and its vector pools the chunk's tokens only, as late chunking reads
 windows at evaluation (span pooling in training, Günther et al. 2024). Its hard negative stays the
-mined chunk, read alone; --negatives_in_page reads it inside the training page that holds it too
-(``negative_spans``), so positives and negatives are read the same way.
+mined chunk, read alone; --negatives_in_page reads the first (the one the recipe reads) inside the
+training page that holds it (``negative_spans``), so positives and negatives are read the same way.
 
     python bench/mixed_page_chunks.py --output outputs/mixed_pages.jsonl
     bash bench/long_context_recipe.sh OUTPUT_DIR --train_data outputs/mixed_pages.jsonl
@@ -61,7 +61,8 @@ def locate(page: str, chunk: str) -> tuple[int, int] | None:
     joined, target = " ".join(words), " ".join(wanted)
     at = joined.find(target)
     # a match must start and end on word boundaries: count the words before it
-    if at < 0 or (at > 0 and joined[at - 1] != " "):
+    after = at + len(target)
+    if at < 0 or (at > 0 and joined[at - 1] != " ") or (after < len(joined) and joined[after] != " "):
         return None
     first = joined[:at].count(" ")
     return starts[first], ends[first + len(wanted) - 1]
@@ -106,9 +107,10 @@ def with_spans(records: list[dict], tokenizer, max_tokens: int, negatives_in_pag
             spanned += 1
             if negatives_in_page and chunk_record["hard_negatives"]:
                 negative = in_page(chunk_record["hard_negatives"][0], pages, tokenizer, max_tokens)
-                if negative is not None:
-                    chunk_record["hard_negatives"] = [negative[0]]
-                    chunk_record["negative_spans"] = [negative[1]]
+                if negative is not None:  # the first (the one the recipe reads); the others stay read alone
+                    rest = chunk_record["hard_negatives"][1:]
+                    chunk_record["hard_negatives"] = [negative[0], *rest]
+                    chunk_record["negative_spans"] = [negative[1], *[None] * len(rest)]
                     negatives += 1
         out += [page_record, chunk_record]
     return out, spanned, negatives
@@ -127,6 +129,10 @@ def main(argv=None) -> int:
                         help="with --chunks_in_page: the training's --passage_max_len, within which each chunk must end")
     parser.add_argument("--model", default=None, help="whose tokenizer counts the tokens (default: the embedded MiniLM)")
     args = parser.parse_args(argv)
+    if args.negatives_in_page and not args.chunks_in_page:
+        print("error: --negatives_in_page reads the chunk records' negatives inside pages; it needs --chunks_in_page",
+              file=sys.stderr)
+        return 2
     for path in (args.pages, args.chunks):
         if not os.path.isfile(path):
             print(f"error: {path} not found", file=sys.stderr)
