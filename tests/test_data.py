@@ -221,8 +221,9 @@ def test_collator_layout_and_duplicate_ids(tiny_model_dir):
 
 
 def test_positive_span_pools_the_tokens_of_its_characters(tiny_model_dir, tmp_path):
-    """A record's positive_span (characters of its positive) becomes the token range whose states its
-    vector pools; the text ids stay the whole text's, so the whole page is never its negative."""
+    """A record's positive_span (characters of its positive) and negative_spans become the token ranges
+    whose states their vectors pool; a span is part of the passage's identity, and the page pooled
+    whole stays masked for a query that knows it as a positive."""
     from transformers import AutoTokenizer
 
     page = "the permit fee is 12. the office is open 3 days. bring proof of address."
