@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from longcontrast import UserError
-from longcontrast.beir import evaluate_beir, evaluate_beir_bm25, format_beir_table, load_beir
+from longcontrast.beir import evaluate_beir, evaluate_beir_bm25, format_beir_table
+from longcontrast.readers import load_beir
 from longcontrast.evaluation import (
     DATASETS, DEFAULT_BM25_WEIGHT, EvalConfig, average, evaluate_bm25, evaluate_dataset, format_table, parts, without_per_item,
 )

@@ -48,8 +48,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from longcontrast import UserError  # noqa: E402
-from longcontrast.data import special_tokens, tokenize  # noqa: E402
-from longcontrast.records import read_json  # noqa: E402
+from longcontrast.tokenization import special_tokens, tokenize  # noqa: E402
+from longcontrast.readers import read_json  # noqa: E402
 from longcontrast.evaluation import EvalConfig, evaluate_dataset, without_per_item  # noqa: E402
 from longcontrast.inference import encode, load_retriever  # noqa: E402
 from longcontrast.metrics import gold_rank, per_item_metrics  # noqa: E402

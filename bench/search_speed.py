@@ -74,7 +74,7 @@ def encoding_row(passages: int, batch_size: int) -> dict:
     """MiniLM encoding throughput on generated ~100-word passages (evaluate.py's CPU defaults)."""
     import torch
 
-    from longcontrast.data import tokenize
+    from longcontrast.tokenization import tokenize
     from longcontrast.inference import encode, load_retriever
 
     torch.set_grad_enabled(False)

@@ -44,7 +44,7 @@ def make_batches(args, tokenizer) -> list[dict]:
     lists for B queries and (1 + hard negatives) x B passages. Every method sees the same batches."""
     import torch
 
-    from longcontrast.data import ContrastiveCollator, make_dataset
+    from longcontrast.collator import ContrastiveCollator, make_dataset
     from longcontrast.records import load_examples
 
     rng = random.Random(0)
@@ -69,7 +69,7 @@ def make_batches(args, tokenizer) -> list[dict]:
 def worker(args) -> dict:
     import torch
 
-    from longcontrast.data import pad, unique_sequences
+    from longcontrast.batching import pad, unique_sequences
     from longcontrast.modeling import DualEncoder, default_model_path, load_encoder
     from longcontrast.step import contrastive_step
 
@@ -195,7 +195,7 @@ def padding_report(args, samples: int = 200) -> None:
     mini-batches (as CachedMNRL cuts them) and with length-sorted ones (efficient_train). For a
     cost linear in padded tokens, "all padding removed / unsorted" bounds what any padding
     trimming can gain over the peer."""
-    from longcontrast.data import length_sorted_groups
+    from longcontrast.batching import length_sorted_groups
     from longcontrast.records import load_examples
     from longcontrast.modeling import default_model_path
     from transformers import AutoTokenizer

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from longcontrast import UserError  # noqa: E402
-from longcontrast.records import read_corpus  # noqa: E402
+from longcontrast.readers import read_corpus  # noqa: E402
 from longcontrast.pairs import METHODS, make_pairs  # noqa: E402
 
 logger = logging.getLogger("make_pairs")

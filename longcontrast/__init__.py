@@ -1,13 +1,15 @@
 """longcontrast: long-context contrastive training of text embedding models.
 
-The package holds everything the two training scripts (``origin_train.py``, ``efficient_train.py``),
-``evaluate.py`` and the miner share: training records in every format (``records``), batches and
-the collator (``data``), encoder loading (``modeling``), position extension and shifted positions
-(``positions``), the contrastive loss (``loss``), GradCache (``gradcache``), the arguments
-(``arguments``), the training loop (``training``), checkpoints, loading and encoding a trained
-retriever (``inference``), exact top-k search (``search``), metrics and the ranking rule
-(``metrics``), ChatRAG and BEIR evaluation (``evaluation``, ``beir``), BM25 (``bm25``) and
-hard-negative mining (``mining``).
+The package behind the two training scripts (``origin_train.py``, ``efficient_train.py``),
+``evaluate.py`` and the data tools, in layers that import only downward:
+
+1. reading and tokens: ``readers`` (every file format), ``tokenization``, ``batching``;
+2. data: ``records`` (training-record formats), ``collator``, ``pairs``;
+3. models: ``positions`` (position extension), ``modeling`` (encoders, pooling, the dual encoder),
+   ``lora``, ``inference`` (loading a retriever, encoding);
+4. training: ``loss``, ``gradcache``, ``step``, ``distributed``, ``checkpoints``, ``trainer``,
+   ``arguments``, ``training`` (the driver);
+5. retrieval and evaluation: ``search``, ``bm25``, ``metrics``, ``evaluation``, ``beir``, ``mining``.
 """
 
 __version__ = "0.1.0"

@@ -13,7 +13,6 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 
 from . import UserError
-from .data import default_train_data
 from .modeling import POOLING_MODES
 from .positions import POSITION_INITS
 
@@ -38,6 +37,9 @@ REFUSED_TRAINER_FLAGS = {
                     "the Trainer would push its checkpoint layout, not the saved model; upload --output_dir yourself "
                     "(huggingface-cli upload) once training ends"),
 }
+
+# The sample training set the project generates into data/.
+DEFAULT_TRAIN_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sample_train.jsonl")
 
 
 @dataclass
@@ -172,7 +174,7 @@ class DataArguments:
     _argument_group_name = "data"
 
     train_data: list[str] = field(
-        default_factory=lambda: [default_train_data()],
+        default_factory=lambda: [DEFAULT_TRAIN_DATA],
         metadata={"help": "Training files (.jsonl, .json, .parquet) or folders (of such files, or saved with "
                   "datasets.save_to_disk). Default: the generated sample in data/."},
     )

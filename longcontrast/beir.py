@@ -29,9 +29,8 @@ import torch
 
 from . import UserError
 from .bm25 import BM25
-from .data import tokenize
-from .records import join_title
-from .inference import split_windows
+from .readers import BeirSet, load_beir  # noqa: F401
+from .tokenization import split_windows, tokenize
 from .metrics import BEIR_METRICS, DEGENERATE_SPREAD, beir_metrics
 from .search import faiss_top_k, top_k
 

@@ -23,9 +23,11 @@ import torch
 
 from . import UserError
 from .bm25 import BM25
-from .data import tokenize, unique_sequences
-from .records import format_query, read_json
-from .inference import encode, late_chunk_embeddings, split_windows, window_spans
+from .batching import unique_sequences
+from .inference import encode, late_chunk_embeddings
+from .readers import read_json
+from .records import format_query
+from .tokenization import split_windows, tokenize, window_spans
 from .metrics import CHATRAG_METRICS, DEGENERATE_SPREAD, gold_rank, per_item_metrics
 from .search import max_per_passage, score_fusion
 

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import UserError
-from .data import length_sorted_groups, pad, special_tokens, unique_sequences
+from .batching import length_sorted_groups, pad, unique_sequences
 from .modeling import (DualEncoder, default_model_path, from_pretrained, load_tokenizer, pool, prepare_tokenizer,
                        read_pooling, read_prompts)
 
@@ -148,47 +148,6 @@ def encode(model: DualEncoder, token_ids: list[list[int]], side: str, *, batch_s
             embeddings[torch.tensor(rows)] = vectors.to("cpu", out_dtype)
     return embeddings[torch.tensor(copy_of, dtype=torch.long)]  # (N, D)
 
-
-def window_spans(tokenizer, token_ids: list[list[int]], window: int, prompt: str = "") -> list[list[tuple[int, int]]]:
-    """Per tokenised passage, the ``[start, end)`` ranges of its text tokens that its consecutive
-    ``window``-token windows hold: ``[(0, len)]`` for a passage of at most ``window`` tokens (the
-    passage is its own window); else pieces of ``window`` tokens less the special tokens and the
-    prompt that each window is wrapped in (:func:`split_windows`).
-
-    ``token_ids``: passages as :func:`.data.tokenize` returns them (special tokens and the prompt included).
-    """
-    prefix, suffix = special_tokens(tokenizer)
-    kept = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0
-    width = window - len(prefix) - len(suffix) - kept
-    if width < 1:
-        raise UserError(f"--passage_window {window} leaves no room for text")
-    spans = []
-    for ids in token_ids:
-        head, tail = len(prefix) + kept, len(ids) - len(suffix)
-        spans.append([(0, len(ids))] if len(ids) <= window else
-                     [(start, min(start + width, tail)) for start in range(head, tail, width)])
-    return spans
-
-
-def split_windows(tokenizer, token_ids: list[list[int]], window: int, prompt: str = "") -> tuple[list[list[int]], list[int]]:
-    """Consecutive ``window``-token pieces of each tokenised passage, each a text of its own.
-
-    ``token_ids``: passages as :func:`.data.tokenize` returns them (special tokens and the prompt
-    included, uncut). A passage of at most ``window`` tokens is one piece, itself; a longer one is
-    cut into the pieces of :func:`window_spans`, each wrapped in the special tokens and the
-    prompt, so that every piece reads as a passage of its own (MaxP, Dai & Callan 2019).
-    Returns the pieces and, for each, the index of its passage (non-decreasing).
-    """
-    prefix, suffix = special_tokens(tokenizer)
-    pieces, owner = [], []
-    for passage, (ids, spans) in enumerate(zip(token_ids, window_spans(tokenizer, token_ids, window, prompt))):
-        if len(ids) <= window:
-            pieces.append(ids)
-        else:
-            instruction = ids[len(prefix): spans[0][0]]
-            pieces.extend(prefix + instruction + ids[start:end] + suffix for start, end in spans)
-        owner.extend([passage] * len(spans))
-    return pieces, owner
 
 
 def late_chunk_embeddings(model: DualEncoder, token_ids: list[list[int]], spans: list[list[tuple[int, int]]], *,

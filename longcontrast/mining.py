@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 
 from . import UserError
 from .bm25 import BM25
-from .data import tokenize
-from .records import iter_records, normalised, parse_record, read_corpus, record_format
+from .readers import iter_records, read_corpus
+from .records import normalised, parse_record, record_format
+from .tokenization import tokenize
 from .inference import PRECISIONS, autocast_dtype, encode, load_retriever, prompts_for
 from .positions import token_positions
 from .search import QUERY_BLOCK, rank_fusion, top_k

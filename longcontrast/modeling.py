@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import UserError
-from .data import special_tokens
+from .tokenization import special_tokens
 from .positions import extend_position_embeddings, position_offset, position_table, token_positions
 
 logger = logging.getLogger(__name__)

@@ -1,19 +1,17 @@
 """Training records as users bring them: the formats (plain, sentence-transformers, ChatRAG
-conversations, FlagEmbedding, tevatron, a BEIR folder), the file and folder readers, the
-examples they become, and corpus files (the passages mining and label-free pairs draw from)."""
+conversations, FlagEmbedding, tevatron; a BEIR folder is read as FlagEmbedding records) and the
+examples they become. Files are read by :mod:`.readers`.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from . import UserError
+from .readers import iter_records, join_title
 
 logger = logging.getLogger(__name__)
-
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 @dataclass(frozen=True)
@@ -25,16 +23,14 @@ class RecordFormat:
     positive: str
     negatives: str
 
-
 # Detected per record by its query and positive fields (a BEIR folder is read as flagembedding records).
 FORMATS = (
     RecordFormat("conversation", "messages", "positive", "hard_negatives"),  # ChatRAG-style dialogues
-    RecordFormat("synthetic", "anchor", "positive", "negative"),  # sentence-transformers (anchor, positive, negative)
+    RecordFormat("sentence-transformers", "anchor", "positive", "negative"),  # (anchor, positive, negative) columns
     RecordFormat("plain", "query", "positive", "negatives"),
     RecordFormat("flagembedding", "query", "pos", "neg"),  # FlagEmbedding's fine-tuning files (BGE)
     RecordFormat("tevatron", "query", "positive_passages", "negative_passages"),  # lists of {docid, title, text}
 )
-
 
 @dataclass
 class Example:
@@ -53,12 +49,6 @@ class Example:
     def positives(self) -> list[str]:
         return [self.positive, *self.other_positives]
 
-
-def join_title(title, text) -> str:
-    """BEIR's and tevatron's passage: ``title + " " + text``, stripped (the text alone without a title)."""
-    return f"{title or ''} {text or ''}".strip()
-
-
 def passage_text(value, what: str, where: str) -> str:
     """A passage given as a string or as a ``{title, text}`` object (tevatron, BEIR): the title and
     the text joined by a space, as BEIR and tevatron join them."""
@@ -67,7 +57,6 @@ def passage_text(value, what: str, where: str) -> str:
             raise UserError(f"{where}: {what} as an object needs a 'text' string, got {sorted(value)}")
         value = join_title(value.get("title"), value["text"])
     return _text(value, what, where)
-
 
 def format_query(messages: list[dict], num_turns: int = 5) -> str:
     """A conversation as ChatRAG-Bench's retrievers see it: the last ``num_turns`` turns, one line each.
@@ -82,12 +71,10 @@ def format_query(messages: list[dict], num_turns: int = 5) -> str:
         lines.append(f"{role}: {turn['content'].strip()}")
     return "\n".join(lines).strip()
 
-
 def _text(value, what: str, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise UserError(f"{where}: {what} must be a non-empty string, got {value!r:.80}")
     return value
-
 
 def _text_list(value, what: str, where: str) -> list[str]:
     if value is None:
@@ -97,7 +84,6 @@ def _text_list(value, what: str, where: str) -> list[str]:
     if not isinstance(value, (list, tuple)):
         raise UserError(f"{where}: {what} must be a string or a list of strings, got {type(value).__name__}")
     return [passage_text(v, what, where) for v in value]
-
 
 def record_format(record, where: str) -> RecordFormat:
     """The format of one record, from its query and positive fields; ambiguous or incomplete
@@ -124,12 +110,11 @@ def record_format(record, where: str) -> RecordFormat:
                         f"negatives as {chosen.negatives!r}, not {stray[0]!r}")
     return chosen
 
-
 def parse_record(record, where: str, num_turns: int = 5) -> Example:
     """An :class:`Example` from one record in any of the :data:`FORMATS`.
 
     conversation: ``messages`` (role/content turns), ``positive``, ``hard_negatives``;
-    synthetic: ``anchor``, ``positive``, ``negative`` (a string or a list);
+    sentence-transformers: ``anchor``, ``positive``, ``negative`` (a string or a list);
     plain: ``query``, ``positive``, ``negatives``;
     flagembedding: ``query``, ``pos`` (list), ``neg`` (list), optional ``prompt`` (put before the query);
     tevatron: ``query``, ``positive_passages``, ``negative_passages`` (lists of ``{docid, title, text}``).
@@ -164,7 +149,6 @@ def parse_record(record, where: str, num_turns: int = 5) -> Example:
         negative_spans = [_span(v, n, f"'negative_spans'[{i}]", where) for i, (v, n) in enumerate(zip(negative_spans, negatives))]
     return Example(query, positives[0], negatives, positives[1:], positive_span=span, negative_spans=negative_spans)
 
-
 def _span(value, text: str, what: str, where: str) -> tuple[int, int] | None:
     """An optional span: ``[start, end]`` characters of ``text``. The text is then read whole as
     context and its vector pools the span's tokens only (late chunking in training: the evidence
@@ -179,111 +163,8 @@ def _span(value, text: str, what: str, where: str) -> tuple[int, int] | None:
         raise UserError(f"{where}: {what} {list(value)} is not a non-blank part of its text ({len(text)} characters)")
     return start, end
 
-
-def _iter_file_records(path: Path):
-    """(where, record) pairs of one data file."""
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".jsonl":
-            with open(path, "rb") as handle:
-                for line_number, raw in enumerate(handle, start=1):
-                    where = f"{path}:{line_number}"
-                    try:
-                        line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
-                    except UnicodeDecodeError as err:
-                        raise UserError(f"{where}: not valid UTF-8 text ({err.reason} at byte {err.start} of the line)") from err
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as err:
-                        hint = "" if raw.endswith(b"\n") else (
-                            "; it is the last line and has no newline: the file looks truncated (was it fully written?)")
-                        raise UserError(f"{where}: malformed JSON line ({err.msg}){hint}") from err
-                    yield where, record
-        elif suffix == ".json":
-            with open(path, encoding="utf-8-sig") as handle:
-                try:
-                    records = json.load(handle)
-                except json.JSONDecodeError as err:
-                    raise UserError(f"{path}: malformed JSON at line {err.lineno} ({err.msg})") from err
-            if isinstance(records, dict) and isinstance(records.get("data"), list):
-                records = records["data"]
-            if not isinstance(records, list):
-                raise UserError(f"{path}: a .json data file must hold a list of records")
-            for index, record in enumerate(records):
-                yield f"{path}: record {index}", record
-        elif suffix == ".parquet":
-            import pyarrow
-            import pyarrow.parquet as pq
-
-            try:
-                rows = pq.read_table(path).to_pylist()
-            except pyarrow.ArrowException as err:
-                raise UserError(f"{path}: not a readable Parquet file ({err})") from err
-            for index, record in enumerate(rows):
-                yield f"{path}: row {index}", record
-        else:
-            raise UserError(f"{path}: unsupported data file type; use {', '.join(DATA_SUFFIXES)}")
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not valid UTF-8 text ({err.reason} at byte {err.start})") from err
-    except OSError as err:
-        raise UserError(f"{path}: cannot read ({err.strerror or err})") from err
-
-
-def _is_saved_dataset(folder: Path) -> bool:
-    return (folder / "dataset_info.json").is_file() or (folder / "dataset_dict.json").is_file()
-
-
-def _iter_folder_records(folder: Path):
-    if _is_saved_dataset(folder):
-        import datasets
-
-        dataset = datasets.load_from_disk(str(folder))
-        if isinstance(dataset, datasets.DatasetDict):
-            if "train" not in dataset:
-                raise UserError(f"{folder}: a saved DatasetDict needs a 'train' split, found {list(dataset)}")
-            dataset = dataset["train"]
-        for index, record in enumerate(dataset):
-            yield f"{folder}: row {index}", record
-        return
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
-    if not files:
-        raise UserError(f"{folder}: no data files ({', '.join(DATA_SUFFIXES)}) in this folder")
-    for path in files:
-        yield from _iter_file_records(path)
-
-
-def is_beir_folder(folder: Path) -> bool:
-    return all((folder / name).exists() for name in ("corpus.jsonl", "queries.jsonl", "qrels"))
-
-
-def _iter_beir_records(folder: Path):
-    """A BEIR folder's training split (``qrels/train.tsv``) as flagembedding records: one per query,
-    every relevant document (score > 0) a positive, no negatives (mine them:
-    ``data/mine_hard_negatives.py --input FOLDER``)."""
-    from .beir import load_beir
-
-    data = load_beir(str(folder), "train")
-    text_of = dict(zip(data.doc_ids, data.passages))
-    for query_id, query in zip(data.query_ids, data.queries):
-        positives = [text_of[doc] for doc, grade in data.qrels[query_id].items() if grade > 0]
-        yield f"{folder}: query {query_id}", {"query": query, "pos": positives, "neg": []}
-
-
-def iter_records(name: str):
-    """(where, record) pairs of a data file or folder (see :func:`load_examples`); ``where`` names
-    the record in messages (``file:line``)."""
-    path = Path(name)
-    if not path.exists():
-        raise UserError(f"data not found: {name}")
-    if path.is_dir():
-        return _iter_beir_records(path) if is_beir_folder(path) else _iter_folder_records(path)
-    return _iter_file_records(path)
-
-
 def load_examples(paths: list[str], num_turns: int = 5) -> list[Example]:
-    """Every example of the given files and folders, in order.
+    """Every example of the given files and folders (:func:`.readers.iter_records`), in order.
 
     A folder is a BEIR folder (``corpus.jsonl``, ``queries.jsonl``, ``qrels/train.tsv``), a
     ``datasets.save_to_disk`` folder, or holds data files, read in name order. Any problem (a
@@ -322,62 +203,6 @@ def load_examples(paths: list[str], num_turns: int = 5) -> list[Example]:
         example.known_positives = known[example.query]
     return examples
 
-
-def read_json(path: str | Path):
-    """A JSON file's content; a missing, unreadable or malformed file raises :class:`UserError` naming it."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except FileNotFoundError as err:
-        raise UserError(f"{path}: not found") from err
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: malformed JSON at line {err.lineno} ({err.msg})") from err
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: cannot read ({err})") from err
-
-
 def normalised(text: str) -> str:
     """The key under which two texts count as identical: whitespace runs collapsed, ends stripped."""
     return " ".join(text.split())
-
-
-def read_corpus(path: str) -> dict[str, list[str]] | list[str]:
-    """Candidate passages: a ChatRAG ``documents.json`` (``{document: [chunk, ...]}``), a JSON list
-    of strings or of objects with ``text``, a ``.jsonl`` of such strings or objects, or a ``.txt``
-    with one passage a line. Problems raise :class:`UserError` naming the file."""
-    def text_of(value, where):
-        if isinstance(value, dict) and isinstance(value.get("text"), str):
-            value = join_title(value.get("title"), value["text"])  # BEIR's and tevatron's passage
-        elif isinstance(value, dict):
-            value = next((value[k] for k in ("passage", "contents") if k in value), None)
-        if not isinstance(value, str) or not value.strip():
-            raise UserError(f"{where}: a passage must be a non-empty string or an object with 'text', got {value!r:.80}")
-        return value
-
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"corpus not found: {path}")
-    if file.suffix == ".json":
-        data = read_json(file)
-        if isinstance(data, dict):
-            return {str(name): [text_of(c, f"{path}: {name}[{i}]") for i, c in enumerate(chunks)]
-                    for name, chunks in data.items()}
-        if isinstance(data, list):
-            return [text_of(value, f"{path}: item {i}") for i, value in enumerate(data)]
-        raise UserError(f"{path}: expected a list of passages or an object of document -> chunks")
-    if file.suffix not in (".jsonl", ".txt"):
-        raise UserError(f"{path}: unsupported corpus file; use .json (documents.json or a list), .jsonl or .txt")
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: cannot read ({err})") from err
-    if file.suffix == ".txt":
-        return [line for line in lines if line.strip()]
-    passages = []
-    for number, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                passages.append(text_of(json.loads(line), f"{path}:{number}"))
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{number}: malformed JSON line ({err.msg})") from err
-    return passages

@@ -9,7 +9,7 @@ import contextlib
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .data import length_sorted_mini_batches, pad, unique_sequences
+from .batching import length_sorted_mini_batches, pad, unique_sequences
 from .distributed import gather_batch, world_size
 from .gradcache import grad_cache_step
 from .loss import LossOutput, contrastive_loss

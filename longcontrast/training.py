@@ -16,7 +16,7 @@ from transformers import set_seed
 
 from . import UserError, checkpoints
 from .arguments import DEFAULT_MAX_POSITIONS, parse_arguments, validate, validate_lengths
-from .data import ContrastiveCollator, check_spans, make_dataset, max_known_positives
+from .collator import ContrastiveCollator, check_spans, make_dataset, max_known_positives
 from .distributed import shut_down
 from .lora import add_lora, merge
 from .modeling import DualEncoder, default_model_path, load_encoder, prepare_tokenizer, read_pooling

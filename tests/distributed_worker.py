@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
 from conftest import conversation_records  # noqa: E402
-from longcontrast.data import ContrastiveCollator  # noqa: E402
+from longcontrast.collator import ContrastiveCollator  # noqa: E402
 from longcontrast.records import parse_record  # noqa: E402
 from longcontrast.modeling import DualEncoder, load_encoder  # noqa: E402
 from longcontrast.step import contrastive_step  # noqa: E402

@@ -12,7 +12,8 @@ import torch
 
 import evaluate
 from longcontrast import UserError
-from longcontrast.beir import evaluate_beir, load_beir
+from longcontrast.beir import evaluate_beir
+from longcontrast.readers import load_beir
 from longcontrast.evaluation import EvalConfig, evaluate_dataset
 from longcontrast.inference import load_retriever
 from longcontrast.metrics import BEIR_METRICS, beir_metrics
@@ -266,8 +267,9 @@ def test_corpus_embeddings_are_cached_and_refused_when_settings_differ(model_dir
 
 def test_maxp_windows_equal_a_brute_force(model_dir, tmp_path):
     """Each long passage scores as the best of its windows, each embedded alone; short ones as themselves."""
-    from longcontrast.data import pad, tokenize
-    from longcontrast.inference import split_windows
+    from longcontrast.batching import pad
+    from longcontrast.tokenization import tokenize
+    from longcontrast.tokenization import split_windows
 
     corpus, queries, qrels = generated_set(n_docs=15, n_queries=6)
     data = load_beir(write_beir(tmp_path / "set", corpus, queries, qrels))

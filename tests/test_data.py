@@ -5,7 +5,9 @@ import pytest
 from conftest import conversation_records, write_jsonl
 from longcontrast import UserError
 from longcontrast.distributed import sequence_id
-from longcontrast.data import ContrastiveCollator, length_sorted_mini_batches, make_dataset, tokenize, unique_sequences
+from longcontrast.collator import ContrastiveCollator, make_dataset
+from longcontrast.batching import length_sorted_mini_batches, unique_sequences
+from longcontrast.tokenization import tokenize
 from longcontrast.records import format_query, load_examples, parse_record
 
 MESSAGES = [

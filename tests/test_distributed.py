@@ -15,7 +15,7 @@ import torch
 
 import distributed_worker as worker
 from conftest import conversation_records, write_jsonl
-from longcontrast.data import ContrastiveCollator
+from longcontrast.collator import ContrastiveCollator
 from longcontrast.step import contrastive_step
 from test_scripts import common, update
 

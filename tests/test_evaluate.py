@@ -8,7 +8,8 @@ import torch
 
 import evaluate
 from longcontrast import UserError
-from longcontrast.data import pad, tokenize
+from longcontrast.batching import pad
+from longcontrast.tokenization import tokenize
 from longcontrast.records import format_query
 from longcontrast.evaluation import METRICS, EvalConfig, evaluate_dataset, load_chatrag
 from longcontrast.inference import encode, load_retriever
@@ -363,7 +364,8 @@ def test_late_chunking_equals_mean_token_states_of_one_whole_pass(saved_models, 
     for index, it in enumerate(items):
         scores = np.array([float((w @ queries[index]).max()) for w in best])  # (C,)
         expected.append(100.0 / (1 + int((scores > scores[it.gold_index] + 1e-6).sum())))
-    from longcontrast.inference import late_chunk_embeddings, window_spans
+    from longcontrast.inference import late_chunk_embeddings
+    from longcontrast.tokenization import window_spans
     ids = tokenize(tokenizer, documents["d"], 64, "right")
     vectors, owner, whole = late_chunk_embeddings(model, ids, window_spans(tokenizer, ids, 12), batch_size=3,
                                                   pad_token_id=tokenizer.pad_token_id, device=torch.device("cpu"))

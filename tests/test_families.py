@@ -15,7 +15,7 @@ import evaluate
 import origin_train
 from conftest import DECODERS, WORDS, conversation_records, make_decoder, write_jsonl
 from longcontrast import UserError
-from longcontrast.data import pad
+from longcontrast.batching import pad
 from longcontrast.modeling import load_encoder, pool
 from longcontrast.positions import position_offset, position_table, token_positions
 from test_evaluate import DOCS, item, write_set

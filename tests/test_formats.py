@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import efficient_train
 from conftest import write_jsonl
-from longcontrast.data import ContrastiveCollator, make_dataset, max_known_positives
+from longcontrast.collator import ContrastiveCollator, make_dataset, max_known_positives
 from longcontrast.records import load_examples, parse_record
 from longcontrast.loss import contrastive_loss
 from test_beir import write_beir
@@ -35,7 +35,7 @@ def write_every_format(folder):
                 for i, (q, p, ns) in enumerate(rows)]
     return {
         "plain": write_jsonl(folder / "plain.jsonl", [{"query": q, "positive": p, "negatives": ns} for q, p, ns in rows]),
-        "synthetic": write_jsonl(folder / "synthetic.jsonl", [{"anchor": q, "positive": p, "negative": ns}
+        "sentence-transformers": write_jsonl(folder / "sentence_transformers.jsonl", [{"anchor": q, "positive": p, "negative": ns}
                                                               for q, p, ns in rows]),
         "flagembedding": write_jsonl(folder / "flag.jsonl", [{"query": q, "pos": [p], "neg": ns} for q, p, ns in rows]),
         "tevatron": write_jsonl(folder / "tevatron.jsonl", tevatron),

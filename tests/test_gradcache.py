@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from longcontrast import gradcache
-from longcontrast.data import pad
+from longcontrast.batching import pad
 from longcontrast.gradcache import RandState, grad_cache_step
 from longcontrast.loss import contrastive_loss
 from longcontrast.modeling import DualEncoder, load_encoder

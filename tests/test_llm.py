@@ -15,7 +15,7 @@ import efficient_train
 import evaluate
 import origin_train
 from conftest import conversation_records, write_jsonl
-from longcontrast.data import pad
+from longcontrast.batching import pad
 from longcontrast.gradcache import grad_cache_step
 from longcontrast.lora import add_lora
 from longcontrast.loss import contrastive_loss

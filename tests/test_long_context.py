@@ -120,7 +120,7 @@ def test_chunks_in_page_find_the_chunk_and_keep_it_within_the_window(tiny_model_
     chunk ends within the window keeps the chunk's characters (checked by the collator's own count)."""
     from transformers import AutoTokenizer
 
-    from longcontrast.data import span_tokens
+    from longcontrast.tokenization import span_tokens
 
     spec = importlib.util.spec_from_file_location("mixed", Path(__file__).resolve().parents[1] / "bench" / "mixed_page_chunks.py")
     mixed = importlib.util.module_from_spec(spec)

@@ -225,7 +225,7 @@ def test_output_is_never_written_over(chatrag_like, capsys):
 
 def test_corpus_files(tmp_path):
     from longcontrast import UserError
-    from longcontrast.records import read_corpus
+    from longcontrast.readers import read_corpus
 
     (tmp_path / "c.txt").write_text("first passage\n\nsecond passage\n")
     (tmp_path / "c.jsonl").write_text('{"text": "first"}\n"second"\n')

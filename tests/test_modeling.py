@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TINY_MAX_POSITIONS
-from longcontrast.data import pad
+from longcontrast.batching import pad
 from longcontrast.modeling import DualEncoder, load_encoder, pool, read_pooling
 from longcontrast.positions import extended_position_table
 

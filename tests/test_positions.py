@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 
 import efficient_train
 from conftest import TINY_MAX_POSITIONS, conversation_records, write_jsonl
-from longcontrast.data import ContrastiveCollator, pad
+from longcontrast.collator import ContrastiveCollator
+from longcontrast.batching import pad
 from longcontrast.gradcache import grad_cache_step
 from longcontrast.modeling import DualEncoder, load_encoder
 from longcontrast.positions import draw_position_shifts, extended_position_table, position_ids

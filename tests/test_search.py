@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from longcontrast.data import tokenize
-from longcontrast.inference import autocast_dtype, encode, load_retriever, split_windows
+from longcontrast.tokenization import tokenize
+from longcontrast.inference import autocast_dtype, encode, load_retriever
+from longcontrast.tokenization import split_windows
 from longcontrast.metrics import paired_difference
 from longcontrast.search import faiss_top_k, top_k
 

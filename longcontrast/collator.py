@@ -1,18 +1,22 @@
-"""Training batches: the examples as a dataset, tokenising, padding, the contrastive collator and
-length-sorted mini-batches (the records themselves: :mod:`.records`)."""
+"""The contrastive collator: training examples as a ``datasets.Dataset``, and rows of it tokenized
+into one contrastive batch (queries, positives then hard negatives, the ids that mark copies,
+position shifts and pooling spans).
+"""
 
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 
 import torch
 
 from . import UserError
+from .batching import unique_sequences
 from .distributed import sequence_id
-from .positions import draw_position_shifts, position_ids
+from .positions import draw_position_shifts
 from .records import Example
+from .tokenization import span_tokens, tokenize
+
 
 def make_dataset(examples: list[Example]):
     """The examples as a ``datasets.Dataset`` with columns query, positive (the first),
@@ -40,56 +44,9 @@ def make_dataset(examples: list[Example]):
         **spans,
     })
 
-
 def max_known_positives(examples: list[Example]) -> int:
     """The most positives any query has: the width of the collator's ``query_positive_ids``."""
     return max(len(e.known_positives or e.positives) for e in examples)
-
-
-def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
-    """The special token ids a tokenizer puts before and after a single text (BERT: [CLS], [SEP])."""
-    full = tokenizer("a")["input_ids"]
-    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
-    start = next(i for i in range(len(full)) if full[i : i + len(bare)] == bare)
-    return full[:start], full[start + len(bare) :]
-
-
-def tokenize(tokenizer, texts: list[str], max_length: int, truncation_side: str, prompt: str = "") -> list[list[int]]:
-    """Token ids with special tokens, at most ``max_length`` each, cut on ``truncation_side``.
-
-    Queries are cut on the left (a dialogue's latest turns are kept), passages on the right; the
-    special tokens are kept either way, and so is ``prompt`` (an instruction such as "query: "),
-    which is tokenized together with each text, as sentence-transformers does, and never cut.
-    """
-    prefix, suffix = special_tokens(tokenizer)
-    budget = max_length - len(prefix) - len(suffix)
-    kept = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0
-    if budget - kept < 1:
-        raise UserError(f"max length {max_length} leaves no room for text" + (f" after the prompt {prompt!r}" if prompt else ""))
-    ids = tokenizer([prompt + t for t in texts], add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
-    if truncation_side == "left":
-        return [prefix + (x[:kept] + x[kept:][len(x) - budget:] if len(x) > budget else x) + suffix for x in ids]
-    return [prefix + x[:budget] + suffix for x in ids]
-
-
-def span_tokens(tokenizer, text: str, span: tuple[int, int], max_length: int, prompt: str = "") -> tuple[int, int]:
-    """The tokens ``[start, end)`` of ``tokenize(tokenizer, [text], max_length, "right", prompt)[0]``
-    that carry the characters ``span`` of ``text``: every token overlapping them, within the kept
-    length. A span cut off entirely by ``max_length`` raises :class:`UserError`."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise UserError("span records (positive_span, negative_spans) need a fast tokenizer (character offsets); "
-                        "this model's is not")
-    prefix, suffix = special_tokens(tokenizer)
-    offsets = tokenizer([prompt + text], add_special_tokens=False, truncation=False, verbose=False,
-                        return_offsets_mapping=True)["offset_mapping"][0]
-    start, end = span[0] + len(prompt), span[1] + len(prompt)
-    kept = max_length - len(prefix) - len(suffix)
-    inside = [i for i, (a, b) in enumerate(offsets[:kept]) if a < end and b > start and b > a]
-    if not inside:
-        raise UserError(f"a span ({span[0]}-{span[1]}) lies past the first {max_length} tokens of its passage; "
-                        "cut the passage so that the span starts within --passage_max_len tokens")
-    return len(prefix) + inside[0], len(prefix) + inside[-1] + 1
-
 
 def check_spans(examples: list[Example], tokenizer, max_length: int, prompt: str = "") -> None:
     """Every ``positive_span`` and ``negative_spans`` within the first ``max_length`` tokens of its
@@ -103,32 +60,6 @@ def check_spans(examples: list[Example], tokenizer, max_length: int, prompt: str
                     span_tokens(tokenizer, text, span, max_length, prompt)
                 except UserError as err:
                     raise UserError(f"the example with query {example.query[:60]!r}: {err}") from None
-
-
-def pad(sequences: list[list[int]], pad_token_id: int, device=None, shifts: list[int] | None = None,
-        spans: list[tuple[int, int] | None] | None = None) -> dict[str, torch.Tensor]:
-    """Right-pad token id lists to their own longest: ``input_ids`` and ``attention_mask``, (N, L);
-    with ``shifts`` (one per text) also ``position_ids`` (:func:`.positions.position_ids`); with
-    ``spans`` (a token range or None per text) also ``pool_mask`` (N, L): the tokens each vector pools
-    (the span, or every real token where None)."""
-    length = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)  # (N, L)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)  # (N, L)
-    for row, sequence in enumerate(sequences):
-        input_ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-        attention_mask[row, : len(sequence)] = 1
-    batch = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-    if shifts is not None:
-        batch["position_ids"] = position_ids([len(s) for s in sequences], length, shifts).to(device)  # (N, L)
-    if spans is not None:
-        pool_mask = attention_mask.clone()  # (N, L)
-        for row, span in enumerate(spans):
-            if span is not None:
-                pool_mask[row] = 0
-                pool_mask[row, span[0] : span[1]] = 1
-        batch["pool_mask"] = pool_mask.to(device)
-    return batch
-
 
 @dataclass
 class ContrastiveCollator:
@@ -208,54 +139,3 @@ class ContrastiveCollator:
             shifts = draw_position_shifts([len(ids) for ids in unique], self.max_positions, generator)
             batch["passage_position_shifts"] = [shifts[i] for i in copy_of]
         return batch
-
-
-def length_sorted_groups(sequences: list[list[int]], max_texts: int | None, max_tokens: int | None) -> list[list[int]]:
-    """Indices of the sequences, longest first, cut into groups that are padded together.
-
-    Sorting puts texts of similar length together, so little compute goes to padding. A group
-    holds at most ``max_texts`` texts and at most ``max_tokens`` padded tokens (texts x its longest
-    text; ``None``: no limit); a text longer than ``max_tokens`` goes alone.
-    """
-    groups: list[list[int]] = []
-    for index in sorted(range(len(sequences)), key=lambda i: -len(sequences[i])):
-        group = groups[-1] if groups else None
-        if group is not None:
-            width = len(sequences[group[0]])  # the first text of a group is its longest
-            if (max_texts is None or len(group) < max_texts) and (max_tokens is None or (len(group) + 1) * width <= max_tokens):
-                group.append(index)
-                continue
-        groups.append([index])
-    return groups
-
-
-def unique_sequences(sequences: list[list[int]], tags: list | None = None) -> tuple[list[list[int]], list[int]]:
-    """The distinct token id lists (first occurrences, in input order) and, for each input, the
-    index of its distinct copy: ``unique[copy_of[i]] == sequences[i]``. With ``tags`` (hashable, one
-    per sequence: e.g. its pooling span), equal ids with different tags stay distinct."""
-    index: dict[tuple, int] = {}
-    keys = [(tuple(ids), None if tags is None else tags[i]) for i, ids in enumerate(sequences)]
-    copy_of = [index.setdefault(key, len(index)) for key in keys]
-    return [list(ids) for ids, _ in index], copy_of
-
-
-def length_sorted_mini_batches(
-    sequences: list[list[int]], max_texts: int | None, max_tokens: int | None, pad_token_id: int, device=None,
-    shifts: list[int] | None = None, spans: list[tuple[int, int] | None] | None = None,
-) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
-    """The :func:`length_sorted_groups` as mini-batches, each padded to its own longest (with each
-    text's position shift and pooling span, if given).
-
-    Returns the mini-batches and ``order``: ``order[k]`` is the input index of the k-th text fed.
-    """
-    groups = length_sorted_groups(sequences, max_texts, max_tokens)
-    order = [index for group in groups for index in group]
-    pick = lambda values, group: None if values is None else [values[i] for i in group]  # noqa: E731
-    batches = [pad([sequences[i] for i in group], pad_token_id, device, pick(shifts, group), pick(spans, group))
-               for group in groups]
-    return batches, order
-
-
-def default_train_data() -> str:
-    """The sample training set the project generates into ``data/``."""
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sample_train.jsonl")
