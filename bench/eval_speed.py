@@ -22,7 +22,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from longcontrast.tokenization import tokenize  # noqa: E402
-from longcontrast.evaluation import EvalConfig, load_chatrag  # noqa: E402
+from longcontrast.retrieval_sets import load_chatrag  # noqa: E402
+from longcontrast.retrievers import EncodeSettings  # noqa: E402
 from longcontrast.inference import PRECISIONS, autocast_dtype, encode, load_retriever  # noqa: E402
 from longcontrast.metrics import gold_rank, retrieval_metrics  # noqa: E402
 from longcontrast.modeling import DualEncoder, read_pooling  # noqa: E402
@@ -58,7 +59,7 @@ def main(argv=None) -> None:
     else:
         model, tokenizer = load_retriever(args.model_path)
     model.to(device).eval()
-    lengths = EvalConfig()  # evaluate.py's defaults, capped at the position table as it does
+    lengths = EncodeSettings()  # evaluate.py's defaults, capped at the position table as it does
     positions = model.config.max_position_embeddings
     items, documents = load_chatrag(args.data, "doc2dial")
     items = [it for it in items if args.documents is None or it.document in args.documents]

@@ -50,7 +50,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from longcontrast import UserError  # noqa: E402
 from longcontrast.tokenization import special_tokens, tokenize  # noqa: E402
 from longcontrast.readers import read_json  # noqa: E402
-from longcontrast.evaluation import EvalConfig, evaluate_dataset, without_per_item  # noqa: E402
+from longcontrast.evaluation import ModelResults, evaluate  # noqa: E402
+from longcontrast.retrieval_sets import ChatRAGSet  # noqa: E402
+from longcontrast.retrievers import DenseRetriever, EncodeSettings  # noqa: E402
 from longcontrast.inference import encode, load_retriever  # noqa: E402
 from longcontrast.metrics import gold_rank, per_item_metrics  # noqa: E402
 from longcontrast.modeling import DualEncoder, default_model_path, load_encoder, read_pooling  # noqa: E402
@@ -353,13 +355,14 @@ def main(argv=None) -> int:
                     if key in row or not max_len or (key == "pages_cut" and limit <= max_len):
                         continue
                     window = args.pages_window if key == "pages" and args.pages_window else None
-                    config = EvalConfig(query_max_len=min(256, limit), passage_max_len=max_len,
-                                        batch_size=args.batch_size, autocast=torch.bfloat16 if args.bf16 else None,
-                                        query_prompt=model.prompts.get("query", ""),
-                                        passage_prompt=model.prompts.get("document", ""),
-                                        passage_window=min(window, limit) if window else None)
-                    scored = evaluate_dataset(model, tokenizer, args.pages, "doc2dial", config, torch.device(args.device))
-                    row[key] = {"max_len": max_len, **without_per_item(scored)}
+                    settings = EncodeSettings(query_max_len=min(256, limit), passage_max_len=max_len,
+                                              batch_size=args.batch_size, autocast=torch.bfloat16 if args.bf16 else None,
+                                              query_prompt=model.prompts.get("query", ""),
+                                              passage_prompt=model.prompts.get("document", ""), device=torch.device(args.device))
+                    retriever = DenseRetriever(model, tokenizer, settings, window=min(window, limit) if window else None)
+                    readings = evaluate(retriever, ChatRAGSet(args.pages, "doc2dial"))
+                    scored = ModelResults({"doc2dial": readings}).to_json(per_item=False)["doc2dial"]
+                    row[key] = {"max_len": max_len, **scored}
                     logger.info("%s %s (%d tokens): Recall@1 %.2f", label, key, max_len, row[key]["recall@1"])
                     save(results, runs, args)
     except UserError as err:

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from longcontrast.tokenization import tokenize  # noqa: E402
-from longcontrast.evaluation import load_chatrag  # noqa: E402
+from longcontrast.retrieval_sets import load_chatrag  # noqa: E402
 from longcontrast.inference import encode  # noqa: E402
 from longcontrast.metrics import gold_rank, retrieval_metrics  # noqa: E402
 from longcontrast.modeling import DualEncoder, default_model_path, load_encoder  # noqa: E402

@@ -64,8 +64,8 @@ def load_retriever(model_path=None, query_encoder_path=None, context_encoder_pat
         logger.warning("%s records %s pooling; using it instead of --pooling %s", query_encoder_path, recorded, pooling)
     prompts = {"query": read_prompts(query_encoder_path).get("query", ""),
                "document": read_prompts(context_encoder_path).get("document", "")}
-    model = DualEncoder(query_encoder, recorded or pooling or "cls", context_encoder, prompts)
-    model.paths = {"query": query_encoder_path, "passage": context_encoder_path}
+    model = DualEncoder(query_encoder, recorded or pooling or "cls", context_encoder, prompts,
+                        paths={"query": query_encoder_path, "passage": context_encoder_path})
     tokenizer = load_tokenizer(query_encoder_path, trust_remote_code)
     prepare_tokenizer(tokenizer, model.pooling)  # a base decoder evaluated as it comes: pad and end token
     return model, tokenizer

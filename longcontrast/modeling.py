@@ -271,12 +271,13 @@ class DualEncoder(nn.Module):
     """
 
     def __init__(self, encoder: nn.Module, pooling: str = "cls", context_encoder: nn.Module | None = None,
-                 prompts: dict[str, str] | None = None):
+                 prompts: dict[str, str] | None = None, paths: dict[str, str] | None = None):
         super().__init__()
         if pooling not in POOLING_MODES:
             raise ValueError(f"unknown pooling {pooling!r}; choose from {POOLING_MODES}")
         self.pooling = pooling
         self.prompts = prompts or {}  # recorded prompts of a loaded model: {"query": ..., "document": ...}
+        self.paths = paths or {}  # the folders a loaded model was read from: {"query": ..., "passage": ...}
         self.query_encoder = encoder
         # None when shared: a module registered under two names would be saved twice.
         self.context_encoder = context_encoder

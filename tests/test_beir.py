@@ -12,9 +12,8 @@ import torch
 
 import evaluate
 from longcontrast import UserError
-from longcontrast.beir import evaluate_beir
 from longcontrast.readers import load_beir
-from longcontrast.evaluation import EvalConfig, evaluate_dataset
+from helpers import EvalConfig, evaluate_beir, evaluate_dataset
 from longcontrast.inference import load_retriever
 from longcontrast.metrics import BEIR_METRICS, beir_metrics
 from longcontrast.modeling import DualEncoder, load_encoder
@@ -218,7 +217,7 @@ def test_a_constant_model_scores_at_chance_on_beir_and_chatrag(model_dir, tmp_pa
     assert got["recall@1"] <= 10 and got["ndcg@10"] < 30  # chance: 1 in 60 at rank 1, not 100
     assert got["degenerate_queries"] == 60 and "MODEL COLLAPSE" in caplog.text
     # ChatRAG layout (the generated sample): Recall@1 is exactly the mean of 1 / distinct candidates
-    from longcontrast.evaluation import load_chatrag
+    from longcontrast.retrieval_sets import load_chatrag
 
     sample = str(Path(__file__).resolve().parents[1] / "data" / "chatrag_sample")
     got = evaluate_dataset(constant, tokenizer, sample, "doc2dial", config, torch.device("cpu"))

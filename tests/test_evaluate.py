@@ -11,7 +11,9 @@ from longcontrast import UserError
 from longcontrast.batching import pad
 from longcontrast.tokenization import tokenize
 from longcontrast.records import format_query
-from longcontrast.evaluation import METRICS, EvalConfig, evaluate_dataset, load_chatrag
+from helpers import EvalConfig, evaluate_dataset
+from longcontrast.metrics import CHATRAG_METRICS as METRICS
+from longcontrast.retrieval_sets import load_chatrag
 from longcontrast.inference import encode, load_retriever
 from longcontrast.metrics import Rank, gold_rank, retrieval_metrics
 from longcontrast.modeling import DualEncoder, load_encoder
@@ -458,7 +460,7 @@ def test_bm25_ranks_like_bm25s_and_the_page_split_partitions_the_pages(tmp_path)
     halves = {name: results[f"split={name}"] for name in ("selection", "report")}
     assert sum(h["num_items"] for h in halves.values()) == len(records)
     assert abs(halves["selection"]["num_items"] - halves["report"]["num_items"]) <= 4  # the largest page: 4 items
-    from longcontrast.evaluation import load_chatrag, split_pages
+    from longcontrast.retrieval_sets import load_chatrag, split_pages
     parts = split_pages(load_chatrag(str(tmp_path), "doc2dial")[0])
     assert set(parts) == {f"page {i}" for i in range(5)} and set(parts.values()) == {"selection", "report"}
     selected = [r for r, v in zip(records, results["per_item"]["recall@1"]) if parts[r["source_doc_id"]] == "selection"]
@@ -473,7 +475,7 @@ def test_fuse_bm25_ranks_by_a_weighted_sum_of_z_scores(saved_models, tmp_path):
     pytest.importorskip("bm25s")
     from sentence_transformers import SentenceTransformer
 
-    from longcontrast.evaluation import DEFAULT_BM25_WEIGHT
+    from longcontrast.retrievers import DEFAULT_BM25_WEIGHT
     from longcontrast.records import format_query
 
     records, chunks = keyword_set(tmp_path, named_every=3)

@@ -1,0 +1,143 @@
+"""``evaluate.py``'s arguments: dataclasses parsed by ``HfArgumentParser`` (every flag also takes
+dashes for underscores), and their checks."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from . import UserError
+from .inference import DEFAULT_MAX_TOKENS
+from .retrieval_sets import DATASETS
+from .retrievers import DEFAULT_BM25_WEIGHT
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class ModelArguments:
+    _argument_group_name = "models"
+    model_path: list[str] | None = field(default=None, metadata={"help": (
+        "Model folders to evaluate (a training output, with or without query_encoder/ and context_encoder/, or any "
+        "encoder); 'default' is the embedded all-MiniLM-L6-v2, 'bm25' the keyword baseline (BM25, k1 0.9, b 0.4, "
+        "over each document's chunks, or over the whole --beir corpus). Each model after the first is compared with "
+        "the first. Default: default.")})
+    query_encoder_path: str | None = field(default=None, metadata={
+        "help": "Query encoder folder (with --context_encoder_path, instead of --model_path)."})
+    context_encoder_path: str | None = field(default=None, metadata={"help": "Context (passage) encoder folder."})
+    pooling: str | None = field(default=None, metadata={"choices": ["cls", "mean", "max", "lasttoken"],
+        "help": "Pooling when the model records none in a sentence-transformers config (default: cls)."})
+    query_instruction: str | None = field(default=None, metadata={
+        "help": "Prefix of every query (default: the model's recorded 'query' prompt, none if it records none)."})
+    passage_instruction: str | None = field(default=None, metadata={
+        "help": "Prefix of every passage (default: the model's recorded 'document' prompt, none if it records none)."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Run the model's own code from its folder (e.g. nomic-bert, jina-bert); only for code you trust."})
+    torch_dtype: Literal["float32", "bfloat16", "float16", "auto"] = field(default="float32", metadata={"help": (
+        "dtype of the loaded weights (auto: the checkpoint's). Half-precision weights halve the memory of a large "
+        "embedder; encoding then runs in that dtype whatever --precision says.")})
+
+
+@dataclass
+class SetArguments:
+    _argument_group_name = "evaluation sets"
+    data_folder: str = field(default=os.path.join(HERE, "data", "chatrag_sample"), metadata={
+        "help": "Folder with <dataset>/test.json and <dataset>/documents.json (default: the generated sample)."})
+    eval_dataset: Literal["doc2dial", "quac", "qrecc", "all"] = field(default="all", metadata={
+        "help": "Which ChatRAG set to evaluate."})
+    beir: str | None = field(default=None, metadata={"metavar": "DIR", "help": (
+        "Evaluate on a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv): every query ranks the whole "
+        "corpus. Replaces --data-folder and --eval-dataset.")})
+    split: str = field(default="test", metadata={"help": "The BEIR qrels split (qrels/<split>.tsv)."})
+    query_turns: int = field(default=5, metadata={"aliases": ["--num_turns", "--num-turns"],
+                                                  "help": "A conversation query keeps its last N turns (as in training)."})
+    qrecc_answer: bool = field(default=True, metadata={
+        "help": "Append ' || <first answer>' to QReCC's gold chunk, as ChatRAG's evaluation does."})
+    split_at_token: int = field(default=512, metadata={"help": (
+        "Sets whose items carry gold_start_token (where the answer starts in the gold text, e.g. the whole pages of "
+        "../shared/data/doc2dial/pages/dev) are also scored apart for answers starting before and from this token.")})
+    page_split: bool = field(default=False, metadata={"help": (
+        "Also score the set in two halves split by page (the items' source_doc_id; each page in one half, the "
+        "halves of about equal size): choose recipes on split=selection, quote split=report.")})
+
+
+@dataclass
+class ReadingArguments:
+    _argument_group_name = "readings"
+    query_max_len: int = field(default=256, metadata={"help": "Max query tokens (conversations are cut on the left)."})
+    passage_max_len: int = field(default=1024, metadata={
+        "help": "Max passage tokens (cut on the right; capped at the model's position table)."})
+    passage_window: int | None = field(default=None, metadata={"metavar": "W", "help": (
+        "Also score every passage longer than W tokens as the best of its consecutive W-token windows covering "
+        "the whole passage, each embedded on its own (MaxP): the chunking baseline of long documents.")})
+    late_chunking: bool = field(default=False, metadata={"help": (
+        "With --passage_window (ChatRAG sets): also score every passage as the best of the same W-token windows, "
+        "each the mean of its token states from ONE pass over the whole passage (late chunking, Guenther et al. "
+        "2024): chunk-sized vectors that read the whole passage's context. Rows late@W.")})
+    # a list (argparse's nargs "*"): HfArgumentParser's list fields take nargs "+", which refuses the bare flag
+    fuse_bm25: float | None = field(default=None, metadata={"nargs": "*", "metavar": "W", "help": (
+        "ChatRAG sets: also rank with each model fused with BM25: each document's chunks scored "
+        "(1 - W) * z(cosine) + W * z(BM25), z-scored per query; a row NAME+bm25@W per weight, compared like a "
+        f"model. Bare: W {DEFAULT_BM25_WEIGHT:g} (chosen on the Doc2Dial dev selection half, docs/evaluation.md).")})
+
+
+@dataclass
+class RunArguments:
+    _argument_group_name = "running and output"
+    batch_size: int | None = field(default=None, metadata={
+        "help": "Texts encoded at once (default: 64 on GPU; 8 on CPU, where bigger batches only add padding)."})
+    max_tokens_per_batch: int = field(default=DEFAULT_MAX_TOKENS, metadata={"help": (
+        "Padded tokens per forward pass (texts x the longest); a longer text goes alone. The default holds two "
+        "8192-token passages.")})
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = field(default="auto", metadata={"help": (
+        "Encode in float32 or under bf16 / fp16 autocast. auto: on a GPU bf16 where it computes in bf16, else "
+        "fp16; fp32 on CPU. On a CPU with AVX512-BF16 or AMX, bf16 is about 1.5x faster (embeddings move by "
+        "~1e-3); on others it is slower.")})
+    embedding_dtype: Literal["auto", "float32", "float16", "bfloat16"] = field(default="auto", metadata={"help": (
+        "BEIR: how corpus embeddings are kept (scores are float32 either way). auto: float16 on GPU, float32 on "
+        "CPU.")})
+    faiss: bool = field(default=False, metadata={"help": (
+        "BEIR: search with FAISS's exact flat index (needs faiss-cpu or faiss-gpu) instead of the built-in "
+        "blocked search.")})
+    corpus_embeddings: str | None = field(default=None, metadata={"metavar": "PATH", "help": (
+        "BEIR: cache of the corpus embeddings (one model): written on the first run, reused when model, corpus "
+        "and settings match, refused when they do not.")})
+    run_file: str | None = field(default=None, metadata={"help": (
+        "BEIR: also write each model's top 100 per query as a TREC run file (several models: -2, -3... before "
+        "the extension for the second, third...; MaxP: .maxpW before it).")})
+    device: str | None = field(default=None, metadata={"help": "cuda, cuda:1, cpu... (default: cuda if available)."})
+    bootstrap_samples: int = field(default=10_000, metadata={
+        "help": "Resamples of the paired bootstrap comparing each model with the first."})
+    per_item: bool = field(default=False, metadata={
+        "help": "Keep every item's metrics in the JSON (for paired comparisons made elsewhere)."})
+    output_file: str | None = field(default=None, metadata={
+        "help": "JSON results file (default: outputs/eval-<time>.json)."})
+
+
+def validate(models: ModelArguments, sets: SetArguments, readings: ReadingArguments, run: RunArguments) -> None:
+    """The flags checked against each other; raises :class:`UserError`. ``--fuse_bm25`` becomes a
+    tuple of distinct weights (the bare flag: the default weight)."""
+    if readings.late_chunking and not readings.passage_window:
+        raise UserError("--late_chunking pools the token states over --passage_window W windows: give --passage_window")
+    if readings.late_chunking and sets.beir:
+        raise UserError("--late_chunking scores the ChatRAG sets (--data-folder), not a BEIR corpus")
+    weights = readings.fuse_bm25
+    readings.fuse_bm25 = tuple(dict.fromkeys(weights or [DEFAULT_BM25_WEIGHT])) if weights is not None else ()
+    if any(not 0 < weight < 1 for weight in readings.fuse_bm25):
+        raise UserError(f"--fuse_bm25 weights must lie strictly between 0 and 1, not {list(readings.fuse_bm25)}")
+    if readings.fuse_bm25 and sets.beir:
+        raise UserError("--fuse_bm25 fuses the scores of the ChatRAG sets' chunks (--data-folder), not of a BEIR corpus")
+    for value, name in ((readings.query_max_len, "query_max_len"), (readings.passage_max_len, "passage_max_len"),
+                        (run.batch_size, "batch_size"), (sets.query_turns, "query_turns"),
+                        (readings.passage_window, "passage_window"), (run.max_tokens_per_batch, "max_tokens_per_batch"),
+                        (run.bootstrap_samples, "bootstrap_samples")):
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be >= 1")
+    if (models.query_encoder_path or models.context_encoder_path) and (
+            models.model_path or not (models.query_encoder_path and models.context_encoder_path)):
+        raise UserError("give either --model_path or both --query_encoder_path and --context_encoder_path")
+    if run.corpus_embeddings and len(models.model_path or ["default"]) > 1:
+        raise UserError("--corpus_embeddings caches one model's corpus: evaluate one model with it")
+    if sets.eval_dataset not in (*DATASETS, "all"):
+        raise UserError(f"--eval_dataset must be one of {', '.join(DATASETS)} or all")
