@@ -10,18 +10,14 @@ Train on the pairs alone (a first stage) or beside your labelled data
 (`efficient_train.py --train_data train.jsonl pairs.jsonl`). Mining works on them as on any records.
 """
 
-import argparse
 import json
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from longcontrast import UserError  # noqa: E402
-from longcontrast.readers import read_corpus  # noqa: E402
-from longcontrast.pairs import METHODS, make_pairs  # noqa: E402
+from longcontrast import UserError, cli
+from longcontrast.pairs import METHODS, make_pairs
+from longcontrast.readers import read_corpus
 
 logger = logging.getLogger("make_pairs")
 
@@ -43,29 +39,23 @@ class PairArguments:
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output."})
 
 
-def main(argv=None) -> int:
-    from transformers import HfArgumentParser
-
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    (args,) = HfArgumentParser(PairArguments, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter).parse_args_into_dataclasses(args=argv)
-    try:
-        if args.per_passage < 1:
-            raise UserError(f"--per_passage must be >= 1, got {args.per_passage}")
-        if os.path.exists(args.output) and not args.overwrite:
-            raise UserError(f"{args.output} exists; pass --overwrite to replace it")
-        records = make_pairs(read_corpus(args.corpus), method=args.method, per_passage=args.per_passage,
-                             seed=args.seed, min_span=args.min_span, max_span=args.max_span,
-                             keep_sentence=args.keep_sentence)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+def pairs(argv) -> None:
+    (args,) = cli.parser_for(PairArguments, description=__doc__).parse_args_into_dataclasses(args=argv)
+    if args.per_passage < 1:
+        raise UserError(f"--per_passage must be >= 1, got {args.per_passage}")
+    if os.path.exists(args.output) and not args.overwrite:
+        raise UserError(f"{args.output} exists; pass --overwrite to replace it")
+    records = make_pairs(read_corpus(args.corpus), method=args.method, per_passage=args.per_passage, seed=args.seed,
+                         min_span=args.min_span, max_span=args.max_span, keep_sentence=args.keep_sentence)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output + ".tmp", "w") as handle:
         handle.writelines(json.dumps(record) + "\n" for record in records)
     os.replace(args.output + ".tmp", args.output)
     logger.info("%d %s pairs written to %s", len(records), args.method, args.output)
-    return 0
+
+
+def main(argv=None) -> int:
+    return cli.run(pairs, argv)
 
 
 if __name__ == "__main__":

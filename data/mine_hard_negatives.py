@@ -12,29 +12,15 @@ Writes the input records as JSON lines with their negatives field replaced (hard
 summary beside them (OUTPUT.json). `--help` lists every flag.
 """
 
-import argparse
-import logging
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from longcontrast import UserError  # noqa: E402
-from longcontrast.mining import MiningArguments, run  # noqa: E402
+from longcontrast import cli
+from longcontrast.mining import MiningArguments, run
 
 
 def main(argv=None) -> int:
-    from transformers import HfArgumentParser
-
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    parser = HfArgumentParser(MiningArguments, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
-    try:
-        run(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    return 0
+    def mine(args):
+        (arguments,) = cli.parser_for(MiningArguments, description=__doc__).parse_args_into_dataclasses(args=args)
+        run(arguments)
+    return cli.run(mine, argv)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 
 from . import UserError
+from .cli import one_line_errors
 from .modeling import POOLING_MODES
 from .positions import POSITION_INITS
 
@@ -319,7 +320,7 @@ def make_parser(gradcache: bool) -> HfArgumentParser:
             action.help = argparse.SUPPRESS
         elif any(option.startswith("--no_") for option in action.option_strings):
             action.help = f"The same as --{action.dest} false."
-    return parser
+    return one_line_errors(parser)
 
 
 def parse_arguments(argv, gradcache: bool):
@@ -332,82 +333,3 @@ def parse_arguments(argv, gradcache: bool):
                               for f in dataclasses.fields(part)})
     cache, training = rest if gradcache else (None, rest[0])
     return model, data, cache, training
-
-
-def validate(model_args, data_args, cache_args, training_args) -> None:
-    if cache_args is not None and cache_args.mini_batch_size < 1:
-        raise UserError(f"--mini_batch_size must be >= 1, got {cache_args.mini_batch_size}")
-    if cache_args is not None and cache_args.mini_batch_tokens is not None and cache_args.mini_batch_tokens < 1:
-        raise UserError(f"--mini_batch_tokens must be >= 1, got {cache_args.mini_batch_tokens}")
-    if model_args.temperature <= 0:
-        raise UserError(f"--temperature must be > 0, got {model_args.temperature}")
-    for name in ("dropout", "attention_dropout"):
-        value = getattr(model_args, name)
-        if value is not None and not 0 <= value < 1:
-            raise UserError(f"--{name} must be in [0, 1), got {value}")
-    validate_lora(model_args, training_args)
-    if data_args.num_hard_negatives < 0:
-        raise UserError(f"--num_hard_negatives must be >= 0, got {data_args.num_hard_negatives}")
-    if data_args.query_turns < 1:
-        raise UserError(f"--query_turns must be >= 1, got {data_args.query_turns}")
-    if model_args.max_position_embeddings is not None:
-        validate_lengths(data_args, model_args.max_position_embeddings)
-    if training_args.n_gpu > 1:  # the Trainer would wrap the model in nn.DataParallel
-        raise UserError(
-            f"{training_args.n_gpu} GPUs are visible but the run was not started by torchrun: launch "
-            "`torchrun --nproc_per_node N ...`, or choose one GPU with CUDA_VISIBLE_DEVICES"
-        )
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and training_args.world_size != launched:
-        raise UserError(f"launched as {launched} processes but the Trainer set up {training_args.world_size}; "
-                        "check --ddp_backend and the launcher's environment")
-    if training_args.per_device_train_batch_size < 1:
-        raise UserError("--per_device_train_batch_size must be >= 1")
-    if training_args.max_bad_steps < 1:
-        raise UserError(f"--max_bad_steps must be >= 1, got {training_args.max_bad_steps}")
-    if os.path.isfile(training_args.output_dir):
-        raise UserError(f"--output_dir {training_args.output_dir} is a file")
-
-
-def validate_lengths(data_args, positions: int) -> None:
-    """Query and passage lengths must fit the model's positions (known once it is loaded)."""
-    for name in ("query_max_len", "passage_max_len"):
-        value = getattr(data_args, name)
-        if not 3 <= value <= positions:
-            raise UserError(f"--{name} must be in [3, {positions}] (the positions the model reads; see "
-                            f"--max_position_embeddings), got {value}")
-
-
-def validate_lora(model_args, training_args) -> None:
-    """LoRA's flags, half-precision weights and activation checkpointing, checked before loading."""
-    lora = model_args.lora_r > 0
-    if model_args.lora_r < 0:
-        raise UserError(f"--lora_r must be >= 0, got {model_args.lora_r}")
-    if not lora:
-        given = [flag for flag, on in (("--lora_alpha", model_args.lora_alpha is not None),
-                                       ("--lora_dropout", model_args.lora_dropout != 0.0),
-                                       ("--lora_target_modules", model_args.lora_target_modules),
-                                       ("--lora_modules_to_save", model_args.lora_modules_to_save),
-                                       ("--merge_lora", model_args.merge_lora)) if on]
-        if given:
-            raise UserError(f"{', '.join(given)} without --lora_r: LoRA is off (give --lora_r 16, say)")
-        if model_args.torch_dtype in ("bfloat16", "float16"):
-            raise UserError(f"--torch_dtype {model_args.torch_dtype} would train the weights themselves in half "
-                            "precision; full fine-tuning keeps float32 weights (use --bf16 or --fp16 for mixed "
-                            "precision), or train LoRA adapters over half-precision weights with --lora_r")
-        return
-    if not 0 <= model_args.lora_dropout < 1:
-        raise UserError(f"--lora_dropout must be in [0, 1), got {model_args.lora_dropout}")
-    for flag, conflict in (("--trainable_parameters", model_args.trainable_parameters != "all"),
-                           ("--untie_encoders", model_args.untie_encoders)):
-        if conflict:
-            raise UserError(f"--lora_r with {flag}: LoRA trains adapters on one shared encoder; drop {flag}, or "
-                            "train without LoRA")
-    if model_args.torch_dtype in ("bfloat16", "float16") and model_args.lora_modules_to_save and not (
-            training_args.bf16 or training_args.fp16):
-        raise UserError("--lora_modules_to_save trains whole modules in float32 over half-precision weights, "
-                        "which needs mixed precision: add --bf16 (or --fp16), or use --torch_dtype float32")
-    kwargs = training_args.activation_checkpointing_kwargs or {}
-    if training_args.activation_checkpointing and kwargs.get("use_reentrant"):
-        raise UserError("use_reentrant true: reentrant activation checkpointing gives LoRA adapters no gradient "
-                        "behind frozen embeddings and breaks DDP; leave it out (non-reentrant is the default)")

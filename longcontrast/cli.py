@@ -19,9 +19,12 @@ def parser_for(*types, description: str | None = None, **kwargs):
     argparse's usage block and exit)."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(types, description=description, formatter_class=kwargs.pop(
-        "formatter_class", argparse.RawDescriptionHelpFormatter), **kwargs)
+    return one_line_errors(HfArgumentParser(types, description=description, formatter_class=kwargs.pop(
+        "formatter_class", argparse.RawDescriptionHelpFormatter), **kwargs))
 
+
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``parser`` with its errors (an unknown flag, a bad value) raised as :class:`UserError`."""
     def error(message):
         raise UserError(f"{message} (see --help)")
     parser.error = error
