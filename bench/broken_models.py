@@ -19,9 +19,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from longcontrast.modeling import DualEncoder, default_model_path, load_encoder, read_pooling  # noqa: E402
+from longcontrast.modeling import DualEncoder, default_model_path, load_encoder, read_pooling
 
 
 def main(argv=None) -> int:

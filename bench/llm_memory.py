@@ -25,7 +25,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 # name -> (LoRA, activation checkpointing, GradCache mini-batch or None, batch override or None)
 CONFIGS = {

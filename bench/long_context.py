@@ -45,22 +45,22 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from longcontrast import UserError  # noqa: E402
-from longcontrast.tokenization import special_tokens, tokenize  # noqa: E402
-from longcontrast.readers import read_json  # noqa: E402
-from longcontrast.evaluation import ModelResults, evaluate  # noqa: E402
-from longcontrast.retrieval_sets import ChatRAGSet  # noqa: E402
-from longcontrast.retrievers import DenseRetriever, EncodeSettings  # noqa: E402
-from longcontrast.inference import encode, load_retriever  # noqa: E402
-from longcontrast.metrics import gold_rank, per_item_metrics  # noqa: E402
-from longcontrast.modeling import DualEncoder, default_model_path, load_encoder, read_pooling  # noqa: E402
-from longcontrast.positions import POSITION_INITS, token_positions  # noqa: E402
+from longcontrast import UserError
+from longcontrast.tokenization import special_tokens, tokenize
+from longcontrast.readers import read_json
+from longcontrast.evaluation import ModelResults, evaluate
+from longcontrast.retrieval_sets import ChatRAGSet
+from longcontrast.retrievers import DenseRetriever, EncodeSettings
+from longcontrast.inference import encode, load_retriever
+from longcontrast.metrics import gold_rank, per_item_metrics
+from longcontrast.modeling import DualEncoder, default_model_path, load_encoder, read_pooling
+from longcontrast.positions import POSITION_INITS, token_positions
 
 logger = logging.getLogger("long_context")
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.path.join(HERE, "..", "..", "shared", "data", "doc2dial")
+from common import DOC2DIAL as SHARED
+
 TASKS = ("passkey", "needle")
 LENGTHS = (256, 512, 1024, 2048, 4096)  # the CPU default; add 8192 on a GPU
 

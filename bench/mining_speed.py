@@ -20,21 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 
+from common import DOC2DIAL as SHARED, peak_mb
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
-SHARED = os.path.join(ROOT, "..", "shared", "data", "doc2dial")
 ROWS = ("doc2dial_bm25", "doc2dial_dense", "dense_1m", "bm25_index_1m", "bm25s_index_1m")
-
-
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def doc2dial(scorer: str) -> dict:

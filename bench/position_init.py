@@ -15,20 +15,20 @@ import argparse
 import json
 import os
 import random
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from longcontrast.tokenization import tokenize  # noqa: E402
-from longcontrast.retrieval_sets import load_chatrag  # noqa: E402
-from longcontrast.inference import encode  # noqa: E402
-from longcontrast.metrics import gold_rank, retrieval_metrics  # noqa: E402
-from longcontrast.modeling import DualEncoder, default_model_path, load_encoder  # noqa: E402
-from longcontrast.positions import POSITION_INITS  # noqa: E402
+from longcontrast.tokenization import tokenize
+from longcontrast.retrieval_sets import load_chatrag
+from longcontrast.inference import encode
+from longcontrast.metrics import gold_rank, retrieval_metrics
+from longcontrast.modeling import DualEncoder, default_model_path, load_encoder
+from longcontrast.positions import POSITION_INITS
 
-DEV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "doc2dial", "dev")
+from common import DOC2DIAL
+
+DEV = os.path.join(DOC2DIAL, "dev")
 
 
 def main(argv=None) -> None:

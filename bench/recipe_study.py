@@ -48,8 +48,8 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-SHARED = os.path.join(ROOT, "..", "shared", "data", "doc2dial")
+from common import DOC2DIAL as SHARED
+
 TRAIN = os.path.join(SHARED, "train_triples.jsonl")
 CORPUS = os.path.join(SHARED, "dev", "documents.json")
 DEV = os.path.join(SHARED, "dev")

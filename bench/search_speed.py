@@ -19,13 +19,13 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import time
 
+from common import peak_mb
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 
 def rss_mb() -> float:
@@ -57,7 +57,7 @@ def search_row(size: int, queries: int, dim: int, dtype: str, device: str, k: in
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MB (Linux reports KB)
+    peak = peak_mb()
     row = {"corpus": size, "queries": queries, "dim": dim, "dtype": dtype, "device": device, "k": k,
            "seconds": round(seconds, 2), "vectors_mb": round(vectors_mb, 1), "rss_before_mb": round(before, 1),
            "peak_rss_mb": round(peak, 1), "peak_above_vectors_mb": round(peak - before - vectors_mb, 1),

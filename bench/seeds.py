@@ -5,7 +5,7 @@ standard deviation, R@1 of the page dev set for whole pages, the model's own 512
 row with a paired 95% bootstrap interval over items, each item's R@1 first averaged over the seeds
 (the recipe in expectation over seeds, its seed noise averaged out, the item noise kept).
 
-Each input is a page evaluation with per-item values (``bench/long_context_recipe.sh``'s
+Each input is a page evaluation with per-item values (``recipes/long_context.sh``'s
 OUTPUT_DIR/eval_doc2dial_pages.json, or a ``bench/results/long_context_*_pages.json``), the trained
 model beside the 512-position ``default``.
 
@@ -22,9 +22,8 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from longcontrast.metrics import paired_difference  # noqa: E402
+from longcontrast.metrics import paired_difference
 
 logger = logging.getLogger("seeds")
 PARTS = {"all": "", "past 512": "gold_start>=512", "report, past 512": "split=report gold_start>=512",

@@ -25,14 +25,14 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-DOC2DIAL = os.path.join(ROOT, "..", "shared", "data", "doc2dial", "train_triples.jsonl")
+from common import DOC2DIAL as SHARED, peak_mb
+
+DOC2DIAL = os.path.join(SHARED, "train_triples.jsonl")
 METHODS = ("origin", "efficient", "efficient_every_copy", "st_cached")
 BGE_LARGE_SHAPE = "bge-large-shape"
 MODERNBERT_SHAPE = "modernbert-minilm-shape"  # rotary positions, MiniLM's size: compared with MiniLM on CPU
@@ -141,14 +141,14 @@ def worker(args) -> dict:
         update(inputs)
     seconds = (time.perf_counter() - started) / len(timed)
     if device.type == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        peak = peak_mb()
     runs = [encoded(b) for b in timed]
     flops = sum(step_flops(encoder.config, run, extra_forward=args.method != "origin") for run in runs) / len(timed)
     tokens = sum(len(x) for b in timed for x in b["query_ids"] + b["passage_ids"]) / len(timed)
     texts = sum(len(b["query_ids"]) + len(b["passage_ids"]) for b in timed) / len(timed)
-    return {"step_seconds": seconds, "peak_memory_mb": peak_mb, "tokens_per_step": tokens, "texts": texts,
+    return {"step_seconds": seconds, "peak_memory_mb": peak, "tokens_per_step": tokens, "texts": texts,
             "encoded_texts": sum(map(len, runs)) / len(timed), "tflops": flops / seconds / 1e12}
 
 

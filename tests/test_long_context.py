@@ -103,7 +103,7 @@ def test_tables_and_plot(tmp_path):
 
 
 def test_mixed_page_chunks_asks_each_dialogue_for_its_page_and_its_chunk():
-    spec = importlib.util.spec_from_file_location("mixed", Path(__file__).resolve().parents[1] / "bench" / "mixed_page_chunks.py")
+    spec = importlib.util.spec_from_file_location("mixed", Path(__file__).resolve().parents[1] / "data" / "mixed_page_chunks.py")
     mixed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mixed)
     turns = [{"role": "user", "content": "how do i renew"}]
@@ -122,7 +122,7 @@ def test_chunks_in_page_find_the_chunk_and_keep_it_within_the_window(tiny_model_
 
     from longcontrast.tokenization import span_tokens
 
-    spec = importlib.util.spec_from_file_location("mixed", Path(__file__).resolve().parents[1] / "bench" / "mixed_page_chunks.py")
+    spec = importlib.util.spec_from_file_location("mixed", Path(__file__).resolve().parents[1] / "data" / "mixed_page_chunks.py")
     mixed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mixed)
     page = "the office is open.\n\nbring proof of address and the fee.  " + "the library is open 3 days. " * 12

@@ -15,11 +15,11 @@ windows at evaluation (span pooling in training, Günther et al. 2024). Its hard
 mined chunk, read alone; --negatives_in_page reads the first (the one the recipe reads) inside the
 training page that holds it (``negative_spans``), so positives and negatives are read the same way.
 
-    python bench/mixed_page_chunks.py --output outputs/mixed_pages.jsonl
-    bash bench/long_context_recipe.sh OUTPUT_DIR --train_data outputs/mixed_pages.jsonl
-    python bench/mixed_page_chunks.py --chunks_in_page --output outputs/mixed_spans.jsonl
-    python bench/mixed_page_chunks.py --chunks_in_page --negatives_in_page --output outputs/mixed_spans_neg.jsonl
-    bash bench/long_context_recipe.sh OUTPUT_DIR --train_data outputs/mixed_spans.jsonl
+    python data/mixed_page_chunks.py --output outputs/mixed_pages.jsonl
+    bash recipes/long_context.sh OUTPUT_DIR --train_data outputs/mixed_pages.jsonl
+    python data/mixed_page_chunks.py --chunks_in_page --output outputs/mixed_spans.jsonl
+    python data/mixed_page_chunks.py --chunks_in_page --negatives_in_page --output outputs/mixed_spans_neg.jsonl
+    bash recipes/long_context.sh OUTPUT_DIR --train_data outputs/mixed_spans.jsonl
 """
 
 from __future__ import annotations
@@ -141,7 +141,6 @@ def main(argv=None) -> int:
     records = mixed_records(read(args.pages), read(args.chunks))
     note = ""
     if args.chunks_in_page:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         from longcontrast.modeling import default_model_path, load_tokenizer
 
         records, spanned, negatives = with_spans(records, load_tokenizer(args.model or default_model_path()),

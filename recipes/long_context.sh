@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU long-context recipe (docs/results.md, "Long context"): all-MiniLM-L6-v2 extended to 8192 positions
-# (copy init) and trained with GradCache on the mixed objective (bench/mixed_page_chunks.py): each
+# (copy init) and trained with GradCache on the mixed objective (data/mixed_page_chunks.py): each
 # training dialogue of the shared Doc2Dial set asks for its WHOLE gold page (pages/train_pages.jsonl,
 # one BM25-mined page of the same domain as hard negative, pages read up to 1024 tokens) and for its
 # gold chunk (train_triples.jsonl, one BM25-mined chunk as hard negative), batch 16, one epoch.
@@ -10,7 +10,7 @@
 # Measured on 2 CPU cores: 19-20 minutes of training alone (36 with another run beside it), 4 of evaluation
 # (the late-chunked windows come from the same pass that embeds the whole pages).
 #
-#   bash bench/long_context_recipe.sh OUTPUT_DIR [extra efficient_train.py flags]
+#   bash recipes/long_context.sh OUTPUT_DIR [extra efficient_train.py flags]
 #   python bench/long_context.py --models "MiniLM 512=default" "recipe=OUTPUT_DIR"   # the long-context benchmark
 #
 # Writes the model to OUTPUT_DIR (AutoModel / SentenceTransformer folder) and the dev metrics to
@@ -20,7 +20,7 @@
 # --max_position_embeddings 512 --passage_max_len 512; the shift ablation: --shift_positions). Environment: PYTHON (default python), SHARED
 # (default ../shared/data/doc2dial).
 set -euo pipefail
-if [ $# -lt 1 ]; then echo "usage: bash bench/long_context_recipe.sh OUTPUT_DIR [extra efficient_train.py flags]" >&2; exit 2; fi
+if [ $# -lt 1 ]; then echo "usage: bash recipes/long_context.sh OUTPUT_DIR [extra efficient_train.py flags]" >&2; exit 2; fi
 out=$1; shift
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python}
@@ -35,7 +35,7 @@ fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 SECONDS=0
-"$python" bench/mixed_page_chunks.py --pages "$shared/pages/train_pages.jsonl" --chunks "$shared/train_triples.jsonl" \
+"$python" data/mixed_page_chunks.py --pages "$shared/pages/train_pages.jsonl" --chunks "$shared/train_triples.jsonl" \
   --output "$work/mixed_pages.jsonl"
 "$python" efficient_train.py --train_data "$work/mixed_pages.jsonl" \
   --output_dir "$out" --max_position_embeddings 8192 --position_init copy --shift_positions false \

@@ -9,7 +9,7 @@
 # half, the row OUTPUT_DIR+bm25@0.3 R@1 68.62, R@5 90.12 against BM25's 60.80 / 83.02 (R@1 +7.82
 # [+3.70, +11.94]); the model alone (row OUTPUT_DIR) 61.73, level with BM25.
 #
-#   bash bench/recommended_recipe.sh OUTPUT_DIR
+#   bash recipes/doc2dial.sh OUTPUT_DIR
 #
 # Writes the model to OUTPUT_DIR (AutoModel / SentenceTransformer folder), the mined training file
 # and its summary to OUTPUT_DIR/mined/, and the dev metrics (BM25, the untrained model, the trained one, each model
@@ -17,7 +17,7 @@
 # Environment: PYTHON (default python), SHARED (default ../shared/data/doc2dial), and any extra
 # efficient_train.py flags after OUTPUT_DIR.
 set -euo pipefail
-if [ $# -lt 1 ]; then echo "usage: bash bench/recommended_recipe.sh OUTPUT_DIR [extra efficient_train.py flags]" >&2; exit 2; fi
+if [ $# -lt 1 ]; then echo "usage: bash recipes/doc2dial.sh OUTPUT_DIR [extra efficient_train.py flags]" >&2; exit 2; fi
 out=$1; shift
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python}

@@ -1,0 +1,38 @@
+"""What the benchmarks share: the paths to the real data beside the repository (``../shared``),
+peak memory, a row measured in a fresh process, and results written atomically as JSON. The
+benchmarks import the package as users do (``pip install -e .``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(ROOT, "..", "shared", "data")
+DOC2DIAL = os.path.join(SHARED, "doc2dial")  # Doc2Dial chunks, pages and dev sets (CC BY 3.0)
+LONG = os.path.join(SHARED, "long")  # SQuALITY and QMSum in the BEIR layout
+
+
+def peak_mb() -> float:
+    """This process's peak resident memory in MB (Linux reports ``ru_maxrss`` in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def fresh_process(script: str, *argv: str) -> dict:
+    """Run ``python script argv...`` in a new process (its peak memory is its own) and return the
+    JSON object its last line of output prints; a failure raises with the process's error output."""
+    done = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{os.path.basename(script)} {' '.join(argv)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def write_json(path: str, value) -> None:
+    """``value`` as indented JSON at ``path``, written whole or not at all."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as handle:
+        json.dump(value, handle, indent=2)
+    os.replace(path + ".tmp", path)
