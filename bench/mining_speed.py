@@ -33,7 +33,7 @@ ROWS = ("doc2dial_bm25", "doc2dial_dense", "dense_1m", "bm25_index_1m", "bm25s_i
 
 
 def doc2dial(scorer: str) -> dict:
-    from longcontrast.mining import MiningArguments, run
+    from longcontrast.miner import MiningArguments, run
 
     with tempfile.TemporaryDirectory() as folder:
         args = MiningArguments(input=[os.path.join(SHARED, "train_triples.jsonl")],

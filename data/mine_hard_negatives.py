@@ -13,7 +13,7 @@ summary beside them (OUTPUT.json). `--help` lists every flag.
 """
 
 from longcontrast import cli
-from longcontrast.mining import MiningArguments, run
+from longcontrast.miner import MiningArguments, run
 
 
 def main(argv=None) -> int:

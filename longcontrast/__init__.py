@@ -9,7 +9,9 @@ The package behind the two training scripts (``origin_train.py``, ``efficient_tr
    ``lora``, ``inference`` (loading a retriever, encoding);
 4. training: ``loss``, ``gradcache``, ``step``, ``distributed``, ``checkpoints``, ``trainer``,
    ``arguments``, ``training`` (the driver);
-5. retrieval and evaluation: ``search``, ``bm25``, ``metrics``, ``evaluation``, ``beir``, ``mining``.
+5. retrieval and evaluation: ``search``, ``bm25``, ``metrics``, ``results``, ``retrieval_sets``, ``retrievers``,
+   ``evaluation``, ``comparison``, ``eval_arguments``; mining: ``mining`` (the algorithm), ``miner`` (its driver);
+6. entry points' shell: ``cli``; training checks: ``validation``.
 """
 
 __version__ = "0.1.0"

@@ -12,26 +12,16 @@ after skipping the ``skip_top`` best-ranked, become the negatives, hardest first
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import time
 from collections import defaultdict
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import UserError
 from .bm25 import BM25
-from .readers import iter_records, read_corpus
-from .records import normalised, parse_record, record_format
-from .tokenization import tokenize
-from .inference import PRECISIONS, autocast_dtype, encode, load_retriever, prompts_for
-from .positions import token_positions
 from .search import QUERY_BLOCK, rank_fusion, top_k
 
 logger = logging.getLogger(__name__)
@@ -214,172 +204,3 @@ def mine_dense(positives: list[int], pools: list[np.ndarray], config: MiningConf
             progress.update(len(rows))
     progress.close()
     return negatives, stats
-
-
-@dataclass
-class MiningArguments:
-    input: list[str] = field(metadata={"help": "Training records (.jsonl, .json, .parquet files or folders, or a "
-                                       "BEIR folder) in any training format; each needs a query and a positive."})
-    output: str = field(metadata={"help": "Where the records go, as JSON lines: each input record with its "
-                                  "negatives field (hard_negatives / negative / negatives / neg / negative_passages) "
-                                  "replaced, hardest first."})
-    corpus: str | None = field(default=None, metadata={
-        "help": "Candidate passages: a ChatRAG documents.json ({document: [chunk, ...]}), a JSON list, a .jsonl "
-                "(strings or objects with 'text') or a .txt (one a line). Default: every positive of the input."})
-    per_document: bool = field(default=False, metadata={
-        "help": "Take each record's candidates from its own document only (a documents.json corpus and a "
-                "'document' field in every record), as ChatRAG's evaluation ranks them."})
-    model_name_or_path: str | None = field(default=None, metadata={
-        "help": "Dense model scoring the candidates (a trained output folder for iterative mining; 'default': the "
-                "embedded all-MiniLM-L6-v2). Needed by --scorer dense and hybrid."})
-    scorer: str | None = field(default=None, metadata={
-        "help": "bm25, dense, or hybrid (reciprocal-rank fusion of both). Default: dense when a model is given, "
-                "else bm25.", "choices": list(SCORERS)})
-    num_negatives: int = field(default=7, metadata={"help": "Negatives per record (fewer if the filter leaves fewer)."})
-    skip_top: int = field(default=0, metadata={"help": "Skip this many best-ranked candidates first (rank window)."})
-    max_score_ratio: float | None = field(default=None, metadata={
-        "help": "Drop candidates scoring above this fraction of the positive's score (NV-Retriever's TopK-PercPos; "
-                "0.95 was their best). Dense cosine when a model takes part, else BM25 score."})
-    margin: float | None = field(default=None, metadata={
-        "help": "Drop candidates scoring above the positive's score minus this margin (TopK-MarginPos)."})
-    query_turns: int = field(default=5, metadata={"help": "A conversation query keeps its last N turns."})
-    query_instruction: str | None = field(default=None, metadata={
-        "help": "Prefix of every query for the dense model (default: the model's recorded 'query' prompt, if any)."})
-    passage_instruction: str | None = field(default=None, metadata={
-        "help": "Prefix of every passage for the dense model (default: its recorded 'document' prompt, if any)."})
-    trust_remote_code: bool = field(default=False, metadata={
-        "help": "Run the dense model's own code from its folder (e.g. nomic-bert); only for code you trust."})
-    query_max_len: int = field(default=256, metadata={"help": "Max query tokens for the dense model (cut on the left)."})
-    passage_max_len: int = field(default=1024, metadata={
-        "help": "Max passage tokens for the dense model (cut on the right; capped at its position table)."})
-    batch_size: int | None = field(default=None, metadata={"help": "Texts encoded at once (default: 64 on GPU, 8 on CPU)."})
-    precision: str = field(default="auto", metadata={
-        "help": "fp32, or bf16 / fp16 autocast for the dense model; auto: on a GPU bf16 where it computes in bf16, "
-                "else fp16; fp32 on CPU.", "choices": list(PRECISIONS)})
-    device: str | None = field(default=None, metadata={"help": "cuda, cpu... (default: cuda if available)."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output file."})
-
-
-def validate(args: MiningArguments) -> None:
-    if args.scorer is None:
-        args.scorer = "dense" if args.model_name_or_path else "bm25"
-    if args.scorer != "bm25" and not args.model_name_or_path:
-        raise UserError(f"--scorer {args.scorer} needs --model_name_or_path (a dense model; 'default' for MiniLM)")
-    if args.num_negatives < 1 or args.skip_top < 0:
-        raise UserError("--num_negatives must be >= 1 and --skip_top >= 0")
-    if args.max_score_ratio is not None and not 0 < args.max_score_ratio <= 1:
-        raise UserError(f"--max_score_ratio must be in (0, 1], got {args.max_score_ratio}")
-    if args.per_document and not args.corpus:
-        raise UserError("--per_document needs --corpus (a documents.json)")
-    output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        raise UserError(f"--output {output} exists; choose another file or pass --overwrite")
-    if any(Path(name).exists() and output.resolve() == Path(name).resolve() for name in args.input):
-        raise UserError(f"--output {output} is one of the input files")
-
-
-def run(args: MiningArguments) -> dict:
-    """Mine, write ``args.output`` (atomically) and return a summary (also written beside it as
-    ``<output>.json``)."""
-    validate(args)
-    started = time.perf_counter()
-    records, queries, positive_texts, other_positives, documents, negative_keys = [], [], [], [], [], []
-    for name in args.input:
-        for where, record in iter_records(name):
-            example = parse_record(record, where, args.query_turns)
-            if args.per_document and not isinstance(record.get("document"), str):
-                raise UserError(f"{where}: --per_document needs a 'document' field naming the record's document")
-            records.append(record)
-            queries.append(example.query)
-            positive_texts.append(example.positive)  # the filter's reference: the first positive
-            other_positives.append(example.other_positives)
-            documents.append(record.get("document"))
-            negative_keys.append(record_format(record, where))
-    if not records:
-        raise UserError(f"no records in {', '.join(args.input)}")
-
-    texts, index = [], {}  # every distinct text once (whitespace-normalised key)
-
-    def text_index(text: str) -> int:
-        key = normalised(text)
-        if key not in index:
-            index[key] = len(texts)
-            texts.append(text)
-        return index[key]
-
-    corpus = read_corpus(args.corpus) if args.corpus else None
-    if isinstance(corpus, dict):
-        by_document = {name: np.array(sorted({text_index(t) for t in chunks}), dtype=np.int64) for name, chunks in corpus.items()}
-        everything = np.unique(np.concatenate([*by_document.values(), np.zeros(0, dtype=np.int64)]))
-    elif corpus is not None:
-        everything = np.array(sorted({text_index(t) for t in corpus}), dtype=np.int64)
-    positives = [text_index(t) for t in positive_texts]
-    others = [[text_index(t) for t in more] for more in other_positives]
-    if corpus is None:
-        everything = np.array(sorted(set(positives).union(*others)), dtype=np.int64)
-    if args.per_document:
-        if not isinstance(corpus, dict):
-            raise UserError(f"--per_document needs a documents.json corpus ({{document: [chunk, ...]}}), not {args.corpus}")
-        missing = sorted({d for d in documents if d not in corpus})
-        if missing:
-            raise UserError(f"documents {missing[:5]} of the records are not in {args.corpus}")
-        pools = [by_document[d] for d in documents]
-    else:
-        pools = [everything] * len(records)
-
-    dense, device = None, None
-    if args.scorer != "bm25":
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        path = None if args.model_name_or_path == "default" else args.model_name_or_path
-        model, tokenizer = load_retriever(path, trust_remote_code=args.trust_remote_code)
-        model.to(device)
-        prompts = prompts_for(model, args.query_instruction, args.passage_instruction)
-        positions = token_positions(model.query_encoder)
-        batching = {"batch_size": args.batch_size or (64 if device.type == "cuda" else 8),
-                    "pad_token_id": tokenizer.pad_token_id, "device": device,
-                    "autocast": autocast_dtype(args.precision, device)}
-        needed = np.unique(np.concatenate([*{id(p): p for p in pools}.values(), np.array(positives)]))
-        text_ids = tokenize(tokenizer, [texts[i] for i in needed], min(args.passage_max_len, positions), "right",
-                            prompts["document"])
-        # half precision on a GPU: a million passages in 2 GB (scores are computed in float32 anyway)
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-        text_embeddings = torch.zeros(len(texts), model.config.hidden_size, dtype=dtype)  # (T, D) unused rows stay 0
-        text_embeddings[torch.from_numpy(needed)] = encode(model, text_ids, "passage", desc="passages", out_dtype=dtype,
-                                                           **batching)
-        query_ids = tokenize(tokenizer, queries, min(args.query_max_len, positions), "left", prompts["query"])
-        dense = encode(model, query_ids, "query", desc="queries", **batching), text_embeddings  # (Q, D), (T, D)
-        del model
-
-    config = MiningConfig(num_negatives=args.num_negatives, skip_top=args.skip_top, max_score_ratio=args.max_score_ratio,
-                          margin=args.margin, scorer=args.scorer)
-    # a query may come in several records with other positives: none of them is ever its negative
-    positives_of: dict[str, set[int]] = defaultdict(set)
-    for query, positive, more in zip(queries, positives, others):
-        positives_of[normalised(query)].update([positive, *more])
-    excluded = [positives_of[normalised(query)] for query in queries]
-    negatives, stats = mine(queries, positives, pools, texts, config, dense, device=device, excluded=excluded)
-
-    output = args.output
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output + ".tmp", "w", encoding="utf-8") as handle:
-        for record, chosen, form in zip(records, negatives, negative_keys):
-            key = form.negatives
-            # fields describing the old negatives (indices, page ids, the miner) would be stale
-            record = {k: v for k, v in record.items() if not (k != key and k.startswith(("hard_negative", "negative")))}
-            mined = [texts[i] for i in chosen]
-            record[key] = [{"docid": "", "title": "", "text": t} for t in mined] if form.name == "tevatron" else mined
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(output + ".tmp", output)
-    summary = {
-        "output": output, "records": len(records), "candidates": int(len(everything)) if not args.per_document else
-        {name: int(len(pool)) for name, pool in by_document.items()},
-        "negatives_per_record": round(stats.negatives / stats.queries, 3), "filtered": stats.filtered,
-        "records_with_fewer": stats.short, "seconds": round(time.perf_counter() - started, 1),
-        "arguments": dict(vars(args)),
-    }
-    with open(output + ".json", "w") as handle:
-        json.dump(summary, handle, indent=2)
-    logger.info("mined %s negatives per record for %d records (%d candidates filtered as likely positives, %d records "
-                "with fewer than %d) in %.1f s; wrote %s", summary["negatives_per_record"], len(records), stats.filtered,
-                stats.short, args.num_negatives, summary["seconds"], output)
-    return summary

@@ -19,6 +19,9 @@ from longcontrast.collator import ContrastiveCollator
 from longcontrast.step import contrastive_step
 from test_scripts import common, update
 
+pytestmark = pytest.mark.slow  # torchrun: several processes
+
+
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")

@@ -180,6 +180,7 @@ def test_lora_efficient_step_equals_origin_step(family, decoder_dir, tiny_model_
     assert ((efficient - origin).norm() / origin.norm()).item() <= 1e-5
 
 
+@pytest.mark.slow
 def test_lora_under_two_process_ddp_equals_one_process(decoder_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", conversation_records(24))
     model_dir = decoder_dir("qwen3")

@@ -47,9 +47,18 @@ def test_new_rows_are_not_random():
         assert torch.equal(table[:64], trained)
 
 
-def test_random_init_is_trainable_too(tiny_model_dir):
-    model, _ = load_encoder(tiny_model_dir, max_position_embeddings=LONG, position_init="random")
-    assert model.embeddings.position_embeddings.weight.requires_grad
+@pytest.mark.parametrize("init", ["copy", "random"])
+def test_rows_past_the_trained_length_receive_gradients(tiny_model_dir, init):
+    """An extended table trains: a text longer than the trained positions sends gradient into the
+    new rows it reads, and none into the rows past its end."""
+    model, _ = load_encoder(tiny_model_dir, max_position_embeddings=LONG, position_init=init)
+    length = TINY_MAX_POSITIONS + 10
+    ids = torch.randint(5, 50, (1, length), generator=torch.Generator().manual_seed(0))
+    hidden = model(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state  # (1, L, D)
+    (hidden * torch.randn_like(hidden)).sum().backward()  # a LayerNorm'd vector's plain sum has no gradient
+    grad = model.embeddings.position_embeddings.weight.grad  # (LONG, D)
+    read = grad[TINY_MAX_POSITIONS:length].norm(dim=1)  # the new rows this text reads
+    assert (read > 0).all() and grad[length:].abs().sum() == 0
 
 
 def test_unknown_position_init_rejected():

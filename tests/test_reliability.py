@@ -28,6 +28,7 @@ def max_relative_difference(a: dict, b: dict) -> float:
     return max(((a[k] - b[k]).norm() / b[k].norm().clamp(min=1e-30)).item() for k in a)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_restart_ends_with_the_same_weights(tiny_model_dir, tmp_path):
     """A run killed with SIGKILL and started again with the same command (automatic resume from
     the newest checkpoint in --output_dir) ends with the weights of an uninterrupted run."""
@@ -61,6 +62,7 @@ def test_sigkill_mid_epoch_then_restart_ends_with_the_same_weights(tiny_model_di
     assert difference <= 1e-6, difference
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_stops_then_the_rerun_finishes_the_run(tiny_model_dir, tmp_path):
     """SIGTERM (pre-emption): the current step ends, a checkpoint is written, the process exits 143
     without a final model; the same command resumes and ends with an uninterrupted run's weights."""

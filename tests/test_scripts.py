@@ -157,6 +157,7 @@ def test_existing_output_dir_is_not_overwritten(tiny_model_dir, tiny_train_file,
     assert (out / "model.safetensors").is_file() and (out / "precious.txt").read_text() == "keep me"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["origin_train.py", "efficient_train.py"])
 def test_help(script):
     result = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
