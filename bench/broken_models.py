@@ -14,20 +14,18 @@
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
 
 import torch
-
 
 from longcontrast.modeling import DualEncoder, default_model_path, load_encoder, read_pooling
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python bench/broken_models.py OUTPUT_DIR", file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output_dir", help="where the three models are written (OUTPUT_DIR/zero, near_collapse, nan)")
+    argv = [parser.parse_args(argv).output_dir]
     path = default_model_path()
     last_bias = None
     for name in ("zero", "near_collapse", "nan"):

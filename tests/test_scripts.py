@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 import efficient_train
 import origin_train
+
 from conftest import conversation_records, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,3 +233,15 @@ def test_the_package_imports_from_another_folder(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip()).resolve() == Path(ROOT, "longcontrast", "__init__.py").resolve()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(str(p.relative_to(ROOT)) for p in [*ROOT.glob("bench/*.py"), *ROOT.glob("data/*.py")]
+                                          if p.name != "common.py"))
+def test_every_bench_and_data_script_answers_help_and_writes_nothing(script, tmp_path):
+    """``--help`` prints usage and exits 0, and writes no file (a script that took it for an output
+    folder once wrote three 90 MB models into the working tree)."""
+    done = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "bench")})
+    assert done.returncode == 0 and "usage" in done.stdout.lower(), done.stderr[-500:]
+    assert not any(tmp_path.iterdir())
