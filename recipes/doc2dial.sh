@@ -19,19 +19,9 @@
 set -euo pipefail
 if [ $# -lt 1 ]; then echo "usage: bash recipes/doc2dial.sh OUTPUT_DIR [extra efficient_train.py flags]" >&2; exit 2; fi
 out=$1; shift
-cd "$(dirname "$0")/.."
-python=${PYTHON:-python}
 shared=${SHARED:-../shared/data/doc2dial}
-for f in "$shared/train_triples.jsonl" "$shared/dev/documents.json" "$shared/dev/test.json"; do
-  [ -f "$f" ] || { echo "error: $f not found (set SHARED to the Doc2Dial folder)" >&2; exit 2; }
-done
-if [ -e "$out" ] && [ -n "$(ls -A "$out" 2>/dev/null)" ]; then
-  echo "error: $out exists and is not empty; choose another folder" >&2; exit 2
-fi
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-
-SECONDS=0
+. "$(dirname "$0")/common.sh"
+recipe_start "$out" "$shared/train_triples.jsonl" "$shared/dev/documents.json" "$shared/dev/test.json"
 "$python" data/mine_hard_negatives.py --input "$shared/train_triples.jsonl" --corpus "$shared/dev/documents.json" \
   --per_document --model_name_or_path default --max_score_ratio 0.95 --num_negatives 7 --passage_max_len 512 \
   --output "$work/train_mined.jsonl"

@@ -22,19 +22,10 @@
 set -euo pipefail
 if [ $# -lt 1 ]; then echo "usage: bash recipes/long_context.sh OUTPUT_DIR [extra efficient_train.py flags]" >&2; exit 2; fi
 out=$1; shift
-cd "$(dirname "$0")/.."
-python=${PYTHON:-python}
 shared=${SHARED:-../shared/data/doc2dial}
-for f in "$shared/train_triples.jsonl" "$shared/pages/train_pages.jsonl" "$shared/dev/test.json" "$shared/pages/dev/test.json"; do
-  [ -f "$f" ] || { echo "error: $f not found (set SHARED to the Doc2Dial folder)" >&2; exit 2; }
-done
-if [ -e "$out" ] && [ -n "$(ls -A "$out" 2>/dev/null)" ]; then
-  echo "error: $out exists and is not empty; choose another folder" >&2; exit 2
-fi
-
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-SECONDS=0
+. "$(dirname "$0")/common.sh"
+recipe_start "$out" "$shared/train_triples.jsonl" "$shared/pages/train_pages.jsonl" "$shared/dev/test.json" \
+  "$shared/pages/dev/test.json"
 "$python" data/mixed_page_chunks.py --pages "$shared/pages/train_pages.jsonl" --chunks "$shared/train_triples.jsonl" \
   --output "$work/mixed_pages.jsonl"
 "$python" efficient_train.py --train_data "$work/mixed_pages.jsonl" \
