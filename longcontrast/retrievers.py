@@ -97,9 +97,9 @@ class DenseRetriever(Retriever):
     def _rank(self, data) -> dict[str, Run]:
         s = self.settings
         query_ids = self._tokenize(data.queries, s.query_max_len, data.query_side, s.query_prompt)
-        full_ids = self._tokenize(data.passages, 10**9)  # every token: MaxP's windows cover the whole passage
         if data.depth is not None:
-            return self._search(data, query_ids, full_ids)
+            return self._search(data, query_ids)
+        full_ids = self._tokenize(data.passages, 10**9)  # every token: MaxP's windows cover the whole passage
         passage_ids = self._tokenize(data.passages, s.passage_max_len)
         late = None
         if self.window and self.late_chunking:
@@ -129,7 +129,7 @@ class DenseRetriever(Retriever):
                 runs[f"late@{self.window}"] = _best_window_run(data, *late, queries, copy_of)
         return runs
 
-    def _search(self, data, query_ids, full_ids) -> dict[str, Run]:
+    def _search(self, data, query_ids) -> dict[str, Run]:
         """Every query against the whole corpus: the best ``data.depth`` passages of each reading."""
         s = self.settings
         if self.use_faiss and self.window:
@@ -141,6 +141,7 @@ class DenseRetriever(Retriever):
         queries = self._encode(query_ids, "query", desc="queries", texts=data.queries)
         runs = {"whole": self._top(queries, corpus, data.depth)}
         if self.window:
+            full_ids = self._tokenize(data.passages, 10**9)  # every token: the windows cover the whole passage
             pieces, owner = split_windows(self.tokenizer, full_ids, self.window, s.passage_prompt)
             windows = self._encode(pieces, "passage", desc="corpus windows", texts=[data.passages[i] for i in owner],
                                    out_dtype=s.embedding_dtype)
