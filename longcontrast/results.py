@@ -1,6 +1,6 @@
 """Evaluation results as typed values: a :class:`Run` (what a retriever scored for each query of a
 set) and :class:`Scored` (the metrics of a run: means, per-item values and named parts), with the
-JSON layout that ``evaluate.py`` writes and the benchmarks read back.
+JSON layout that ``evaluate.py`` writes.
 """
 
 from __future__ import annotations
@@ -57,11 +57,3 @@ class Scored:
             out["per_item"] = self.per_item
         out.update({name: part.to_json(per_item=per_item) for name, part in self.parts.items()})
         return out
-
-    @classmethod
-    def from_json(cls, value: dict, metrics: tuple[str, ...]) -> Scored:
-        """The inverse of :meth:`to_json` (``per_item`` empty where the file kept none)."""
-        parts = {k: cls.from_json(v, metrics) for k, v in value.items() if isinstance(v, dict) and "num_items" in v}
-        info = {k: v for k, v in value.items() if k not in parts and k not in metrics and k not in ("num_items", "per_item")}
-        return cls(value["num_items"], {m: value[m] for m in metrics if m in value}, value.get("per_item") or {},
-                   parts, info)

@@ -146,12 +146,14 @@ class ChatRAGSet:
         self.name = dataset
         self.items, self.documents = load_chatrag(data_folder, dataset, num_turns)
         self.queries = [item.query for item in self.items]
+        asking: dict[str, list[int]] = {}  # document -> the items that rank its chunks, in item order
+        for index, item in enumerate(self.items):
+            asking.setdefault(item.document, []).append(index)
         self.offsets, self.passages, self.groups = {}, [], []
-        for name in sorted({item.document for item in self.items}):
+        for name in sorted(asking):
             self.offsets[name] = len(self.passages)
             self.passages.extend(self.documents[name])
-            self.groups.append(Group(self.offsets[name], len(self.passages),
-                                     [i for i, item in enumerate(self.items) if item.document == name]))
+            self.groups.append(Group(self.offsets[name], len(self.passages), asking[name]))
         self.gold_texts = None
         if dataset == "qrecc" and qrecc_answer_rule:
             # ChatRAG's QReCC gold labels come from word overlap with the answer; its evaluation appends

@@ -30,6 +30,7 @@ from .batching import unique_sequences
 from .bm25 import BM25
 from .inference import encode, late_chunk_embeddings
 from .results import Run
+from .retrieval_sets import TIE_SEED
 from .search import faiss_top_k, max_per_passage, score_fusion, top_k
 from .tokenization import split_windows, tokenize, window_spans
 
@@ -164,7 +165,7 @@ class DenseRetriever(Retriever):
             "model": model_fingerprint(self.model.paths["passage"]), "pooling": self.model.pooling,
             "corpus_sha256": _sha256(data.corpus_file), "passage_max_len": s.passage_max_len,
             "passage_prompt": s.passage_prompt, "window": None, "autocast": str(s.autocast),
-            "dtype": str(s.embedding_dtype), "tie_seed": 0, "weights": str(next(self.model.parameters()).dtype),
+            "dtype": str(s.embedding_dtype), "tie_seed": TIE_SEED, "weights": str(next(self.model.parameters()).dtype),
         }
         cache = self.cache
         if cache and os.path.isfile(cache):
