@@ -62,6 +62,9 @@ def dense_retriever(path: str | None, models: ModelArguments, readings: ReadingA
         passage_prompt=prompts["document"], device=device)
     logger.info("%s reads queries up to %d tokens and passages up to %d (its position table: %d)", path or "default",
                 settings.query_max_len, settings.passage_max_len, positions)
+    width = model.query_encoder.config.hidden_size
+    if any(dim > width for dim in readings.truncate_dim or ()):
+        raise UserError(f"--truncate_dim {max(readings.truncate_dim)} is wider than its {width}-dimensional vectors")
     retriever = DenseRetriever(model, tokenizer, settings, window=readings.passage_window,
                                late_chunking=readings.late_chunking, cache=run.corpus_embeddings, use_faiss=run.faiss)
     info = {"pooling": model.pooling, "prompts": prompts,
@@ -93,10 +96,15 @@ def run(argv=None) -> int:
     for number, (name, path) in enumerate(paths.items(), 1):
         try:
             retriever, info = (keyword, {}) if name == "bm25" else dense_retriever(path, models, readings, run)
-            rows[name] = ModelResults({d.name: evaluate(retriever, d) for d in data}, info)
-            for weight in readings.fuse_bm25 if retriever is not keyword else ():
-                hybrid = Hybrid(retriever, keyword, weight)
-                rows[f"{name}+bm25@{weight:g}"] = ModelResults({d.name: evaluate(hybrid, d) for d in data})
+            # the model, its prefixes (from the same encodings) and each of them fused with BM25
+            variants = {name: retriever} if retriever is keyword else {name: retriever, **{
+                f"{name}@dim{dim}": retriever.truncated(dim) for dim in readings.truncate_dim or ()}}
+            for label, each in variants.items():
+                rows[label] = ModelResults({d.name: evaluate(each, d) for d in data},
+                                           {**info, "truncate_dim": each.truncate_dim} if label != name else info)
+                for weight in readings.fuse_bm25 if each is not keyword else ():
+                    hybrid = Hybrid(each, keyword, weight)
+                    rows[f"{label}+bm25@{weight:g}"] = ModelResults({d.name: evaluate(hybrid, d) for d in data})
         except UserError as err:
             raise UserError(f"model {name}: {err}") from err
         for d in data:

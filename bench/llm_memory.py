@@ -48,6 +48,7 @@ def child(args) -> dict:
 
     from longcontrast.lora import add_lora
     from longcontrast.modeling import DualEncoder
+    from longcontrast.loss import LossSettings
     from longcontrast.step import contrastive_step
     from transformers import AutoModel, Qwen3Config
 
@@ -79,7 +80,7 @@ def child(args) -> dict:
         started = time.perf_counter()
         try:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                output = contrastive_step(model, inputs, temperature=0.05, pad_token_id=151643, device=device,
+                output = contrastive_step(model, inputs, loss=LossSettings(0.05), pad_token_id=151643, device=device,
                                               mini_batch_size=mini_batch)
         except (RuntimeError, MemoryError) as err:
             if "memory" not in str(err).lower() and not isinstance(err, MemoryError):

@@ -56,7 +56,12 @@ DEV = os.path.join(SHARED, "dev")
 
 # row -> its differences to BASE (None: a baseline that trains nothing); "soup:ROW" rows are implicit
 BASE = {"negatives": "shared", "num_hard_negatives": 1, "batch": 16, "epochs": 1, "temperature": 0.05, "lr": 2e-5,
-        "pairs": None}
+        "pairs": None, "teacher": None, "distill_weight": 0.0, "contrastive_weight": 1.0, "teacher_temperature": 1.0,
+        "matryoshka_dims": None}
+# teacher -> data/score_with_teacher.py's flags: "hybrid" is the untrained model fused with BM25 at the
+# deployed weight, over each record's own document (the hybrid the recipe deploys, before training)
+TEACHERS = {"hybrid": ["--model_name_or_path", "default", "--fuse_bm25", "0.3", "--corpus", CORPUS, "--per_document"]}
+DISTILLED = {"negatives": "dense", "epochs": 2, "teacher": "hybrid", "distill_weight": 1.0}
 ROWS = {
     "bm25": None,
     "untrained": None,
@@ -74,6 +79,13 @@ ROWS = {
     "dense_n1_lr5e-5": {"negatives": "dense", "lr": 5e-5},
     "dense_n1_e2": {"negatives": "dense", "epochs": 2},
     "iterative_n1": {"negatives": "iterative:dense_n1"},
+    # distillation from the hybrid teacher's scores of each query's positive and hard negatives
+    "distill_n1_e2_tt0.5": {**DISTILLED, "teacher_temperature": 0.5},
+    "distill_n3_e1_tt0.5": {**DISTILLED, "num_hard_negatives": 3, "epochs": 1, "teacher_temperature": 0.5},
+    "kd_only_n3_e1_tt0.5": {**DISTILLED, "num_hard_negatives": 3, "epochs": 1, "teacher_temperature": 0.5,
+                            "contrastive_weight": 0.0},
+    # Matryoshka prefixes on the recipe's row
+    "mrl_n1_e2": {"negatives": "dense", "epochs": 2, "matryoshka_dims": [384, 256, 128, 64]},
 }
 HALVES = ("selection", "report")
 FUSION_WEIGHTS = (0.2, 0.3, 0.4, 0.5)  # BM25's weight in each hybrid row
@@ -178,6 +190,9 @@ def study_row(name: str, args) -> dict:
                 "fused_seeds": {w: {"soup": halves(r)} for w, r in fused.items()}}
     spec = {**BASE, **ROWS[name]}
     train_file, mining_seconds = negatives_file(spec["negatives"], args)
+    if spec["teacher"]:
+        train_file = cached([sys.executable, "data/score_with_teacher.py", "--input", train_file,
+                             *TEACHERS[spec["teacher"]]], f"scored_{spec['negatives']}_{spec['teacher']}", args)
     data = [train_file]
     if spec["pairs"]:
         data.append(cached([sys.executable, "data/make_pairs.py", "--corpus", CORPUS, "--method", spec["pairs"]],
@@ -189,7 +204,11 @@ def study_row(name: str, args) -> dict:
                    "--overwrite_output_dir", "--num_hard_negatives", str(spec["num_hard_negatives"]),
                    "--per_device_train_batch_size", str(spec["batch"]), "--num_train_epochs", str(spec["epochs"]),
                    "--temperature", str(spec["temperature"]), "--learning_rate", str(spec["lr"]), "--seed", str(seed),
-                   "--save_strategy", "no", "--logging_steps", "10", "--disable_tqdm", "true", *args.train_flags]
+                   "--save_strategy", "no", "--logging_steps", "10", "--disable_tqdm", "true", *args.train_flags,
+                   *(["--distill_weight", str(spec["distill_weight"]), "--teacher_temperature",
+                      str(spec["teacher_temperature"]), "--contrastive_weight", str(spec["contrastive_weight"])]
+                     if spec["distill_weight"] else []),
+                   *(["--matryoshka_dims", *map(str, spec["matryoshka_dims"])] if spec["matryoshka_dims"] else [])]
         if os.path.isfile(os.path.join(output_dir, "training_args.json")):
             # a finished model of an earlier, interrupted study: only evaluated; the Trainer's own runtime
             log = [json.loads(line) for line in open(os.path.join(output_dir, "loss_log.jsonl"))]

@@ -71,6 +71,7 @@ def worker(args) -> dict:
 
     from longcontrast.batching import pad, unique_sequences
     from longcontrast.modeling import DualEncoder, default_model_path, load_encoder
+    from longcontrast.loss import LossSettings
     from longcontrast.step import contrastive_step
 
     torch.manual_seed(0)
@@ -112,7 +113,7 @@ def worker(args) -> dict:
 
         def step(inputs):
             with autocast:
-                return contrastive_step(model, inputs, temperature=args.temperature, pad_token_id=tokenizer.pad_token_id,
+                return contrastive_step(model, inputs, loss=LossSettings(args.temperature), pad_token_id=tokenizer.pad_token_id,
                                         device=device, mini_batch_size=mini_batch, deduplicate=deduplicate)
 
     model.train()

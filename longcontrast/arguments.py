@@ -14,6 +14,7 @@ from transformers.hf_argparser import string_to_bool
 
 from . import UserError
 from .cli import one_line_errors
+from .loss import DISTILL_LOSSES, LossSettings
 from .modeling import POOLING_MODES
 from .positions import POSITION_INITS
 
@@ -59,10 +60,6 @@ class EncoderArguments:
                   "embedders such as Qwen3-Embedding). Default: the pooling recorded in the checkpoint's "
                   "sentence-transformers config, else cls.",
                   "choices": list(POOLING_MODES)},
-    )
-    temperature: float = field(
-        default=0.05,
-        metadata={"help": "Softmax temperature: logits are cosine similarity / temperature (0.05 = scale 20)."},
     )
     negatives_cross_device: bool | None = field(
         default=None,
@@ -166,8 +163,53 @@ class LoraArguments:
 
 
 @dataclass
-class ModelArguments(LoraArguments, PositionArguments, EncoderArguments):
-    """Every model-side flag in one object (what the training code reads); parsed in three groups."""
+class LossArguments:
+    _argument_group_name = "loss (InfoNCE, distillation from teacher scores, Matryoshka)"
+
+    temperature: float = field(
+        default=0.05,
+        metadata={"help": "Softmax temperature: logits are cosine similarity / temperature (0.05 = scale 20)."},
+    )
+    contrastive_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the InfoNCE term (in-batch and hard negatives). 0 with --distill_weight 1: "
+                  "pure distillation, as FlagEmbedding's knowledge_distillation."},
+    )
+    distill_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the distillation term: the student's scores of each query's own positive and "
+                  "hard negatives fitted to the teacher scores every record must then carry (pos_scores/neg_scores, "
+                  "a sentence-transformers 'scores' column, positive_scores/negative_scores; "
+                  "data/score_with_teacher.py writes them). 0: no distillation."},
+    )
+    teacher_temperature: float = field(
+        default=1.0,
+        metadata={"help": "The teacher's logits are its scores / this (cross-encoder logits: about 1; cosines: about "
+                  "the student's --temperature)."},
+    )
+    distill_loss: str = field(
+        default="kl",
+        metadata={"help": "kl: KL(teacher || student) between the softmax distributions over each query's "
+                  "candidates; margin_mse: squared difference of the positive - negative logit margins.",
+                  "choices": list(DISTILL_LOSSES)},
+    )
+    matryoshka_dims: list[int] | None = field(
+        default=None,
+        metadata={"help": "Train prefixes of the vector to work alone (Matryoshka, e.g. 384 256 128 64; decreasing, "
+                  "the first normally the model's width): the loss is summed over the first D coordinates of "
+                  "every embedding, re-normalised, for each D. Evaluate with evaluate.py --truncate_dim."},
+    )
+    matryoshka_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per --matryoshka_dims (default: 1 each)."})
+
+
+@dataclass
+class ModelArguments(LossArguments, LoraArguments, PositionArguments, EncoderArguments):
+    """Every model-side flag in one object (what the training code reads); parsed in four groups."""
+
+    def loss_settings(self) -> LossSettings:
+        return LossSettings(self.temperature, self.contrastive_weight, self.distill_weight, self.teacher_temperature,
+                            self.distill_loss, tuple(self.matryoshka_dims or ()), tuple(self.matryoshka_weights or ()))
 
 
 @dataclass
@@ -308,7 +350,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def make_parser(gradcache: bool) -> HfArgumentParser:
     """The scripts' parser: the project's groups first, then the Trainer's, refused flags hidden."""
     script = "efficient_train.py" if gradcache else "origin_train.py"
-    types = [EncoderArguments, PositionArguments, LoraArguments, DataArguments,
+    types = [EncoderArguments, PositionArguments, LoraArguments, LossArguments, DataArguments,
              *([GradCacheArguments, GradCacheTrainingArguments] if gradcache else [ContrastiveTrainingArguments])]
     parser = HfArgumentParser(types, prog=script, usage=f"python {script} [--flag value ...]",
                               formatter_class=HelpFormatter, description=(
@@ -326,10 +368,10 @@ def make_parser(gradcache: bool) -> HfArgumentParser:
 def parse_arguments(argv, gradcache: bool):
     """(model, data, GradCache or None, training) arguments; bad flags raise :class:`UserError`."""
     try:
-        encoder, positions, lora, data, *rest = make_parser(gradcache).parse_args_into_dataclasses(args=argv)
+        encoder, positions, lora, loss, data, *rest = make_parser(gradcache).parse_args_into_dataclasses(args=argv)
     except ValueError as err:  # raised by TrainingArguments.__post_init__ for inconsistent flags
         raise UserError(str(err)) from err
-    model = ModelArguments(**{f.name: getattr(part, f.name) for part in (encoder, positions, lora)
+    model = ModelArguments(**{f.name: getattr(part, f.name) for part in (encoder, positions, lora, loss)
                               for f in dataclasses.fields(part)})
     cache, training = rest if gradcache else (None, rest[0])
     return model, data, cache, training

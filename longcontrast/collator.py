@@ -18,9 +18,10 @@ from .records import Example
 from .tokenization import span_tokens, tokenize
 
 
-def make_dataset(examples: list[Example]):
+def make_dataset(examples: list[Example], teacher_scores: bool = False):
     """The examples as a ``datasets.Dataset`` with columns query, positive (the first),
-    positives (all of the example's), known_positives (all of its query's), negatives and length.
+    positives (all of the example's), known_positives (all of its query's), negatives and length;
+    ``teacher_scores``: also positive_scores and negative_scores (every example must have them).
 
     ``length`` (characters of the query and the first positive) is what the Trainer's
     ``--train_sampling_strategy group_by_length`` groups by. Examples with a ``positive_span`` add a
@@ -34,6 +35,9 @@ def make_dataset(examples: list[Example]):
     if any(e.negative_spans for e in examples):
         spans["negative_spans"] = [[list(s or ()) for s in (e.negative_spans or [None] * len(e.negatives))]
                                    for e in examples]
+    if teacher_scores:
+        spans["positive_scores"] = [e.positive_scores for e in examples]
+        spans["negative_scores"] = [e.negative_scores for e in examples]
     return datasets.Dataset.from_dict({
         "query": [e.query for e in examples],
         "positive": [e.positive for e in examples],
@@ -82,6 +86,8 @@ class ContrastiveCollator:
     span's tokens, or None), so that the passage is read whole and pooled over the span only. A span
     is part of a passage's identity: another span of the same page is another passage (a negative of
     the same context), and the page pooled whole is masked only where the query knows it as a positive.
+    Rows with teacher scores (``make_dataset(..., teacher_scores=True)``): also ``candidate_passages``
+    and ``teacher_scores`` (B, 1 + num_hard_negatives), each query's own candidates for distillation.
     """
 
     tokenizer: object
@@ -105,10 +111,11 @@ class ContrastiveCollator:
         return tokenize(self.tokenizer, texts, self.passage_max_len, "right", self.passage_prompt)
 
     def __call__(self, rows: list[dict]) -> dict:
-        positives = []
+        positives, drawn = [], []
         for row in rows:
             choices = row.get("positives") or [row["positive"]]
-            positives.append(choices[self._draw(row["query"]) % len(choices)])
+            drawn.append(self._draw(row["query"]) % len(choices))
+            positives.append(choices[drawn[-1]])
         negatives = [n for row in rows for n in row["negatives"][: self.num_hard_negatives]]
         passage_ids = self._tokenize_passages(positives + negatives)
         wanted = [row.get("positive_span") for row in rows]
@@ -132,6 +139,8 @@ class ContrastiveCollator:
             batch["query_positive_ids"] = known
         if any(spans):
             batch["passage_pool_spans"] = spans
+        if rows and rows[0].get("positive_scores") is not None:
+            batch["candidate_passages"], batch["teacher_scores"] = self._candidates(rows, drawn)
         if self.max_positions is not None:
             unique, copy_of = unique_sequences(passage_ids)
             # a generator keyed by the epoch and the batch's texts: a resumed run draws the same shifts
@@ -139,3 +148,18 @@ class ContrastiveCollator:
             shifts = draw_position_shifts([len(ids) for ids in unique], self.max_positions, generator)
             batch["passage_position_shifts"] = [shifts[i] for i in copy_of]
         return batch
+
+    def _candidates(self, rows: list[dict], drawn: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 1 + num_hard_negatives) index of each query's positive and own negatives among the
+        batch's passages (-1 pads a row with fewer negatives), and the teacher's score of each (0 at pads)."""
+        width = 1 + self.num_hard_negatives
+        candidates = torch.full((len(rows), width), -1, dtype=torch.long)  # (B, K)
+        scores = torch.zeros((len(rows), width), dtype=torch.float32)  # (B, K)
+        start = len(rows)  # the negatives follow the B positives, row after row
+        for index, (row, positive) in enumerate(zip(rows, drawn)):
+            count = len(row["negatives"][: self.num_hard_negatives])
+            candidates[index, : 1 + count] = torch.tensor([index, *range(start, start + count)])
+            scores[index, : 1 + count] = torch.tensor([row["positive_scores"][positive],
+                                                       *row["negative_scores"][:count]])
+            start += count
+        return candidates, scores

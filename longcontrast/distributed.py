@@ -18,6 +18,8 @@ import hashlib
 import torch
 import torch.distributed as dist
 
+from .loss import BatchLabels
+
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -74,23 +76,29 @@ def gather_rows(local: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
 
 
 def gather_batch(
-    queries: torch.Tensor, passages: torch.Tensor, passage_text_ids: torch.Tensor,
-    query_positive_ids: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The global contrastive batch from each process's (B_r, D) queries and (P_r, D) passages.
+    queries: torch.Tensor, passages: torch.Tensor, labels: BatchLabels,
+) -> tuple[torch.Tensor, torch.Tensor, BatchLabels]:
+    """The global contrastive batch from each process's (B_r, D) queries, (P_r, D) passages and labels.
 
     Each process lays its passages out as its B_r positives (in query order) then its hard
     negatives, so after gathering the passages are [positives 0, negatives 0, positives 1, ...],
-    not all positives first: query i of rank r has its positive at (passages of ranks < r) + i.
+    not all positives first: query i of rank r has its positive at (passages of ranks < r) + i, and
+    its candidates (for distillation) move by the same offset.
 
     Returns:
-        queries (B, D), passages (P, D), targets (B,), passage_text_ids (P,) and (if given)
-        query_positive_ids (B, M) of the global batch.
+        queries (B, D), passages (P, D) and the global batch's labels: targets (B,),
+        passage_text_ids (P,), and where given query_positive_ids (B, M), candidates and
+        teacher_scores (B, K).
     """
     all_queries, query_counts = gather_rows(queries)  # (B, D)
     all_passages, passage_counts = gather_rows(passages)  # (P, D)
-    all_text_ids, _ = gather_rows(passage_text_ids)  # (P,)
     offsets = torch.tensor([0, *passage_counts[:-1]]).cumsum(0).tolist()
     targets = torch.cat([offset + torch.arange(count) for offset, count in zip(offsets, query_counts)])  # (B,)
-    known = gather_rows(query_positive_ids)[0] if query_positive_ids is not None else None  # (B, M)
-    return all_queries, all_passages, targets.to(queries.device), all_text_ids, known
+    gathered = {name: gather_rows(value)[0] if value is not None else None
+                for name, value in labels._asdict().items() if name != "targets"}
+    if labels.candidates is not None:
+        rank_offsets = torch.repeat_interleave(torch.tensor(offsets), torch.tensor(query_counts))  # (B,)
+        candidates = gathered["candidates"]  # (B, K)
+        gathered["candidates"] = torch.where(candidates >= 0, candidates + rank_offsets[:, None].to(candidates.device),
+                                             candidates)
+    return all_queries, all_passages, BatchLabels(targets=targets.to(queries.device), **gathered)

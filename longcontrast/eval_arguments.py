@@ -75,6 +75,10 @@ class ReadingArguments:
         "With --passage_window (ChatRAG sets): also score every passage as the best of the same W-token windows, "
         "each the mean of its token states from ONE pass over the whole passage (late chunking, Guenther et al. "
         "2024): chunk-sized vectors that read the whole passage's context. Rows late@W.")})
+    truncate_dim: list[int] | None = field(default=None, metadata={"metavar": "D", "help": (
+        "Also score each dense model on the first D coordinates of its vectors, re-normalised (a Matryoshka "
+        "model's prefixes; efficient_train.py --matryoshka_dims): a row NAME@dimD per D, from the same encodings, "
+        "compared like a model.")})
     # a list (argparse's nargs "*"): HfArgumentParser's list fields take nargs "+", which refuses the bare flag
     fuse_bm25: float | None = field(default=None, metadata={"nargs": "*", "metavar": "W", "help": (
         "ChatRAG sets: also rank with each model fused with BM25: each document's chunks scored "
@@ -130,7 +134,8 @@ def validate(models: ModelArguments, sets: SetArguments, readings: ReadingArgume
         raise UserError("--fuse_bm25 fuses the scores of the ChatRAG sets' chunks (--data-folder), not of a BEIR corpus")
     for value, name in ((readings.query_max_len, "query_max_len"), (readings.passage_max_len, "passage_max_len"),
                         (run.batch_size, "batch_size"), (sets.query_turns, "query_turns"),
-                        (readings.passage_window, "passage_window"), (run.max_tokens_per_batch, "max_tokens_per_batch"),
+                        (readings.passage_window, "passage_window"),
+                        (min(readings.truncate_dim or [1]), "truncate_dim"), (run.max_tokens_per_batch, "max_tokens_per_batch"),
                         (run.bootstrap_samples, "bootstrap_samples")):
         if value is not None and value < 1:
             raise UserError(f"--{name} must be >= 1")

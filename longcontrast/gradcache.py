@@ -76,7 +76,7 @@ def cache_embedding_gradients(
     leaves = [e.detach().requires_grad_(True) for e in embeddings]
     output = loss_fn(*leaves)
     gradients = torch.autograd.grad(output.loss * scale, leaves)
-    return LossOutput(output.loss.detach(), output.accuracy.detach()), list(gradients)
+    return LossOutput(output.loss.detach(), output.accuracy.detach(), output.parts), list(gradients)
 
 
 def replay(

@@ -6,6 +6,7 @@ examples they become. Files are read by :mod:`.readers`.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 from . import UserError
@@ -22,13 +23,17 @@ class RecordFormat:
     query: str
     positive: str
     negatives: str
+    # teacher scores: (one per positive, one per negative), or one field holding [positive, negatives...]
+    scores: tuple[str, ...] = ("positive_scores", "negative_scores")
 
 # Detected per record by its query and positive fields (a BEIR folder is read as flagembedding records).
 FORMATS = (
     RecordFormat("conversation", "messages", "positive", "hard_negatives"),  # ChatRAG-style dialogues
-    RecordFormat("sentence-transformers", "anchor", "positive", "negative"),  # (anchor, positive, negative) columns
+    # (anchor, positive, negative) columns, or negative_1..negative_n (mine_hard_negatives' n-tuple); its
+    # output_scores column "scores" holds [positive, negatives...]
+    RecordFormat("sentence-transformers", "anchor", "positive", "negative", ("scores",)),
     RecordFormat("plain", "query", "positive", "negatives"),
-    RecordFormat("flagembedding", "query", "pos", "neg"),  # FlagEmbedding's fine-tuning files (BGE)
+    RecordFormat("flagembedding", "query", "pos", "neg", ("pos_scores", "neg_scores")),  # FlagEmbedding's files (BGE)
     RecordFormat("tevatron", "query", "positive_passages", "negative_passages"),  # lists of {docid, title, text}
 )
 
@@ -44,6 +49,8 @@ class Example:
     # (start, end) characters of the positive that its vector pools (the rest is read as context), or None
     positive_span: tuple[int, int] | None = None
     negative_spans: list[tuple[int, int] | None] | None = None  # the same for each negative, or None
+    positive_scores: list[float] | None = None  # a teacher's score of each positive (distillation), or None
+    negative_scores: list[float] | None = None  # and of each negative
 
     @property
     def positives(self) -> list[str]:
@@ -118,6 +125,9 @@ def parse_record(record, where: str, num_turns: int = 5) -> Example:
     plain: ``query``, ``positive``, ``negatives``;
     flagembedding: ``query``, ``pos`` (list), ``neg`` (list), optional ``prompt`` (put before the query);
     tevatron: ``query``, ``positive_passages``, ``negative_passages`` (lists of ``{docid, title, text}``).
+    Teacher scores, optional (distillation): ``pos_scores`` and ``neg_scores`` (flagembedding),
+    ``scores`` = [positive, negatives...] (sentence-transformers), ``positive_scores`` and
+    ``negative_scores`` (the others).
     ``where`` names the record in error messages (``file:line``).
     """
     form = record_format(record, where)
@@ -138,6 +148,10 @@ def parse_record(record, where: str, num_turns: int = 5) -> Example:
     if not positives:
         raise UserError(f"{where}: {form.positive!r} is empty: a record needs a positive")
     negatives = _text_list(record.get(form.negatives), f"'{form.negatives}'", where)
+    if form.name == "sentence-transformers":
+        numbered = sorted((int(k.rsplit("_", 1)[1]), k) for k in record if k.startswith("negative_") and k[9:].isdigit())
+        negatives += [passage_text(record[k], repr(k), where) for _, k in numbered if record[k] is not None]
+    positive_scores, negative_scores = _teacher_scores(record, form, len(positives), len(negatives), where)
     if record.get("positive_span") is not None and len(positives) != 1:
         raise UserError(f"{where}: 'positive_span' needs exactly one positive, got {len(positives)}")
     span = _span(record.get("positive_span"), positives[0], "'positive_span'", where)
@@ -147,7 +161,34 @@ def parse_record(record, where: str, num_turns: int = 5) -> Example:
             raise UserError(f"{where}: 'negative_spans' must be a list with one [start, end] or null per negative "
                             f"({len(negatives)})")
         negative_spans = [_span(v, n, f"'negative_spans'[{i}]", where) for i, (v, n) in enumerate(zip(negative_spans, negatives))]
-    return Example(query, positives[0], negatives, positives[1:], positive_span=span, negative_spans=negative_spans)
+    return Example(query, positives[0], negatives, positives[1:], positive_span=span, negative_spans=negative_spans,
+                   positive_scores=positive_scores, negative_scores=negative_scores)
+
+def _teacher_scores(record: dict, form: RecordFormat, num_positives: int, num_negatives: int,
+                    where: str) -> tuple[list[float] | None, list[float] | None]:
+    """A record's teacher scores (one per positive, one per negative, finite numbers), or (None, None)."""
+    given = [name for name in form.scores if record.get(name) is not None]
+    if not given:
+        return None, None
+    expected = [num_positives + num_negatives] if len(form.scores) == 1 else [num_positives, num_negatives]
+    values = []
+    for name, count in zip(form.scores, expected):
+        value = record.get(name)
+        if value is None and count:
+            raise UserError(f"{where}: {given[0]!r} without {name!r}: a {form.name} record with teacher scores needs "
+                            f"{count} in {name!r}")
+        value = [value] if isinstance(value, (int, float)) else ([] if value is None else value)
+        if (not isinstance(value, list) or len(value) != count
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            raise UserError(f"{where}: {name!r} must be a list of {count} numbers (one per "
+                            f"{'positive and negative' if len(form.scores) == 1 else name.split('_')[0]}), "
+                            f"got {value!r:.80}")
+        if not all(math.isfinite(v) for v in value):
+            raise UserError(f"{where}: {name!r} holds a non-finite score: {value!r:.80}")
+        values.append([float(v) for v in value])
+    if len(values) == 1:  # one field: [positives..., negatives...]
+        return values[0][:num_positives], values[0][num_positives:]
+    return values[0], values[1]
 
 def _span(value, text: str, what: str, where: str) -> tuple[int, int] | None:
     """An optional span: ``[start, end]`` characters of ``text``. The text is then read whole as
@@ -163,7 +204,7 @@ def _span(value, text: str, what: str, where: str) -> tuple[int, int] | None:
         raise UserError(f"{where}: {what} {list(value)} is not a non-blank part of its text ({len(text)} characters)")
     return start, end
 
-def load_examples(paths: list[str], num_turns: int = 5) -> list[Example]:
+def load_examples(paths: list[str], num_turns: int = 5, *, require_scores: bool = False) -> list[Example]:
     """Every example of the given files and folders (:func:`.readers.iter_records`), in order.
 
     A folder is a BEIR folder (``corpus.jsonl``, ``queries.jsonl``, ``qrels/train.tsv``), a
@@ -173,7 +214,8 @@ def load_examples(paths: list[str], num_turns: int = 5) -> list[Example]:
     file and line. Records of all :data:`FORMATS` may be mixed. Exact duplicates (same query,
     positives and negatives) are dropped with a warning, so that a file concatenated twice does not
     weigh every example double. Every example learns all positives of its query anywhere in the
-    data (``known_positives``): none of them is ever its negative.
+    data (``known_positives``): none of them is ever its negative. ``require_scores``: a record
+    without teacher scores is an error too (distillation).
     """
     if not paths:
         raise UserError("no training data given (--train_data)")
@@ -182,6 +224,9 @@ def load_examples(paths: list[str], num_turns: int = 5) -> list[Example]:
         count = len(examples)
         for where, record in iter_records(name):
             example = parse_record(record, where, num_turns)
+            if require_scores and example.positive_scores is None:
+                raise UserError(f"{where}: no teacher scores, which --distill_weight needs in every record "
+                                "(data/score_with_teacher.py writes them)")
             key = (example.query, tuple(example.positives), tuple(example.negatives), example.positive_span,
                    tuple(example.negative_spans or ()))
             if key in seen:

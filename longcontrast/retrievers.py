@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import UserError
 from .batching import unique_sequences
@@ -77,20 +78,47 @@ class DenseRetriever(Retriever):
     ``window``: also the ``maxp@W`` reading; ``late_chunking``: also ``late@W`` (the whole passages
     then come from the same pass). ``cache``: a file for a corpus's ``whole`` embeddings, read when
     model, corpus and settings match (refused, naming what differs, when they do not), else written.
-    ``use_faiss``: search a corpus with FAISS's exact flat index.
+    ``use_faiss``: search a corpus with FAISS's exact flat index. ``truncate_dim``: read the first
+    D coordinates of every vector, re-normalised (:meth:`truncated`).
     """
 
     def __init__(self, model, tokenizer, settings: EncodeSettings, *, window: int | None = None,
-                 late_chunking: bool = False, cache: str | None = None, use_faiss: bool = False):
+                 late_chunking: bool = False, cache: str | None = None, use_faiss: bool = False,
+                 truncate_dim: int | None = None):
         super().__init__()
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.window, self.late_chunking, self.cache, self.use_faiss = window, late_chunking, cache, use_faiss
+        self.truncate_dim = truncate_dim
+        self._encoded: dict | None = None  # once truncated() is called: the whole-width embeddings, shared
 
-    def _encode(self, ids, side: str, *, desc: str, texts: list[str], out_dtype=torch.float32) -> torch.Tensor:
+    def truncated(self, dim: int) -> "DenseRetriever":
+        """The same retriever reading the first ``dim`` coordinates of every vector, re-normalised
+        (a Matryoshka model's prefix); it reuses this one's encodings: nothing is encoded twice."""
+        other = DenseRetriever(self.model, self.tokenizer, self.settings, window=self.window,
+                               late_chunking=self.late_chunking, cache=self.cache, use_faiss=self.use_faiss,
+                               truncate_dim=dim)
+        self._encoded = other._encoded = self._encoded if self._encoded is not None else {}
+        return other
+
+    def _cut(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (N, truncate_dim) unit vectors, in the input's dtype; unchanged without truncate_dim."""
+        if self.truncate_dim is None:
+            return embeddings
+        return F.normalize(embeddings[:, : self.truncate_dim].float(), dim=-1).to(embeddings.dtype)
+
+    def _memoized(self, key: tuple, compute):
+        if self._encoded is None:
+            return compute()
+        if key not in self._encoded:
+            self._encoded[key] = compute()
+        return self._encoded[key]
+
+    def _encode(self, ids, side: str, *, desc: str, texts: list[str], out_dtype=torch.float32, cut: bool = True) -> torch.Tensor:
         s = self.settings
-        return encode(self.model, ids, side, batch_size=s.batch_size, pad_token_id=self.tokenizer.pad_token_id,
-                      device=s.device, max_tokens=s.max_tokens, autocast=s.autocast, out_dtype=out_dtype, desc=desc,
-                      texts=texts)
+        embeddings = self._memoized(("encode", side, str(out_dtype), hash(tuple(map(tuple, ids)))), lambda: encode(
+            self.model, ids, side, batch_size=s.batch_size, pad_token_id=self.tokenizer.pad_token_id, device=s.device,
+            max_tokens=s.max_tokens, autocast=s.autocast, out_dtype=out_dtype, desc=desc, texts=texts))
+        return self._cut(embeddings) if cut else embeddings
 
     def _tokenize(self, texts: list[str], max_length: int, side: str = "right", prompt: str | None = None):
         return tokenize(self.tokenizer, texts, max_length, side, self.settings.passage_prompt if prompt is None else prompt)
@@ -106,10 +134,12 @@ class DenseRetriever(Retriever):
         if self.window and self.late_chunking:
             # one pass over the passages gives both their whole embeddings and their late-chunked windows
             spans = window_spans(self.tokenizer, passage_ids, self.window, s.passage_prompt)
-            *late, passages = late_chunk_embeddings(
-                self.model, passage_ids, spans, batch_size=s.batch_size, max_tokens=s.max_tokens, autocast=s.autocast,
-                desc=f"{data.name} passages", texts=data.passages, pad_token_id=self.tokenizer.pad_token_id,
-                device=s.device)
+            windows, owner, passages = self._memoized(
+                ("late", hash(tuple(map(tuple, passage_ids))), str(spans)), lambda: late_chunk_embeddings(
+                    self.model, passage_ids, spans, batch_size=s.batch_size, max_tokens=s.max_tokens,
+                    autocast=s.autocast, desc=f"{data.name} passages", texts=data.passages,
+                    pad_token_id=self.tokenizer.pad_token_id, device=s.device))
+            late, passages = (self._cut(windows), owner), self._cut(passages)
         else:
             passages = self._encode(passage_ids, "passage", desc=f"{data.name} passages", texts=data.passages)
         queries = self._encode(query_ids, "query", desc=f"{data.name} queries", texts=data.queries)
@@ -180,14 +210,15 @@ class DenseRetriever(Retriever):
                 raise UserError(f"--corpus_embeddings {cache} was computed with another {', '.join(differ)}; "
                                 "delete it or give another path")
             logger.info("corpus embeddings read from %s", cache)
-            return saved["embeddings"]
-        embeddings = self._encode(passage_ids, "passage", desc="corpus", texts=data.passages, out_dtype=s.embedding_dtype)
+            return self._cut(saved["embeddings"])
+        embeddings = self._encode(passage_ids, "passage", desc="corpus", texts=data.passages, out_dtype=s.embedding_dtype,
+                                  cut=False)
         if cache:
             os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
             torch.save({"fingerprint": fingerprint, "embeddings": embeddings}, cache + ".tmp")
             os.replace(cache + ".tmp", cache)
             logger.info("corpus embeddings written to %s", cache)
-        return embeddings
+        return self._cut(embeddings)
 
 
 def _group_run(data, scores_of, copy_of=None) -> Run:

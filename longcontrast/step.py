@@ -12,16 +12,17 @@ from torch.nn.parallel import DistributedDataParallel
 from .batching import length_sorted_mini_batches, pad, unique_sequences
 from .distributed import gather_batch, world_size
 from .gradcache import grad_cache_step
-from .loss import LossOutput, contrastive_loss
+from .loss import BatchLabels, LossOutput, LossSettings, training_loss
 
 
 def contrastive_step(
-    model, inputs: dict, *, temperature: float, pad_token_id: int, device,
+    model, inputs: dict, *, loss: LossSettings, pad_token_id: int, device,
     mini_batch_size: int | None = None, mini_batch_tokens: int | None = None,
     scale: float = 1.0, backward=torch.Tensor.backward, cross_device: bool = False, deduplicate: bool = True,
 ) -> LossOutput:
     """Forward and backward of one contrastive batch from :class:`ContrastiveCollator`; gradients
-    are left in ``.grad`` (the optimizer step is the caller's).
+    are left in ``.grad`` (the optimizer step is the caller's). ``loss`` is the objective
+    (:func:`.loss.training_loss`).
 
     ``mini_batch_size=None``: the plain step, the whole batch encoded with autograd. Otherwise
     GradCache over mini-batches of at most ``mini_batch_size`` texts and ``mini_batch_tokens``
@@ -35,17 +36,16 @@ def contrastive_step(
     the global loss. A ``DistributedDataParallel`` ``model`` synchronises gradients once, in the
     last GradCache replay.
     """
-    text_ids = inputs["passage_text_ids"].to(device)  # (P,)
-    known = inputs.get("query_positive_ids")  # (B, M) every positive of each query, or None
-    known = known.to(device) if known is not None else None
+    labels = BatchLabels(**{name: inputs[key].to(device) if inputs.get(key) is not None else None for name, key in (
+        ("passage_text_ids", "passage_text_ids"), ("query_positive_ids", "query_positive_ids"),
+        ("candidates", "candidate_passages"), ("teacher_scores", "teacher_scores"))})
     shifts = inputs.get("passage_position_shifts")  # P ints (shifted position ids) or None
     spans = inputs.get("passage_pool_spans")  # P token ranges pooled (None: the whole text), or None
 
     def loss_fn(queries, passages):  # (B, D), (P, D) in batch order
         if cross_device:
-            queries, passages, targets, ids, all_known = gather_batch(queries, passages, text_ids, known)
-            return contrastive_loss(queries, passages, temperature, targets, ids, all_known)
-        return contrastive_loss(queries, passages, temperature, passage_text_ids=text_ids, query_positive_ids=known)
+            return training_loss(*gather_batch(queries, passages, labels), loss)
+        return training_loss(queries, passages, labels, loss)
 
     if cross_device:
         scale = scale * world_size()
@@ -93,4 +93,4 @@ def full_batch_step(model, queries: dict, passages: dict, loss_fn, scale: float,
     """The plain step: encode the whole batch with autograd, one backward through everything."""
     output = loss_fn(model(**queries, side="query"), model(**passages, side="passage"))  # (B, D), (P, D)
     backward(output.loss * scale)
-    return LossOutput(output.loss.detach(), output.accuracy)
+    return LossOutput(output.loss.detach(), output.accuracy, output.parts)

@@ -15,6 +15,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from . import UserError, checkpoints
 from .distributed import any_process
+from .loss import LossSettings
 from .step import contrastive_step
 
 logger = logging.getLogger(__name__)
@@ -28,18 +29,19 @@ class ContrastiveTrainer(Trainer):
     clipping, the optimizer step, checkpoints and logging are the Trainer's.
     """
 
-    def __init__(self, *args, temperature: float, mini_batch_size: int | None = None,
+    def __init__(self, *args, loss: LossSettings, mini_batch_size: int | None = None,
                  mini_batch_tokens: int | None = None, deduplicate_texts: bool = True,
                  negatives_cross_device: bool = False, checkpoint_trainable_only: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         # LoRA: checkpoints hold the trained parameters only (the frozen base is the model folder's)
         self.checkpoint_trainable_only = checkpoint_trainable_only
-        self.temperature = temperature
+        self.loss = loss
         self.negatives_cross_device = negatives_cross_device
         self.mini_batch_size = mini_batch_size
         self.mini_batch_tokens = mini_batch_tokens
         self.deduplicate_texts = deduplicate_texts
         self._accuracy_sum, self._accuracy_count = 0.0, 0
+        self._part_sums: dict[str, float] = {}  # the loss's named terms since the last log
         self._non_finite_loss = False  # in any micro-batch of the current optimizer step
         self._bad_steps_in_a_row = 0
         self._staging = False
@@ -49,7 +51,7 @@ class ContrastiveTrainer(Trainer):
         # Trainer divides the loss by the accumulation steps; it sums the gradients of whole batches.
         scale = 1.0 / self.current_gradient_accumulation_steps
         output = contrastive_step(
-            model, inputs, temperature=self.temperature, pad_token_id=self.processing_class.pad_token_id,
+            model, inputs, loss=self.loss, pad_token_id=self.processing_class.pad_token_id,
             device=self.args.device, mini_batch_size=self.mini_batch_size, mini_batch_tokens=self.mini_batch_tokens,
             scale=scale, backward=self.accelerator.backward, cross_device=self.negatives_cross_device,
             deduplicate=self.deduplicate_texts,
@@ -59,6 +61,9 @@ class ContrastiveTrainer(Trainer):
             self._skip_step_if_not_finite(model)
         self._accuracy_sum += output.accuracy.item()
         self._accuracy_count += 1
+        if len(output.parts) > 1:  # the terms, when there is more than one
+            for name, value in output.parts.items():
+                self._part_sums[name] = self._part_sums.get(name, 0.0) + value.item()
         return output.loss.detach() * scale
 
     def _skip_step_if_not_finite(self, model) -> None:
@@ -140,7 +145,8 @@ class ContrastiveTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._accuracy_count:
             logs["accuracy"] = round(self._accuracy_sum / self._accuracy_count, 4)
-            self._accuracy_sum, self._accuracy_count = 0.0, 0
+            logs.update({f"{name}_loss": round(total / self._accuracy_count, 4) for name, total in self._part_sums.items()})
+            self._accuracy_sum, self._accuracy_count, self._part_sums = 0.0, 0, {}
         super().log(logs, start_time)
 
 

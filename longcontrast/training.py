@@ -87,8 +87,8 @@ def build_trainer(model, tokenizer, examples, model_args, data_args, cache_args,
         model_args.max_position_embeddings if model_args.shift_positions else None,
         max_known_positives(examples), seed=training_args.data_seed or training_args.seed)
     trainer = ContrastiveTrainer(
-        model=model, args=training_args, train_dataset=make_dataset(examples), data_collator=collator,
-        processing_class=tokenizer, temperature=model_args.temperature,
+        model=model, args=training_args, train_dataset=make_dataset(examples, teacher_scores=model_args.distill_weight > 0),
+        data_collator=collator, processing_class=tokenizer, loss=model_args.loss_settings(),
         mini_batch_size=cache_args.mini_batch_size if gradcache else None,
         mini_batch_tokens=cache_args.mini_batch_tokens if gradcache else None,
         deduplicate_texts=cache_args.deduplicate_texts if gradcache else False,
@@ -142,7 +142,7 @@ def train(argv=None, gradcache: bool = True) -> str:
     resolve_defaults(model_args, training_args, gradcache=gradcache)
     pooling = model_args.pooling or read_pooling(model_args.model_name_or_path) or "cls"
     # 2. the data
-    examples = load_examples(data_args.train_data, data_args.query_turns)
+    examples = load_examples(data_args.train_data, data_args.query_turns, require_scores=model_args.distill_weight > 0)
     # 3. the encoder, checked against the flags and the data
     encoder, tokenizer = load(model_args, training_args)
     prepare_tokenizer(tokenizer, pooling)

@@ -18,8 +18,7 @@ def check_flags(model_args, data_args, cache_args, training_args) -> None:
         raise UserError(f"--mini_batch_size must be >= 1, got {cache_args.mini_batch_size}")
     if cache_args is not None and cache_args.mini_batch_tokens is not None and cache_args.mini_batch_tokens < 1:
         raise UserError(f"--mini_batch_tokens must be >= 1, got {cache_args.mini_batch_tokens}")
-    if model_args.temperature <= 0:
-        raise UserError(f"--temperature must be > 0, got {model_args.temperature}")
+    validate_loss(model_args, data_args)
     for name in ("dropout", "attention_dropout"):
         value = getattr(model_args, name)
         if value is not None and not 0 <= value < 1:
@@ -46,6 +45,27 @@ def check_flags(model_args, data_args, cache_args, training_args) -> None:
         raise UserError(f"--max_bad_steps must be >= 1, got {training_args.max_bad_steps}")
     if os.path.isfile(training_args.output_dir):
         raise UserError(f"--output_dir {training_args.output_dir} is a file")
+
+def validate_loss(model_args, data_args) -> None:
+    """The loss's flags (:class:`.arguments.LossArguments`) against each other."""
+    for name in ("temperature", "teacher_temperature"):
+        if not getattr(model_args, name) > 0:
+            raise UserError(f"--{name} must be > 0, got {getattr(model_args, name)}")
+    for name in ("contrastive_weight", "distill_weight"):
+        if not getattr(model_args, name) >= 0:
+            raise UserError(f"--{name} must be >= 0, got {getattr(model_args, name)}")
+    if model_args.contrastive_weight == 0 and model_args.distill_weight == 0:
+        raise UserError("--contrastive_weight 0 and --distill_weight 0 leave nothing to train")
+    if model_args.distill_weight > 0 and data_args.num_hard_negatives < 1:
+        raise UserError("--distill_weight distils the teacher's scores of each query's positive and hard negatives; "
+                        "with --num_hard_negatives 0 there is nothing to compare: give it 1 or more")
+    dims, weights = model_args.matryoshka_dims or [], model_args.matryoshka_weights
+    if any(d < 1 for d in dims) or any(a <= b for a, b in zip(dims, dims[1:])):
+        raise UserError(f"--matryoshka_dims must be positive and strictly decreasing, got {' '.join(map(str, dims))}")
+    if weights is not None and (len(weights) != len(dims) or any(not w > 0 for w in weights)):
+        raise UserError(f"--matryoshka_weights needs one positive weight per --matryoshka_dims ({len(dims)}), got "
+                        f"{' '.join(map(str, weights))}")
+
 
 def validate_lengths(data_args, positions: int) -> None:
     """Query and passage lengths must fit the model's positions (known once it is loaded)."""
@@ -96,6 +116,10 @@ def check_against_model(model_args, data_args, training_args, *, encoder, exampl
     if pooling not in ("mean", "max") and any(e.positive_span or e.negative_spans for e in examples):
         raise UserError(f"the data has span records, whose vectors pool the span's tokens; pooling {pooling!r} "
                         "does not pool over tokens: use --pooling mean (or max)")
+    width = encoder.config.hidden_size
+    if model_args.matryoshka_dims and model_args.matryoshka_dims[0] > width:
+        raise UserError(f"--matryoshka_dims {model_args.matryoshka_dims[0]} is wider than the model's "
+                        f"{width}-dimensional vectors")
     table = position_table(encoder)
     if lora and getattr(table, "trained_rows", None) is not None:
         raise UserError(f"--max_position_embeddings {model_args.max_position_embeddings} with --lora_r: the extended "

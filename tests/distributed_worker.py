@@ -24,6 +24,7 @@ from conftest import conversation_records  # noqa: E402
 from longcontrast.collator import ContrastiveCollator  # noqa: E402
 from longcontrast.records import parse_record  # noqa: E402
 from longcontrast.modeling import DualEncoder, load_encoder  # noqa: E402
+from longcontrast.loss import LossSettings  # noqa: E402
 from longcontrast.step import contrastive_step  # noqa: E402
 
 PER_RANK = 3
@@ -44,6 +45,10 @@ CONFIGS = {
     # known positives of both, masked out of each other's negatives across the processes.
     "efficient_neg2_known": (2, 2, False, True),
     "origin_neg2_known": (None, 2, False, True),
+    # Teacher scores on every row: KL distillation over each query's own candidates, with InfoNCE,
+    # on two Matryoshka prefixes (candidate indices move with each rank's passages when gathered).
+    "efficient_neg2_distill": (2, 2, False, True),
+    "origin_neg2_distill": (None, 2, False, True),
     # Negative control: the replays reach DDP through a wrapper, so no no_sync: one all-reduce
     # per mini-batch.
     "efficient_neg2_without_no_sync": (2, 2, False, False),
@@ -57,10 +62,20 @@ def rows(n: int, name: str = "") -> list[dict]:
     if name.endswith("_known"):
         for i in range(n // 2):
             records[i + n // 2]["messages"] = records[i]["messages"]
+    if name.endswith("_distill"):
+        for i, record in enumerate(records):
+            record["positive_scores"] = [1.0 + i % 3]
+            record["negative_scores"] = [0.5 * j - i % 2 for j in range(len(record["hard_negatives"]))]
     examples = [parse_record(record, f"record {i}") for i, record in enumerate(records)]
     for example in examples:
         example.known_positives = list(dict.fromkeys(e.positive for e in examples if e.query == example.query))
     return [dataclasses.asdict(example) for example in examples]
+
+
+def loss_settings(name: str) -> LossSettings:
+    if name.endswith("_distill"):
+        return LossSettings(TEMPERATURE, distill_weight=1.0, teacher_temperature=0.5, matryoshka_dims=(32, 8))
+    return LossSettings(TEMPERATURE)
 
 
 def collator(tokenizer, negatives: int, name: str) -> ContrastiveCollator:
@@ -115,7 +130,7 @@ def main(model_dir: str, out_dir: str) -> None:
         for _ in range(2):
             model.zero_grad(set_to_none=True)
             count[0] = 0
-            contrastive_step(ddp if ddp_sees_replays else Passthrough(ddp), batch, temperature=TEMPERATURE,
+            contrastive_step(ddp if ddp_sees_replays else Passthrough(ddp), batch, loss=loss_settings(name),
                              pad_token_id=tokenizer.pad_token_id, device="cpu", mini_batch_size=mini_batch_size,
                              cross_device=True)
         if rank == 0:

@@ -16,6 +16,7 @@ import torch
 import distributed_worker as worker
 from conftest import conversation_records, write_jsonl
 from longcontrast.collator import ContrastiveCollator
+from longcontrast.loss import LossSettings
 from longcontrast.step import contrastive_step
 from test_scripts import common, update
 
@@ -67,7 +68,7 @@ def test_two_processes_give_the_gradient_of_the_concatenated_batch(name, worker_
     mini_batch_size, negatives, untied, _ = worker.CONFIGS[name]
     model, tokenizer = worker.build(tiny_model_dir, untied)
     batch = worker.shifted(worker.collator(tokenizer, negatives, name)(worker.rows(worker.PER_RANK * WORLD, name)), name)
-    contrastive_step(model, batch, temperature=worker.TEMPERATURE, pad_token_id=tokenizer.pad_token_id, device="cpu",
+    contrastive_step(model, batch, loss=worker.loss_settings(name), pad_token_id=tokenizer.pad_token_id, device="cpu",
                      mini_batch_size=mini_batch_size)
     reference = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert relative_error(worker_results[name]["grads"], reference) <= 1e-5
@@ -77,13 +78,13 @@ def test_negative_control_local_negatives_only_differ(worker_results, tiny_model
     """Without the other process's passages the gradient is not the global one: the test can fail."""
     model, tokenizer = worker.build(tiny_model_dir, False)
     half = ContrastiveCollator(tokenizer, 32, 48, 2)(worker.rows(worker.PER_RANK * WORLD)[: worker.PER_RANK])
-    contrastive_step(model, half, temperature=worker.TEMPERATURE, pad_token_id=tokenizer.pad_token_id, device="cpu")
+    contrastive_step(model, half, loss=LossSettings(worker.TEMPERATURE), pad_token_id=tokenizer.pad_token_id, device="cpu")
     local = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert relative_error(worker_results["origin_neg2"]["grads"], local) > 0.05
     # and without the known positives' mask the repeated queries' gradient differs too
     model, tokenizer = worker.build(tiny_model_dir, False)
     batch = worker.collator(tokenizer, 2, "")(worker.rows(worker.PER_RANK * WORLD, "origin_neg2_known"))
-    contrastive_step(model, batch, temperature=worker.TEMPERATURE, pad_token_id=tokenizer.pad_token_id, device="cpu")
+    contrastive_step(model, batch, loss=LossSettings(worker.TEMPERATURE), pad_token_id=tokenizer.pad_token_id, device="cpu")
     unmasked = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert relative_error(worker_results["origin_neg2_known"]["grads"], unmasked) > 1e-3
 

@@ -523,3 +523,43 @@ def test_fuse_bm25_is_refused_on_a_beir_corpus_and_outside_0_1(tmp_path, capsys,
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(["--fuse_bm25", *flags, "--output_file", str(tmp_path / "r.json")])
     assert exit_info.value.code == 2 and "error: --fuse_bm25" in capsys.readouterr().err
+
+
+def test_truncate_dim_rows_equal_sentence_transformers_truncate_dim(saved_models, tmp_path, capsys, monkeypatch):
+    """--truncate_dim D: a row MODEL@dimD whose per-item Recall@1 is that of sentence-transformers'
+    own truncate_dim (the first D coordinates, cosine), from the same encodings as the whole row
+    (every text encoded once); a D wider than the model is one error line."""
+    from sentence_transformers import SentenceTransformer
+
+    from longcontrast import retrievers
+    from longcontrast.records import format_query
+
+    records, chunks = keyword_set(tmp_path, named_every=3)
+    model, out = str(saved_models / "shared"), tmp_path / "dims.json"
+    encoded = []
+    real_encode = retrievers.encode
+    monkeypatch.setattr(retrievers, "encode", lambda model, ids, *a, **k: (encoded.append(len(ids)), real_encode(
+        model, ids, *a, **k))[1])
+    assert evaluate.main(["--model_path", model, "--truncate_dim", "8", "16", "--data-folder", str(tmp_path),
+                          "--eval-dataset", "doc2dial", "--per_item", "--bootstrap_samples", "200",
+                          "--output_file", str(out)]) == 0
+    assert sorted(encoded) == sorted([len(chunks), len(records)])  # the chunks once, the queries once
+    saved = json.loads(out.read_text())
+    assert list(saved["results"]) == [model, f"{model}@dim8", f"{model}@dim16"]
+    queries = [format_query(r["messages"], 5) for r in records]
+    rows = {}
+    for dim in (8, 16):
+        reference = SentenceTransformer(model, device="cpu", truncate_dim=dim)
+        cosines = (reference.encode(queries, normalize_embeddings=True)
+                   @ reference.encode(chunks, normalize_embeddings=True).T)  # (Q, C)
+        recall = []
+        for record, scores in zip(records, cosines):
+            gold = scores[record["ground_truth_ctx"]["index"]]
+            recall.append(100.0 * ((scores > gold + 1e-6).sum() == 0) / (abs(scores - gold) <= 1e-6).sum())
+        rows[dim] = saved["results"][f"{model}@dim{dim}"]["doc2dial"]["per_item"]["recall@1"]
+        assert rows[dim] == pytest.approx(recall)
+    assert rows[8] != saved["results"][model]["doc2dial"]["per_item"]["recall@1"]  # truncation changes the ranking
+    with pytest.raises(SystemExit):
+        evaluate.main(["--model_path", model, "--truncate_dim", "64", "--data-folder", str(tmp_path),
+                       "--eval-dataset", "doc2dial", "--output_file", str(tmp_path / "no.json")])
+    assert "error: model " + model + ": --truncate_dim 64 is wider than its 32-dimensional vectors" in capsys.readouterr().err

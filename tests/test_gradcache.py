@@ -2,6 +2,7 @@
 open_clip style of test), with a negative control that must differ."""
 
 import contextlib
+import dataclasses
 from functools import partial
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from longcontrast import gradcache
 from longcontrast.batching import pad
 from longcontrast.gradcache import RandState, grad_cache_step
-from longcontrast.loss import contrastive_loss
+from longcontrast.loss import BatchLabels, LossSettings, contrastive_loss, training_loss
 from longcontrast.modeling import DualEncoder, load_encoder
 from longcontrast.step import contrastive_step, full_batch_step
 
@@ -49,8 +50,9 @@ def gradients(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def run_grad_cache(model, mini_batch_size, seed=123):
-    queries, passages, loss_fn = batch()
+def run_grad_cache(model, mini_batch_size, seed=123, loss_fn=None):
+    queries, passages, default_loss = batch()
+    loss_fn = loss_fn or default_loss
     model.zero_grad()
     torch.manual_seed(seed)
     out = grad_cache_step(
@@ -62,10 +64,11 @@ def run_grad_cache(model, mini_batch_size, seed=123):
     return out, gradients(model)
 
 
-def run_reference(model, mini_batch_size, seed=123):
+def run_reference(model, mini_batch_size, seed=123, loss_fn=None):
     """Full-batch gradient with the masks GradCache draws: the same mini-batches, forward with
     autograd in the same order from the same seed, one backward through the whole graph."""
-    queries, passages, loss_fn = batch()
+    queries, passages, default_loss = batch()
+    loss_fn = loss_fn or default_loss
     model.zero_grad()
     torch.manual_seed(seed)
     q = torch.cat([model(**b, side="query") for b in split_into_mini_batches(queries, mini_batch_size, 0)])
@@ -236,7 +239,7 @@ def run_step(model, inputs, mini_batch_size, deduplicate=True):
     model.forward = lambda **kw: (rows.append(kw["input_ids"].size(0)), forward(**kw))[1]
     model.zero_grad()
     try:
-        out = contrastive_step(model, inputs, temperature=0.05, pad_token_id=0, device=torch.device("cpu"),
+        out = contrastive_step(model, inputs, loss=LossSettings(0.05), pad_token_id=0, device=torch.device("cpu"),
                                mini_batch_size=mini_batch_size, deduplicate=deduplicate)
     finally:
         del model.forward
@@ -306,3 +309,46 @@ def test_span_pooled_vector_is_the_late_chunk_window(tiny_model_dir):
     torch.testing.assert_close(trained, brute)
     torch.testing.assert_close(windows[1], trained)
     assert owner == [0, 0, 0]
+
+
+# Each query's own candidates in batch(): its positive, then its hard negatives (-1 pads).
+CANDIDATES = torch.tensor([[0, 5, 6], [1, 7, 8], [2, 9, -1], [3, 10, 11], [4, -1, -1]])
+
+
+def distillation_loss_fn(settings, teacher_scores):
+    """batch()'s passages with CANDIDATES and the given teacher scores, under ``settings``."""
+    labels = BatchLabels(passage_text_ids=torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 1, 8, 9, 10]),
+                         candidates=CANDIDATES, teacher_scores=teacher_scores)
+    return partial(training_loss, labels=labels, settings=settings)
+
+
+TEACHER = torch.randn(5, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+OBJECTIVES = {  # InfoNCE with KL on three Matryoshka prefixes; pure MarginMSE
+    "kl_matryoshka": LossSettings(0.05, contrastive_weight=0.5, distill_weight=1.0, teacher_temperature=0.5,
+                                  matryoshka_dims=(32, 16, 8), matryoshka_weights=(1.0, 0.5, 0.25)),
+    "margin_mse": LossSettings(0.05, contrastive_weight=0.0, distill_weight=1.0, distill_loss="margin_mse"),
+}
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+@pytest.mark.parametrize("mini_batch_size", [1, 3, None])
+def test_distillation_and_matryoshka_cached_equal_full_batch_with_dropout(tiny_model_dir, mini_batch_size, objective):
+    model = make_model(tiny_model_dir, dropout=0.1, pooling="mean")
+    loss_fn = distillation_loss_fn(OBJECTIVES[objective], TEACHER)
+    out, got = run_grad_cache(model, mini_batch_size, loss_fn=loss_fn)
+    ref_out, expected = run_reference(model, mini_batch_size, loss_fn=loss_fn)
+    assert out.loss.item() == pytest.approx(ref_out.loss.item(), rel=1e-9)
+    assert set(out.parts) == ({"contrastive", "distill"})
+    assert_same(got, expected)
+
+
+def test_negative_controls_teacher_scores_and_prefixes_change_the_gradient(tiny_model_dir):
+    """Shuffled teacher scores, or no Matryoshka prefixes, give another gradient: the terms are live."""
+    model = make_model(tiny_model_dir, dropout=0.0, pooling="mean")
+    settings = OBJECTIVES["kl_matryoshka"]
+    _, expected = run_grad_cache(model, 3, loss_fn=distillation_loss_fn(settings, TEACHER))
+    _, shuffled = run_grad_cache(model, 3, loss_fn=distillation_loss_fn(settings, TEACHER.flip(1)))
+    assert max_relative_difference(shuffled, expected) > 1e-2
+    whole = dataclasses.replace(settings, matryoshka_dims=(), matryoshka_weights=())
+    _, without = run_grad_cache(model, 3, loss_fn=distillation_loss_fn(whole, TEACHER))
+    assert max_relative_difference(without, expected) > 1e-2
