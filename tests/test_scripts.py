@@ -74,11 +74,21 @@ def update(model_dir, folder) -> torch.Tensor:
     return torch.cat([(trained[k] - start[k]).flatten() for k in keys])
 
 
-def test_one_sgd_step_gives_the_same_update(tiny_model_dir, tmp_path):
-    """origin_train and efficient_train (uneven mini-batches) make the same SGD update in float32."""
-    data = write_jsonl(tmp_path / "d.jsonl", conversation_records(7))
+OBJECTIVES = {"infonce": [], "distill_matryoshka": ["--distill_weight", "1", "--teacher_temperature", "0.5",
+                                                    "--matryoshka_dims", "32", "12"]}
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_one_sgd_step_gives_the_same_update(tiny_model_dir, tmp_path, objective):
+    """origin_train and efficient_train (uneven mini-batches) make the same SGD update in float32,
+    with InfoNCE alone and with distillation from teacher scores on Matryoshka prefixes."""
+    records = conversation_records(7)
+    for i, record in enumerate(records):
+        record |= {"positive_scores": [1.0 + i % 2], "negative_scores": [0.5 * i % 3, -0.5]}
+    data = write_jsonl(tmp_path / "d.jsonl", records)
     sgd = ["--optim", "sgd", "--learning_rate", "1", "--lr_scheduler_type", "constant", "--weight_decay", "0",
-           "--max_grad_norm", "0", "--dropout", "0", "--max_steps", "1", "--per_device_train_batch_size", "7"]
+           "--max_grad_norm", "0", "--dropout", "0", "--max_steps", "1", "--per_device_train_batch_size", "7",
+           *OBJECTIVES[objective]]
     origin_train.main(common(tiny_model_dir, data, tmp_path / "o", *sgd))
     efficient_train.main(common(tiny_model_dir, data, tmp_path / "e", *sgd, "--mini_batch_size", "3"))
     efficient_train.main(common(tiny_model_dir, data, tmp_path / "t", *sgd, "--mini_batch_tokens", "150"))
