@@ -145,3 +145,64 @@ def decoder_dir(tmp_path_factory):
         return made[family]
 
     return make
+
+
+FAMILY_POSITIONS = 64  # real positions of the tiny models of each family (family_dir)
+
+
+FAMILY_LONG = 128  # what they are extended to, or read natively
+
+
+FAMILY_SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, initializer_range=0.3)
+
+
+def family_config(family: str, vocab_size: int):
+    """A tiny config of each family; [CLS] = 0, [PAD] = 1, [SEP] = 2 (RoBERTa's and MPNet's layout:
+    MPNet hard-codes padding index 1)."""
+    import transformers as tf
+
+    ids = dict(vocab_size=vocab_size, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    if family == "bert":
+        return tf.BertConfig(**FAMILY_SIZES, **ids, max_position_embeddings=FAMILY_POSITIONS)
+    if family == "distilbert":
+        return tf.DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=37, initializer_range=0.3, **ids,
+                                   max_position_embeddings=FAMILY_POSITIONS)
+    if family == "electra":
+        return tf.ElectraConfig(embedding_size=16, **FAMILY_SIZES, **ids, max_position_embeddings=FAMILY_POSITIONS)
+    if family == "roberta":
+        return tf.RobertaConfig(**FAMILY_SIZES, **ids, max_position_embeddings=FAMILY_POSITIONS + 2)
+    if family == "xlm-roberta":
+        return tf.XLMRobertaConfig(**FAMILY_SIZES, **ids, max_position_embeddings=FAMILY_POSITIONS + 2)
+    if family == "mpnet":
+        return tf.MPNetConfig(**FAMILY_SIZES, **ids, max_position_embeddings=FAMILY_POSITIONS + 2)
+    if family == "deberta-v2":  # DeBERTa-v3's layout: relative positions only
+        return tf.DebertaV2Config(**FAMILY_SIZES, **ids, max_position_embeddings=FAMILY_LONG, position_biased_input=False,
+                                  relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=16)
+    if family == "modernbert":
+        return tf.ModernBertConfig(**FAMILY_SIZES, **ids, cls_token_id=0, sep_token_id=2, max_position_embeddings=FAMILY_LONG,
+                                   global_attn_every_n_layers=2, local_attention=16)
+    raise ValueError(family)
+
+
+@pytest.fixture(scope="module")
+def family_dir(tmp_path_factory):
+    from transformers import AutoModel, BertTokenizer
+
+    made = {}
+
+    def make(family: str) -> str:
+        if family in DECODERS and family not in made:
+            made[family] = make_decoder(tmp_path_factory.mktemp(family), family)
+        if family not in made:
+            folder = tmp_path_factory.mktemp(family)
+            letters = list(string.ascii_lowercase + string.digits)
+            vocab = ["[CLS]", "[PAD]", "[SEP]", "[UNK]", "[MASK]", ":", ".", ",", "?", "!", "'", "-"]
+            vocab += WORDS + letters + ["##" + c for c in letters]
+            (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+            BertTokenizer(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
+            torch.manual_seed(0)
+            AutoModel.from_config(family_config(family, len(vocab))).save_pretrained(folder)
+            made[family] = str(folder)
+        return made[family]
+
+    return make

@@ -17,18 +17,9 @@ from helpers import EvalConfig, evaluate_beir, evaluate_dataset
 from longcontrast.inference import load_retriever
 from longcontrast.metrics import BEIR_METRICS, beir_metrics
 from longcontrast.modeling import DualEncoder, load_encoder
+from helpers import write_beir
 
 WORDS = "permit fee office days document proof address renew library parking apply cost".split()
-
-
-def write_beir(folder, corpus, queries, qrels, split="test"):
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in corpus))
-    (folder / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
-    (folder / "qrels").mkdir(exist_ok=True)
-    (folder / "qrels" / f"{split}.tsv").write_text(
-        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{s}\n" for q, d, s in qrels))
-    return str(folder)
 
 
 def generated_set(n_docs=40, n_queries=12, seed=0):
@@ -139,7 +130,6 @@ def test_script_end_to_end_run_file_and_comparison(model_dir, tmp_path, capsys):
     assert (tmp_path / "run-2.trec").is_file()  # the second model's run
     comparison = results["comparison"]["default"]["beir"]["all"]
     assert set(comparison) == set(BEIR_METRICS) and comparison["ndcg@10"]["low"] <= comparison["ndcg@10"]["high"]
-
 
 
 def test_bm25_on_a_beir_corpus_scores_like_bm25s(model_dir, tmp_path, capsys):

@@ -3,13 +3,7 @@ cross-device negatives, one gradient all-reduce per step with GradCache, and tor
 both scripts."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
@@ -18,34 +12,10 @@ from conftest import conversation_records, write_jsonl
 from longcontrast.collator import ContrastiveCollator
 from longcontrast.loss import LossSettings
 from longcontrast.step import contrastive_step
-from test_scripts import common, update
+from helpers import common, update
+from helpers import WORLD, torchrun
 
 pytestmark = pytest.mark.slow  # torchrun: several processes
-
-
-ROOT = Path(__file__).resolve().parents[1]
-WORLD = 2
-ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-
-
-def torchrun(*args, timeout=180) -> str:
-    """Run ``torchrun --standalone --nproc_per_node 2 ARGS``; returns its stderr. On a timeout the
-    whole process group (launcher and workers) is killed."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-               *map(str, args)]
-    process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        # torchrun's workers may sit in process groups of their own and hold the pipes open
-        for child in psutil.Process(process.pid).children(recursive=True):
-            child.kill()
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"torchrun timed out after {timeout} s: {stderr[-3000:]}")
-    assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    return stderr
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from longcontrast.retrieval_sets import load_chatrag
 from longcontrast.inference import encode, load_retriever
 from longcontrast.metrics import Rank, gold_rank, retrieval_metrics
 from longcontrast.modeling import DualEncoder, load_encoder
+from helpers import DOCS, item, write_set
 
 DOC2DIAL_DEV = Path(__file__).resolve().parents[2] / "shared" / "data" / "doc2dial" / "dev"
 
@@ -71,21 +72,6 @@ def test_a_constant_model_scores_at_chance():
     metrics = retrieval_metrics([gold_rank(scores, g) for g in range(10)])
     assert metrics["recall@1"] == pytest.approx(10) and metrics["recall@5"] == pytest.approx(50)
     assert metrics["recall@20"] == pytest.approx(100)  # all 10 candidates fit in the top 20
-
-
-def write_set(folder, items, documents):
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "test.json").write_text(json.dumps(items))
-    (folder / "documents.json").write_text(json.dumps(documents))
-
-
-def item(i, doc="d", gold=0, answers=("the answer",)):
-    messages = [{"role": "user", "content": f"how can i apply {i}"}, {"role": "assistant", "content": "at the office"},
-                {"role": "user", "content": f"what does it cost {i}"}]
-    return {"id": f"x{i}", "messages": messages, "document": doc, "ground_truth_ctx": {"index": gold}, "answers": list(answers)}
-
-
-DOCS = {"d": [f"the fee of permit {i} is {i} and the office is open {i} days" for i in range(8)]}
 
 
 def test_load_chatrag_formats_queries_like_training(tmp_path):
@@ -333,7 +319,6 @@ def test_passage_window_rows_and_whole_against_windows(saved_models, tmp_path, c
         expected = np.mean(mine["per_item"][metric]) - np.mean(theirs["per_item"][metric])
         assert cell["difference"] == pytest.approx(expected)
     assert set(saved["whole_vs_windows"][other]) == {"doc2dial whole - maxp@12", f"doc2dial whole - {model} maxp@12"}
-
 
 
 def test_late_chunking_equals_mean_token_states_of_one_whole_pass(saved_models, tmp_path, capsys):

@@ -3,7 +3,6 @@ positions extended (or kept native), both scripts' one-step parity, saved folder
 AutoModel and SentenceTransformer with the same vectors, evaluate.py on the result. Decoder
 embedders (Qwen3, Llama, Gemma 3, with last-token pooling) go through the same tests."""
 
-import string
 from pathlib import Path
 
 import pytest
@@ -13,72 +12,16 @@ from safetensors.torch import load_file
 import efficient_train
 import evaluate
 import origin_train
-from conftest import DECODERS, WORDS, conversation_records, make_decoder, write_jsonl
+from conftest import DECODERS, FAMILY_LONG as LONG, FAMILY_POSITIONS as TRAINED, conversation_records, write_jsonl
 from longcontrast import UserError
 from longcontrast.batching import pad
 from longcontrast.modeling import load_encoder, pool
 from longcontrast.positions import position_offset, position_table, token_positions
-from test_evaluate import DOCS, item, write_set
-
-TRAINED = 64  # real positions of the tiny models
-LONG = 128
-SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, initializer_range=0.3)
-
-
-def family_config(family: str, vocab_size: int):
-    """A tiny config of each family; [CLS] = 0, [PAD] = 1, [SEP] = 2 (RoBERTa's and MPNet's layout:
-    MPNet hard-codes padding index 1)."""
-    import transformers as tf
-
-    ids = dict(vocab_size=vocab_size, pad_token_id=1, bos_token_id=0, eos_token_id=2)
-    if family == "bert":
-        return tf.BertConfig(**SMALL, **ids, max_position_embeddings=TRAINED)
-    if family == "distilbert":
-        return tf.DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=37, initializer_range=0.3, **ids,
-                                   max_position_embeddings=TRAINED)
-    if family == "electra":
-        return tf.ElectraConfig(embedding_size=16, **SMALL, **ids, max_position_embeddings=TRAINED)
-    if family == "roberta":
-        return tf.RobertaConfig(**SMALL, **ids, max_position_embeddings=TRAINED + 2)
-    if family == "xlm-roberta":
-        return tf.XLMRobertaConfig(**SMALL, **ids, max_position_embeddings=TRAINED + 2)
-    if family == "mpnet":
-        return tf.MPNetConfig(**SMALL, **ids, max_position_embeddings=TRAINED + 2)
-    if family == "deberta-v2":  # DeBERTa-v3's layout: relative positions only
-        return tf.DebertaV2Config(**SMALL, **ids, max_position_embeddings=LONG, position_biased_input=False,
-                                  relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=16)
-    if family == "modernbert":
-        return tf.ModernBertConfig(**SMALL, **ids, cls_token_id=0, sep_token_id=2, max_position_embeddings=LONG,
-                                   global_attn_every_n_layers=2, local_attention=16)
-    raise ValueError(family)
+from helpers import DOCS, item, write_set
 
 
 LEARNED = ["bert", "distilbert", "electra", "roberta", "xlm-roberta", "mpnet"]
 NATIVE = ["deberta-v2", "modernbert"]
-
-
-@pytest.fixture(scope="module")
-def family_dir(tmp_path_factory):
-    from transformers import AutoModel, BertTokenizer
-
-    made = {}
-
-    def make(family: str) -> str:
-        if family in DECODERS and family not in made:
-            made[family] = make_decoder(tmp_path_factory.mktemp(family), family)
-        if family not in made:
-            folder = tmp_path_factory.mktemp(family)
-            letters = list(string.ascii_lowercase + string.digits)
-            vocab = ["[CLS]", "[PAD]", "[SEP]", "[UNK]", "[MASK]", ":", ".", ",", "?", "!", "'", "-"]
-            vocab += WORDS + letters + ["##" + c for c in letters]
-            (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-            BertTokenizer(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
-            torch.manual_seed(0)
-            AutoModel.from_config(family_config(family, len(vocab))).save_pretrained(folder)
-            made[family] = str(folder)
-        return made[family]
-
-    return make
 
 
 @pytest.mark.parametrize("family", LEARNED)

@@ -14,9 +14,9 @@ from conftest import write_jsonl
 from longcontrast.collator import ContrastiveCollator, make_dataset, max_known_positives
 from longcontrast.records import load_examples, parse_record
 from longcontrast.loss import contrastive_loss
-from test_beir import write_beir
-from test_mining import script as miner
-from test_scripts import common, weights
+from helpers import common, data_script, weights, write_beir
+
+miner = data_script("mine_hard_negatives")
 
 QUERIES = [f"how can i renew permit {i}" for i in range(6)]
 POSITIVES = [f"the permit {i} fee is {i} and the office is open" for i in range(6)]

@@ -11,43 +11,11 @@ import torch
 from longcontrast import gradcache
 from longcontrast.batching import pad
 from longcontrast.gradcache import RandState, grad_cache_step
-from longcontrast.loss import BatchLabels, LossSettings, contrastive_loss, training_loss
-from longcontrast.modeling import DualEncoder, load_encoder
-from longcontrast.step import contrastive_step, full_batch_step
-
-def split_into_mini_batches(sequences, size, pad_token_id):
-    """Consecutive mini-batches of ``size`` texts (None: one), each padded to its own longest."""
-    size = size or len(sequences)
-    return [pad(sequences[i : i + size], pad_token_id) for i in range(0, len(sequences), size)]
-
-
-NUM_QUERIES, NUM_PASSAGES = 5, 12  # 5 positives + 7 hard negatives (uneven per query)
-
-
-def sequences(count, low, high, seed):
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(low, high, (count,), generator=g)
-    return [[2] + torch.randint(5, 60, (int(n),), generator=g).tolist() + [3] for n in lengths]
-
-
-def make_model(model_dir, dropout, untie=False, pooling="cls"):
-    torch.manual_seed(0)
-    encoder, _ = load_encoder(model_dir, max_position_embeddings=None, dropout=dropout)
-    # float64: the parity checks then test the mathematics, not float32 rounding (a random tiny
-    # model maps all texts to nearly the same vector, which makes float32 gradients noisy).
-    return (DualEncoder.untied if untie else DualEncoder)(encoder.double(), pooling).train()
-
-
-def batch():
-    queries = sequences(NUM_QUERIES, 3, 20, seed=1)
-    passages = sequences(NUM_PASSAGES, 5, 40, seed=2)
-    passages[8] = list(passages[1])  # a hard negative identical to query 1's positive
-    text_ids = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 1, 8, 9, 10])
-    return queries, passages, partial(contrastive_loss, temperature=0.05, passage_text_ids=text_ids)
-
-
-def gradients(model):
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+from longcontrast.loss import BatchLabels, LossSettings, training_loss
+from longcontrast.modeling import DualEncoder
+from longcontrast.step import full_batch_step
+from helpers import (assert_same, batch, gradients, make_model, max_relative_difference, run_step, sequences,
+                     split_into_mini_batches, step_inputs)
 
 
 def run_grad_cache(model, mini_batch_size, seed=123, loss_fn=None):
@@ -76,20 +44,6 @@ def run_reference(model, mini_batch_size, seed=123, loss_fn=None):
     out = loss_fn(q, p)
     out.loss.backward()
     return out, gradients(model)
-
-
-def assert_same(a, b, rtol=1e-9):
-    """Equal up to float64 rounding. Some gradients are zero in exact arithmetic (attention key
-    biases: softmax ignores a shift shared by all keys), so the tolerance is relative to the
-    largest gradient as well as to each entry."""
-    assert a.keys() == b.keys() and a
-    scale = max(g.abs().max().item() for g in b.values())
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=rtol * scale)
-
-
-def max_relative_difference(a, b):
-    return max(((a[n] - b[n]).norm() / b[n].norm().clamp(min=1e-12)).item() for n in a)
 
 
 @pytest.mark.parametrize("mini_batch_size", [1, 3, None])  # 1, uneven, whole batch
@@ -220,30 +174,6 @@ def test_sync_context_only_lets_the_last_replay_synchronise(tiny_model_dir):
                     split_into_mini_batches(passages, 5, 0), loss_fn, torch.device("cpu"),
                     sync_context=sync_context)
     assert calls == [False] * (3 + 2) + [True]
-
-
-def step_inputs():
-    """A collator-style batch with copies on both sides: query 4 repeats query 2, hard negative 8
-    repeats positive 1 (masked by the loss) and hard negative 11 repeats hard negative 9."""
-    queries, passages, _ = batch()
-    queries[4] = list(queries[2])
-    passages[11] = list(passages[9])
-    text_ids = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 1, 8, 9, 8])
-    return {"query_ids": queries, "passage_ids": passages, "passage_text_ids": text_ids}
-
-
-def run_step(model, inputs, mini_batch_size, deduplicate=True):
-    """contrastive_step's loss and gradients, and how many texts the encoder saw."""
-    rows = []
-    forward = model.forward
-    model.forward = lambda **kw: (rows.append(kw["input_ids"].size(0)), forward(**kw))[1]
-    model.zero_grad()
-    try:
-        out = contrastive_step(model, inputs, loss=LossSettings(0.05), pad_token_id=0, device=torch.device("cpu"),
-                               mini_batch_size=mini_batch_size, deduplicate=deduplicate)
-    finally:
-        del model.forward
-    return out, gradients(model), sum(rows)
 
 
 @pytest.mark.parametrize("mini_batch_size", [1, 3, 20])

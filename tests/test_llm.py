@@ -20,9 +20,9 @@ from longcontrast.gradcache import grad_cache_step
 from longcontrast.lora import add_lora
 from longcontrast.loss import contrastive_loss
 from longcontrast.modeling import DualEncoder, load_encoder, pool, prepare_tokenizer
-from test_distributed import torchrun
-from test_evaluate import DOCS, item, write_set
-from test_gradcache import gradients, max_relative_difference, sequences
+from helpers import torchrun
+from helpers import DOCS, item, write_set
+from helpers import gradients, max_relative_difference, sequences
 
 TEXTS = ["how can i apply for a permit", "the office", "what does it cost to renew my document proof"]
 QWEN3_INSTRUCTION = "Instruct: Given a question, retrieve passages that answer it\nQuery:"

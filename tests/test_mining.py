@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -8,15 +7,13 @@ import pytest
 import torch
 
 from conftest import write_jsonl
+from helpers import data_script
 from longcontrast.records import load_examples
 from longcontrast.bm25 import BM25, words
 from longcontrast.mining import MiningConfig, mine, select_negatives
 from longcontrast.search import rank_fusion, score_fusion
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("mine_hard_negatives", ROOT / "data" / "mine_hard_negatives.py")
-script = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(script)
+script = data_script("mine_hard_negatives")
 
 
 def bm25_by_hand(query, texts, k1=0.9, b=0.4):

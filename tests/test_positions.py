@@ -14,8 +14,7 @@ from longcontrast.batching import pad
 from longcontrast.gradcache import grad_cache_step
 from longcontrast.modeling import DualEncoder, load_encoder
 from longcontrast.positions import draw_position_shifts, extended_position_table, position_ids
-from test_families import family_dir  # noqa: F401  (a fixture: tiny models of each family)
-from test_gradcache import assert_same, batch, gradients, max_relative_difference, run_step, step_inputs
+from helpers import assert_same, batch, gradients, max_relative_difference, run_step, step_inputs
 
 LONG = 4 * TINY_MAX_POSITIONS
 

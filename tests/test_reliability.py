@@ -15,7 +15,7 @@ import efficient_train
 import origin_train
 from conftest import conversation_records, write_jsonl
 from longcontrast import checkpoints, trainer
-from test_scripts import common, run_main, weights
+from helpers import common, run_main, weights
 
 ROOT = Path(__file__).resolve().parents[1]
 # The scripts run as subprocesses here (conftest already made the environment offline); unbuffered,

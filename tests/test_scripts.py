@@ -14,15 +14,9 @@ import efficient_train
 import origin_train
 
 from conftest import conversation_records, write_jsonl
+from helpers import common, run_main, update, weights
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def common(model_dir, data, out, *extra):
-    return ["--model_name_or_path", model_dir, "--train_data", data, "--output_dir", str(out),
-            "--max_position_embeddings", "128", "--query_max_len", "32", "--passage_max_len", "48",
-            "--per_device_train_batch_size", "6", "--num_hard_negatives", "2", "--save_strategy", "no",
-            "--disable_tqdm", "true", *extra]
 
 
 def test_origin_smoke_saves_a_loadable_model(tiny_model_dir, tiny_train_file, tmp_path):
@@ -58,20 +52,6 @@ def test_efficient_smoke_untied_with_accumulation(tiny_model_dir, tiny_train_fil
     assert any(not torch.equal(query[k], context[k]) for k in query)  # trained apart
     arguments = json.loads((out / "training_args.json").read_text())
     assert arguments["mini_batch_tokens"] == 100 and arguments["training"]["gradient_accumulation_steps"] == 2
-
-
-def weights(folder):
-    return load_file(Path(folder) / "model.safetensors")
-
-
-def update(model_dir, folder) -> torch.Tensor:
-    """The flattened change of the encoder's weights from ``model_dir`` to the trained ``folder``
-    (the position table grows, so it is left out)."""
-    from transformers import AutoModel
-
-    start, trained = AutoModel.from_pretrained(model_dir).state_dict(), weights(folder)
-    keys = [k for k in trained if k in start and "position_embeddings" not in k]
-    return torch.cat([(trained[k] - start[k]).flatten() for k in keys])
 
 
 OBJECTIVES = {"infonce": [], "distill_matryoshka": ["--distill_weight", "1", "--teacher_temperature", "0.5",
@@ -122,15 +102,6 @@ def test_span_records_train_and_bad_ones_stop_before_training(tiny_model_dir, tm
     late = write_jsonl(tmp_path / "late.jsonl", records)
     err = run_main(efficient_train, common(tiny_model_dir, late, tmp_path / "late", "--pooling", "mean"), capsys)
     assert "lies past the first 48 tokens" in err and not (tmp_path / "late").exists()
-
-
-def run_main(module, argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        module.main(argv)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2
-    assert "Traceback" not in err
-    return err
 
 
 @pytest.mark.parametrize("module", [origin_train, efficient_train])
