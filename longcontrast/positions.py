@@ -128,9 +128,6 @@ def extend_position_embeddings(model: nn.Module, num_positions: int, init: str =
     with torch.no_grad():
         new.weight.copy_(table)
     new.weight.requires_grad_(True)
-    # Rows still as the checkpoint had them, which --trainable_parameters new_positions freezes (not
-    # saved): interpolate_all moves every real row, so only the offset rows count.
-    new.trained_rows = offset + (0 if init == "interpolate_all" else trained_positions)
     embeddings.position_embeddings = new
     device = old.weight.device
     if hasattr(embeddings, "position_ids"):
@@ -140,6 +137,16 @@ def extend_position_embeddings(model: nn.Module, num_positions: int, init: str =
     model.config.max_position_embeddings = rows
     logger.info("extended the position table from %d to %d positions (%s%s)", trained_positions, num_positions, init,
                 f"; {offset} offset rows kept in front" if offset else "")
+
+
+def unchanged_rows(table: nn.Embedding | None, checkpoint_rows: int, init: str) -> int | None:
+    """The rows of an extended table still as the checkpoint (``checkpoint_rows`` rows, its
+    ``config.max_position_embeddings``) had them, which ``--trainable_parameters new_positions``
+    freezes; ``None`` when the table was not extended (or there is none). ``interpolate_all`` moves
+    every real row, so only the offset rows count."""
+    if table is None or table.num_embeddings <= checkpoint_rows:
+        return None
+    return position_offset(table) if init == "interpolate_all" else checkpoint_rows
 
 
 def freeze_rows(table: nn.Embedding, rows: int) -> None:

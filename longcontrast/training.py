@@ -20,7 +20,7 @@ from .collator import ContrastiveCollator, check_spans, make_dataset, max_known_
 from .distributed import shut_down
 from .lora import add_lora, merge
 from .modeling import DualEncoder, default_model_path, load_encoder, prepare_tokenizer, read_pooling
-from .positions import freeze_rows, position_table, token_positions
+from .positions import freeze_rows, position_table, token_positions, unchanged_rows
 from .records import load_examples
 from .trainer import CheckpointOnSignal, CollatorEpoch, ContrastiveTrainer, TrainingStopped
 from .validation import check_against_model, check_flags
@@ -48,10 +48,13 @@ def resolve_defaults(model_args, training_args, *, gradcache: bool) -> None:
 
 
 def load(model_args, training_args):
-    """The encoder (positions extended as asked) and its tokenizer."""
+    """The encoder (positions extended as asked), its tokenizer, and the position rows still as
+    the checkpoint had them when the table was extended (:func:`.positions.unchanged_rows`), else None."""
+    from transformers import AutoConfig
+
     set_seed(training_args.seed)  # before the model exists: the random position init draws from it
     lora = model_args.lora_r > 0
-    return load_encoder(
+    encoder, tokenizer = load_encoder(
         # LoRA keeps the base model as it is, its position table included: no default extension
         model_args.model_name_or_path, model_args.max_position_embeddings or (None if lora else DEFAULT_MAX_POSITIONS),
         model_args.position_init, model_args.dropout, model_args.attention_dropout, model_args.trust_remote_code,
@@ -59,10 +62,14 @@ def load(model_args, training_args):
         prefer_flash_attention=torch.cuda.is_available() and (training_args.bf16 or training_args.fp16),
         dtype=model_args.torch_dtype if model_args.torch_dtype == "auto" else getattr(torch, model_args.torch_dtype),
     )
+    checkpoint = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    return encoder, tokenizer, unchanged_rows(position_table(encoder), checkpoint.max_position_embeddings,
+                                              model_args.position_init)
 
 
-def dual_encoder(encoder, model_args, pooling: str) -> DualEncoder:
-    """The model to train: the encoder with what is trainable chosen, LoRA adapters, untied or shared."""
+def dual_encoder(encoder, model_args, pooling: str, trained_rows: int | None) -> DualEncoder:
+    """The model to train: the encoder with what is trainable chosen, LoRA adapters, untied or
+    shared; ``trained_rows``: the position rows ``new_positions`` keeps frozen."""
     table = position_table(encoder)
     if model_args.trainable_parameters != "all":
         encoder.requires_grad_(False)
@@ -75,7 +82,7 @@ def dual_encoder(encoder, model_args, pooling: str) -> DualEncoder:
     model = (DualEncoder.untied if model_args.untie_encoders else DualEncoder)(encoder, pooling)
     if model_args.trainable_parameters == "new_positions":
         for each in model.encoders():  # after untying: a gradient hook is not copied with its module
-            freeze_rows(position_table(each), table.trained_rows)
+            freeze_rows(position_table(each), trained_rows)
     return model
 
 
@@ -144,14 +151,15 @@ def train(argv=None, gradcache: bool = True) -> str:
     # 2. the data
     examples = load_examples(data_args.train_data, data_args.query_turns, require_scores=model_args.distill_weight > 0)
     # 3. the encoder, checked against the flags and the data
-    encoder, tokenizer = load(model_args, training_args)
+    encoder, tokenizer, trained_rows = load(model_args, training_args)
     prepare_tokenizer(tokenizer, pooling)
     model_args.max_position_embeddings = token_positions(encoder)  # recorded as resolved
-    check_against_model(model_args, data_args, training_args, encoder=encoder, examples=examples, pooling=pooling,
+    check_against_model(model_args, data_args, training_args, encoder=encoder, trained_rows=trained_rows,
+                        examples=examples, pooling=pooling,
                         lora=model_args.lora_r > 0)
     check_spans(examples, tokenizer, data_args.passage_max_len, data_args.passage_instruction)
     # 4. the model and its trainer
-    model = dual_encoder(encoder, model_args, pooling)
+    model = dual_encoder(encoder, model_args, pooling, trained_rows)
     logger.info(
         "%s: %s (%s weights%s), pooling %s, %d positions, %d examples, contrastive batch %d x %d device(s), %s",
         "efficient_train" if gradcache else "origin_train", model_args.model_name_or_path,

@@ -110,8 +110,10 @@ def validate_lora(model_args, training_args) -> None:
                         "behind frozen embeddings and breaks DDP; leave it out (non-reentrant is the default)")
 
 
-def check_against_model(model_args, data_args, training_args, *, encoder, examples, pooling: str, lora: bool) -> None:
-    """The flags against what loading found: the encoder's position table, its weights' dtype, the
+def check_against_model(model_args, data_args, training_args, *, encoder, trained_rows: int | None, examples,
+                        pooling: str, lora: bool) -> None:
+    """The flags against what loading found: the encoder's position table (``trained_rows``: its
+    rows left as the checkpoint had them, None if it was not extended), its weights' dtype, the
     positions it reads, and span records' pooling."""
     if pooling not in ("mean", "max") and any(e.positive_span or e.negative_spans for e in examples):
         raise UserError(f"the data has span records, whose vectors pool the span's tokens; pooling {pooling!r} "
@@ -121,10 +123,10 @@ def check_against_model(model_args, data_args, training_args, *, encoder, exampl
         raise UserError(f"--matryoshka_dims {model_args.matryoshka_dims[0]} is wider than the model's "
                         f"{width}-dimensional vectors")
     table = position_table(encoder)
-    if lora and getattr(table, "trained_rows", None) is not None:
+    if lora and trained_rows is not None:
         raise UserError(f"--max_position_embeddings {model_args.max_position_embeddings} with --lora_r: the extended "
                         "position table is not part of the base model that the saved adapter names; train LoRA at the "
-                        f"model's {table.trained_rows - position_offset(table)} positions, or extend without LoRA")
+                        f"model's {trained_rows - position_offset(table)} positions, or extend without LoRA")
     dtype = next(encoder.parameters()).dtype
     if dtype != torch.float32 and not lora:
         raise UserError(f"--torch_dtype auto loaded {dtype} weights, which full fine-tuning would train in half "
@@ -137,7 +139,7 @@ def check_against_model(model_args, data_args, training_args, *, encoder, exampl
         raise UserError(f"{' and '.join(asked)}: a learned position table is needed, which {type(encoder).__name__} "
                         f"does not have (rotary or relative positions)")
     if model_args.trainable_parameters == "new_positions":
-        if getattr(table, "trained_rows", None) is None:
+        if trained_rows is None:
             raise UserError(f"--trainable_parameters new_positions trains the rows this run adds to the position "
                             f"table, but it was not extended (the model already reads {model_args.max_position_embeddings} "
                             f"positions); ask for more with --max_position_embeddings or use positions")
