@@ -47,12 +47,12 @@ def load_sets(args: SetArguments) -> list:
 def dense_retriever(path: str | None, models: ModelArguments, readings: ReadingArguments, run: RunArguments):
     """A loaded model as a :class:`DenseRetriever`, and what the results record of it."""
     device = torch.device(run.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, tokenizer = load_retriever(path, models.query_encoder_path, models.context_encoder_path, models.pooling,
+    model, tokenizer = load_retriever(path, models.query_encoder_path, models.passage_encoder_path, models.pooling,
                                       models.trust_remote_code, dtype=models.torch_dtype if models.torch_dtype == "auto"
                                       else getattr(torch, models.torch_dtype))
     model.to(device)
     positions = token_positions(model.query_encoder)
-    prompts = prompts_for(model, models.query_instruction, models.passage_instruction)
+    prompts = prompts_for(model, models.query_prompt, models.passage_prompt)
     embedding_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(
         run.embedding_dtype, torch.float16 if device.type == "cuda" else torch.float32)
     settings = EncodeSettings(
@@ -90,7 +90,7 @@ def run(argv=None) -> int:
     data = load_sets(sets)
     # 3. each model (and its hybrids with BM25) on each set
     keyword = BM25Retriever()
-    paths = {f"{models.query_encoder_path} + {models.context_encoder_path}": None} if models.query_encoder_path else {
+    paths = {f"{models.query_encoder_path} + {models.passage_encoder_path}": None} if models.query_encoder_path else {
         name: None if name == "default" else name for name in (models.model_path or ["default"])}
     rows: dict[str, ModelResults] = {}
     for number, (name, path) in enumerate(paths.items(), 1):

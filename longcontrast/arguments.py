@@ -75,8 +75,8 @@ class EncoderArguments:
     )
     untie_encoders: bool = field(
         default=False,
-        metadata={"help": "Train separate query and context encoders, both initialised from the checkpoint; "
-                  "saved as query_encoder/ and context_encoder/."},
+        metadata={"help": "Train separate query and passage encoders, both initialised from the checkpoint; "
+                  "saved as query_encoder/ and passage_encoder/."},
     )
     dropout: float | None = field(
         default=None,
@@ -230,11 +230,12 @@ class DataArguments:
         metadata={"help": "Hard negatives per query, taken in listed order (hardest first); examples with fewer "
                   "use what they have."},
     )
-    query_instruction: str = field(default="", metadata={"help": "Prefix added to every query (e.g. BGE's "
-                                                         "'Represent this sentence for searching relevant passages: ', "
-                                                         "E5's 'query: '); saved as the model's 'query' prompt."})
-    passage_instruction: str = field(default="", metadata={"help": "Prefix added to every passage (E5's 'passage: ', "
-                                                           "nomic's 'search_document: '); saved as its 'document' prompt."})
+    query_prompt: str = field(default="", metadata={"aliases": ["--query_instruction"], "help": (
+        "Prefix added to every query (e.g. BGE's 'Represent this sentence for searching relevant passages: ', E5's "
+        "'query: '); saved as the model's 'query' prompt.")})
+    passage_prompt: str = field(default="", metadata={"aliases": ["--passage_instruction"], "help": (
+        "Prefix added to every passage (E5's 'passage: ', nomic's 'search_document: '); saved as its 'document' "
+        "prompt.")})
 
 
 @dataclass

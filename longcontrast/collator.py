@@ -94,7 +94,7 @@ class ContrastiveCollator:
     query_max_len: int
     passage_max_len: int
     num_hard_negatives: int = 1
-    query_prompt: str = ""  # instruction before every query (kept when the query is cut)
+    query_prompt: str = ""  # prefix of every query (kept when the query is cut)
     passage_prompt: str = ""  # before every passage
     max_positions: int | None = None  # shift passages' position ids within this many positions (None: no shift)
     max_positives: int = 1  # the most positives a query has in the data (max_known_positives)

@@ -19,18 +19,19 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class ModelArguments:
     _argument_group_name = "models"
     model_path: list[str] | None = field(default=None, metadata={"help": (
-        "Model folders to evaluate (a training output, with or without query_encoder/ and context_encoder/, or any "
+        "Model folders to evaluate (a training output, with or without query_encoder/ and passage_encoder/, or any "
         "encoder); 'default' is the embedded all-MiniLM-L6-v2, 'bm25' the keyword baseline (BM25, k1 0.9, b 0.4, "
         "over each document's chunks, or over the whole --beir corpus). Each model after the first is compared with "
         "the first. Default: default.")})
     query_encoder_path: str | None = field(default=None, metadata={
-        "help": "Query encoder folder (with --context_encoder_path, instead of --model_path)."})
-    context_encoder_path: str | None = field(default=None, metadata={"help": "Context (passage) encoder folder."})
+        "help": "Query encoder folder (with --passage_encoder_path, instead of --model_path)."})
+    passage_encoder_path: str | None = field(default=None, metadata={"aliases": ["--context_encoder_path"],
+                                                                     "help": "Passage encoder folder."})
     pooling: str | None = field(default=None, metadata={"choices": ["cls", "mean", "max", "lasttoken"],
         "help": "Pooling when the model records none in a sentence-transformers config (default: cls)."})
-    query_instruction: str | None = field(default=None, metadata={
+    query_prompt: str | None = field(default=None, metadata={"aliases": ["--query_instruction"],
         "help": "Prefix of every query (default: the model's recorded 'query' prompt, none if it records none)."})
-    passage_instruction: str | None = field(default=None, metadata={
+    passage_prompt: str | None = field(default=None, metadata={"aliases": ["--passage_instruction"],
         "help": "Prefix of every passage (default: the model's recorded 'document' prompt, none if it records none)."})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "Run the model's own code from its folder (e.g. nomic-bert, jina-bert); only for code you trust."})
@@ -139,9 +140,9 @@ def validate(models: ModelArguments, sets: SetArguments, readings: ReadingArgume
                         (run.bootstrap_samples, "bootstrap_samples")):
         if value is not None and value < 1:
             raise UserError(f"--{name} must be >= 1")
-    if (models.query_encoder_path or models.context_encoder_path) and (
-            models.model_path or not (models.query_encoder_path and models.context_encoder_path)):
-        raise UserError("give either --model_path or both --query_encoder_path and --context_encoder_path")
+    if (models.query_encoder_path or models.passage_encoder_path) and (
+            models.model_path or not (models.query_encoder_path and models.passage_encoder_path)):
+        raise UserError("give either --model_path or both --query_encoder_path and --passage_encoder_path")
     if run.corpus_embeddings and len(models.model_path or ["default"]) > 1:
         raise UserError("--corpus_embeddings caches one model's corpus: evaluate one model with it")
     if sets.eval_dataset not in (*DATASETS, "all"):

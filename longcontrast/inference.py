@@ -29,52 +29,55 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_MAX_TOKENS = 16384
 
 
-def load_retriever(model_path=None, query_encoder_path=None, context_encoder_path=None, pooling=None,
+def load_retriever(model_path=None, query_encoder_path=None, passage_encoder_path=None, pooling=None,
                    trust_remote_code=False, dtype=None):
     """A :class:`DualEncoder` and tokenizer for evaluation.
 
     ``model_path``: a folder saved by training (with or without ``query_encoder/`` and
-    ``context_encoder/``) or any encoder; ``None``: the embedded default. Or separate
-    ``query_encoder_path`` and ``context_encoder_path``. Pooling: the one recorded in the query
+    ``passage_encoder/``) or any encoder; ``None``: the embedded default. Or separate
+    ``query_encoder_path`` and ``passage_encoder_path``. Pooling: the one recorded in the query
     encoder's sentence-transformers config, else ``pooling``, else ``cls``. The recorded prompts
-    (``"query"`` of the query encoder, ``"document"`` of the context encoder) land in ``.prompts``;
+    (``"query"`` of the query encoder, ``"document"`` of the passage encoder) land in ``.prompts``;
     the folders read land in ``.paths`` (what a cache of its embeddings is keyed by). ``dtype``: the
     weights' dtype (``None`` float32; ``"auto"`` the checkpoint's, e.g. bf16 for an 8B embedder).
     """
-    if query_encoder_path or context_encoder_path:
-        if model_path or not (query_encoder_path and context_encoder_path):
-            raise UserError("give either --model_path or both --query_encoder_path and --context_encoder_path")
+    if query_encoder_path or passage_encoder_path:
+        if model_path or not (query_encoder_path and passage_encoder_path):
+            raise UserError("give either --model_path or both --query_encoder_path and --passage_encoder_path")
     else:
         model_path = model_path or default_model_path()
         if not Path(model_path).exists() and os.sep in str(model_path):
             raise UserError(f"model folder not found: {model_path}")
         split = Path(model_path) / "query_encoder"
-        if split.is_dir() and (Path(model_path) / "context_encoder").is_dir():
-            query_encoder_path, context_encoder_path = str(split), str(Path(model_path) / "context_encoder")
+        # untied folders: passage_encoder/, or context_encoder/ as earlier versions saved them
+        passages = next((Path(model_path) / name for name in ("passage_encoder", "context_encoder")
+                         if (Path(model_path) / name).is_dir()), None)
+        if split.is_dir() and passages is not None:
+            query_encoder_path, passage_encoder_path = str(split), str(passages)
         else:
-            query_encoder_path = context_encoder_path = str(model_path)
+            query_encoder_path = passage_encoder_path = str(model_path)
 
     def load(path):
         return from_pretrained(path, trust_remote_code=trust_remote_code, dtype=dtype).eval()
 
     query_encoder = load(query_encoder_path)
-    context_encoder = load(context_encoder_path) if context_encoder_path != query_encoder_path else None
+    passage_encoder = load(passage_encoder_path) if passage_encoder_path != query_encoder_path else None
     recorded = read_pooling(query_encoder_path)
     if recorded and pooling and recorded != pooling:
         logger.warning("%s records %s pooling; using it instead of --pooling %s", query_encoder_path, recorded, pooling)
     prompts = {"query": read_prompts(query_encoder_path).get("query", ""),
-               "document": read_prompts(context_encoder_path).get("document", "")}
-    model = DualEncoder(query_encoder, recorded or pooling or "cls", context_encoder, prompts,
-                        paths={"query": query_encoder_path, "passage": context_encoder_path})
+               "document": read_prompts(passage_encoder_path).get("document", "")}
+    model = DualEncoder(query_encoder, recorded or pooling or "cls", passage_encoder, prompts,
+                        paths={"query": query_encoder_path, "passage": passage_encoder_path})
     tokenizer = load_tokenizer(query_encoder_path, trust_remote_code)
     prepare_tokenizer(tokenizer, model.pooling)  # a base decoder evaluated as it comes: pad and end token
     return model, tokenizer
 
 
-def prompts_for(model: DualEncoder, query_instruction: str | None, passage_instruction: str | None) -> dict[str, str]:
-    """The query and passage ("document") prompts to encode with: the given instructions, else the
+def prompts_for(model: DualEncoder, query_prompt: str | None, passage_prompt: str | None) -> dict[str, str]:
+    """The query and passage ("document") prompts to encode with: the given prompts, else the
     ones the model records, else none."""
-    given = {"query": query_instruction, "document": passage_instruction}
+    given = {"query": query_prompt, "document": passage_prompt}
     return {side: model.prompts.get(side, "") if prompt is None else prompt for side, prompt in given.items()}
 
 

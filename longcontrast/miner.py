@@ -54,9 +54,9 @@ class MiningArguments:
     margin: float | None = field(default=None, metadata={
         "help": "Drop candidates scoring above the positive's score minus this margin (TopK-MarginPos)."})
     query_turns: int = field(default=5, metadata={"help": "A conversation query keeps its last N turns."})
-    query_instruction: str | None = field(default=None, metadata={
+    query_prompt: str | None = field(default=None, metadata={"aliases": ["--query_instruction"],
         "help": "Prefix of every query for the dense model (default: the model's recorded 'query' prompt, if any)."})
-    passage_instruction: str | None = field(default=None, metadata={
+    passage_prompt: str | None = field(default=None, metadata={"aliases": ["--passage_instruction"],
         "help": "Prefix of every passage for the dense model (default: its recorded 'document' prompt, if any)."})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "Run the dense model's own code from its folder (e.g. nomic-bert); only for code you trust."})
@@ -160,7 +160,7 @@ def dense_embeddings(args: MiningArguments, data: Inputs, pools: list[np.ndarray
     path = None if args.model_name_or_path == "default" else args.model_name_or_path
     model, tokenizer = load_retriever(path, trust_remote_code=args.trust_remote_code)
     model.to(device)
-    prompts = prompts_for(model, args.query_instruction, args.passage_instruction)
+    prompts = prompts_for(model, args.query_prompt, args.passage_prompt)
     positions = token_positions(model.query_encoder)
     batching = {"batch_size": args.batch_size or (64 if device.type == "cuda" else 8),
                 "pad_token_id": tokenizer.pad_token_id, "device": device, "autocast": autocast_dtype(args.precision, device)}

@@ -263,14 +263,14 @@ def load_encoder(
 
 
 class DualEncoder(nn.Module):
-    """A query encoder and a context (passage) encoder, shared unless untied.
+    """A query encoder and a passage encoder, shared unless untied.
 
     ``forward(input_ids, attention_mask, side, position_ids=None)`` returns (N, D) L2-normalised
     embeddings; ``side`` is ``"query"`` or ``"passage"``. All encoding goes through ``forward`` so
     that a wrapper (DDP, accelerate's autocast) sees every call.
     """
 
-    def __init__(self, encoder: nn.Module, pooling: str = "cls", context_encoder: nn.Module | None = None,
+    def __init__(self, encoder: nn.Module, pooling: str = "cls", passage_encoder: nn.Module | None = None,
                  prompts: dict[str, str] | None = None, paths: dict[str, str] | None = None):
         super().__init__()
         if pooling not in POOLING_MODES:
@@ -280,19 +280,19 @@ class DualEncoder(nn.Module):
         self.paths = paths or {}  # the folders a loaded model was read from: {"query": ..., "passage": ...}
         self.query_encoder = encoder
         # None when shared: a module registered under two names would be saved twice.
-        self.context_encoder = context_encoder
+        self.passage_encoder = passage_encoder
         self.config = encoder.config  # read by the Trainer (e.g. for its model card)
 
     @classmethod
     def untied(cls, encoder: nn.Module, pooling: str = "cls") -> "DualEncoder":
-        """Separate query and context encoders, both starting from ``encoder``."""
-        return cls(encoder, pooling, context_encoder=copy.deepcopy(encoder))
+        """Separate query and passage encoders, both starting from ``encoder``."""
+        return cls(encoder, pooling, passage_encoder=copy.deepcopy(encoder))
 
     def encoder_for(self, side: str) -> nn.Module:
-        if side == "query" or self.context_encoder is None:
+        if side == "query" or self.passage_encoder is None:
             return self.query_encoder
         if side == "passage":
-            return self.context_encoder
+            return self.passage_encoder
         raise ValueError(f"side must be 'query' or 'passage', got {side!r}")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, side: str,
@@ -317,8 +317,8 @@ class DualEncoder(nn.Module):
         return hidden.float() if hidden.dtype in (torch.float16, torch.bfloat16) else hidden
 
     def encoders(self) -> list[nn.Module]:
-        """The distinct encoders: one when shared, the query and the context encoder when untied."""
-        return [self.query_encoder] + ([self.context_encoder] if self.context_encoder is not None else [])
+        """The distinct encoders: one when shared, the query and the passage encoder when untied."""
+        return [self.query_encoder] + ([self.passage_encoder] if self.passage_encoder is not None else [])
 
     def activation_checkpointing_enable(self, **kwargs):
         """Called by the Trainer for --activation_checkpointing; applies to both encoders."""
@@ -330,13 +330,13 @@ class DualEncoder(nn.Module):
         """Save as folders that load with ``AutoModel.from_pretrained`` and ``SentenceTransformer``.
 
         Shared encoder: ``output_dir`` itself. Untied: ``output_dir/query_encoder`` and
-        ``output_dir/context_encoder``. The pooling and the normalisation are recorded as
+        ``output_dir/passage_encoder``. The pooling and the normalisation are recorded as
         sentence-transformers modules; the prompts as its ``"query"`` and ``"document"`` prompts
         (what ``encode_query`` / ``encode_document`` prepend, and what evaluate.py reads).
         """
         targets = (
-            {"query_encoder": self.query_encoder, "context_encoder": self.context_encoder}
-            if self.context_encoder is not None
+            {"query_encoder": self.query_encoder, "passage_encoder": self.passage_encoder}
+            if self.passage_encoder is not None
             else {"": self.query_encoder}
         )
         for name, encoder in targets.items():

@@ -21,7 +21,7 @@ def tokenize(tokenizer, texts: list[str], max_length: int, truncation_side: str,
     """Token ids with special tokens, at most ``max_length`` each, cut on ``truncation_side``.
 
     Queries are cut on the left (a dialogue's latest turns are kept), passages on the right; the
-    special tokens are kept either way, and so is ``prompt`` (an instruction such as "query: "),
+    special tokens are kept either way, and so is ``prompt`` (a prefix such as "query: "),
     which is tokenized together with each text, as sentence-transformers does, and never cut.
     """
     prefix, suffix = special_tokens(tokenizer)

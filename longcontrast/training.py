@@ -90,7 +90,7 @@ def build_trainer(model, tokenizer, examples, model_args, data_args, cache_args,
                   callback: CheckpointOnSignal) -> ContrastiveTrainer:
     collator = ContrastiveCollator(
         tokenizer, data_args.query_max_len, data_args.passage_max_len, data_args.num_hard_negatives,
-        data_args.query_instruction, data_args.passage_instruction,
+        data_args.query_prompt, data_args.passage_prompt,
         model_args.max_position_embeddings if model_args.shift_positions else None,
         max_known_positives(examples), seed=training_args.data_seed or training_args.seed)
     trainer = ContrastiveTrainer(
@@ -114,8 +114,8 @@ def save_run(trainer, model, tokenizer, model_args, data_args, cache_args, train
     """The model (AutoModel and sentence-transformers folder), the loss log and, last and
     atomically, the run record whose presence marks a finished run (:func:`.checkpoints.resolve_resume`)."""
     output_dir = training_args.output_dir
-    save = dict(tokenizer=tokenizer, max_seq_length=data_args.passage_max_len, query_prompt=data_args.query_instruction,
-                passage_prompt=data_args.passage_instruction, trust_remote_code=model_args.trust_remote_code)
+    save = dict(tokenizer=tokenizer, max_seq_length=data_args.passage_max_len, query_prompt=data_args.query_prompt,
+                passage_prompt=data_args.passage_prompt, trust_remote_code=model_args.trust_remote_code)
     if model_args.merge_lora:
         model.save(os.path.join(output_dir, "adapter"), **save)
         model.query_encoder = merge(model.query_encoder)
@@ -157,7 +157,7 @@ def train(argv=None, gradcache: bool = True) -> str:
     check_against_model(model_args, data_args, training_args, encoder=encoder, trained_rows=trained_rows,
                         examples=examples, pooling=pooling,
                         lora=model_args.lora_r > 0)
-    check_spans(examples, tokenizer, data_args.passage_max_len, data_args.passage_instruction)
+    check_spans(examples, tokenizer, data_args.passage_max_len, data_args.passage_prompt)
     # 4. the model and its trainer
     model = dual_encoder(encoder, model_args, pooling, trained_rows)
     logger.info(
@@ -166,7 +166,7 @@ def train(argv=None, gradcache: bool = True) -> str:
         str(next(encoder.parameters()).dtype).removeprefix("torch."),
         f", LoRA r={model_args.lora_r}" if model_args.lora_r > 0 else "", pooling, model_args.max_position_embeddings,
         len(examples), training_args.per_device_train_batch_size, training_args.world_size,
-        f"GradCache mini-batch {cache_args.mini_batch_size}" if gradcache else "full batch")
+        f"GradCache mini-batch {cache_args.mini_batch_size}" if gradcache else "plain step (the whole batch with autograd)")
     stop_on_signal = CheckpointOnSignal()
     trainer = build_trainer(model, tokenizer, examples, model_args, data_args, cache_args, training_args,
                             gradcache=gradcache, callback=stop_on_signal)

@@ -108,7 +108,7 @@ def saved_models(tiny_model_dir, tmp_path_factory):
     torch.manual_seed(1)
     untied = DualEncoder.untied(encoder, "cls")
     with torch.no_grad():
-        for p in untied.context_encoder.parameters():
+        for p in untied.passage_encoder.parameters():
             p.add_(0.05 * torch.randn_like(p))
     untied.save(root / "untied", tokenizer, max_seq_length=64)
     return root
@@ -116,17 +116,29 @@ def saved_models(tiny_model_dir, tmp_path_factory):
 
 def test_pooling_read_from_saved_model(saved_models):
     model, _ = load_retriever(str(saved_models / "shared"), pooling="cls")
-    assert model.pooling == "mean" and model.context_encoder is None
+    assert model.pooling == "mean" and model.passage_encoder is None
 
 
-def test_separate_query_and_context_encoders(saved_models, tmp_path):
+def test_separate_query_and_passage_encoders(saved_models, tmp_path):
     model, _ = load_retriever(str(saved_models / "untied"))
-    assert model.pooling == "cls" and model.context_encoder is not None
+    assert model.pooling == "cls" and model.passage_encoder is not None
     same, _ = load_retriever(None, str(saved_models / "untied" / "query_encoder"),
-                             str(saved_models / "untied" / "context_encoder"))
-    assert same.context_encoder is not None
+                             str(saved_models / "untied" / "passage_encoder"))
+    assert same.passage_encoder is not None
     with pytest.raises(UserError):
         load_retriever(None, str(saved_models / "untied" / "query_encoder"), None)
+    # a folder saved by earlier versions, with context_encoder/, and the flag's old spelling
+    import shutil
+    old = tmp_path / "old"
+    shutil.copytree(saved_models / "untied" / "query_encoder", old / "query_encoder")
+    shutil.copytree(saved_models / "untied" / "passage_encoder", old / "context_encoder")
+    loaded, _ = load_retriever(str(old))
+    assert loaded.paths["passage"] == str(old / "context_encoder")
+    from longcontrast.eval_arguments import ModelArguments
+    from longcontrast.cli import parser_for
+    (parsed,) = parser_for(ModelArguments).parse_args_into_dataclasses(args=["--query_encoder_path", "q",
+                                                                            "--context_encoder_path", "p"])
+    assert parsed.passage_encoder_path == "p"
 
 
 def brute_force_metrics(model, tokenizer, items, documents, config, gold_suffix=None):

@@ -76,7 +76,7 @@ def arguments(model_dir, data, out, family, *extra):
             "--disable_tqdm", "true", "--optim", "sgd", "--learning_rate", "1", "--lr_scheduler_type", "constant",
             "--weight_decay", "0", "--max_grad_norm", "0", "--dropout", "0", "--max_steps", "1",
             "--per_device_train_batch_size", "7", "--pooling", family_pooling(family),
-            "--query_instruction", "query: ", "--passage_instruction", "passage: ", *extra]
+            "--query_prompt", "query: ", "--passage_prompt", "passage: ", *extra]
 
 
 @pytest.mark.parametrize("family", LEARNED + NATIVE + DECODERS)

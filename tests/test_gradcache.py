@@ -70,7 +70,7 @@ def test_dropout_on_equals_full_batch_with_same_masks(tiny_model_dir, mini_batch
     assert out.loss.item() == pytest.approx(ref_out.loss.item(), rel=1e-6)
     assert_same(got, expected)
     if untie:
-        assert any(n.startswith("context_encoder.") for n in got)
+        assert any(n.startswith("passage_encoder.") for n in got)
 
 
 def test_whole_mini_batch_draws_the_plain_steps_masks(tiny_model_dir):

@@ -222,7 +222,7 @@ def test_adapter_and_merged_outputs_embed_alike(decoder_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", conversation_records(7))
     out = tmp_path / "out"
     assert efficient_train.main(lora_arguments(model_dir, data, out, "--merge_lora", "--learning_rate", "0.5",
-                                               "--query_instruction", QWEN3_INSTRUCTION)) == 0
+                                               "--query_prompt", QWEN3_INSTRUCTION)) == 0
     assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == model_dir

@@ -109,7 +109,7 @@ def test_untied_encoders_are_saved_apart(tiny_model_dir, tmp_path):
     encoder = DualEncoder.untied(model, pooling="mean")
     assert encoder.encoder_for("passage") is not encoder.encoder_for("query")
     encoder.save(tmp_path, tokenizer, max_seq_length=32)
-    for name in ("query_encoder", "context_encoder"):
+    for name in ("query_encoder", "passage_encoder"):
         assert (tmp_path / name / "config.json").is_file()
         assert read_pooling(tmp_path / name) == "mean"
 

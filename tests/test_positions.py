@@ -164,7 +164,7 @@ def test_positions_only_training_moves_only_the_position_table(tiny_model_dir, t
     start, _ = load_encoder(tiny_model_dir, LONG, position_init=init, dropout=0.0)
     before = start.state_dict()
     key = "embeddings.position_embeddings.weight"
-    for folder in (["query_encoder", "context_encoder"] if untie else [""]):
+    for folder in (["query_encoder", "passage_encoder"] if untie else [""]):
         after = load_file(out / folder / "model.safetensors")
         if folder != "query_encoder":  # (short, unshifted queries never read the new rows)
             assert not torch.equal(after[key][TINY_MAX_POSITIONS:], before[key][TINY_MAX_POSITIONS:])

@@ -42,13 +42,13 @@ def test_efficient_smoke_untied_with_accumulation(tiny_model_dir, tiny_train_fil
     out = tmp_path / "efficient"
     argv = common(tiny_model_dir, tiny_train_file, out, "--max_steps", "2", "--mini_batch_size", "4",
                   "--untie_encoders", "--gradient_accumulation_steps", "2", "--pooling", "mean",
-                  "--query_instruction", "query: ", "--train_sampling_strategy", "group_by_length",
+                  "--query_prompt", "query: ", "--train_sampling_strategy", "group_by_length",
                   "--mini_batch_tokens", "100")
     assert efficient_train.main(argv) == 0
-    for name in ("query_encoder", "context_encoder"):
+    for name in ("query_encoder", "passage_encoder"):
         assert (out / name / "model.safetensors").is_file()
     query = load_file(out / "query_encoder" / "model.safetensors")
-    context = load_file(out / "context_encoder" / "model.safetensors")
+    context = load_file(out / "passage_encoder" / "model.safetensors")
     assert any(not torch.equal(query[k], context[k]) for k in query)  # trained apart
     arguments = json.loads((out / "training_args.json").read_text())
     assert arguments["mini_batch_tokens"] == 100 and arguments["training"]["gradient_accumulation_steps"] == 2
@@ -146,7 +146,7 @@ def test_help(script):
     assert result.returncode == 0
     for flag in ("--per_device_train_batch_size", "--gradient_accumulation_steps", "--temperature",
                  "--max_position_embeddings", "--overwrite_output_dir", "--warmup_ratio", "--train_data",
-                 "--max_bad_steps", "--negatives_cross_device", "--resume_from_checkpoint", "--passage_instruction",
+                 "--max_bad_steps", "--negatives_cross_device", "--resume_from_checkpoint", "--passage_prompt",
                  "--trust_remote_code"):
         assert flag in result.stdout
     assert ("--mini_batch_size" in result.stdout) == (script == "efficient_train.py")
@@ -226,3 +226,12 @@ def test_every_bench_and_data_script_answers_help_and_writes_nothing(script, tmp
                           env={**os.environ, "PYTHONPATH": str(ROOT / "bench")})
     assert done.returncode == 0 and "usage" in done.stdout.lower(), done.stderr[-500:]
     assert not any(tmp_path.iterdir())
+
+
+def test_old_flag_spellings_still_work():
+    """--query_instruction / --passage_instruction are the old names of --query_prompt / --passage_prompt."""
+    from longcontrast.arguments import parse_arguments
+
+    _, data, _, _ = parse_arguments(["--query_instruction", "query: ", "--passage_instruction", "passage: ",
+                                     "--output_dir", "unused"], True)
+    assert (data.query_prompt, data.passage_prompt) == ("query: ", "passage: ")

@@ -74,7 +74,7 @@ def test_windows_cover_the_passage_once(tiny_model_dir):
     prompt = tokenizer("query: ", add_special_tokens=False)["input_ids"]
     assert owner == [0] * (len(pieces) - 1) + [1] and pieces[-1] == ids[1]
     assert all(len(p) <= 12 and p[0] == ids[0][0] and p[-1] == ids[0][-1] for p in pieces)
-    assert all(p[1: 1 + len(prompt)] == prompt for p in pieces)  # every window keeps the instruction
+    assert all(p[1: 1 + len(prompt)] == prompt for p in pieces)  # every window keeps the prompt
     body = [t for p in pieces[:-1] for t in p[1 + len(prompt): -1]]
     assert body == ids[0][1 + len(prompt): -1]  # consecutive, no overlap, nothing lost
 
