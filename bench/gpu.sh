@@ -72,6 +72,9 @@ main() {
     run $PYTHON bench/long_context.py --models "recipe=$KIT/long_model" \
       --pages "$KIT/doc2dial_pages" --lengths 256 512 1024 2048 4096 8192 --batch_size 16 --device "$DEVICE" \
       --bf16 --output "$RESULTS/long_context_gpu.json"
+    run $PYTHON evaluate.py --model_path "$KIT/long_model" --data-folder "$KIT/doc2dial_pages" --eval-dataset doc2dial \
+      --passage_max_len 8192 --passage_window 512 --late_chunking --batch_size 16 --device "$DEVICE" --precision bf16 \
+      --output_file "$RESULTS/long_pages_gpu.json"
   fi
   if ! $PYTHON -c "import peft" 2>/dev/null; then export PYTHONPATH="$KIT/python${PYTHONPATH:+:$PYTHONPATH}"; fi
   run $PYTHON bench/llm_memory.py --device "$DEVICE" --passage_len "$LENGTH" --bf16 --steps 3 \

@@ -20,11 +20,10 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, fresh_process, write_json
 
 # name -> (LoRA, activation checkpointing, GradCache mini-batch or None, batch override or None)
 CONFIGS = {
@@ -133,21 +132,18 @@ def main(argv=None) -> int:
         return 0
     rows = []
     for name in args.configs:
-        command = [sys.executable, __file__, "--child", name, *[f"--{k}={v}" for k, v in (
-            ("batch", args.batch), ("passage_len", args.passage_len), ("layers", args.layers), ("steps", args.steps),
-            ("device", args.device), ("memory_limit_gb", args.memory_limit_gb))], *(["--bf16"] if args.bf16 else [])]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode == 0:
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        elif "memory" in done.stderr.lower():  # an allocation failed outside the step (e.g. in the optimizer)
+        try:
+            rows.append(fresh_process(__file__, "--child", name, *[f"--{k}={v}" for k, v in (
+                ("batch", args.batch), ("passage_len", args.passage_len), ("layers", args.layers), ("steps", args.steps),
+                ("device", args.device), ("memory_limit_gb", args.memory_limit_gb))], *(["--bf16"] if args.bf16 else [])))
+        except RuntimeError as err:
+            if "memory" not in str(err).lower():
+                raise
+            # an allocation failed outside the step (e.g. in the optimizer)
             rows.append({"config": name, "batch": CONFIGS[name][3] or args.batch, "out_of_memory": True,
                          "limit_gb": args.memory_limit_gb})
-        else:
-            sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
         print(table(rows[-1:]).splitlines()[-1], flush=True)
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as handle:
-            json.dump({"command": " ".join(sys.argv), "rows": rows}, handle, indent=2)
+        write_json(args.output, {"command": " ".join(sys.argv), "rows": rows})
     print(table(rows))
     return 0
 

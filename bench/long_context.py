@@ -1,6 +1,5 @@
 #!/usr/bin/env python
-"""Does a model read long text? Synthetic passkey and needle retrieval from 256 to 8192 tokens,
-and Doc2Dial whole pages split by where the answer starts.
+"""Does a model read long text? Synthetic passkey and needle retrieval from 256 to 8192 tokens.
 
 Built like LongEmbed's synthetic tasks (Zhu et al. 2024), generated here offline and
 deterministically. Per length L, 100 documents of L tokens share one corpus and 50 of them are
@@ -21,10 +20,9 @@ the first 512 tokens. Ranking follows evaluate.py's rule (:mod:`longcontrast.met
 model reads identically tie, and a tie with the gold counts as a share of a hit (1 / the tied
 candidates), never as a hit.
 
-pages: ../shared/data/doc2dial/pages/dev (273 whole pages, up to ~8,900 tokens), each page read up
-to the model's limit, cut at 512 (a long model), and as the best of its 512-token windows (MaxP,
-the chunking baseline every long-context claim must beat); Recall@1/5/20 over all items and apart
-for answers starting before / from token 512 (``gold_start_token``).
+Whole Doc2Dial pages (split by where the answer starts, beside MaxP windows) are evaluate.py's:
+``python evaluate.py --model_path MODEL --data-folder ../shared/data/doc2dial/pages/dev
+--eval-dataset doc2dial --passage_max_len 8192 --passage_window 512``.
 
     python bench/long_context.py                                  # the embedded MiniLM at 512 positions
     python bench/long_context.py --models default=default long=outputs/long --lengths 256 512 1024 2048 4096
@@ -49,9 +47,6 @@ import torch
 from longcontrast import UserError
 from longcontrast.tokenization import special_tokens, tokenize
 from longcontrast.readers import read_json
-from longcontrast.evaluation import ModelResults, evaluate
-from longcontrast.retrieval_sets import ChatRAGSet
-from longcontrast.retrievers import DenseRetriever, EncodeSettings
 from longcontrast.inference import encode, load_retriever
 from longcontrast.metrics import gold_rank, per_item_metrics
 from longcontrast.modeling import DualEncoder, default_model_path, load_encoder, read_pooling
@@ -237,18 +232,6 @@ def format_tables(results: dict, lengths: list[int]) -> str:
                 cells = [" / ".join(f"{p['acc@1']:.0f} ({p['queries']})" for p in by_length[str(n)].values())
                          if str(n) in by_length else "-" for n in lengths]
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    if any("pages" in r for r in results.values()):
-        lines += ["\nDoc2Dial whole pages, Recall@1 / @5 / @20 (%)",
-                  "| model | tokens read | all | answer before 512 | answer from 512 |", "|---|---|---|---|---|"]
-        cell = lambda m: f"{m['recall@1']:.1f} / {m['recall@5']:.1f} / {m['recall@20']:.1f}"  # noqa: E731
-        for label, r in results.items():
-            scored = [(", pages cut" if key == "pages_cut" else "", r[key].get("max_len", "-"), r[key])
-                      for key in ("pages", "pages_cut") if key in r]
-            scored += [(f", MaxP over {part[5:]}-token windows", part[5:], p) for _, _, whole in scored[:1]
-                       for part, p in whole.items() if part.startswith("maxp@")]
-            for suffix, tokens, p in scored:
-                lines.append(f"| {label}{suffix} | {tokens} | "
-                             f"{cell(p)} | {cell(p['gold_start<512'])} | {cell(p['gold_start>=512'])} |")
     return "\n".join(lines)
 
 
@@ -293,19 +276,14 @@ def parse_args(argv=None):
     parser.add_argument("--untrained_inits", nargs="*", default=[], choices=POSITION_INITS,
                         help="Also the embedded MiniLM extended to --extend_to positions with each init, untrained.")
     parser.add_argument("--extend_to", type=int, default=8192)
-    parser.add_argument("--tasks", nargs="+", default=[*TASKS, "pages"], choices=[*TASKS, "pages"])
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--lengths", nargs="+", type=int, default=list(LENGTHS),
                         help="Document lengths in tokens (default: up to 4096, the CPU default; add 8192 on a GPU).")
     parser.add_argument("--num_documents", type=int, default=100)
     parser.add_argument("--num_queries", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0, help="Generation seed (names, keys, needles, depths).")
     parser.add_argument("--pages", default=os.path.join(SHARED, "pages", "dev"),
-                        help="Whole-page dev set (test.json + documents.json); also the needle haystack.")
-    parser.add_argument("--pages_max_len", type=int, default=8192, help="Page tokens read (capped at the model's limit).")
-    parser.add_argument("--pages_cut", type=int, default=512,
-                        help="A model reading more than this many tokens is also scored with pages cut there (0: not).")
-    parser.add_argument("--pages_window", type=int, default=512,
-                        help="Pages are also scored as the best of their windows of this many tokens (MaxP; 0: not).")
+                        help="Whole-page dev set whose sentences are the needle haystack.")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--bf16", action="store_true", help="Encode under bf16 autocast (GPU).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -348,23 +326,6 @@ def main(argv=None) -> int:
                                     time.perf_counter() - started)
                 done["mean"] = sum(v for k, v in done.items() if k != "mean") / len([k for k in done if k != "mean"])
                 save(results, runs, args)
-            if "pages" in args.tasks:
-                limit = row["positions"]
-                # the page-level dev set read whole, and (for a long model) cut at --pages_cut as well
-                for key, max_len in (("pages", min(args.pages_max_len, limit)), ("pages_cut", args.pages_cut)):
-                    if key in row or not max_len or (key == "pages_cut" and limit <= max_len):
-                        continue
-                    window = args.pages_window if key == "pages" and args.pages_window else None
-                    settings = EncodeSettings(query_max_len=min(256, limit), passage_max_len=max_len,
-                                              batch_size=args.batch_size, autocast=torch.bfloat16 if args.bf16 else None,
-                                              query_prompt=model.prompts.get("query", ""),
-                                              passage_prompt=model.prompts.get("document", ""), device=torch.device(args.device))
-                    retriever = DenseRetriever(model, tokenizer, settings, window=min(window, limit) if window else None)
-                    readings = evaluate(retriever, ChatRAGSet(args.pages, "doc2dial"))
-                    scored = ModelResults({"doc2dial": readings}).to_json(per_item=False)["doc2dial"]
-                    row[key] = {"max_len": max_len, **scored}
-                    logger.info("%s %s (%d tokens): Recall@1 %.2f", label, key, max_len, row[key]["recall@1"])
-                    save(results, runs, args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
-from common import DOC2DIAL as SHARED, peak_mb
+from common import DOC2DIAL as SHARED, fresh_process, peak_mb, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -142,12 +141,7 @@ def main(argv=None) -> int:
             results = {k: v for k, v in json.load(handle).items() if k not in args.rows}
     for row in args.rows:
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, __file__, "--row", row], capture_output=True, text=True)
-        if done.returncode != 0:
-            print(done.stderr[-3000:], file=sys.stderr)
-            return 1
-        results[row] = {**json.loads(done.stdout.strip().splitlines()[-1]),
-                        "wall_seconds": round(time.perf_counter() - started, 1)}
+        results[row] = {**fresh_process(__file__, "--row", row), "wall_seconds": round(time.perf_counter() - started, 1)}
         print(f"{row}: {results[row]}", file=sys.stderr)
     print("| row | what | seconds | peak RSS MB |\n|---|---|---|---|")
     for row, r in results.items():
@@ -158,9 +152,7 @@ def main(argv=None) -> int:
                 "bm25s_index_1m": f"bm25s: index of {r.get('corpus')} passages"}[row]
         seconds = r.get("seconds", r.get("mining_seconds", r.get("index_seconds")))
         print(f"| {row} | {what} | {seconds} | {r['peak_rss_mb']} |")
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as handle:
-        json.dump(results, handle, indent=2)
+    write_json(args.output, results)
     print(f"results written to {args.output}")
     return 0
 

@@ -19,11 +19,10 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 
-from common import peak_mb
+from common import fresh_process, peak_mb, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -111,10 +110,8 @@ def main(argv=None) -> int:
     rows = []
     for size in args.sizes:
         for queries in args.queries:
-            command = [sys.executable, __file__, "--row", str(size), str(queries), "--dim", str(args.dim), "--dtype",
-                       args.dtype, "--device", args.device, "--k", str(args.k)]
-            done = subprocess.run(command, capture_output=True, text=True, check=True)
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            rows.append(fresh_process(__file__, "--row", str(size), str(queries), "--dim", str(args.dim), "--dtype",
+                                      args.dtype, "--device", args.device, "--k", str(args.k)))
             print(f"{size} x {queries}: {rows[-1]['seconds']} s", file=sys.stderr)
     encoding = encoding_row(args.encode_passages, 8) if args.encode_passages else None
     print(f"top-{args.k}, {args.dim}-d {args.dtype} vectors on {args.device}")
@@ -126,9 +123,7 @@ def main(argv=None) -> int:
     if encoding:
         print(f"MiniLM encoding: {encoding['passages_per_second']} passages/s ({encoding['mean_tokens']} tokens each), "
               f"about {encoding['hours_for_1M']} h for 1M passages on this machine")
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as handle:
-        json.dump({"rows": rows, "encoding": encoding, "arguments": vars(args)}, handle, indent=2)
+    write_json(args.output, {"rows": rows, "encoding": encoding, "arguments": vars(args)})
     print(f"results written to {args.output}")
     return 0
 

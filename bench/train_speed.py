@@ -25,12 +25,10 @@ import argparse
 import json
 import os
 import random
-import subprocess
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from common import DOC2DIAL as SHARED, peak_mb
+from common import DOC2DIAL as SHARED, fresh_process, peak_mb, write_json
 
 DOC2DIAL = os.path.join(SHARED, "train_triples.jsonl")
 METHODS = ("origin", "efficient", "efficient_every_copy", "st_cached")
@@ -260,7 +258,7 @@ def main(argv=None) -> None:
         return
     if args.worker:  # one configuration, in this fresh process
         vars(args).update(json.loads(args.worker))
-        print("RESULT " + json.dumps(worker(args)), flush=True)
+        print(json.dumps(worker(args)), flush=True)
         return
     import torch
 
@@ -278,23 +276,17 @@ def main(argv=None) -> None:
             for batch_size in args.batch_sizes:
                 for method in args.methods:
                     config = {"data": data, "length": length, "batch_size": batch_size, "method": method}
-                    command = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(config),
-                               "--mini_batch_size", str(args.mini_batch_size), "--temperature", str(args.temperature),
-                               "--steps", str(args.steps), "--device", args.device, "--doc2dial", args.doc2dial,
-                               "--hard_negatives", str(args.hard_negatives)]
-                    command += ["--model", args.model] if args.model else []
-                    command += ["--tokenizer", args.tokenizer] if args.tokenizer else []
-                    command += ["--dropout", str(args.dropout)] if args.dropout is not None else []
-                    if args.attention_dropout is not None:
-                        command += ["--attention_dropout", str(args.attention_dropout)]
-                    command += ["--bf16"] if args.bf16 else []
-                    done = subprocess.run(command, capture_output=True, text=True)
-                    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-                    if done.returncode or not lines:
-                        result = {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+                    flags = {"mini_batch_size": args.mini_batch_size, "temperature": args.temperature, "steps": args.steps,
+                             "device": args.device, "doc2dial": args.doc2dial, "hard_negatives": args.hard_negatives,
+                             "model": args.model, "tokenizer": args.tokenizer, "dropout": args.dropout,
+                             "attention_dropout": args.attention_dropout}
+                    try:
+                        result = fresh_process(__file__, "--worker", json.dumps(config), *(["--bf16"] if args.bf16 else []),
+                                               *[f"--{k}={v}" for k, v in flags.items() if v is not None])
+                    except RuntimeError as err:
+                        result = {"error": str(err).strip().splitlines()[-1]}
                         print(f"| {data} | {length} | {batch_size} | | {method} | failed: {result['error']} | | | | |")
                     else:
-                        result = json.loads(lines[-1][len("RESULT "):])
                         share = f"{result['tflops'] / peak:.0%}" if peak else "-"
                         texts = f"{result['texts']:.0f}" + (f" ({result['encoded_texts']:.1f} distinct)"
                                                             if result["encoded_texts"] != result["texts"] else "")
@@ -303,10 +295,8 @@ def main(argv=None) -> None:
                               f"{result['tokens_per_step'] / result['step_seconds']:.0f} | {result['tflops']:.2f} | {share} |",
                               flush=True)
                     rows.append({**config, **result})
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as handle:
-        json.dump({"device": args.device, "mini_batch_size": args.mini_batch_size, "steps": args.steps,
-                   "matmul_tflops": peak, "rows": rows}, handle, indent=2)
+    write_json(args.output, {"device": args.device, "mini_batch_size": args.mini_batch_size, "steps": args.steps,
+                             "matmul_tflops": peak, "rows": rows})
     print_ratios(rows)
     if not args.no_plot:
         plot(rows, os.path.splitext(args.output)[0] + ".png")
