@@ -79,6 +79,7 @@ def arguments(model_dir, data, out, family, *extra):
             "--query_prompt", "query: ", "--passage_prompt", "passage: ", *extra]
 
 
+@pytest.mark.slow  # a whole training run (or several): the full suite runs it
 @pytest.mark.parametrize("family", LEARNED + NATIVE + DECODERS)
 def test_family_trains_saves_reloads_and_evaluates(family, family_dir, tmp_path):
     """One SGD step of both scripts gives the same update (GradCache parity, uneven mini-batches);

@@ -185,6 +185,7 @@ def test_gradcache_equals_the_plain_step_with_several_positives(tiny_model_dir, 
     assert update_o.norm() > 0 and ((update_e - update_o).norm() / update_o.norm()).item() <= 1e-5
 
 
+@pytest.mark.slow  # a whole training run (or several): the full suite runs it
 def test_resume_with_several_positives_is_bit_exact(tiny_model_dir, tmp_path):
     """Each query's positive is drawn by a hash of seed, epoch and query: a run resumed in its second
     epoch draws what the uninterrupted run drew."""

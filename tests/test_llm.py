@@ -194,6 +194,7 @@ def test_lora_under_two_process_ddp_equals_one_process(decoder_dir, tmp_path):
     assert ((ddp - one).norm() / one.norm()).item() <= 1e-5
 
 
+@pytest.mark.slow  # a whole training run (or several): the full suite runs it
 def test_lora_resume_is_bit_exact_and_checkpoints_hold_the_adapter_only(decoder_dir, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", conversation_records(12))
     argv = ["--max_steps", "5", "--per_device_train_batch_size", "4", "--lora_dropout", "0.1", "--optim", "adamw_torch",

@@ -90,6 +90,7 @@ def test_sigterm_writes_a_checkpoint_and_stops_then_the_rerun_finishes_the_run(t
     assert max_relative_difference(weights(out), weights(tmp_path / "reference")) <= 1e-6
 
 
+@pytest.mark.slow  # a whole training run (or several): the full suite runs it
 def test_an_interrupted_save_leaves_no_checkpoint_behind(tiny_model_dir, tiny_train_file, tmp_path, monkeypatch):
     argv = ["--max_steps", "3", "--per_device_train_batch_size", "4", "--save_strategy", "steps", "--save_steps", "1"]
     efficient_train.main(common(tiny_model_dir, tiny_train_file, tmp_path / "reference", *argv))

@@ -186,6 +186,7 @@ def test_same_seed_gives_bit_identical_weights(module, tiny_model_dir, tiny_trai
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
+@pytest.mark.slow  # a whole training run (or several): the full suite runs it
 @pytest.mark.parametrize("sampling, extra", [("random", []), ("group_by_length", []),
                                              ("random", ["--shift_positions", "--mini_batch_size", "3"])])
 def test_resume_from_checkpoint_ends_with_the_same_weights(sampling, extra, tiny_model_dir, tiny_train_file, tmp_path):
