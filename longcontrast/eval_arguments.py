@@ -82,8 +82,9 @@ class ReadingArguments:
         "compared like a model.")})
     # a list (argparse's nargs "*"): HfArgumentParser's list fields take nargs "+", which refuses the bare flag
     fuse_bm25: float | None = field(default=None, metadata={"nargs": "*", "metavar": "W", "help": (
-        "ChatRAG sets: also rank with each model fused with BM25: each document's chunks scored "
-        "(1 - W) * z(cosine) + W * z(BM25), z-scored per query; a row NAME+bm25@W per weight, compared like a "
+        "Also rank with each model fused with BM25: each candidate scored (1 - W) * z(cosine) + W * z(BM25), "
+        "z-scored per query over a document's chunks (ChatRAG) or over the union of both rankers' top 100 (BEIR; a "
+        "document one did not return takes its lowest returned score); a row NAME+bm25@W per weight, compared like a "
         f"model. Bare: W {DEFAULT_BM25_WEIGHT:g} (chosen on the Doc2Dial dev selection half, docs/evaluation.md).")})
 
 
@@ -131,8 +132,6 @@ def validate(models: ModelArguments, sets: SetArguments, readings: ReadingArgume
     readings.fuse_bm25 = tuple(dict.fromkeys(weights or [DEFAULT_BM25_WEIGHT])) if weights is not None else ()
     if any(not 0 < weight < 1 for weight in readings.fuse_bm25):
         raise UserError(f"--fuse_bm25 weights must lie strictly between 0 and 1, not {list(readings.fuse_bm25)}")
-    if readings.fuse_bm25 and sets.beir:
-        raise UserError("--fuse_bm25 fuses the scores of the ChatRAG sets' chunks (--data-folder), not of a BEIR corpus")
     for value, name in ((readings.query_max_len, "query_max_len"), (readings.passage_max_len, "passage_max_len"),
                         (run.batch_size, "batch_size"), (sets.query_turns, "query_turns"),
                         (readings.passage_window, "passage_window"),

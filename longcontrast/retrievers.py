@@ -8,7 +8,8 @@
   one pass over the passage: late chunking, ChatRAG sets only);
 - :class:`BM25Retriever`: Okapi BM25 (k1 0.9, b 0.4), statistics per group (a ChatRAG document's
   chunks, or the whole corpus);
-- :class:`Hybrid`: a dense retriever fused with BM25 (:func:`fuse`: z-scored scores, convex weights).
+- :class:`Hybrid`: a dense retriever fused with BM25 (:func:`fuse`: z-scored scores, convex weights;
+  on a corpus, over the union of both rankers' best documents).
 
 A retriever ranks a set once: ``rank`` keeps its runs per set, so hybrids reuse them.
 """
@@ -277,17 +278,44 @@ class Hybrid(Retriever):
         self.dense, self.keyword, self.weight = dense, keyword, weight
 
     def _rank(self, data) -> dict[str, Run]:
-        return {"whole": fuse(self.dense.rank(data)["whole"], self.keyword.rank(data)["whole"], weight=self.weight)}
+        return {"whole": fuse(self.dense.rank(data)["whole"], self.keyword.rank(data)["whole"], weight=self.weight,
+                              depth=data.depth)}
 
 
-def fuse(dense: Run, keyword: Run, *, weight: float) -> Run:
-    """The hybrid of a dense run and a BM25 run over the same candidates (every candidate of each
-    query's group): per query ``(1 - weight) * z(dense) + weight * z(BM25)``
-    (:func:`.search.score_fusion`); copies as the dense retriever reads them."""
-    if any(len(a) != len(b) or not torch.equal(a, b) for a, b in zip(dense.candidates, keyword.candidates)):
-        raise UserError("fusion needs both retrievers' scores of the same candidates (a ChatRAG set)")
-    scores = [score_fusion(d[None], k[None], weight=weight)[0] for d, k in zip(dense.scores, keyword.scores)]  # (C,) each
-    return Run(dense.candidates, scores, dense.copy_of)
+def fuse(dense: Run, keyword: Run, *, weight: float, depth: int | None = None) -> Run:
+    """The hybrid of a dense run and a BM25 run: per query ``(1 - weight) * z(dense) + weight * z(BM25)``
+    (:func:`.search.score_fusion`) over its candidates; copies as the dense retriever reads them.
+
+    A ChatRAG set's runs score the same candidates (every chunk of the query's document). A corpus's
+    runs are each ranker's best ``k``: the hybrid scores their union, a document one ranker did not
+    return taking that ranker's lowest returned score (Pyserini's hybrid rule: a bound it did not
+    reach; BM25 returns only documents sharing a word, so its missing ones score 0 when it returned
+    fewer than k), and keeps the best ``depth``."""
+    if depth is None:
+        if any(len(a) != len(b) or not torch.equal(a, b) for a, b in zip(dense.candidates, keyword.candidates)):
+            raise UserError("fusion needs both retrievers' scores of the same candidates (a ChatRAG set)")
+        scores = [score_fusion(d[None], k[None], weight=weight)[0] for d, k in zip(dense.scores, keyword.scores)]  # (C,)
+        return Run(dense.candidates, scores, dense.copy_of)
+    candidates, scores = [], []
+    for found, values, other, other_values in zip(dense.candidates, dense.scores, keyword.candidates, keyword.scores):
+        union = torch.cat([found, other[~torch.isin(other, found)]])  # (U,) dense's first: ties keep its order
+        fused = score_fusion(_scores_over(union, found, values, floor=None)[None],
+                             _scores_over(union, other, other_values, floor=0.0 if len(other) < depth else None)[None],
+                             weight=weight)[0]  # (U,)
+        order = torch.sort(fused, descending=True, stable=True).indices[:depth]
+        candidates.append(union[order])
+        scores.append(fused[order])
+    return Run(candidates, scores, info={"fused_candidates": "union of both rankers' top k"})
+
+
+def _scores_over(union: torch.Tensor, found: torch.Tensor, values: torch.Tensor, *, floor: float | None) -> torch.Tensor:
+    """(U,) a ranker's scores of ``union``: its own where it returned the document, else ``floor``
+    (None: its lowest returned score)."""
+    lowest = float(values.min()) if len(values) else 0.0
+    out = torch.full((len(union),), lowest if floor is None else floor, dtype=torch.float64)  # (U,)
+    position = {int(d): i for i, d in enumerate(union.tolist())}
+    out[[position[int(d)] for d in found.tolist()]] = values.double()
+    return out
 
 
 def _sha256(path: str) -> str:

@@ -7,6 +7,7 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -295,3 +296,69 @@ def test_faiss_search_gives_the_same_metrics(model_dir, tmp_path):
     assert {m: with_faiss[m] for m in BEIR_METRICS} == pytest.approx({m: built_in[m] for m in BEIR_METRICS}, abs=1e-9)
     with pytest.raises(UserError, match="does not combine with --passage_window"):
         evaluate_beir(model, tokenizer, data, EvalConfig(passage_window=16), torch.device("cpu"), use_faiss=True)
+
+
+def test_fusion_on_a_corpus_equals_z_scores_over_every_document(model_dir, tmp_path):
+    """--fuse_bm25 on a BEIR folder of fewer than 100 documents: both rankers return every document
+    they score (BM25 leaves out only those scoring 0, which the rule fills with 0), so the hybrid's
+    ranking equals a brute force over the whole corpus: sentence-transformers' cosines and bm25s's
+    scores, each standardised with scipy, fused with weights 0.6 / 0.4."""
+    bm25s = pytest.importorskip("bm25s")
+    from scipy.stats import zscore
+    from sentence_transformers import SentenceTransformer
+
+    corpus, queries, qrels = generated_set(n_docs=40, n_queries=12)
+    folder = write_beir(tmp_path / "set", corpus, queries, qrels)
+    out, run_file = tmp_path / "r.json", tmp_path / "run.trec"
+    assert evaluate.main(["--model_path", model_dir, "--beir", folder, "--fuse_bm25", "0.4", "--per_item",
+                          "--run_file", str(run_file), "--bootstrap_samples", "200", "--output_file", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == [model_dir, f"{model_dir}+bm25@0.4"]
+    passages = [(d.get("title", "") + " " + d["text"]).strip() for d in corpus]
+    encoder = SentenceTransformer(model_dir, device="cpu")
+    cosines = encoder.encode([q["text"] for q in queries], normalize_embeddings=True) @ encoder.encode(
+        passages, normalize_embeddings=True).T  # (Q, N)
+    pattern = r"(?u)\b\w+\b"
+    index = bm25s.BM25(k1=0.9, b=0.4, method="lucene", idf_method="lucene")
+    index.index(bm25s.tokenize(passages, stopwords=None, token_pattern=pattern, show_progress=False), show_progress=False)
+    keyword = np.array([index.get_scores(sorted(set(bm25s.tokenize([q["text"].lower()], stopwords=None,
+                       token_pattern=pattern, show_progress=False, return_ids=False)[0]))) for q in queries])
+    fused = 0.6 * zscore(cosines.astype(np.float64), axis=1) + 0.4 * zscore(keyword, axis=1)  # (Q, N)
+    relevant = {}
+    for q, d, grade in qrels:
+        if grade > 0:
+            relevant.setdefault(q, set()).add(d)
+    recall = []
+    for query, scores in zip(queries, fused):
+        best = max(scores)
+        tied = [corpus[i]["_id"] for i in range(len(corpus)) if scores[i] >= best - 1e-6]
+        assert len(tied) == 1  # no ties at the top: the ranking is well defined
+        recall.append(100.0 * (tied[0] in relevant.get(query["_id"], set())) / max(1, len(relevant.get(query["_id"], ()))))
+    assert results[f"{model_dir}+bm25@0.4"]["beir"]["per_item"]["recall@1"] == pytest.approx(recall)
+    assert results[f"{model_dir}+bm25@0.4"]["beir"]["per_item"]["recall@1"] != results[model_dir]["beir"]["per_item"][
+        "recall@1"]  # the fusion is not the model alone
+
+
+def test_fusion_fills_what_a_ranker_did_not_return_with_its_lowest_score():
+    """fuse on top-k runs: a document only BM25 found takes the dense run's lowest score, one only the
+    dense run found takes BM25's lowest (k returned) or 0 (fewer than k: BM25 scored it 0)."""
+    import torch
+
+    from longcontrast.results import Run
+    from longcontrast.retrievers import fuse
+
+    dense = Run([torch.tensor([0, 1, 2])], [torch.tensor([0.9, 0.5, 0.1])])
+    keyword = Run([torch.tensor([3, 0, 1])], [torch.tensor([6.0, 4.0, 2.0])])
+    got = fuse(dense, keyword, weight=0.5, depth=3)
+    union = [0, 1, 2, 3]
+    dense_scores = np.array([0.9, 0.5, 0.1, 0.1])  # 3: the dense run's lowest
+    keyword_scores = np.array([4.0, 2.0, 2.0, 6.0])  # 2: BM25 returned k = 3, so its lowest
+    from scipy.stats import zscore
+    expected = 0.5 * zscore(dense_scores) + 0.5 * zscore(keyword_scores)
+    order = np.argsort(-expected, kind="stable")[:3]
+    assert got.candidates[0].tolist() == [union[i] for i in order]
+    assert got.scores[0].numpy() == pytest.approx(expected[order])
+    fewer = Run([torch.tensor([3, 0])], [torch.tensor([6.0, 4.0])])  # fewer than k: the rest scored 0
+    got = fuse(dense, fewer, weight=0.5, depth=3)
+    expected = 0.5 * zscore(np.array([0.9, 0.5, 0.1, 0.1])) + 0.5 * zscore(np.array([4.0, 0.0, 0.0, 6.0]))
+    assert got.scores[0].numpy() == pytest.approx(np.sort(expected)[::-1][:3])
