@@ -73,7 +73,7 @@ class ReadingArguments:
         "Also score every passage longer than W tokens as the best of its consecutive W-token windows covering "
         "the whole passage, each embedded on its own (MaxP): the chunking baseline of long documents.")})
     late_chunking: bool = field(default=False, metadata={"help": (
-        "With --passage_window (ChatRAG sets): also score every passage as the best of the same W-token windows, "
+        "With --passage_window: also score every passage as the best of the same W-token windows, "
         "each the mean of its token states from ONE pass over the whole passage (late chunking, Guenther et al. "
         "2024): chunk-sized vectors that read the whole passage's context. Rows late@W.")})
     truncate_dim: list[int] | None = field(default=None, metadata={"metavar": "D", "help": (
@@ -126,8 +126,9 @@ def validate(models: ModelArguments, sets: SetArguments, readings: ReadingArgume
     tuple of distinct weights (the bare flag: the default weight)."""
     if readings.late_chunking and not readings.passage_window:
         raise UserError("--late_chunking pools the token states over --passage_window W windows: give --passage_window")
-    if readings.late_chunking and sets.beir:
-        raise UserError("--late_chunking scores the ChatRAG sets (--data-folder), not a BEIR corpus")
+    if readings.late_chunking and run.corpus_embeddings:
+        raise UserError("--late_chunking embeds the corpus in one pass with its chunks; --corpus_embeddings caches "
+                        "the whole documents only: give one of them")
     weights = readings.fuse_bm25
     readings.fuse_bm25 = tuple(dict.fromkeys(weights or [DEFAULT_BM25_WEIGHT])) if weights is not None else ()
     if any(not 0 < weight < 1 for weight in readings.fuse_bm25):

@@ -5,7 +5,7 @@
   ``passage_max_len`` tokens), ``maxp@W`` (the best of the passage's consecutive W-token windows,
   each embedded on its own, covering the whole passage: MaxP, the chunking baseline of long
   documents) and ``late@W`` (the best of the same windows, each the mean of its token states from
-  one pass over the passage: late chunking, ChatRAG sets only);
+  one pass over the passage read up to ``passage_max_len`` tokens: late chunking);
 - :class:`BM25Retriever`: Okapi BM25 (k1 0.9, b 0.4), statistics per group (a ChatRAG document's
   chunks, or the whole corpus);
 - :class:`Hybrid`: a dense retriever fused with BM25 (:func:`fuse`: z-scored scores, convex weights;
@@ -135,11 +135,7 @@ class DenseRetriever(Retriever):
         if self.window and self.late_chunking:
             # one pass over the passages gives both their whole embeddings and their late-chunked windows
             spans = window_spans(self.tokenizer, passage_ids, self.window, s.passage_prompt)
-            windows, owner, passages = self._memoized(
-                ("late", hash(tuple(map(tuple, passage_ids))), str(spans)), lambda: late_chunk_embeddings(
-                    self.model, passage_ids, spans, batch_size=s.batch_size, max_tokens=s.max_tokens,
-                    autocast=s.autocast, desc=f"{data.name} passages", texts=data.passages,
-                    pad_token_id=self.tokenizer.pad_token_id, device=s.device))
+            windows, owner, passages = self._late_chunks(data, passage_ids, spans)
             late, passages = (self._cut(windows), owner), self._cut(passages)
         else:
             passages = self._encode(passage_ids, "passage", desc=f"{data.name} passages", texts=data.passages)
@@ -161,6 +157,13 @@ class DenseRetriever(Retriever):
                 runs[f"late@{self.window}"] = _best_window_run(data, *late, queries, copy_of)
         return runs
 
+    def _late_chunks(self, data, passage_ids, spans):
+        """(R, D) late-chunked windows, (R,) their passages and (N, D) the whole passages, from one pass."""
+        s = self.settings
+        return self._memoized(("late", hash(tuple(map(tuple, passage_ids))), str(spans)), lambda: late_chunk_embeddings(
+            self.model, passage_ids, spans, batch_size=s.batch_size, max_tokens=s.max_tokens, autocast=s.autocast,
+            desc=f"{data.name} passages", texts=data.passages, pad_token_id=self.tokenizer.pad_token_id, device=s.device))
+
     def _search(self, data, query_ids) -> dict[str, Run]:
         """Every query against the whole corpus: the best ``data.depth`` passages of each reading."""
         s = self.settings
@@ -168,10 +171,19 @@ class DenseRetriever(Retriever):
             raise UserError("--faiss does not combine with --passage_window (MaxP needs the grouped search)")
         passage_ids = self._tokenize(data.passages, s.passage_max_len)
         started = time.perf_counter()
-        corpus = self._corpus_embeddings(data, passage_ids)
+        if self.window and self.late_chunking:  # one pass gives the whole documents and their late chunks
+            spans = window_spans(self.tokenizer, passage_ids, self.window, s.passage_prompt)
+            windows, owner, corpus = self._late_chunks(data, passage_ids, spans)
+            late = (self._cut(windows).to(s.embedding_dtype), torch.tensor(owner))
+            corpus = self._cut(corpus).to(s.embedding_dtype)
+        else:
+            corpus = self._corpus_embeddings(data, passage_ids)
         logger.info("encoded %d corpus texts in %.1f s", len(passage_ids), time.perf_counter() - started)
         queries = self._encode(query_ids, "query", desc="queries", texts=data.queries)
         runs = {"whole": self._top(queries, corpus, data.depth)}
+        if self.window and self.late_chunking:
+            runs[f"late@{self.window}"] = self._top(queries, late[0], data.depth, late[1])
+            runs[f"late@{self.window}"].info["windows"] = len(late[1])
         if self.window:
             full_ids = self._tokenize(data.passages, 10**9)  # every token: the windows cover the whole passage
             pieces, owner = split_windows(self.tokenizer, full_ids, self.window, s.passage_prompt)

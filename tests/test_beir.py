@@ -362,3 +362,43 @@ def test_fusion_fills_what_a_ranker_did_not_return_with_its_lowest_score():
     got = fuse(dense, fewer, weight=0.5, depth=3)
     expected = 0.5 * zscore(np.array([0.9, 0.5, 0.1, 0.1])) + 0.5 * zscore(np.array([4.0, 0.0, 0.0, 6.0]))
     assert got.scores[0].numpy() == pytest.approx(np.sort(expected)[::-1][:3])
+
+
+def test_late_chunking_on_a_corpus_ranks_documents_by_their_best_late_chunk(model_dir, tmp_path, capsys):
+    """--late_chunking --passage_window W on a BEIR folder: each document read once, whole, by
+    sentence-transformers (token embeddings), averaged over W-token windows (first from the start,
+    last to the end), the document scored as its best window; the run's best document per query is
+    that brute force's. The whole row is unchanged by the option; a corpus cache does not combine."""
+    from sentence_transformers import SentenceTransformer
+
+    corpus, queries, qrels = generated_set(n_docs=30, n_queries=10, seed=3)
+    folder = write_beir(tmp_path / "set", corpus, queries, qrels)
+    run_file = tmp_path / "run.trec"
+    common = ["--model_path", model_dir, "--beir", folder, "--passage_max_len", "64", "--bootstrap_samples", "200"]
+    assert evaluate.main([*common, "--passage_window", "12", "--late_chunking", "--per_item", "--run_file",
+                          str(run_file), "--output_file", str(tmp_path / "late.json")]) == 0
+    assert evaluate.main([*common, "--per_item", "--output_file", str(tmp_path / "whole.json")]) == 0
+    late = json.loads((tmp_path / "late.json").read_text())["results"][model_dir]["beir"]
+    whole = json.loads((tmp_path / "whole.json").read_text())["results"][model_dir]["beir"]
+    assert late["per_item"] == whole["per_item"]  # the whole reading from the late pass is the plain one
+    reference = SentenceTransformer(model_dir, device="cpu")
+    passages = [(d.get("title", "") + " " + d["text"]).strip() for d in corpus]
+    tokens = reference.encode(passages, output_value="token_embeddings", convert_to_numpy=False)  # [(L, D)]
+    query_vectors = reference.encode([q["text"] for q in queries], normalize_embeddings=True)  # (Q, D)
+    width = 12 - 2  # [CLS] and [SEP] wrap each window
+    best = []
+    for states in tokens:
+        cuts = list(range(1, len(states) - 1, width))[1:]
+        pieces = [states[a:b].mean(0) for a, b in zip([0, *cuts], [*cuts, len(states)])]
+        best.append(torch.nn.functional.normalize(torch.stack(pieces), dim=-1).numpy())  # (k, D)
+    ranked = {}
+    for line in Path(str(run_file).replace(".trec", ".late12.trec")).read_text().splitlines():
+        query, _, doc, rank, _, _ = line.split()
+        ranked.setdefault(query, []).append(doc)
+    for query, vector in zip(queries, query_vectors):
+        scores = np.array([float((w @ vector).max()) for w in best])
+        assert ranked[query["_id"]][0] == corpus[int(scores.argmax())]["_id"]
+    assert late["late@12"]["windows"] == sum(len(w) for w in best) > len(best)
+    with pytest.raises(SystemExit):
+        evaluate.main([*common, "--passage_window", "12", "--late_chunking", "--corpus_embeddings", str(tmp_path / "c.pt")])
+    assert "error: --late_chunking embeds the corpus in one pass" in capsys.readouterr().err
