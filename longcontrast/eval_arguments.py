@@ -59,8 +59,9 @@ class SetArguments:
         "Sets whose items carry gold_start_token (where the answer starts in the gold text, e.g. the whole pages of "
         "../shared/data/doc2dial/pages/dev) are also scored apart for answers starting before and from this token.")})
     page_split: bool = field(default=False, metadata={"help": (
-        "Also score the set in two halves split by page (the items' source_doc_id; each page in one half, the "
-        "halves of about equal size): choose recipes on split=selection, quote split=report.")})
+        "Also score the set in two halves split by page (the items' source_doc_id; on a BEIR folder, each query's "
+        "relevant document of smallest id; each page in one half, the halves of about equal size): choose recipes on "
+        "split=selection, quote split=report.")})
 
 
 @dataclass

@@ -10,7 +10,8 @@ its passages and the groups that say which passages a query ranks, and scores a 
 - :class:`CorpusSet` (the BEIR layout): every query ranks the whole corpus, kept in a seeded random
   order so that equal scores fall in an order that knows nothing of relevance. A query's own id
   among its results is dropped (BEIR's ``ignore_identical_ids``). BEIR's and MTEB's metrics by
-  ``pytrec_eval``: nDCG@10, Recall@1/5/10/20/100, MRR@10, MAP@100.
+  ``pytrec_eval``: nDCG@10, Recall@1/5/10/20/100, MRR@10, MAP@100; parts by half (queries split by
+  their relevant document of smallest id).
 """
 
 from __future__ import annotations
@@ -65,10 +66,15 @@ class Item:
     page: str = ""  # the page the dialogue is about (source_doc_id): what --page_split splits by
 
 def split_pages(items: list[Item]) -> dict[str, str]:
-    """Each page's half of a set split by page, for choosing on one half and reporting the other:
-    pages in the order of a hash of their name, each to the half with fewer items so far, so both
-    halves hold about as many items and no page is in both. Returns page -> "selection" | "report"."""
-    count = Counter(item.page for item in items)
+    """Each page's half of a set split by page (:func:`split_halves` of the items' pages)."""
+    return split_halves([item.page for item in items])
+
+
+def split_halves(pages: list[str]) -> dict[str, str]:
+    """Each page's half, for choosing on one half and reporting the other: pages in the order of a
+    hash of their name, each to the half with fewer items so far, so both halves hold about as many
+    items and no page is in both. ``pages``: each item's page. Returns page -> "selection" | "report"."""
+    count = Counter(pages)
     sizes, part = {"selection": 0, "report": 0}, {}
     for page in sorted(count, key=lambda name: hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest()):
         part[page] = min(sizes, key=lambda half: (sizes[half], half == "report"))
@@ -203,8 +209,9 @@ class CorpusSet:
     metric_names = BEIR_METRICS
     gold_texts = None
 
-    def __init__(self, folder: str, split: str = "test"):
+    def __init__(self, folder: str, split: str = "test", page_split: bool = False):
         self.data: BeirSet = load_beir(folder, split)
+        self.page_split = page_split
         self.name = "beir"
         order = tie_order(len(self.data.passages)).tolist()
         self.passages = [self.data.passages[i] for i in order]
@@ -224,9 +231,15 @@ class CorpusSet:
         _collapse_warning(degenerate, len(ranked), what, f"the top {DEPTH} documents")
         per_query = beir_metrics(self.data.qrels, {q: [doc for doc, _ in kept] for q, kept in zip(self.data.query_ids, ranked)})
         ids = self.data.query_ids
-        return Scored(len(ids), {m: 100 * float(np.mean(list(per_query[m].values()))) for m in BEIR_METRICS},
-                      {m: [100 * per_query[m][q] for q in ids] for m in BEIR_METRICS},
-                      info={"num_documents": len(self.doc_ids), "degenerate_queries": degenerate, **run.info})
+        values = {m: np.array([per_query[m][q] for q in ids]) for m in BEIR_METRICS}
+        result = _summary(values, list(range(len(ids))))
+        result.info = {"num_documents": len(self.doc_ids), "degenerate_queries": degenerate, **run.info}
+        if self.page_split:  # a query's "page": its relevant document of smallest id (one document, one half)
+            pages = [min(d for d, grade in self.data.qrels[q].items() if grade > 0) for q in ids]
+            half = split_halves(pages)
+            for name in ("selection", "report"):
+                result.parts[f"split={name}"] = _summary(values, [i for i, page in enumerate(pages) if half[page] == name])
+        return result
 
     def write_trec(self, run: Run, path: str) -> None:
         """The ranking (top :data:`DEPTH`) in TREC run format."""

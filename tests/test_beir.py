@@ -402,3 +402,22 @@ def test_late_chunking_on_a_corpus_ranks_documents_by_their_best_late_chunk(mode
     with pytest.raises(SystemExit):
         evaluate.main([*common, "--passage_window", "12", "--late_chunking", "--corpus_embeddings", str(tmp_path / "c.pt")])
     assert "error: --late_chunking embeds the corpus in one pass" in capsys.readouterr().err
+
+
+def test_page_split_on_a_corpus_keeps_each_documents_queries_in_one_half(tmp_path):
+    """--page_split on a BEIR folder: queries go to halves by their relevant document of smallest id, so 7
+    queries about d0 and 5 about d1 make halves of exactly 7 and 5 (a split by query would not),
+    each half's metrics the mean of its own queries' values."""
+    corpus, queries, _ = generated_set(n_docs=40, n_queries=12)
+    qrels = [(f"q{i}", "d0" if i < 7 else "d1", 1) for i in range(12)] + [("q3", "d5", 1), ("q9", "d7", 2)]
+    folder = write_beir(tmp_path / "set", corpus, queries, qrels)
+    out = tmp_path / "r.json"
+    assert evaluate.main(["--model_path", "bm25", "--beir", folder, "--page_split", "--per_item",
+                          "--output_file", str(out)]) == 0
+    result = json.loads(out.read_text())["results"]["bm25"]["beir"]
+    halves = [result[f"split={name}"] for name in ("selection", "report")]
+    assert sorted(h["num_items"] for h in halves) == [5, 7] and result["num_items"] == 12
+    for half in halves:
+        assert half["ndcg@10"] == pytest.approx(np.mean(half["per_item"]["ndcg@10"]))
+    assert sorted(halves[0]["per_item"]["ndcg@10"] + halves[1]["per_item"]["ndcg@10"]) == pytest.approx(
+        sorted(result["per_item"]["ndcg@10"]))
