@@ -84,11 +84,14 @@ ROWS = {
     "distill_n3_e1_tt0.5": {**DISTILLED, "num_hard_negatives": 3, "epochs": 1, "teacher_temperature": 0.5},
     "kd_only_n3_e1_tt0.5": {**DISTILLED, "num_hard_negatives": 3, "epochs": 1, "teacher_temperature": 0.5,
                             "contrastive_weight": 0.0},
-    # Matryoshka prefixes on the recipe's row
+    # Matryoshka prefixes on the recipe's row, and the recipe's row again with its models kept, to cut
+    # its vectors the same way (ROW@dimD): what MRL adds over truncating a model trained without it
     "mrl_n1_e2": {"negatives": "dense", "epochs": 2, "matryoshka_dims": [384, 256, 128, 64]},
+    "plain_n1_e2": {"negatives": "dense", "epochs": 2},
 }
 HALVES = ("selection", "report")
 FUSION_WEIGHTS = (0.2, 0.3, 0.4, 0.5)  # BM25's weight in each hybrid row
+TRUNCATED_DIMS = (256, 128, 64)  # every trained model is also scored on these prefixes of its vectors (ROW@dimD)
 METRICS = ("recall@1", "recall@5", "recall@20")
 
 
@@ -133,16 +136,19 @@ def negatives_file(source: str, args) -> tuple[str, float]:
     return path, json.load(open(path + ".json"))["seconds"]
 
 
-def evaluate(model: str, output_file: str) -> tuple[dict, dict[str, dict]]:
+def evaluate(model: str, output_file: str, dims: tuple[int, ...] = ()) -> tuple[dict, dict, dict]:
     """evaluate.py on the dev set, split by page, per-item values kept (float32, as every figure):
-    the model's results and, for a dense model, per BM25 weight those of its hybrid (--fuse_bm25)."""
+    the model's results, for a dense model per BM25 weight those of its hybrid (--fuse_bm25), and
+    per Matryoshka dimension D those of its vectors cut to D (--truncate_dim)."""
     weights = [] if model == "bm25" else [f"{w:g}" for w in FUSION_WEIGHTS]
     if not os.path.exists(output_file):
         run([sys.executable, "evaluate.py", "--data-folder", DEV, "--eval-dataset", "doc2dial", "--page_split",
              "--per_item", "--output_file", output_file, "--model_path", model,
-             *(["--fuse_bm25", *weights] if weights else [])], output_file + ".log")
-    rows = [row["doc2dial"] for row in json.load(open(output_file))["results"].values()]
-    return rows[0], dict(zip(weights, rows[1:]))
+             *(["--fuse_bm25", *weights] if weights else []), *(["--truncate_dim", *map(str, dims)] if dims else [])],
+            output_file + ".log")
+    rows = {name: row["doc2dial"] for name, row in json.load(open(output_file))["results"].items()}
+    return (rows[model], {w: rows[f"{model}+bm25@{w}"] for w in weights},
+            {d: rows[f"{model}@dim{d}"] for d in dims if f"{model}@dim{d}" in rows})
 
 
 def halves(scored: dict) -> dict:
@@ -176,16 +182,16 @@ def study_row(name: str, args) -> dict:
     """The row's entry: recipe, seconds and per seed the halves' results (``seeds``); for a dense
     model also per BM25 weight those of its hybrid (``fused_seeds``: weight -> seed -> halves)."""
     if name == "bm25":
-        alone, _ = evaluate("bm25", os.path.join(args.work_dir, "bm25_eval.json"))
+        alone, _, _ = evaluate("bm25", os.path.join(args.work_dir, "bm25_eval.json"))
         return {"recipe": "bm25", "seeds": {"-": halves(alone)}}
     if name == "untrained":
-        alone, fused = evaluate("default", os.path.join(args.work_dir, "untrained_eval_hybrid.json"))
+        alone, fused, _ = evaluate("default", os.path.join(args.work_dir, "untrained_eval_hybrid.json"))
         return {"recipe": "untrained", "seeds": {"-": halves(alone)},
                 "fused_seeds": {w: {"-": halves(r)} for w, r in fused.items()}}
     if name.startswith("soup:"):
         row = name.split(":", 1)[1]
         folder = soup(row, args)
-        alone, fused = evaluate(folder, folder + "_eval_hybrid.json")
+        alone, fused, _ = evaluate(folder, folder + "_eval_hybrid.json")
         return {"recipe": f"soup of {row}, seeds {args.seeds}", "seeds": {"soup": halves(alone)},
                 "fused_seeds": {w: {"soup": halves(r)} for w, r in fused.items()}}
     spec = {**BASE, **ROWS[name]}
@@ -197,7 +203,7 @@ def study_row(name: str, args) -> dict:
     if spec["pairs"]:
         data.append(cached([sys.executable, "data/make_pairs.py", "--corpus", CORPUS, "--method", spec["pairs"]],
                            f"pairs_{spec['pairs']}", args))
-    seeds, fused_seeds, train_seconds = {}, {}, {}
+    seeds, fused_seeds, truncated_seeds, train_seconds = {}, {}, {}, {}
     for seed in args.seeds:
         output_dir = os.path.join(args.work_dir, name, f"seed{seed}")
         command = [sys.executable, "efficient_train.py", "--train_data", *data, "--output_dir", output_dir,
@@ -216,12 +222,14 @@ def study_row(name: str, args) -> dict:
         else:
             os.makedirs(os.path.dirname(output_dir), exist_ok=True)
             train_seconds[seed] = round(run(command, output_dir + ".log"), 1)
-        alone, fused = evaluate(output_dir, output_dir + "_eval_hybrid.json")
+        alone, fused, truncated = evaluate(output_dir, output_dir + "_eval_hybrid.json", TRUNCATED_DIMS)
         seeds[str(seed)] = halves(alone)
         for weight, result in fused.items():
             fused_seeds.setdefault(weight, {})[str(seed)] = halves(result)
+        for dim, result in truncated.items():
+            truncated_seeds.setdefault(dim, {})[str(seed)] = halves(result)
     return {"recipe": spec, "mining_seconds": round(mining_seconds, 1), "train_seconds": train_seconds, "seeds": seeds,
-            "fused_seeds": fused_seeds}
+            "fused_seeds": fused_seeds, "truncated_seeds": truncated_seeds}
 
 
 def seed_mean(row: dict, half: str, metric: str) -> np.ndarray:
@@ -244,7 +252,9 @@ def summary(results: dict, resamples: int = 10_000) -> dict:
         # a hybrid is also compared with the untrained model's hybrid at the same weight: does training still pay?
         weight = name.partition("+bm25@")[2]
         hybrid = {"untrained hybrid": f"untrained+bm25@{weight}"} if weight else {}
-        for label, baseline in {"bm25": "bm25", "untrained": "untrained", **hybrid}.items():
+        # a prefix row (ROW@dimD) is also compared with its own models' whole vectors
+        whole = {"full width": name.partition("@dim")[0]} if "@dim" in name else {}
+        for label, baseline in {"bm25": "bm25", "untrained": "untrained", **hybrid, **whole}.items():
             if baseline in results and baseline != name:
                 for half in HALVES:
                     entry[f"{half} vs {label}"] = {
@@ -257,8 +267,9 @@ def summary(results: dict, resamples: int = 10_000) -> dict:
 def table(results: dict) -> str:
     stats = summary(results)
     lines = ["| row | seeds | selection R@1 | report R@1 | report R@5 | report R@20 | report R@1 - BM25 [95%] | "
-             "report R@1 - untrained [95%] | report R@20 - untrained [95%] | report R@1 - untrained hybrid [95%] | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "report R@1 - untrained [95%] | report R@20 - untrained [95%] | report R@1 - untrained hybrid [95%] | "
+             "report R@1 - full width [95%] | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(entry, key):
         value = entry[key]
@@ -278,6 +289,7 @@ def table(results: dict) -> str:
             cell(entry, "report recall@5"), cell(entry, "report recall@20"),
             interval(entry, "report vs bm25", "recall@1"), interval(entry, "report vs untrained", "recall@1"),
             interval(entry, "report vs untrained", "recall@20"), interval(entry, "report vs untrained hybrid", "recall@1"),
+            interval(entry, "report vs full width", "recall@1"),
             f"{np.mean(list(seconds.values())):.0f}" if seconds else "-"]) + " |")
     return "\n".join(lines)
 
@@ -316,11 +328,14 @@ def main(argv=None) -> int:
     for name in args.rows:
         print(f"row {name} ...", flush=True)
         row = study_row(name, args)
-        fused = row.pop("fused_seeds", {})
+        fused, truncated = row.pop("fused_seeds", {}), row.pop("truncated_seeds", {})
         results[name] = {**row, "bf16": args.bf16}
         for weight, seeds in fused.items():  # the same models, their scores fused with BM25's: a row each
             results[f"{name}+bm25@{weight}"] = {"recipe": f"{name} fused with BM25, weight {weight}", "seeds": seeds,
                                                 "bf16": args.bf16}
+        for dim, seeds in truncated.items():  # the same models' vectors cut to their first dim coordinates
+            results[f"{name}@dim{dim}"] = {"recipe": f"{name}, vectors cut to {dim} dimensions", "seeds": seeds,
+                                           "bf16": args.bf16}
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as handle:
             json.dump(results, handle)
