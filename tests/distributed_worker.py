@@ -25,6 +25,7 @@ from longcontrast.collator import ContrastiveCollator  # noqa: E402
 from longcontrast.records import parse_record  # noqa: E402
 from longcontrast.modeling import DualEncoder, load_encoder  # noqa: E402
 from longcontrast.loss import LossSettings  # noqa: E402
+from longcontrast.sharding import shard  # noqa: E402
 from longcontrast.step import contrastive_step  # noqa: E402
 
 PER_RANK = 3
@@ -52,6 +53,11 @@ CONFIGS = {
     # Negative control: the replays reach DDP through a wrapper, so no no_sync: one all-reduce
     # per mini-batch.
     "efficient_neg2_without_no_sync": (2, 2, False, False),
+    # FSDP2 instead of DDP (longcontrast.sharding): parameters, gradients sharded over the processes
+    "fsdp2_efficient_neg2": (2, 2, False, True),
+    "fsdp2_origin_neg2": (None, 2, False, True),
+    "fsdp2_efficient_untied_neg2": (2, 2, True, True),
+    "fsdp2_efficient_neg2_distill": (2, 2, False, True),
 }
 
 
@@ -107,12 +113,30 @@ class Passthrough(nn.Module):
         return self.inner(*args, **kwargs)
 
 
+def fsdp2_step(model, tokenizer, batch_rows: list[dict], name: str, out_dir: str) -> None:
+    """One contrastive step of the sharded model; rank 0 saves the whole gradients (gathered from
+    the shards) and how much of the parameters this process holds."""
+    mini_batch_size, negatives, _, _ = CONFIGS[name]
+    batch = collator(tokenizer, negatives, name)(batch_rows)
+    contrastive_step(model, batch, loss=loss_settings(name), pad_token_id=tokenizer.pad_token_id, device="cpu",
+                     mini_batch_size=mini_batch_size, cross_device=True)
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}  # collective
+    local = sum(p.to_local().numel() for p in model.parameters())
+    if dist.get_rank() == 0:
+        torch.save({"grads": grads, "local_share": local / sum(p.numel() for p in model.parameters())},
+                   Path(out_dir) / f"{name}.pt")
+    dist.barrier()
+
+
 def main(model_dir: str, out_dir: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     for name, (mini_batch_size, negatives, untied, ddp_sees_replays) in CONFIGS.items():
         batch_rows = rows(PER_RANK * world, name)
         model, tokenizer = build(model_dir, untied)
+        if name.startswith("fsdp2_"):
+            fsdp2_step(shard(model), tokenizer, batch_rows[rank * PER_RANK: (rank + 1) * PER_RANK], name, out_dir)
+            continue
         ddp = DistributedDataParallel(
             model, broadcast_buffers=False, bucket_cap_mb=0.01,  # several buckets on a tiny model
             find_unused_parameters=untied and mini_batch_size is not None,
