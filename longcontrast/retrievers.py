@@ -4,7 +4,8 @@
 - :class:`DenseRetriever` (a trained or any encoder): ``whole`` (the passage read up to
   ``passage_max_len`` tokens), ``maxp@W`` (the best of the passage's consecutive W-token windows,
   each embedded on its own, covering the whole passage: MaxP, the chunking baseline of long
-  documents) and ``late@W`` (the best of the same windows, each the mean of its token states from
+  documents), ``mean@W`` (the mean of the same windows' vectors: LongEmbed's chunking baseline,
+  one vector a passage) and ``late@W`` (the best of the same windows, each the mean of its token states from
   one pass over the passage read up to ``passage_max_len`` tokens: late chunking);
 - :class:`BM25Retriever`: Okapi BM25 (k1 0.9, b 0.4), statistics per group (a ChatRAG document's
   chunks, or the whole corpus);
@@ -153,6 +154,9 @@ class DenseRetriever(Retriever):
             pieces, owner = split_windows(self.tokenizer, full_ids, self.window, s.passage_prompt)
             windows = self._encode(pieces, "passage", desc=f"{data.name} windows", texts=[data.passages[i] for i in owner])
             runs[f"maxp@{self.window}"] = _best_window_run(data, windows, owner, queries, copy_of)
+            mean = mean_of_windows(windows, owner, len(data.passages))  # (N, D)
+            runs[f"mean@{self.window}"] = _group_run(data, lambda group, q: mean[group.start: group.end] @ queries[q],
+                                                     copy_of)
             if late is not None:
                 runs[f"late@{self.window}"] = _best_window_run(data, *late, queries, copy_of)
         return runs
@@ -191,6 +195,8 @@ class DenseRetriever(Retriever):
                                    out_dtype=s.embedding_dtype)
             runs[f"maxp@{self.window}"] = self._top(queries, windows, data.depth, torch.tensor(owner))
             runs[f"maxp@{self.window}"].info["windows"] = len(pieces)
+            mean = mean_of_windows(windows.float(), owner, len(data.passages)).to(s.embedding_dtype)  # (N, D)
+            runs[f"mean@{self.window}"] = self._top(queries, mean, data.depth)
         return runs
 
     def _top(self, queries, corpus, depth: int, owner=None) -> Run:
@@ -243,6 +249,14 @@ def _group_run(data, scores_of, copy_of=None) -> Run:
             scores[query] = scores_of(group, query)  # (C,)
             candidates[query] = torch.arange(group.start, group.end)
     return Run(candidates, scores, copy_of)
+
+
+def mean_of_windows(windows: torch.Tensor, owner: list[int], passages: int) -> torch.Tensor:
+    """(N, D) each passage's unit vector of the mean of its (R, D) window vectors (``owner``: (R,)
+    their passages): LongEmbed's chunking baseline, one vector a document."""
+    sums = torch.zeros(passages, windows.size(1), dtype=windows.dtype)  # (N, D)
+    sums.index_add_(0, torch.tensor(owner), windows)
+    return F.normalize(sums, dim=-1)
 
 
 def _best_window_run(data, windows: torch.Tensor, owner: list[int], queries: torch.Tensor, copy_of) -> Run:

@@ -272,17 +272,28 @@ def test_maxp_windows_equal_a_brute_force(model_dir, tmp_path):
         with torch.no_grad():
             return model(**pad([ids], tokenizer.pad_token_id), side=side)[0]
 
-    run = {}
+    run, mean_run = {}, {}
     for q, text in zip(data.query_ids, data.queries):
         query = one(tokenize(tokenizer, [text], 32, "right")[0], "query")
-        best = {}
+        best, mean = {}, {}
         for doc, passage in zip(data.doc_ids, data.passages):
             pieces, _ = split_windows(tokenizer, tokenize(tokenizer, [passage], 10**9, "right"), 16)
-            best[doc] = max(float(query @ one(p, "passage")) for p in pieces)
+            vectors = torch.stack([one(p, "passage") for p in pieces])  # (k, D)
+            best[doc] = float((vectors @ query).max())
+            mean[doc] = float(torch.nn.functional.normalize(vectors.mean(0), dim=0) @ query)  # LongEmbed's chunk mean
         run[q] = sorted(best, key=lambda d: -best[d])
+        mean_run[q] = sorted(mean, key=lambda d: -mean[d])
     expected = beir_metrics(data.qrels, run)
     for metric in BEIR_METRICS:
         assert got[metric] == pytest.approx(100 * sum(expected[metric].values()) / len(run), abs=1e-6), metric
+    from longcontrast.evaluation import evaluate as harness
+    from longcontrast.retrieval_sets import CorpusSet
+    readings = harness(config.retriever(model, tokenizer, use_faiss=False), CorpusSet(str(tmp_path / "set")))
+    expected = beir_metrics(data.qrels, mean_run)
+    for metric in BEIR_METRICS:
+        assert readings["mean@16"].metrics[metric] == pytest.approx(
+            100 * sum(expected[metric].values()) / len(mean_run), abs=1e-6), metric
+    assert readings["mean@16"].per_item != readings["maxp@16"].per_item
 
 
 def test_faiss_search_gives_the_same_metrics(model_dir, tmp_path):
