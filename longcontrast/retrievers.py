@@ -6,7 +6,7 @@
   each embedded on its own, covering the whole passage: MaxP, the chunking baseline of long
   documents), ``mean@W`` (the mean of the same windows' vectors: LongEmbed's chunking baseline,
   one vector a passage) and ``late@W`` (the best of the same windows, each the mean of its token states from
-  one pass over the passage read up to ``passage_max_len`` tokens: late chunking);
+  one pass over its ``passage_max_len``-token segment of the passage: late chunking);
 - :class:`BM25Retriever`: Okapi BM25 (k1 0.9, b 0.4), statistics per group (a ChatRAG document's
   chunks, or the whole corpus);
 - :class:`Hybrid`: a dense retriever fused with BM25 (:func:`fuse`: z-scored scores, convex weights;
@@ -135,8 +135,7 @@ class DenseRetriever(Retriever):
         late = None
         if self.window and self.late_chunking:
             # one pass over the passages gives both their whole embeddings and their late-chunked windows
-            spans = window_spans(self.tokenizer, passage_ids, self.window, s.passage_prompt)
-            windows, owner, passages = self._late_chunks(data, passage_ids, spans)
+            windows, owner, passages = self._late_chunks(data, full_ids)
             late, passages = (self._cut(windows), owner), self._cut(passages)
         else:
             passages = self._encode(passage_ids, "passage", desc=f"{data.name} passages", texts=data.passages)
@@ -161,12 +160,21 @@ class DenseRetriever(Retriever):
                 runs[f"late@{self.window}"] = _best_window_run(data, *late, queries, copy_of)
         return runs
 
-    def _late_chunks(self, data, passage_ids, spans):
-        """(R, D) late-chunked windows, (R,) their passages and (N, D) the whole passages, from one pass."""
+    def _late_chunks(self, data, full_ids):
+        """(R, D) late-chunked windows, (R,) their passages and (N, D) the whole passages (read up to
+        ``passage_max_len`` tokens), from one pass over each consecutive ``passage_max_len``-token
+        segment of every passage: the windows cover the whole passage, the first segment is the
+        whole reading."""
         s = self.settings
-        return self._memoized(("late", hash(tuple(map(tuple, passage_ids))), str(spans)), lambda: late_chunk_embeddings(
-            self.model, passage_ids, spans, batch_size=s.batch_size, max_tokens=s.max_tokens, autocast=s.autocast,
-            desc=f"{data.name} passages", texts=data.passages, pad_token_id=self.tokenizer.pad_token_id, device=s.device))
+        segments, passage_of = split_windows(self.tokenizer, full_ids, s.passage_max_len, s.passage_prompt)
+        spans = window_spans(self.tokenizer, segments, self.window, s.passage_prompt)
+        windows, segment_of, whole = self._memoized(
+            ("late", hash(tuple(map(tuple, segments))), str(spans)), lambda: late_chunk_embeddings(
+                self.model, segments, spans, batch_size=s.batch_size, max_tokens=s.max_tokens, autocast=s.autocast,
+                desc=f"{data.name} passages", texts=[data.passages[i] for i in passage_of],
+                pad_token_id=self.tokenizer.pad_token_id, device=s.device))
+        first = torch.searchsorted(torch.tensor(passage_of), torch.arange(len(full_ids)))  # (N,) each one's first segment
+        return windows, [passage_of[i] for i in segment_of], whole[first]
 
     def _search(self, data, query_ids) -> dict[str, Run]:
         """Every query against the whole corpus: the best ``data.depth`` passages of each reading."""
@@ -175,9 +183,9 @@ class DenseRetriever(Retriever):
             raise UserError("--faiss does not combine with --passage_window (MaxP needs the grouped search)")
         passage_ids = self._tokenize(data.passages, s.passage_max_len)
         started = time.perf_counter()
+        full_ids = self._tokenize(data.passages, 10**9) if self.window else None  # every token: windows cover it all
         if self.window and self.late_chunking:  # one pass gives the whole documents and their late chunks
-            spans = window_spans(self.tokenizer, passage_ids, self.window, s.passage_prompt)
-            windows, owner, corpus = self._late_chunks(data, passage_ids, spans)
+            windows, owner, corpus = self._late_chunks(data, full_ids)
             late = (self._cut(windows).to(s.embedding_dtype), torch.tensor(owner))
             corpus = self._cut(corpus).to(s.embedding_dtype)
         else:
@@ -189,7 +197,6 @@ class DenseRetriever(Retriever):
             runs[f"late@{self.window}"] = self._top(queries, late[0], data.depth, late[1])
             runs[f"late@{self.window}"].info["windows"] = len(late[1])
         if self.window:
-            full_ids = self._tokenize(data.passages, 10**9)  # every token: the windows cover the whole passage
             pieces, owner = split_windows(self.tokenizer, full_ids, self.window, s.passage_prompt)
             windows = self._encode(pieces, "passage", desc="corpus windows", texts=[data.passages[i] for i in owner],
                                    out_dtype=s.embedding_dtype)

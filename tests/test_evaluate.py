@@ -334,10 +334,11 @@ def test_passage_window_rows_and_whole_against_windows(saved_models, tmp_path, c
 
 
 def test_late_chunking_equals_mean_token_states_of_one_whole_pass(saved_models, tmp_path, capsys):
-    """late@W: each chunk read once, whole, by sentence-transformers (shares no code with the
-    evaluation), its token embeddings averaged over its W-token windows (first window from the
-    start, last to the end), the chunk scored as its best window. A chunk that fits one window
-    scores as the whole chunk; the context changes the windows (late@W != maxp@W)."""
+    """late@W: each chunk read in consecutive passage_max_len-token segments by the transformer of
+    sentence-transformers (shares no code with the evaluation), its token states averaged over
+    W-token windows of each segment (first window from the segment's start, last to its end), the
+    chunk scored as its best window. A chunk that fits one window scores as the whole chunk; the
+    context changes the windows (late@W != maxp@W)."""
     from sentence_transformers import SentenceTransformer
 
     long_docs = {"d": [" ".join(f"permit {i} fee is {j} and the office is open" for j in range(4 + i % 3))
@@ -351,28 +352,40 @@ def test_late_chunking_equals_mean_token_states_of_one_whole_pass(saved_models, 
     got = evaluate_dataset(model, tokenizer, str(tmp_path), "doc2dial", config, torch.device("cpu"))
 
     reference = SentenceTransformer(folder, device="cpu")
-    tokens = reference.encode(documents["d"], output_value="token_embeddings", convert_to_numpy=False)  # [(L, D)]
     queries = reference.encode([i.query for i in items], normalize_embeddings=True)  # (Q, D)
+    # each chunk read in consecutive 64-token segments ([CLS] + 62 text tokens + [SEP]) by the
+    # transformer inside sentence-transformers, its token states averaged over 12-token windows
+    transformer = reference[0].auto_model.eval()
     width = 12 - 2  # [CLS] and [SEP] wrap each window
     best = []
-    for states in tokens:
-        cuts = list(range(1, len(states) - 1, width))[1:]  # window starts after the first
-        pieces = [states[a:b].mean(0) for a, b in zip([0, *cuts], [*cuts, len(states)])]
-        windows = torch.nn.functional.normalize(torch.stack(pieces), dim=-1).numpy()  # (k, D)
-        best.append(windows)
+    for text in documents["d"]:
+        ids = reference.tokenizer(text)["input_ids"]
+        windows = []
+        for start in range(1, len(ids) - 1, 62):
+            segment = [ids[0], *ids[start: min(start + 62, len(ids) - 1)], ids[-1]]
+            with torch.no_grad():
+                states = transformer(input_ids=torch.tensor([segment])).last_hidden_state[0]  # (L, D)
+            cuts = list(range(1, len(states) - 1, width))[1:]  # window starts after the first
+            windows += [states[a:b].mean(0) for a, b in zip([0, *cuts], [*cuts, len(states)])]
+        best.append(torch.nn.functional.normalize(torch.stack(windows), dim=-1).numpy())  # (k, D)
     expected = []
     for index, it in enumerate(items):
         scores = np.array([float((w @ queries[index]).max()) for w in best])  # (C,)
-        expected.append(100.0 / (1 + int((scores > scores[it.gold_index] + 1e-6).sum())))
+        gold, copies = scores[it.gold_index], [documents["d"][c] == documents["d"][it.gold_index] for c in range(len(scores))]
+        higher = int(sum(s > gold + 1e-6 for s, copy in zip(scores, copies) if not copy))
+        tied = int(sum(abs(s - gold) <= 1e-6 for s, copy in zip(scores, copies) if not copy))  # broken at random
+        expected.append(100.0 * np.mean([1 / r for r in range(higher + 1, higher + tied + 2)]))
     from longcontrast.inference import late_chunk_embeddings
     from longcontrast.tokenization import window_spans
     ids = tokenize(tokenizer, documents["d"], 64, "right")
     vectors, owner, whole = late_chunk_embeddings(model, ids, window_spans(tokenizer, ids, 12), batch_size=3,
                                                   pad_token_id=tokenizer.pad_token_id, device=torch.device("cpu"))
-    assert owner == [c for c, w in enumerate(best) for _ in w]
-    assert vectors.numpy() == pytest.approx(np.concatenate(best), abs=1e-5)
+    first_segment = [len(window_spans(tokenizer, [one], 12)[0]) for one in ids]  # the windows of each first 64 tokens
+    assert owner == [c for c, count in enumerate(first_segment) for _ in range(count)]
+    assert vectors.numpy() == pytest.approx(np.concatenate([w[:n] for w, n in zip(best, first_segment)]), abs=1e-5)
     # the same pass gives the whole chunks' embeddings: the whole rows score as without late chunking
     assert whole.numpy() == pytest.approx(reference.encode(documents["d"], normalize_embeddings=True), abs=1e-5)
+    assert sum(len(w) for w in best) > len(vectors)  # some chunks run past 64 tokens: more segments
     plain = evaluate_dataset(model, tokenizer, str(tmp_path), "doc2dial",
                              EvalConfig(query_max_len=32, passage_max_len=64, batch_size=3, passage_window=12),
                              torch.device("cpu"))
@@ -387,7 +400,8 @@ def test_late_chunking_equals_mean_token_states_of_one_whole_pass(saved_models, 
     one_window = evaluate_dataset(model, tokenizer, str(tmp_path), "doc2dial",
                                   EvalConfig(query_max_len=32, passage_max_len=64, batch_size=3, passage_window=64,
                                              late_chunking=True), torch.device("cpu"))
-    for metric, values in one_window["per_item"].items():
+    # windows as long as the segments: each window is a segment read alone and mean-pooled, MaxP's own
+    for metric, values in one_window["maxp@64"]["per_item"].items():
         assert one_window["late@64"]["per_item"][metric] == pytest.approx(values, abs=1e-6), metric
 
     out = tmp_path / "r.json"
