@@ -320,19 +320,21 @@ class GradCacheTrainingArguments(ContrastiveTrainingArguments):
 
     def __post_init__(self):
         # DeepSpeed steps its engine inside every backward at the step boundary: each GradCache replay
-        # would make one optimizer step on a mini-batch's partial gradient. FSDP would all-reduce each
-        # replay's partial gradients and has no no_sync for them. Neither is the full-batch gradient.
+        # would make one optimizer step on a mini-batch's partial gradient, not the full-batch one.
+        # FSDP2's step is exact (longcontrast.sharding) but the script's sharded checkpoints and
+        # gathered saved model are not built yet.
         for flag, value, why in (
             ("--deepspeed", self.deepspeed, "DeepSpeed steps its optimizer inside each backward, and GradCache "
-                                            "runs one backward per mini-batch"),
-            ("--fsdp", self.fsdp, "FSDP reduces the gradients of each of GradCache's mini-batch backwards on its own"),
+                                            "runs one backward per mini-batch, so one contrastive batch would not get "
+                                            "its full-batch gradient"),
+            ("--fsdp", self.fsdp, "its FSDP2 step is exact (longcontrast.sharding) but sharded checkpoints and the "
+                                  "gathered saved model are not built yet"),
         ):
             if value:
                 raise ValueError(
-                    f"{flag} is not supported by efficient_train.py: {why}, so one contrastive batch would not get "
-                    "its full-batch gradient. On one GPU use --lora_r with --torch_dtype bfloat16 and "
-                    "--activation_checkpointing; on several, launch with torchrun (DDP); origin_train.py runs "
-                    f"under {flag} as the Trainer does")
+                    f"{flag} is not supported by efficient_train.py: {why}. On one GPU use --lora_r with "
+                    "--torch_dtype bfloat16 and --activation_checkpointing; on several, launch with torchrun (DDP); "
+                    f"origin_train.py runs under {flag} as the Trainer does")
         super().__post_init__()
 
 
