@@ -23,6 +23,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from conftest import conversation_records  # noqa: E402
 from longcontrast.collator import ContrastiveCollator  # noqa: E402
 from longcontrast.records import parse_record  # noqa: E402
+from longcontrast.lora import add_lora  # noqa: E402
 from longcontrast.modeling import DualEncoder, load_encoder  # noqa: E402
 from longcontrast.loss import LossSettings  # noqa: E402
 from longcontrast.sharding import shard  # noqa: E402
@@ -58,6 +59,8 @@ CONFIGS = {
     "fsdp2_origin_neg2": (None, 2, False, True),
     "fsdp2_efficient_untied_neg2": (2, 2, True, True),
     "fsdp2_efficient_neg2_distill": (2, 2, False, True),
+    "fsdp2_efficient_neg2_checkpointing": (2, 2, False, True),  # activation checkpointing inside the replays
+    "fsdp2_efficient_neg2_lora": (2, 2, False, True),  # LoRA adapters, sharded with their frozen base
 }
 
 
@@ -88,9 +91,17 @@ def collator(tokenizer, negatives: int, name: str) -> ContrastiveCollator:
     return ContrastiveCollator(tokenizer, 32, 48, negatives, max_positives=2 if name.endswith("_known") else 1)
 
 
-def build(model_dir: str, untied: bool) -> tuple[DualEncoder, object]:
+def build(model_dir: str, untied: bool, name: str = "") -> tuple[DualEncoder, object]:
+    """The tiny model of a configuration; ``*_lora``: LoRA adapters (r 4) on it, B initialised
+    away from zero so that every adapter weight has a gradient."""
     torch.manual_seed(0)
     encoder, tokenizer = load_encoder(model_dir, 128, "copy", dropout=0.0)
+    if name.endswith("_lora"):
+        encoder = add_lora(encoder, base_path=model_dir, r=4, alpha=8, dropout=0.0)
+        with torch.no_grad():
+            for parameter_name, parameter in encoder.named_parameters():
+                if "lora_B" in parameter_name:
+                    parameter.normal_(std=0.1)
     return (DualEncoder.untied(encoder, "cls") if untied else DualEncoder(encoder, "cls")), tokenizer
 
 
@@ -133,8 +144,10 @@ def main(model_dir: str, out_dir: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     for name, (mini_batch_size, negatives, untied, ddp_sees_replays) in CONFIGS.items():
         batch_rows = rows(PER_RANK * world, name)
-        model, tokenizer = build(model_dir, untied)
+        model, tokenizer = build(model_dir, untied, name)
         if name.startswith("fsdp2_"):
+            if name.endswith("_checkpointing"):
+                model.activation_checkpointing_enable()
             fsdp2_step(shard(model), tokenizer, batch_rows[rank * PER_RANK: (rank + 1) * PER_RANK], name, out_dir)
             continue
         ddp = DistributedDataParallel(

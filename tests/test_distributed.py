@@ -36,7 +36,7 @@ def relative_error(grads: dict, reference: dict) -> float:
 def test_two_processes_give_the_gradient_of_the_concatenated_batch(name, worker_results, tiny_model_dir):
     """Batch B per process with cross-device negatives == one process with the batch 2B."""
     mini_batch_size, negatives, untied, _ = worker.CONFIGS[name]
-    model, tokenizer = worker.build(tiny_model_dir, untied)
+    model, tokenizer = worker.build(tiny_model_dir, untied, name)
     batch = worker.shifted(worker.collator(tokenizer, negatives, name)(worker.rows(worker.PER_RANK * WORLD, name)), name)
     contrastive_step(model, batch, loss=worker.loss_settings(name), pad_token_id=tokenizer.pad_token_id, device="cpu",
                      mini_batch_size=mini_batch_size)
