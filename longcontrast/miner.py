@@ -11,7 +11,6 @@ import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,7 +19,7 @@ from . import UserError
 from .inference import PRECISIONS, autocast_dtype, encode, load_retriever, prompts_for
 from .mining import SCORERS, MiningConfig, mine
 from .positions import token_positions
-from .readers import iter_records, read_corpus
+from .readers import check_output, iter_records, read_corpus
 from .records import normalised, parse_record, record_format
 from .tokenization import tokenize
 
@@ -81,11 +80,7 @@ def validate(args: MiningArguments) -> None:
         raise UserError(f"--max_score_ratio must be in (0, 1], got {args.max_score_ratio}")
     if args.per_document and not args.corpus:
         raise UserError("--per_document needs --corpus (a documents.json)")
-    output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        raise UserError(f"--output {output} exists; choose another file or pass --overwrite")
-    if any(Path(name).exists() and output.resolve() == Path(name).resolve() for name in args.input):
-        raise UserError(f"--output {output} is one of the input files")
+    check_output(args.output, args.input, overwrite=args.overwrite)
 
 
 @dataclass

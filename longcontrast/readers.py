@@ -252,3 +252,13 @@ def read_corpus(path: str) -> dict[str, list[str]] | list[str]:
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: cannot read ({err})") from err
     return [line for line in lines if line.strip()]
+
+
+def check_output(output: str, inputs: list[str], *, overwrite: bool) -> None:
+    """A data script's ``--output`` file: refused when it exists (without ``overwrite``) or is one
+    of its ``inputs`` (reading and writing one file would lose the data)."""
+    path = Path(output)
+    if path.exists() and not overwrite:
+        raise UserError(f"--output {path} exists; choose another file or pass --overwrite")
+    if any(Path(name).exists() and path.resolve() == Path(name).resolve() for name in inputs):
+        raise UserError(f"--output {path} is one of the input files")

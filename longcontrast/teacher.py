@@ -10,7 +10,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,7 +18,7 @@ from . import UserError
 from .bm25 import BM25
 from .inference import PRECISIONS, autocast_dtype, encode, load_retriever, prompts_for
 from .positions import token_positions
-from .readers import iter_records, read_corpus
+from .readers import check_output, iter_records, read_corpus
 from .records import normalised, parse_record, record_format
 from .search import score_fusion
 from .tokenization import tokenize
@@ -73,11 +72,7 @@ def validate(args: TeacherArguments) -> None:
     for name in ("query_turns", "query_max_len", "passage_max_len", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1")
-    output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        raise UserError(f"--output {output} exists; choose another file or pass --overwrite")
-    if any(Path(name).exists() and output.resolve() == Path(name).resolve() for name in args.input):
-        raise UserError(f"--output {output} is one of the input files")
+    check_output(args.output, args.input, overwrite=args.overwrite)
 
 
 @dataclass
