@@ -58,10 +58,11 @@ DEV = os.path.join(SHARED, "dev")
 BASE = {"negatives": "shared", "num_hard_negatives": 1, "batch": 16, "epochs": 1, "temperature": 0.05, "lr": 2e-5,
         "pairs": None, "teacher": None, "distill_weight": 0.0, "contrastive_weight": 1.0, "teacher_temperature": 1.0,
         "matryoshka_dims": None}
-# teacher -> data/score_with_teacher.py's flags: "hybrid" is the untrained model fused with BM25 at the
-# deployed weight, over each record's own document (the hybrid the recipe deploys, before training)
-TEACHERS = {"hybrid": ["--model_name_or_path", "default", "--fuse_bm25", "0.3", "--corpus", CORPUS, "--per_document"]}
+# teacher -> (its dense model: "default" or a row whose first seed's model it is, BM25's weight): the model fused
+# with BM25 over each record's own document, z-scored over the document's chunks, as the recipe deploys it
+TEACHERS = {"hybrid": ("default", 0.3), "trained_hybrid": ("plain_n1_e2", 0.3)}
 DISTILLED = {"negatives": "dense", "epochs": 2, "teacher": "hybrid", "distill_weight": 1.0}
+TRAINED_TEACHER = {**DISTILLED, "teacher": "trained_hybrid", "epochs": 1, "teacher_temperature": 0.5}
 ROWS = {
     "bm25": None,
     "untrained": None,
@@ -84,6 +85,10 @@ ROWS = {
     "distill_n3_e1_tt0.5": {**DISTILLED, "num_hard_negatives": 3, "epochs": 1, "teacher_temperature": 0.5},
     "kd_only_n3_e1_tt0.5": {**DISTILLED, "num_hard_negatives": 3, "epochs": 1, "teacher_temperature": 0.5,
                             "contrastive_weight": 0.0},
+    # ... and from the recipe's trained model fused with BM25 (the deployed hybrid, R@1 +7 over the model alone)
+    "distill_trained_n3_e1": {**TRAINED_TEACHER, "num_hard_negatives": 3},
+    "distill_trained_n7_e1": {**TRAINED_TEACHER, "num_hard_negatives": 7},
+    "kd_only_trained_n7_e1": {**TRAINED_TEACHER, "num_hard_negatives": 7, "contrastive_weight": 0.0},
     # Matryoshka prefixes on the recipe's row, and the recipe's row again with its models kept, to cut
     # its vectors the same way (ROW@dimD): what MRL adds over truncating a model trained without it
     "mrl_n1_e2": {"negatives": "dense", "epochs": 2, "matryoshka_dims": [384, 256, 128, 64]},
@@ -197,8 +202,14 @@ def study_row(name: str, args) -> dict:
     spec = {**BASE, **ROWS[name]}
     train_file, mining_seconds = negatives_file(spec["negatives"], args)
     if spec["teacher"]:
-        train_file = cached([sys.executable, "data/score_with_teacher.py", "--input", train_file,
-                             *TEACHERS[spec["teacher"]]], f"scored_{spec['negatives']}_{spec['teacher']}", args)
+        teacher, weight = TEACHERS[spec["teacher"]]
+        if teacher != "default":
+            teacher = os.path.join(args.work_dir, teacher, f"seed{args.seeds[0]}")
+            if not os.path.isfile(os.path.join(teacher, "training_args.json")):
+                sys.exit(f"row {TEACHERS[spec['teacher']][0]} must run before {name}: its model is the teacher")
+        train_file = cached([sys.executable, "data/score_with_teacher.py", "--input", train_file, "--model_name_or_path",
+                             teacher, "--fuse_bm25", str(weight), "--corpus", CORPUS, "--per_document",
+                             *args.precision_flags], f"scored_{spec['negatives']}_{spec['teacher']}", args)
     data = [train_file]
     if spec["pairs"]:
         data.append(cached([sys.executable, "data/make_pairs.py", "--corpus", CORPUS, "--method", spec["pairs"]],

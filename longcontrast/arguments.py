@@ -17,6 +17,7 @@ from .cli import one_line_errors
 from .loss import DISTILL_LOSSES, LossSettings
 from .modeling import POOLING_MODES
 from .positions import POSITION_INITS
+from .sharding import settings_from_flags
 
 DEFAULT_MAX_POSITIONS = 8192
 # The Trainer's flags that cannot do here what they say, and why: refused at start-up, hidden from --help.
@@ -294,11 +295,31 @@ class ContrastiveTrainingArguments(TrainingArguments):
         default=3, metadata={"help": "A step whose loss or gradient is NaN or inf is skipped (the parameters and "
                              "optimizer state stay as they were; with --fp16 the loss scaler skips it instead); "
                              "this many in a row stop the run with an error instead of saving a broken model."})
+    fsdp: str | None = field(
+        default=None, metadata={"nargs": "?", "const": "full_shard", "help": (
+            "Shard parameters, gradients and optimizer states over the processes with FSDP2 (fully_shard, one unit "
+            "per transformer block), for a model too large to hold whole on every GPU; launch with torchrun. "
+            "full_shard (the bare flag) frees each block's gathered parameters after its forward, shard_grad_op keeps "
+            "them until its backward. Checkpoints are sharded (torch.distributed.checkpoint); the saved model is "
+            "gathered, as without it.")})
+    fsdp_config: str | None = field(
+        default=None, metadata={"help": "A JSON file (or dict) for --fsdp: version (2) and reshard_after_forward."})
 
     def __post_init__(self):
         for flag, (given, why) in REFUSED_TRAINER_FLAGS.items():
             if given(self):
                 raise ValueError(f"--{flag} is not supported: {why}")
+        # FSDP2 is applied by longcontrast.sharding, not by Accelerate (which shards on GPUs only and
+        # would, on CPUs, silently replicate the model instead)
+        self.sharding = None
+        if self.fsdp:
+            if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+                raise ValueError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node N "
+                                 "(N >= 2)")
+            if self.deepspeed:
+                raise ValueError("--fsdp and --deepspeed both shard the model: give one")
+            self.sharding = settings_from_flags(self.fsdp, self.fsdp_config, bf16=bool(self.bf16))
+        self.fsdp, self.fsdp_config = None, None
         if self.output_dir is None:
             self.output_dir = os.path.join("outputs", time.strftime("run-%Y%m%d-%H%M%S"))
         if self.warmup_ratio is not None:
@@ -321,20 +342,12 @@ class GradCacheTrainingArguments(ContrastiveTrainingArguments):
     def __post_init__(self):
         # DeepSpeed steps its engine inside every backward at the step boundary: each GradCache replay
         # would make one optimizer step on a mini-batch's partial gradient, not the full-batch one.
-        # FSDP2's step is exact (longcontrast.sharding) but the script's sharded checkpoints and
-        # gathered saved model are not built yet.
-        for flag, value, why in (
-            ("--deepspeed", self.deepspeed, "DeepSpeed steps its optimizer inside each backward, and GradCache "
-                                            "runs one backward per mini-batch, so one contrastive batch would not get "
-                                            "its full-batch gradient"),
-            ("--fsdp", self.fsdp, "its FSDP2 step is exact (longcontrast.sharding) but sharded checkpoints and the "
-                                  "gathered saved model are not built yet"),
-        ):
-            if value:
-                raise ValueError(
-                    f"{flag} is not supported by efficient_train.py: {why}. On one GPU use --lora_r with "
-                    "--torch_dtype bfloat16 and --activation_checkpointing; on several, launch with torchrun (DDP); "
-                    f"origin_train.py runs under {flag} as the Trainer does")
+        if self.deepspeed:
+            raise ValueError(
+                "--deepspeed is not supported by efficient_train.py: DeepSpeed steps its optimizer inside each "
+                "backward, and GradCache runs one backward per mini-batch, so one contrastive batch would not get its "
+                "full-batch gradient. To shard a model too large for one GPU, use --fsdp (FSDP2, exact with GradCache); "
+                "on one GPU, --lora_r with --torch_dtype bfloat16 and --activation_checkpointing")
         super().__post_init__()
 
 

@@ -25,6 +25,35 @@ CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 # Written by training.train after the final model: its presence marks a finished run.
 FINISHED_MARKER = "training_args.json"
+# --fsdp: the model and optimizer states, each process's shards (torch.distributed.checkpoint), and the scheduler's
+SHARDED = "sharded"
+SCHEDULER = "scheduler.pt"
+
+
+def save_sharded(folder: str, model, optimizer) -> None:
+    """Model and optimizer states of an FSDP2 model as each process holds them (a collective):
+    ``torch.distributed.checkpoint`` files that any number of processes can load again."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, unwrapped(optimizer))
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=folder)
+
+
+def load_sharded(folder: str, model, optimizer) -> None:
+    """Load what :func:`save_sharded` wrote into the sharded model and its optimizer (a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, unwrapped(optimizer))
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=folder)
+    set_state_dict(model, unwrapped(optimizer), model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def unwrapped(optimizer):
+    """The torch optimizer inside Accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def checkpoint_step(folder: str | os.PathLike) -> int | None:

@@ -38,14 +38,15 @@ class TeacherArguments:
         "help": "A bi-encoder (any embedding model folder; 'default': the embedded all-MiniLM-L6-v2): the cosine of "
                 "query and passage."})
     fuse_bm25: float | None = field(default=None, metadata={
-        "help": "With --model_name_or_path: the hybrid (1 - W) z(cosine) + W z(BM25), z-scored over each record's "
-                "passages, as evaluate.py --fuse_bm25 deploys it."})
+        "help": "With --model_name_or_path: the hybrid (1 - W) z(cosine) + W z(BM25), as evaluate.py --fuse_bm25 "
+                "deploys it: z-scored over each record's passages, or with --per_document over its document's chunks."})
     corpus: str | None = field(default=None, metadata={
         "help": "BM25's statistics: a ChatRAG documents.json, a JSON list, .jsonl or .txt of passages. Default: every "
                 "passage of the input."})
     per_document: bool = field(default=False, metadata={
-        "help": "BM25's statistics from each record's own document ('document' field; a documents.json --corpus), "
-                "as the evaluation's hybrid ranks a document's chunks."})
+        "help": "Score each record against its own document ('document' field; a documents.json --corpus) as the "
+                "evaluation's hybrid ranks a document's chunks: BM25's statistics and the z-scores over the document's "
+                "chunks and its records' passages, so a score says how the passage stands in the whole document."})
     query_turns: int = field(default=5, metadata={"help": "A conversation query keeps its last N turns."})
     query_max_len: int = field(default=256, metadata={"help": "Max query tokens (bi-encoder)."})
     passage_max_len: int = field(default=512, metadata={"help": "Max passage tokens (bi-encoder; the cross-encoder "
@@ -119,8 +120,41 @@ def cross_encoder_scores(args: TeacherArguments, data: Scored, device) -> list[n
     return np.split(flat, np.cumsum([len(p) for p in data.passages])[:-1])
 
 
-def dense_scores(args: TeacherArguments, data: Scored, device) -> list[np.ndarray]:
-    """Each record's (C,) cosines of the bi-encoder, every distinct text encoded once."""
+@dataclass
+class Populations:
+    """What each record's scores are computed over: its group's texts (``texts[group_of[r]]``) and the
+    rows of its own passages among them. With ``--per_document`` a group is a document's chunks plus
+    its records' passages (the hybrid is z-scored over all of them, as the evaluation ranks a
+    document); otherwise each record is its own group, its passages."""
+
+    texts: dict[str, list[str]]
+    group_of: list[str]
+    rows: list[np.ndarray]
+
+
+def populations(args: TeacherArguments, data: Scored) -> Populations:
+    if not args.per_document:
+        names = [str(r) for r in range(len(data.records))]
+        return Populations(dict(zip(names, data.passages)), names, [np.arange(len(p)) for p in data.passages])
+    corpus = read_corpus(args.corpus)
+    if not isinstance(corpus, dict):
+        raise UserError(f"--per_document needs a documents.json corpus ({{document: [chunk, ...]}}), not {args.corpus}")
+    missing = sorted({d for d in data.documents if d not in corpus})
+    if missing:
+        raise UserError(f"documents {missing[:5]} of the records are not in {args.corpus}")
+    index: dict[str, dict[str, tuple[int, str]]] = {}  # document -> normalised text -> (row, text)
+    for document in dict.fromkeys(data.documents):
+        texts = index.setdefault(document, {})
+        members = [r for r, d in enumerate(data.documents) if d == document]
+        for text in [*corpus[document], *(t for r in members for t in data.passages[r])]:
+            texts.setdefault(normalised(text), (len(texts), text))
+    rows = [np.array([index[d][normalised(t)][0] for t in passages]) for d, passages in zip(data.documents, data.passages)]
+    return Populations({d: [text for _, text in sorted(texts.values())] for d, texts in index.items()},
+                       list(data.documents), rows)
+
+
+def dense_scores(args: TeacherArguments, data: Scored, groups: Populations, device) -> list[np.ndarray]:
+    """Each record's cosines of the bi-encoder with its group's texts, every distinct text encoded once."""
     path = None if args.model_name_or_path == "default" else args.model_name_or_path
     model, tokenizer = load_retriever(path, trust_remote_code=args.trust_remote_code)
     model.to(device)
@@ -130,8 +164,8 @@ def dense_scores(args: TeacherArguments, data: Scored, device) -> list[np.ndarra
                 "pad_token_id": tokenizer.pad_token_id, "device": device, "autocast": autocast_dtype(args.precision, device)}
     index: dict[str, int] = {}  # each distinct text (whitespace-normalised) once
     texts = []
-    for passages in data.passages:
-        for text in passages:
+    for group in groups.texts.values():
+        for text in group:
             if normalised(text) not in index:
                 index[normalised(text)] = len(texts)
                 texts.append(text)
@@ -139,39 +173,33 @@ def dense_scores(args: TeacherArguments, data: Scored, device) -> list[np.ndarra
     passages = encode(model, passage_ids, "passage", desc="passages", **batching)  # (T, D)
     query_ids = tokenize(tokenizer, data.queries, min(args.query_max_len, positions), "left", prompts["query"])
     queries = encode(model, query_ids, "query", desc="queries", **batching)  # (Q, D)
-    return [(passages[[index[normalised(t)] for t in texts_of]] @ queries[q]).double().numpy()
-            for q, texts_of in enumerate(data.passages)]
+    rows = {name: torch.tensor([index[normalised(t)] for t in group]) for name, group in groups.texts.items()}
+    return [(passages[rows[name]] @ queries[q]).double().numpy() for q, name in enumerate(groups.group_of)]
 
 
-def bm25_scores(args: TeacherArguments, data: Scored) -> list[np.ndarray]:
-    """Each record's (C,) BM25 scores, with the statistics of its group: its document's chunks
-    (``--per_document``), the corpus, or every passage of the input; the passages of the group's
-    records are added to its texts where they are not already there."""
-    corpus = read_corpus(args.corpus) if args.corpus else None
+def bm25_scores(args: TeacherArguments, data: Scored, groups: Populations) -> list[np.ndarray]:
+    """Each record's BM25 scores of its group's texts, with the statistics of its document's chunks
+    and records' passages (``--per_document``), or of the corpus (or every passage of the input) and
+    the passages."""
     if args.per_document:
-        if not isinstance(corpus, dict):
-            raise UserError(f"--per_document needs a documents.json corpus ({{document: [chunk, ...]}}), not {args.corpus}")
-        missing = sorted({d for d in data.documents if d not in corpus})
-        if missing:
-            raise UserError(f"documents {missing[:5]} of the records are not in {args.corpus}")
-        groups = {name: list(chunks) for name, chunks in corpus.items()}
-        group_of = list(data.documents)
+        statistics = dict(groups.texts)
+        owner = {name: name for name in groups.texts}
     else:
+        corpus = read_corpus(args.corpus) if args.corpus else None
         base = [] if corpus is None else [t for chunks in corpus.values() for t in chunks] if isinstance(corpus, dict) \
             else list(corpus)
-        groups, group_of = {"": base}, [""] * len(data.records)
+        statistics, owner = {"": [*base, *(t for texts in groups.texts.values() for t in texts)]}, \
+            {name: "" for name in groups.texts}
     scores: list[np.ndarray | None] = [None] * len(data.records)
-    for name, texts in groups.items():
-        members = [r for r, g in enumerate(group_of) if g == name]
-        if not members:
-            continue
+    for name, texts in statistics.items():
+        members = [r for r, g in enumerate(groups.group_of) if owner[g] == name]
         index = {}
-        for text in [*texts, *(t for r in members for t in data.passages[r])]:
+        for text in texts:
             index.setdefault(normalised(text), (len(index), text))
         bm25 = BM25([text for _, text in sorted(index.values())])
         matrix = bm25.query_matrix([data.queries[r] for r in members])
         for row, r in enumerate(members):
-            rows = np.array([index[normalised(t)][0] for t in data.passages[r]])
+            rows = np.array([index[normalised(t)][0] for t in groups.texts[groups.group_of[r]]])
             scores[r] = bm25.scores(matrix[row], rows).double().numpy().reshape(-1)
     return scores
 
@@ -199,12 +227,14 @@ def run(args: TeacherArguments) -> dict:
     if args.cross_encoder:
         scores, teacher = cross_encoder_scores(args, data, device), f"cross-encoder {args.cross_encoder}"
     else:
-        scores, teacher = dense_scores(args, data, device), f"bi-encoder {args.model_name_or_path}"
+        groups = populations(args, data)
+        scores, teacher = dense_scores(args, data, groups, device), f"bi-encoder {args.model_name_or_path}"
         if args.fuse_bm25 is not None:
-            keyword = bm25_scores(args, data)
+            keyword = bm25_scores(args, data, groups)
             scores = [score_fusion(torch.from_numpy(d)[None], torch.from_numpy(k)[None], weight=args.fuse_bm25)[0].numpy()
                       for d, k in zip(scores, keyword)]
             teacher += f" fused with BM25 (weight {args.fuse_bm25:g})"
+        scores = [s[rows] for s, rows in zip(scores, groups.rows)]  # each record's own passages
     bad = next((i for i, s in enumerate(scores) if not np.isfinite(s).all()), None)
     if bad is not None:
         raise UserError(f"the teacher gave a non-finite score to record {bad + 1}; nothing was written")

@@ -31,8 +31,21 @@ class ContrastiveTrainer(Trainer):
 
     def __init__(self, *args, loss: LossSettings, mini_batch_size: int | None = None,
                  mini_batch_tokens: int | None = None, deduplicate_texts: bool = True,
-                 negatives_cross_device: bool = False, checkpoint_trainable_only: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
+                 negatives_cross_device: bool = False, checkpoint_trainable_only: bool = False, sharded: bool = False,
+                 **kwargs):
+        # A model sharded with FSDP2 before the Trainer sees it (--fsdp: longcontrast.sharding) is one the
+        # Trainer knows as "sharded at load time": not wrapped in DDP, not moved. The Trainer refuses
+        # checkpoints of such a model, whose optimizer state it cannot write; this class writes model
+        # and optimizer states together, sharded (torch.distributed.checkpoint).
+        self.sharded = sharded
+        if sharded:
+            kwargs["model"].is_distributed_loading_by_transformers = True
+            save_only_model, kwargs["args"].save_only_model = kwargs["args"].save_only_model, True
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if sharded:
+                self.args.save_only_model = save_only_model
         # LoRA: checkpoints hold the trained parameters only (the frozen base is the model folder's)
         self.checkpoint_trainable_only = checkpoint_trainable_only
         self.loss = loss
@@ -76,7 +89,7 @@ class ContrastiveTrainer(Trainer):
         bad_loss, self._non_finite_loss = self._non_finite_loss, False
         if self.args.fp16:
             return
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        grads = [local(p.grad) for p in model.parameters() if p.grad is not None]  # this process's shards
         bad_grad = bool(grads) and not torch.stack([g.isfinite().all() for g in grads]).all().item()
         # All processes skip together, or their weights would drift apart.
         bad_loss, bad_grad = any_process([bad_loss, bad_grad], self.args.device)
@@ -125,6 +138,34 @@ class ContrastiveTrainer(Trainer):
             checkpoints.rotate(self.args.output_dir, self.args.save_total_limit, keep=final)
         self.accelerator.wait_for_everyone()
 
+    # --fsdp: model and optimizer in one sharded checkpoint, each process writing and reading its shards
+    @contextlib.contextmanager
+    def _defer_fsdp_gradient_reduction(self):
+        yield  # gradients reduce-scatter at every backward and stay sharded (see longcontrast.sharding)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if self.sharded and _internal_call:
+            return  # a checkpoint's weights are in its sharded state (_save_optimizer_and_scheduler)
+        super().save_model(output_dir, _internal_call)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.sharded:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        checkpoints.save_sharded(os.path.join(output_dir, checkpoints.SHARDED), self.model, self.optimizer)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, checkpoints.SCHEDULER))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if not self.sharded:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # sharded: the weights come with the optimizer state (_load_optimizer_and_scheduler)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if not self.sharded or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        checkpoints.load_sharded(os.path.join(checkpoint, checkpoints.SHARDED), self.model, self.optimizer)
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, checkpoints.SCHEDULER), weights_only=True))
+
     def _trained_names(self) -> set[str]:
         return {name for name, p in self.accelerator.unwrap_model(self.model).named_parameters() if p.requires_grad}
 
@@ -148,6 +189,13 @@ class ContrastiveTrainer(Trainer):
             logs.update({f"{name}_loss": round(total / self._accuracy_count, 4) for name, total in self._part_sums.items()})
             self._accuracy_sum, self._accuracy_count, self._part_sums = 0.0, 0, {}
         super().log(logs, start_time)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a tensor: its shard of a DTensor (FSDP2), else the tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 class TrainingStopped(Exception):

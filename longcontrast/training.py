@@ -22,6 +22,7 @@ from .lora import add_lora, merge
 from .modeling import DualEncoder, default_model_path, load_encoder, prepare_tokenizer, read_pooling
 from .positions import freeze_rows, position_table, token_positions, unchanged_rows
 from .records import load_examples
+from .sharding import gathered_state_dict, shard
 from .trainer import CheckpointOnSignal, CollatorEpoch, ContrastiveTrainer, TrainingStopped
 from .validation import check_against_model, check_flags
 
@@ -101,6 +102,7 @@ def build_trainer(model, tokenizer, examples, model_args, data_args, cache_args,
         deduplicate_texts=cache_args.deduplicate_texts if gradcache else False,
         negatives_cross_device=model_args.negatives_cross_device and training_args.world_size > 1,
         checkpoint_trainable_only=model_args.lora_r > 0, callbacks=[callback, CollatorEpoch(collator)],
+        sharded=training_args.sharding is not None,
     )
     if training_args.world_size > 1:
         # The same seed everywhere up to here (the model); dropout must differ per process. The
@@ -126,6 +128,7 @@ def save_run(trainer, model, tokenizer, model_args, data_args, cache_args, train
         "pooling": pooling,
         "world_size": training_args.world_size,
         "global_batch_size": training_args.per_device_train_batch_size * training_args.world_size,
+        "fsdp": dataclasses.asdict(training_args.sharding) if training_args.sharding else None,
         "training": training_args.to_dict(),
     }
     with open(os.path.join(output_dir, "loss_log.jsonl"), "w") as handle:
@@ -158,8 +161,10 @@ def train(argv=None, gradcache: bool = True) -> str:
                         examples=examples, pooling=pooling,
                         lora=model_args.lora_r > 0)
     check_spans(examples, tokenizer, data_args.passage_max_len, data_args.passage_prompt)
-    # 4. the model and its trainer
+    # 4. the model (sharded with --fsdp) and its trainer
     model = dual_encoder(encoder, model_args, pooling, trained_rows)
+    if training_args.sharding:
+        shard(model, **training_args.sharding.fully_shard_kwargs())
     logger.info(
         "%s: %s (%s weights%s), pooling %s, %d positions, %d examples, contrastive batch %d x %d device(s), %s",
         "efficient_train" if gradcache else "origin_train", model_args.model_name_or_path,
@@ -180,7 +185,12 @@ def train(argv=None, gradcache: bool = True) -> str:
             f"stopped on SIGTERM after step {stop_on_signal.stopped_at} and wrote "
             f"{os.path.join(training_args.output_dir, f'checkpoint-{stop_on_signal.stopped_at}')}; "
             "run the same command again to resume")
-    # 6. the saved model and run record
+    # 6. the saved model (gathered from the shards into an unsharded twin) and run record
+    if training_args.sharding:
+        state = gathered_state_dict(model)  # every process takes part
+        if trainer.is_world_process_zero():
+            model = dual_encoder(load(model_args, training_args)[0], model_args, pooling, trained_rows)
+            model.load_state_dict(state, assign=True)
     if trainer.is_world_process_zero():
         save_run(trainer, model, tokenizer, model_args, data_args, cache_args, training_args, gradcache=gradcache,
                  pooling=pooling)

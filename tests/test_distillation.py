@@ -137,9 +137,9 @@ def test_cross_encoder_teacher_writes_its_scores_in_the_records_format(scored_in
 
 
 def test_hybrid_teacher_equals_z_scored_cosines_and_bm25s(scored_inputs, tiny_model_dir, tmp_path):
-    """--fuse_bm25 W: per record (1 - W) z(cosine) + W z(BM25) over its passages, with the cosines of
-    sentence-transformers and bm25s's scores over its document's chunks and its records' passages (z-scores are blind to
-    BM25's scale, so Lucene's and ours agree), standardised with scipy."""
+    """--fuse_bm25 W --per_document: per record (1 - W) z(cosine) + W z(BM25) over its document's chunks and
+    its records' passages, then its own passages' values; the cosines of sentence-transformers and bm25s's
+    scores (z-scores are blind to BM25's scale, so Lucene's and ours agree), standardised with scipy."""
     bm25s = pytest.importorskip("bm25s")
     from scipy.stats import zscore
     from sentence_transformers import SentenceTransformer
@@ -159,7 +159,6 @@ def test_hybrid_teacher_equals_z_scored_cosines_and_bm25s(scored_inputs, tiny_mo
     for record, saved in zip(records, written):
         example = parse_record(record, "r")
         passages = [example.positive, *example.negatives]
-        cosines = model.encode(passages, normalize_embeddings=True) @ model.encode(example.query, normalize_embeddings=True)
         # the document's chunks, then the passages of its records that it lacks
         chunks = list(dict.fromkeys(documents[record["document"]] + [
             t for other in records if other["document"] == record["document"]
@@ -168,8 +167,10 @@ def test_hybrid_teacher_equals_z_scored_cosines_and_bm25s(scored_inputs, tiny_mo
         index.index(bm25s.tokenize(chunks, stopwords=None, token_pattern=pattern, show_progress=False), show_progress=False)
         words = sorted(set(bm25s.tokenize([example.query], stopwords=None, token_pattern=pattern, show_progress=False,
                                           return_ids=False)[0]))
-        keyword = index.get_scores(words)[[chunks.index(p) for p in passages]]
-        expected = 0.7 * zscore(cosines.astype(np.float64)) + 0.3 * zscore(keyword.astype(np.float64))
+        keyword = index.get_scores(words)
+        cosines = model.encode(chunks, normalize_embeddings=True) @ model.encode(example.query, normalize_embeddings=True)
+        fused = 0.7 * zscore(cosines.astype(np.float64)) + 0.3 * zscore(keyword.astype(np.float64))
+        expected = fused[[chunks.index(p) for p in passages]]
         assert saved["positive_scores"] + saved["negative_scores"] == pytest.approx(expected.tolist(), abs=1e-4)
 
 

@@ -3,6 +3,7 @@ cross-device negatives, one gradient all-reduce per step with GradCache, and tor
 both scripts."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from conftest import conversation_records, write_jsonl
 from longcontrast.collator import ContrastiveCollator
 from longcontrast.loss import LossSettings
 from longcontrast.step import contrastive_step
-from helpers import common, update
+from helpers import common, update, weights
 from helpers import WORLD, torchrun
 
 pytestmark = pytest.mark.slow  # torchrun: several processes
@@ -92,30 +93,54 @@ def test_one_gradient_all_reduce_per_bucket_per_step(name, worker_results):
         assert count == bucket_count
 
 
-@pytest.mark.parametrize("module", ["origin_train", "efficient_train"])
-def test_torchrun_step_equals_one_process_with_the_global_batch(module, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("module, sharding", [("origin_train", []), ("efficient_train", []),
+                                              ("efficient_train", ["--fsdp"])], ids=["origin", "efficient", "fsdp2"])
+def test_torchrun_step_equals_one_process_with_the_global_batch(module, sharding, tiny_model_dir, tmp_path):
     """torchrun, 2 processes x batch 3 (cross-device negatives by default) make the same two SGD
     updates as one process with batch 6: the processes share one shuffle (random, and
     group_by_length) and split each global batch; with accumulation (efficient_train) the Trainer's
-    no_sync and the replays' combine; the run logs and saves once."""
+    no_sync and the replays' combine; the run logs and saves once. With --fsdp the model is sharded
+    (FSDP2) and the saved model gathered from the shards."""
     data = write_jsonl(tmp_path / "d.jsonl", conversation_records(24))
     sgd = ["--optim", "sgd", "--learning_rate", "0.5", "--lr_scheduler_type", "constant", "--weight_decay", "0",
            "--max_grad_norm", "0", "--dropout", "0", "--max_steps", "2"]
     extra = (["--mini_batch_size", "2", "--train_sampling_strategy", "group_by_length", "--gradient_accumulation_steps",
               "2"] if module == "efficient_train" else [])
-    stderr = torchrun(f"{module}.py", *common(tiny_model_dir, data, tmp_path / "ddp", *sgd, *extra,
+    stderr = torchrun(f"{module}.py", *common(tiny_model_dir, data, tmp_path / "ddp", *sgd, *extra, *sharding,
                                              "--per_device_train_batch_size", "3"))
     assert "contrastive batch 3 x 2 device(s)" in stderr
     assert stderr.count("saved the model to") == 1
     arguments = json.loads((tmp_path / "ddp" / "training_args.json").read_text())
     assert arguments["negatives_cross_device"] is True and arguments["world_size"] == 2
     assert arguments["global_batch_size"] == 6
+    assert arguments["fsdp"] == ({"reshard_after_forward": True, "bf16": False} if sharding else None)
 
     __import__(module).main(common(tiny_model_dir, data, tmp_path / "one", *sgd, *extra,
                                    "--per_device_train_batch_size", "6"))
     update_one, update_ddp = update(tiny_model_dir, tmp_path / "one"), update(tiny_model_dir, tmp_path / "ddp")
     assert update_one.norm() > 0
     assert ((update_ddp - update_one).norm() / update_one.norm()).item() <= 1e-5
+
+
+def test_fsdp2_resumes_from_its_sharded_checkpoint_to_the_weights_of_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    """A run stopped after its sharded checkpoint-2 (model and AdamW states, each process's shards)
+    and started again ends where the uninterrupted run does (dropout on: the RNG states resume too);
+    the saved model is gathered and loads in sentence-transformers."""
+    from sentence_transformers import SentenceTransformer
+
+    data = write_jsonl(tmp_path / "d.jsonl", conversation_records(24))
+    argv = ["--fsdp", "--max_steps", "4", "--per_device_train_batch_size", "3", "--mini_batch_size", "2", "--dropout",
+            "0.1", "--optim", "adamw_torch", "--save_strategy", "steps", "--save_steps", "2"]
+    torchrun("efficient_train.py", *common(tiny_model_dir, data, tmp_path / "whole", *argv))
+    checkpoint = tmp_path / "whole" / "checkpoint-2"
+    assert (checkpoint / "sharded" / ".metadata").is_file() and not (checkpoint / "model.safetensors").exists()
+    shutil.copytree(checkpoint, tmp_path / "stopped" / "checkpoint-2")
+    stderr = torchrun("efficient_train.py", *common(tiny_model_dir, data, tmp_path / "stopped", *argv))
+    assert f"resuming from {tmp_path / 'stopped' / 'checkpoint-2'}" in stderr
+    whole, resumed = weights(tmp_path / "whole"), weights(tmp_path / "stopped")
+    assert whole.keys() == resumed.keys()
+    assert max(((whole[k] - resumed[k]).norm() / whole[k].norm()).item() for k in whole) <= 1e-6
+    assert SentenceTransformer(str(tmp_path / "whole"), device="cpu").encode(["the office"]).shape == (1, 32)
 
 
 def test_a_step_bad_in_one_process_is_skipped_by_all(tiny_model_dir, tmp_path):

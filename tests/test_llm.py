@@ -181,11 +181,14 @@ def test_lora_efficient_step_equals_origin_step(family, decoder_dir, tiny_model_
 
 
 @pytest.mark.slow
-def test_lora_under_two_process_ddp_equals_one_process(decoder_dir, tmp_path):
+@pytest.mark.parametrize("sharding", [[], ["--fsdp", "--activation_checkpointing"]], ids=["ddp", "fsdp2"])
+def test_lora_under_two_processes_equals_one_process(sharding, decoder_dir, tmp_path):
+    """Two processes, DDP or FSDP2 (the frozen decoder and its adapters sharded, activation
+    checkpointing inside the replays), make the adapter update of one process with the whole batch."""
     data = write_jsonl(tmp_path / "d.jsonl", conversation_records(24))
     model_dir = decoder_dir("qwen3")
     common = ["--max_steps", "2", "--mini_batch_size", "2", "--lora_dropout", "0"]
-    stderr = torchrun("efficient_train.py", *lora_arguments(model_dir, data, tmp_path / "ddp", *common,
+    stderr = torchrun("efficient_train.py", *lora_arguments(model_dir, data, tmp_path / "ddp", *common, *sharding,
                                                             "--per_device_train_batch_size", "3"))
     assert "contrastive batch 3 x 2 device(s)" in stderr
     assert efficient_train.main(lora_arguments(model_dir, data, tmp_path / "one", *common,
@@ -264,7 +267,7 @@ def test_half_precision_base_weights_with_float32_adapters(decoder_dir, tmp_path
 
 @pytest.mark.parametrize("extra, message", [
     (["--deepspeed", "ds.json"], "--deepspeed is not supported by efficient_train.py"),
-    (["--fsdp", "full_shard"], "--fsdp is not supported by efficient_train.py"),
+    (["--fsdp", "full_shard"], "--fsdp shards the model over processes: launch with torchrun"),
     (["--torch_dtype", "bfloat16"], "full fine-tuning keeps float32 weights"),
     (["--merge_lora"], "--merge_lora without --lora_r"),
     (["--lora_r", "4", "--untie_encoders"], "--lora_r with --untie_encoders"),
