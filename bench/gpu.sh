@@ -11,7 +11,8 @@
 #   7. bench/llm_memory.py: a random Qwen3 of Qwen3-Embedding-0.6B's shape, batch 16 of 8192-token
 #      passages, bf16: full fine-tuning / LoRA / LoRA + activation checkpointing, with GradCache
 #      mini-batches of 4 and without: peak memory and step time (peft from bench/kit/python if the
-#      machine has none);
+#      machine has none); on a machine with 2 GPUs or more, also the same full fine-tuning and LoRA
+#      over 2 processes, replicated (DDP) and sharded (FSDP2, NCCL);
 #   6. when bench/kit/long_model exists (python bench/device_kit.py --long_model OUTPUT_DIR of
 #      recipes/long_context.sh): bench/long_context.py on it at 256 to 8192 tokens, bf16.
 #
@@ -79,6 +80,11 @@ main() {
   if ! $PYTHON -c "import peft" 2>/dev/null; then export PYTHONPATH="$KIT/python${PYTHONPATH:+:$PYTHONPATH}"; fi
   run $PYTHON bench/llm_memory.py --device "$DEVICE" --passage_len "$LENGTH" --bf16 --steps 3 \
     --output "$RESULTS/llm_memory_gpu.json"
+  if [ "$($PYTHON -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+    run $PYTHON bench/llm_memory.py --device "$DEVICE" --passage_len "$LENGTH" --bf16 --steps 3 --configs \
+      ddp_full_gradcache4 fsdp2_full_gradcache4 ddp_lora_gradcache4 fsdp2_lora_gradcache4 \
+      --output "$RESULTS/llm_memory_sharded_gpu.json"
+  fi
   echo; echo "## summary"
   run $PYTHON bench/train_speed.py --report "$RESULTS/gpu.json"
   return $status

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Peak memory and step time of a decoder embedder's training step: full fine-tuning, LoRA, LoRA +
-activation checkpointing, each with GradCache mini-batches and without.
+activation checkpointing, each with GradCache mini-batches and without; and over two processes
+(gloo on CPU, NCCL on GPUs), replicated (DDP) or sharded (FSDP2, ``--fsdp``).
 
 The model is a random Qwen3 of Qwen3-Embedding-0.6B's shape (28 layers, 1024 wide, 16 query and 8
 key/value heads, vocabulary 151,669), built from its config: nothing is downloaded. One contrastive
@@ -11,6 +12,8 @@ memory (``ru_maxrss``) and the mean time of the steps after the first. A process
 more than ``--memory_limit_gb`` stops with an allocation error and is reported as out of memory.
 
     python bench/llm_memory.py                         # the CPU table (JSON: bench/results/llm_memory_cpu.json)
+    python bench/llm_memory.py --configs ddp_full_gradcache4 fsdp2_full_gradcache4 ddp_lora_gradcache4 \
+        fsdp2_lora_gradcache4 --layers 12 --batch 4 --passage_len 128 --steps 2 --output bench/results/llm_memory_sharded_cpu.json
     python bench/llm_memory.py --passage_len 8192 --device cuda --bf16 --steps 3 --output bench/results/llm_memory_gpu.json
 """
 
@@ -25,7 +28,8 @@ import time
 
 from common import ROOT, fresh_process, write_json
 
-# name -> (LoRA, activation checkpointing, GradCache mini-batch or None, batch override or None)
+# name -> (LoRA, activation checkpointing, GradCache mini-batch or None, batch override or None); a ddp_ or
+# fsdp2_ name runs in two processes (--batch each), the model replicated or sharded
 CONFIGS = {
     "full": (False, False, None, None),
     "full_gradcache4": (False, False, 4, None),
@@ -34,7 +38,12 @@ CONFIGS = {
     "lora_ckpt": (True, True, None, None),
     "lora_ckpt_gradcache4": (True, True, 4, None),
     "lora_ckpt_gradcache4_batch4": (True, True, 4, 4),
+    "ddp_full_gradcache4": (False, False, 4, None),
+    "fsdp2_full_gradcache4": (False, False, 4, None),
+    "ddp_lora_gradcache4": (True, False, 4, None),
+    "fsdp2_lora_gradcache4": (True, False, 4, None),
 }
+PROCESSES = 2
 QWEN3_EMBEDDING_06B = dict(vocab_size=151669, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
                            num_key_value_heads=8, head_dim=128, intermediate_size=3072, max_position_embeddings=32768,
                            rope_theta=1_000_000, rms_norm_eps=1e-6, tie_word_embeddings=True,
@@ -44,19 +53,28 @@ QWEN3_EMBEDDING_06B = dict(vocab_size=151669, hidden_size=1024, num_hidden_layer
 def child(args) -> dict:
     """One configuration in this process: build, step, measure."""
     import torch
+    import torch.distributed as dist
 
     from longcontrast.lora import add_lora
     from longcontrast.modeling import DualEncoder
     from longcontrast.loss import LossSettings
+    from longcontrast.sharding import shard
     from longcontrast.step import contrastive_step
+    from longcontrast.trainer import local
     from transformers import AutoModel, Qwen3Config
 
     lora, checkpointing, mini_batch, batch_override = CONFIGS[args.child]
+    sharding = args.child.partition("_")[0] if args.child.startswith(("ddp_", "fsdp2_")) else None
     batch = batch_override or args.batch
     limit = int(args.memory_limit_gb * 2**30)
     if args.device == "cpu":
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     device = torch.device(args.device)
+    if sharding:
+        dist.init_process_group("gloo" if device.type == "cpu" else "nccl")
+        if device.type == "cuda":
+            device = torch.device("cuda", dist.get_rank())
+            torch.cuda.set_device(device)
     torch.manual_seed(0)
     config = Qwen3Config(**{**QWEN3_EMBEDDING_06B, "num_hidden_layers": args.layers}, attention_dropout=0.0)
     encoder = AutoModel.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
@@ -65,6 +83,9 @@ def child(args) -> dict:
     model = DualEncoder(encoder, "lasttoken").to(device).train()
     if checkpointing:
         model.activation_checkpointing_enable()
+    if sharding == "fsdp2":
+        model = shard(model)
+    stepped = torch.nn.parallel.DistributedDataParallel(model) if sharding == "ddp" else model
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
     g = torch.Generator().manual_seed(1)
@@ -79,8 +100,8 @@ def child(args) -> dict:
         started = time.perf_counter()
         try:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                output = contrastive_step(model, inputs, loss=LossSettings(0.05), pad_token_id=151643, device=device,
-                                              mini_batch_size=mini_batch)
+                output = contrastive_step(stepped, inputs, loss=LossSettings(0.05), pad_token_id=151643, device=device,
+                                          mini_batch_size=mini_batch, cross_device=sharding is not None)
         except (RuntimeError, MemoryError) as err:
             if "memory" not in str(err).lower() and not isinstance(err, MemoryError):
                 raise
@@ -92,29 +113,43 @@ def child(args) -> dict:
         times.append(time.perf_counter() - started)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # bytes
-    return {"config": args.child, "batch": batch, "passage_len": args.passage_len, "layers": args.layers,
-            "lora": lora, "activation_checkpointing": checkpointing, "gradcache_mini_batch": mini_batch,
-            "trainable_parameters": sum(p.numel() for p in trainable),
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "peak_gb": round(peak / 2**30, 2), "step_seconds": round(sum(times[1:] or times) / len(times[1:] or times), 1),
-            "loss": round(output.loss.item(), 4), "device": args.device, "bf16": args.bf16}
+    # what this process holds of parameters, gradients and AdamW's two moments (its shards under FSDP2)
+    held = sum(local(t).numel() * local(t).element_size() for p in model.parameters()
+               for t in [p, *([p.grad] if p.grad is not None else []), *optimizer.state.get(p, {}).values()]
+               if t.dim() > 0)
+    row = {"config": args.child, "batch": batch, "passage_len": args.passage_len, "layers": args.layers,
+           "lora": lora, "activation_checkpointing": checkpointing, "gradcache_mini_batch": mini_batch,
+           "processes": dist.get_world_size() if sharding else 1, "sharding": sharding,
+           "trainable_parameters": sum(p.numel() for p in trainable),
+           "parameters": sum(p.numel() for p in model.parameters()),
+           "state_gb": round(held / 2**30, 2), "peak_gb": round(peak / 2**30, 2),
+           "step_seconds": round(sum(times[1:] or times) / len(times[1:] or times), 1),
+           "loss": round(output.loss.item(), 4), "device": args.device, "bf16": args.bf16}
+    if sharding:  # the largest process's figures
+        rows = [None] * dist.get_world_size()
+        dist.all_gather_object(rows, row)
+        row = {**row, **{key: max(r[key] for r in rows) for key in ("state_gb", "peak_gb", "step_seconds")}}
+        dist.destroy_process_group()
+    return row
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| config | batch | LoRA | checkpointing | GradCache | peak GB | step s |", "|---|---|---|---|---|---|---|"]
+    lines = ["| config | processes | batch | LoRA | checkpointing | GradCache | parameters + gradients + AdamW GB "
+             "| peak GB | step s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("out_of_memory"):
-            lines.append(f"| {r['config']} | {r['batch']} | | | | > {r['limit_gb']} (out of memory) | - |")
+            lines.append(f"| {r['config']} | | {r['batch']} | | | | | > {r['limit_gb']} (out of memory) | - |")
             continue
-        lines.append(f"| {r['config']} | {r['batch']} | {'yes' if r['lora'] else 'no'} | "
-                     f"{'yes' if r['activation_checkpointing'] else 'no'} | {r['gradcache_mini_batch'] or 'no'} | "
-                     f"{r['peak_gb']} | {r['step_seconds']} |")
+        lines.append(f"| {r['config']} | {r.get('processes', 1)} {r.get('sharding') or ''} | {r['batch']} | "
+                     f"{'yes' if r['lora'] else 'no'} | {'yes' if r['activation_checkpointing'] else 'no'} | "
+                     f"{r['gradcache_mini_batch'] or 'no'} | {r.get('state_gb', '-')} | {r['peak_gb']} | {r['step_seconds']} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if not c.startswith(("ddp_", "fsdp2_"))],
+                        choices=list(CONFIGS), help="Default: the one-process ones (ddp_*, fsdp2_*: two processes).")
     parser.add_argument("--batch", type=int, default=16, help="Queries (and passages) per contrastive batch.")
     parser.add_argument("--passage_len", type=int, default=512, help="Tokens per passage.")
     parser.add_argument("--layers", type=int, default=28, help="Decoder layers (28: Qwen3-Embedding-0.6B).")
@@ -128,12 +163,16 @@ def main(argv=None) -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args)))
+        row = child(args)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(row), flush=True)
         return 0
     rows = []
     for name in args.configs:
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(PROCESSES), __file__] \
+            if name.startswith(("ddp_", "fsdp2_")) else [__file__]
         try:
-            rows.append(fresh_process(__file__, "--child", name, *[f"--{k}={v}" for k, v in (
+            rows.append(fresh_process(*launcher, "--child", name, *[f"--{k}={v}" for k, v in (
                 ("batch", args.batch), ("passage_len", args.passage_len), ("layers", args.layers), ("steps", args.steps),
                 ("device", args.device), ("memory_limit_gb", args.memory_limit_gb))], *(["--bf16"] if args.bf16 else [])))
         except RuntimeError as err:
