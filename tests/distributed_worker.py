@@ -61,6 +61,9 @@ CONFIGS = {
     "fsdp2_efficient_neg2_distill": (2, 2, False, True),
     "fsdp2_efficient_neg2_checkpointing": (2, 2, False, True),  # activation checkpointing inside the replays
     "fsdp2_efficient_neg2_lora": (2, 2, False, True),  # LoRA adapters, sharded with their frozen base
+    # Dropout on, the same seed per rank: sharding must not change the masks the replays draw again
+    "efficient_neg2_dropout": (2, 2, False, True),
+    "fsdp2_efficient_neg2_dropout": (2, 2, False, True),
 }
 
 
@@ -95,14 +98,15 @@ def build(model_dir: str, untied: bool, name: str = "") -> tuple[DualEncoder, ob
     """The tiny model of a configuration; ``*_lora``: LoRA adapters (r 4) on it, B initialised
     away from zero so that every adapter weight has a gradient."""
     torch.manual_seed(0)
-    encoder, tokenizer = load_encoder(model_dir, 128, "copy", dropout=0.0)
+    encoder, tokenizer = load_encoder(model_dir, 128, "copy", dropout=0.1 if name.endswith("_dropout") else 0.0)
     if name.endswith("_lora"):
         encoder = add_lora(encoder, base_path=model_dir, r=4, alpha=8, dropout=0.0)
         with torch.no_grad():
             for parameter_name, parameter in encoder.named_parameters():
                 if "lora_B" in parameter_name:
                     parameter.normal_(std=0.1)
-    return (DualEncoder.untied(encoder, "cls") if untied else DualEncoder(encoder, "cls")), tokenizer
+    model = DualEncoder.untied(encoder, "cls") if untied else DualEncoder(encoder, "cls")
+    return model.train(), tokenizer  # (dropout, where the configuration has it)
 
 
 def shifted(batch: dict, name: str, max_positions: int = 128) -> dict:
@@ -129,6 +133,7 @@ def fsdp2_step(model, tokenizer, batch_rows: list[dict], name: str, out_dir: str
     the shards) and how much of the parameters this process holds."""
     mini_batch_size, negatives, _, _ = CONFIGS[name]
     batch = collator(tokenizer, negatives, name)(batch_rows)
+    torch.manual_seed(100 + dist.get_rank())  # dropout masks: as the DDP run of the same name draws them
     contrastive_step(model, batch, loss=loss_settings(name), pad_token_id=tokenizer.pad_token_id, device="cpu",
                      mini_batch_size=mini_batch_size, cross_device=True)
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}  # collective
@@ -167,6 +172,7 @@ def main(model_dir: str, out_dir: str) -> None:
         for _ in range(2):
             model.zero_grad(set_to_none=True)
             count[0] = 0
+            torch.manual_seed(100 + rank)  # dropout masks: as the FSDP2 run of the same name draws them
             contrastive_step(ddp if ddp_sees_replays else Passthrough(ddp), batch, loss=loss_settings(name),
                              pad_token_id=tokenizer.pad_token_id, device="cpu", mini_batch_size=mini_batch_size,
                              cross_device=True)

@@ -33,7 +33,7 @@ def relative_error(grads: dict, reference: dict) -> float:
     return ((flat - flat_reference).norm() / flat_reference.norm()).item()
 
 
-@pytest.mark.parametrize("name", [n for n in worker.CONFIGS if "without" not in n])
+@pytest.mark.parametrize("name", [n for n in worker.CONFIGS if "without" not in n and "dropout" not in n])
 def test_two_processes_give_the_gradient_of_the_concatenated_batch(name, worker_results, tiny_model_dir):
     """Batch B per process with cross-device negatives == one process with the batch 2B."""
     mini_batch_size, negatives, untied, _ = worker.CONFIGS[name]
@@ -43,6 +43,13 @@ def test_two_processes_give_the_gradient_of_the_concatenated_batch(name, worker_
                      mini_batch_size=mini_batch_size)
     reference = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert relative_error(worker_results[name]["grads"], reference) <= 1e-5
+
+
+def test_fsdp2_with_dropout_gives_the_gradient_of_ddp_with_the_same_masks(worker_results):
+    """Dropout on, GradCache replaying each mini-batch's masks: sharding changes no mask and no gradient."""
+    ddp, fsdp2 = worker_results["efficient_neg2_dropout"]["grads"], worker_results["fsdp2_efficient_neg2_dropout"]["grads"]
+    assert relative_error(fsdp2, ddp) <= 1e-5
+    assert relative_error(worker_results["efficient_neg2"]["grads"], ddp) > 1e-3  # the masks matter
 
 
 def test_fsdp2_shards_the_parameters(worker_results):

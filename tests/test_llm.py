@@ -6,6 +6,7 @@ sentence-transformers, half-precision base weights, and the combinations refused
 import json
 import shutil
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -195,6 +196,26 @@ def test_lora_under_two_processes_equals_one_process(sharding, decoder_dir, tmp_
                                                "--per_device_train_batch_size", "6")) == 0
     (one, _), (ddp, _) = adapter_update(tmp_path / "one"), adapter_update(tmp_path / "ddp")
     assert ((ddp - one).norm() / one.norm()).item() <= 1e-5
+
+
+@pytest.mark.slow
+def test_decoder_full_fine_tuning_sharded_over_two_processes_equals_one_process(decoder_dir, tmp_path):
+    """A tiny Qwen3, every weight trained: two processes under FSDP2 (each holding half of every
+    parameter) make the SGD update of one process with the whole batch; the gathered model is saved whole."""
+    data = write_jsonl(tmp_path / "d.jsonl", conversation_records(24))
+    model_dir = decoder_dir("qwen3")
+    argv = [a for a in lora_arguments(model_dir, data, "OUT", "--max_steps", "2", "--mini_batch_size", "2")
+            if a not in ("--lora_r", "4")]
+    torchrun("efficient_train.py", *[str(tmp_path / "fsdp") if a == "OUT" else a for a in argv], "--fsdp",
+             "--per_device_train_batch_size", "3")
+    assert efficient_train.main([str(tmp_path / "one") if a == "OUT" else a for a in argv]
+                                + ["--per_device_train_batch_size", "6"]) == 0
+    start = load_file(next(Path(model_dir).glob("*.safetensors")))
+    one, fsdp = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "fsdp" / "model.safetensors")
+    assert one.keys() == fsdp.keys() == start.keys()
+    moved = torch.cat([(one[k] - start[k]).flatten() for k in start])
+    difference = torch.cat([(fsdp[k] - one[k]).flatten() for k in start])
+    assert moved.norm() > 0 and (difference.norm() / moved.norm()).item() <= 1e-5
 
 
 @pytest.mark.slow  # a whole training run (or several): the full suite runs it
