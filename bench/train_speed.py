@@ -48,12 +48,12 @@ def make_batches(args, tokenizer) -> list[dict]:
     rng = random.Random(0)
     count = 1 + args.steps
     if args.data == "equal":
-        def text_ids():
-            return [tokenizer.cls_token_id] + [rng.randrange(1000, 20000) for _ in range(args.length - 2)] + [
+        def text_ids(length):
+            return [tokenizer.cls_token_id] + [rng.randrange(1000, 20000) for _ in range(length - 2)] + [
                 tokenizer.sep_token_id]
         passages = (1 + args.hard_negatives) * args.batch_size
-        return [{"query_ids": [text_ids() for _ in range(args.batch_size)],
-                 "passage_ids": [text_ids() for _ in range(passages)],
+        return [{"query_ids": [text_ids(args.query_length or args.length) for _ in range(args.batch_size)],
+                 "passage_ids": [text_ids(args.length) for _ in range(passages)],
                  "passage_text_ids": torch.arange(passages)} for _ in range(count)]
     examples = load_examples([args.doc2dial])
     order = []
@@ -232,6 +232,8 @@ def main(argv=None) -> None:
     parser.add_argument("--data", nargs="+", default=["equal", "doc2dial"], choices=["equal", "doc2dial"])
     parser.add_argument("--batch_sizes", nargs="+", type=int, default=[16, 32, 64, 96])
     parser.add_argument("--lengths", nargs="+", type=int, default=[256])
+    parser.add_argument("--query_length", type=int, default=None,
+                        help="tokens per query with --data equal (default: the --lengths value, as every passage)")
     parser.add_argument("--mini_batch_size", type=int, default=8)
     parser.add_argument("--temperature", type=float, default=0.05)
     parser.add_argument("--dropout", type=float, default=None, help="override the model's dropout")
@@ -279,7 +281,7 @@ def main(argv=None) -> None:
                     flags = {"mini_batch_size": args.mini_batch_size, "temperature": args.temperature, "steps": args.steps,
                              "device": args.device, "doc2dial": args.doc2dial, "hard_negatives": args.hard_negatives,
                              "model": args.model, "tokenizer": args.tokenizer, "dropout": args.dropout,
-                             "attention_dropout": args.attention_dropout}
+                             "attention_dropout": args.attention_dropout, "query_length": args.query_length}
                     try:
                         result = fresh_process(__file__, "--worker", json.dumps(config), *(["--bf16"] if args.bf16 else []),
                                                *[f"--{k}={v}" for k, v in flags.items() if v is not None])
