@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -297,7 +298,7 @@ def main(argv=None) -> None:
                               f"{result['tokens_per_step'] / result['step_seconds']:.0f} | {result['tflops']:.2f} | {share} |",
                               flush=True)
                     rows.append({**config, **result})
-    write_json(args.output, {"device": args.device, "mini_batch_size": args.mini_batch_size, "steps": args.steps,
+    write_json(args.output, {"command": " ".join(sys.argv), "device": args.device, "mini_batch_size": args.mini_batch_size, "steps": args.steps,
                              "matmul_tflops": peak, "rows": rows})
     print_ratios(rows)
     if not args.no_plot:
