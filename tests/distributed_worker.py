@@ -14,20 +14,18 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from conftest import conversation_records
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-
-from conftest import conversation_records  # noqa: E402
-from longcontrast.collator import ContrastiveCollator  # noqa: E402
-from longcontrast.records import parse_record  # noqa: E402
-from longcontrast.lora import add_lora  # noqa: E402
-from longcontrast.modeling import DualEncoder, load_encoder  # noqa: E402
-from longcontrast.loss import LossSettings  # noqa: E402
-from longcontrast.sharding import shard  # noqa: E402
-from longcontrast.step import contrastive_step  # noqa: E402
+from longcontrast.collator import ContrastiveCollator
+from longcontrast.lora import add_lora
+from longcontrast.loss import LossSettings
+from longcontrast.modeling import DualEncoder, load_encoder
+from longcontrast.records import parse_record
+from longcontrast.sharding import shard
+from longcontrast.step import contrastive_step
 
 PER_RANK = 3
 TEMPERATURE = 0.05

@@ -11,9 +11,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from longcontrast import trainer, training  # noqa: E402
+from longcontrast import trainer, training
 
 original_step, original_train, calls = trainer.contrastive_step, trainer.ContrastiveTrainer.train, []
 
