@@ -57,15 +57,19 @@ DEV = os.path.join(SHARED, "dev")
 # row -> its differences to BASE (None: a baseline that trains nothing); "soup:ROW" rows are implicit
 BASE = {"negatives": "shared", "num_hard_negatives": 1, "batch": 16, "epochs": 1, "temperature": 0.05, "lr": 2e-5,
         "pairs": None, "teacher": None, "distill_weight": 0.0, "contrastive_weight": 1.0, "teacher_temperature": 1.0,
-        "matryoshka_dims": None}
+        "matryoshka_dims": None, "query_turns": 5, "query_max_len": 256}
 # teacher -> (its dense model: "default" or a row whose first seed's model it is, BM25's weight): the model fused
 # with BM25 over each record's own document, z-scored over the document's chunks, as the recipe deploys it
 TEACHERS = {"hybrid": ("default", 0.3), "trained_hybrid": ("plain_n1_e2", 0.3)}
 DISTILLED = {"negatives": "dense", "epochs": 2, "teacher": "hybrid", "distill_weight": 1.0}
 TRAINED_TEACHER = {**DISTILLED, "teacher": "trained_hybrid", "epochs": 1, "teacher_temperature": 0.5}
+# the whole conversation as the query (no dev or training dialogue has more than 17 turns), up to MiniLM's 512 positions
+ALL_TURNS = {"query_turns": 32, "query_max_len": 512}
+# baselines that train nothing: name -> (evaluate.py's model, query flags)
+BASELINES = {"bm25": ("bm25", {}), "untrained": ("default", {}), "bm25_all_turns": ("bm25", ALL_TURNS),
+             "untrained_all_turns": ("default", ALL_TURNS)}
 ROWS = {
-    "bm25": None,
-    "untrained": None,
+    **{name: None for name in BASELINES},
     "shared_n1": {},
     "shared_n3": {"num_hard_negatives": 3},
     "bm25_n3": {"negatives": "bm25", "num_hard_negatives": 3},
@@ -93,6 +97,9 @@ ROWS = {
     # its vectors the same way (ROW@dimD): what MRL adds over truncating a model trained without it
     "mrl_n1_e2": {"negatives": "dense", "epochs": 2, "matryoshka_dims": [384, 256, 128, 64]},
     "plain_n1_e2": {"negatives": "dense", "epochs": 2},
+    # the recipe's row with the whole conversation as the query, in mining, training and evaluation
+    "dense_n1_e2_all_turns": {"negatives": "dense", "epochs": 2, **ALL_TURNS},
+    "mrl_n1_e2_all_turns": {"negatives": "dense", "epochs": 2, "matryoshka_dims": [384, 256, 128, 64], **ALL_TURNS},
 }
 HALVES = ("selection", "report")
 FUSION_WEIGHTS = (0.2, 0.3, 0.4, 0.5)  # BM25's weight in each hybrid row
@@ -120,8 +127,15 @@ def cached(command: list[str], stem: str, args) -> str:
     return path
 
 
-def negatives_file(source: str, args) -> tuple[str, float]:
-    """The training file for a negatives source and the mining seconds."""
+def query_flags(spec: dict) -> list[str]:
+    """The query flags of mining, training and evaluation; none at the defaults (so cached files keep their names)."""
+    if (spec.get("query_turns", 5), spec.get("query_max_len", 256)) == (5, 256):
+        return []
+    return ["--query_turns", str(spec["query_turns"]), "--query_max_len", str(spec["query_max_len"])]
+
+
+def negatives_file(source: str, args, query: list[str]) -> tuple[str, float]:
+    """The training file for a negatives source (its queries as ``query`` flags make them) and the mining seconds."""
     if source == "shared":
         return TRAIN, 0.0
     command = [sys.executable, "data/mine_hard_negatives.py", "--input", TRAIN, "--corpus", CORPUS,
@@ -137,18 +151,19 @@ def negatives_file(source: str, args) -> tuple[str, float]:
             command += ["--scorer", "hybrid"]
         if source != "dense_nofilter":
             command += ["--max_score_ratio", "0.95"]
+        command += query
     path = cached(command, f"train_{source.replace(':', '_')}", args)
     return path, json.load(open(path + ".json"))["seconds"]
 
 
-def evaluate(model: str, output_file: str, dims: tuple[int, ...] = ()) -> tuple[dict, dict, dict]:
+def evaluate(model: str, output_file: str, dims: tuple[int, ...] = (), query: list[str] = ()) -> tuple[dict, dict, dict]:
     """evaluate.py on the dev set, split by page, per-item values kept (float32, as every figure):
     the model's results, for a dense model per BM25 weight those of its hybrid (--fuse_bm25), and
     per Matryoshka dimension D those of its vectors cut to D (--truncate_dim)."""
     weights = [] if model == "bm25" else [f"{w:g}" for w in FUSION_WEIGHTS]
     if not os.path.exists(output_file):
         run([sys.executable, "evaluate.py", "--data-folder", DEV, "--eval-dataset", "doc2dial", "--page_split",
-             "--per_item", "--output_file", output_file, "--model_path", model,
+             "--per_item", "--output_file", output_file, "--model_path", model, *query,
              *(["--fuse_bm25", *weights] if weights else []), *(["--truncate_dim", *map(str, dims)] if dims else [])],
             output_file + ".log")
     rows = {name: row["doc2dial"] for name, row in json.load(open(output_file))["results"].items()}
@@ -186,12 +201,11 @@ def soup(row: str, args) -> str:
 def study_row(name: str, args) -> dict:
     """The row's entry: recipe, seconds and per seed the halves' results (``seeds``); for a dense
     model also per BM25 weight those of its hybrid (``fused_seeds``: weight -> seed -> halves)."""
-    if name == "bm25":
-        alone, _, _ = evaluate("bm25", os.path.join(args.work_dir, "bm25_eval.json"))
-        return {"recipe": "bm25", "seeds": {"-": halves(alone)}}
-    if name == "untrained":
-        alone, fused, _ = evaluate("default", os.path.join(args.work_dir, "untrained_eval_hybrid.json"))
-        return {"recipe": "untrained", "seeds": {"-": halves(alone)},
+    if name in BASELINES:
+        model, spec = BASELINES[name]
+        output = {"bm25": "bm25_eval.json", "untrained": "untrained_eval_hybrid.json"}.get(name, f"{name}_eval.json")
+        alone, fused, _ = evaluate(model, os.path.join(args.work_dir, output), query=query_flags(spec))
+        return {"recipe": {"model": model, **spec}, "seeds": {"-": halves(alone)},
                 "fused_seeds": {w: {"-": halves(r)} for w, r in fused.items()}}
     if name.startswith("soup:"):
         row = name.split(":", 1)[1]
@@ -200,7 +214,8 @@ def study_row(name: str, args) -> dict:
         return {"recipe": f"soup of {row}, seeds {args.seeds}", "seeds": {"soup": halves(alone)},
                 "fused_seeds": {w: {"soup": halves(r)} for w, r in fused.items()}}
     spec = {**BASE, **ROWS[name]}
-    train_file, mining_seconds = negatives_file(spec["negatives"], args)
+    query = query_flags(spec)
+    train_file, mining_seconds = negatives_file(spec["negatives"], args, query)
     if spec["teacher"]:
         teacher, weight = TEACHERS[spec["teacher"]]
         if teacher != "default":
@@ -209,7 +224,7 @@ def study_row(name: str, args) -> dict:
                 sys.exit(f"row {TEACHERS[spec['teacher']][0]} must run before {name}: its model is the teacher")
         train_file = cached([sys.executable, "data/score_with_teacher.py", "--input", train_file, "--model_name_or_path",
                              teacher, "--fuse_bm25", str(weight), "--corpus", CORPUS, "--per_document",
-                             *args.precision_flags], f"scored_{spec['negatives']}_{spec['teacher']}", args)
+                             *args.precision_flags, *query], f"scored_{spec['negatives']}_{spec['teacher']}", args)
     data = [train_file]
     if spec["pairs"]:
         data.append(cached([sys.executable, "data/make_pairs.py", "--corpus", CORPUS, "--method", spec["pairs"]],
@@ -221,7 +236,7 @@ def study_row(name: str, args) -> dict:
                    "--overwrite_output_dir", "--num_hard_negatives", str(spec["num_hard_negatives"]),
                    "--per_device_train_batch_size", str(spec["batch"]), "--num_train_epochs", str(spec["epochs"]),
                    "--temperature", str(spec["temperature"]), "--learning_rate", str(spec["lr"]), "--seed", str(seed),
-                   "--save_strategy", "no", "--logging_steps", "10", "--disable_tqdm", "true", *args.train_flags,
+                   "--save_strategy", "no", "--logging_steps", "10", "--disable_tqdm", "true", *args.train_flags, *query,
                    *(["--distill_weight", str(spec["distill_weight"]), "--teacher_temperature",
                       str(spec["teacher_temperature"]), "--contrastive_weight", str(spec["contrastive_weight"])]
                      if spec["distill_weight"] else []),
@@ -233,7 +248,7 @@ def study_row(name: str, args) -> dict:
         else:
             os.makedirs(os.path.dirname(output_dir), exist_ok=True)
             train_seconds[seed] = round(run(command, output_dir + ".log"), 1)
-        alone, fused, truncated = evaluate(output_dir, output_dir + "_eval_hybrid.json", TRUNCATED_DIMS)
+        alone, fused, truncated = evaluate(output_dir, output_dir + "_eval_hybrid.json", TRUNCATED_DIMS, query)
         seeds[str(seed)] = halves(alone)
         for weight, result in fused.items():
             fused_seeds.setdefault(weight, {})[str(seed)] = halves(result)
@@ -260,12 +275,16 @@ def summary(results: dict, resamples: int = 10_000) -> dict:
                 values = [v[half][metric] for v in row["seeds"].values()]
                 entry[f"{half} {metric}"] = {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1))
                                              if len(values) > 1 else 0.0, "seeds": len(values)}
+        # the untrained model is read with the row's own queries; BM25 with the default ones and the whole conversation
+        recipe = results.get(name.partition("+bm25@")[0].partition("@dim")[0], {}).get("recipe")
+        untrained = "untrained_all_turns" if isinstance(recipe, dict) and recipe.get("query_turns", 5) != 5 else "untrained"
         # a hybrid is also compared with the untrained model's hybrid at the same weight: does training still pay?
         weight = name.partition("+bm25@")[2]
-        hybrid = {"untrained hybrid": f"untrained+bm25@{weight}"} if weight else {}
+        hybrid = {"untrained hybrid": f"{untrained}+bm25@{weight}"} if weight else {}
         # a prefix row (ROW@dimD) is also compared with its own models' whole vectors
         whole = {"full width": name.partition("@dim")[0]} if "@dim" in name else {}
-        for label, baseline in {"bm25": "bm25", "untrained": "untrained", **hybrid, **whole}.items():
+        for label, baseline in {"bm25": "bm25", "bm25 all turns": "bm25_all_turns", "untrained": untrained, **hybrid,
+                                **whole}.items():
             if baseline in results and baseline != name:
                 for half in HALVES:
                     entry[f"{half} vs {label}"] = {
@@ -278,9 +297,9 @@ def summary(results: dict, resamples: int = 10_000) -> dict:
 def table(results: dict) -> str:
     stats = summary(results)
     lines = ["| row | seeds | selection R@1 | report R@1 | report R@5 | report R@20 | report R@1 - BM25 [95%] | "
-             "report R@1 - untrained [95%] | report R@20 - untrained [95%] | report R@1 - untrained hybrid [95%] | "
+             "report R@1 - BM25 all turns [95%] | report R@1 - untrained [95%] | report R@20 - untrained [95%] | report R@1 - untrained hybrid [95%] | "
              "report R@1 - full width [95%] | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(entry, key):
         value = entry[key]
@@ -298,7 +317,8 @@ def table(results: dict) -> str:
         lines.append("| " + " | ".join([
             name, str(len(row["seeds"])), cell(entry, "selection recall@1"), cell(entry, "report recall@1"),
             cell(entry, "report recall@5"), cell(entry, "report recall@20"),
-            interval(entry, "report vs bm25", "recall@1"), interval(entry, "report vs untrained", "recall@1"),
+            interval(entry, "report vs bm25", "recall@1"), interval(entry, "report vs bm25 all turns", "recall@1"),
+            interval(entry, "report vs untrained", "recall@1"),
             interval(entry, "report vs untrained", "recall@20"), interval(entry, "report vs untrained hybrid", "recall@1"),
             interval(entry, "report vs full width", "recall@1"),
             f"{np.mean(list(seconds.values())):.0f}" if seconds else "-"]) + " |")
