@@ -131,10 +131,12 @@ def cached(command: list[str], stem: str, args) -> str:
 
 
 def query_flags(spec: dict) -> list[str]:
-    """The query flags of mining, training and evaluation; none at the defaults (so cached files keep their names)."""
-    if (spec.get("query_turns", 5), spec.get("query_max_len", 256)) == (5, 256):
+    """The query flags of mining, training and evaluation for a (partial) row spec; none at BASE's values, so
+    the cached files of rows that read 5 turns keep their names."""
+    turns, length = (spec.get(k, BASE[k]) for k in ("query_turns", "query_max_len"))
+    if (turns, length) == (BASE["query_turns"], BASE["query_max_len"]):
         return []
-    return ["--query_turns", str(spec["query_turns"]), "--query_max_len", str(spec["query_max_len"])]
+    return ["--query_turns", str(turns), "--query_max_len", str(length)]
 
 
 def negatives_file(source: str, args, query: list[str]) -> tuple[str, float]:
@@ -213,7 +215,7 @@ def study_row(name: str, args) -> dict:
     if name.startswith("soup:"):
         row = name.split(":", 1)[1]
         folder = soup(row, args)
-        alone, fused, _ = evaluate(folder, folder + "_eval_hybrid.json", query=query_flags({**BASE, **ROWS[row]}))
+        alone, fused, _ = evaluate(folder, folder + "_eval_hybrid.json", query=query_flags(ROWS[row]))
         return {"recipe": f"soup of {row}, seeds {args.seeds}", "seeds": {"soup": halves(alone)},
                 "fused_seeds": {w: {"soup": halves(r)} for w, r in fused.items()}}
     spec = {**BASE, **ROWS[name]}
@@ -280,7 +282,7 @@ def summary(results: dict, resamples: int = 10_000) -> dict:
                                              if len(values) > 1 else 0.0, "seeds": len(values)}
         # the untrained model is read with the row's own queries; BM25 with the default ones and the whole conversation
         recipe = results.get(name.partition("+bm25@")[0].partition("@dim")[0], {}).get("recipe")
-        untrained = "untrained_all_turns" if isinstance(recipe, dict) and recipe.get("query_turns", 5) != 5 else "untrained"
+        untrained = "untrained_all_turns" if isinstance(recipe, dict) and query_flags(recipe) else "untrained"
         # a hybrid is also compared with the untrained model's hybrid at the same weight: does training still pay?
         weight = name.partition("+bm25@")[2]
         hybrid = {"untrained hybrid": f"{untrained}+bm25@{weight}"} if weight else {}
