@@ -63,7 +63,8 @@ BASE = {"negatives": "shared", "num_hard_negatives": 1, "batch": 16, "epochs": 1
         "matryoshka_dims": None, "query_turns": 5, "query_max_len": 256}
 # teacher -> (its dense model: "default" or a row whose first seed's model it is, BM25's weight): the model fused
 # with BM25 over each record's own document, z-scored over the document's chunks, as the recipe deploys it
-TEACHERS = {"hybrid": ("default", 0.3), "trained_hybrid": ("plain_n1_e2", 0.3)}
+TEACHERS = {"hybrid": ("default", 0.3), "trained_hybrid": ("plain_n1_e2", 0.3),
+            "trained_hybrid_all_turns": ("dense_n1_e2_all_turns", 0.2)}
 DISTILLED = {"negatives": "dense", "epochs": 2, "teacher": "hybrid", "distill_weight": 1.0}
 TRAINED_TEACHER = {**DISTILLED, "teacher": "trained_hybrid", "epochs": 1, "teacher_temperature": 0.5}
 # the whole conversation as the query (no dev or training dialogue has more than 17 turns), up to MiniLM's 512 positions
@@ -103,6 +104,12 @@ ROWS = {
     # the recipe's row with the whole conversation as the query, in mining, training and evaluation
     "dense_n1_e2_all_turns": {"negatives": "dense", "epochs": 2, **ALL_TURNS},
     "mrl_n1_e2_all_turns": {"negatives": "dense", "epochs": 2, "matryoshka_dims": [384, 256, 128, 64], **ALL_TURNS},
+    # levers on the whole-conversation recipe: a third epoch, negatives mined by its own model, and distillation
+    # from its deployed hybrid (the recipe's model fused with BM25 at 0.2)
+    "dense_n1_e3_all_turns": {"negatives": "dense", "epochs": 3, **ALL_TURNS},
+    "iterative_n1_e2_all_turns": {"negatives": "iterative:dense_n1_e2_all_turns", "epochs": 2, **ALL_TURNS},
+    "distill_trained_n3_e2_all_turns": {**TRAINED_TEACHER, "teacher": "trained_hybrid_all_turns", "epochs": 2,
+                                        "num_hard_negatives": 3, **ALL_TURNS},
 }
 HALVES = ("selection", "report")
 FUSION_WEIGHTS = (0.2, 0.3, 0.4, 0.5)  # BM25's weight in each hybrid row
