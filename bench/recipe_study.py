@@ -108,7 +108,7 @@ ROWS = {
     # from its deployed hybrid (the recipe's model fused with BM25 at 0.2)
     "dense_n1_e3_all_turns": {"negatives": "dense", "epochs": 3, **ALL_TURNS},
     "iterative_n1_e2_all_turns": {"negatives": "iterative:dense_n1_e2_all_turns", "epochs": 2, **ALL_TURNS},
-    "distill_trained_n3_e2_all_turns": {**TRAINED_TEACHER, "teacher": "trained_hybrid_all_turns", "epochs": 2,
+    "distill_trained_n3_e2_all_turns": {**DISTILLED, "teacher": "trained_hybrid_all_turns", "teacher_temperature": 0.5,
                                         "num_hard_negatives": 3, **ALL_TURNS},
 }
 HALVES = ("selection", "report")
