@@ -110,6 +110,8 @@ ROWS = {
     "iterative_n1_e2_all_turns": {"negatives": "iterative:dense_n1_e2_all_turns", "epochs": 2, **ALL_TURNS},
     "distill_trained_n3_e2_all_turns": {**DISTILLED, "teacher": "trained_hybrid_all_turns", "teacher_temperature": 0.5,
                                         "num_hard_negatives": 3, **ALL_TURNS},
+    "distill_mrl_n3_e2_all_turns": {**DISTILLED, "teacher": "trained_hybrid_all_turns", "teacher_temperature": 0.5,
+                                    "num_hard_negatives": 3, "matryoshka_dims": [384, 256, 128, 64], **ALL_TURNS},
 }
 HALVES = ("selection", "report")
 FUSION_WEIGHTS = (0.2, 0.3, 0.4, 0.5)  # BM25's weight in each hybrid row
