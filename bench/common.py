@@ -1,5 +1,6 @@
 """What the benchmarks share: the paths to the real data beside the repository (``../shared``),
-peak memory, a row measured in a fresh process, and results written atomically as JSON. The
+peak memory, a row measured in a fresh process, generated unit vectors, and results written atomically
+as JSON. The
 benchmarks import the package as users do (``pip install -e .``)."""
 
 from __future__ import annotations
@@ -28,6 +29,18 @@ def fresh_process(script: str, *argv: str) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"{os.path.basename(script)} {' '.join(argv)} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def random_unit_vectors(count: int, dim: int, dtype: str = "float16", device: str = "cpu"):
+    """(count, dim) random unit vectors stored as ``dtype``, generated 65,536 rows at a time so that no
+    float32 copy of the whole matrix exists (seed torch first for the same vectors)."""
+    import torch
+
+    vectors = torch.empty(count, dim, dtype=getattr(torch, dtype), device=device)
+    for start in range(0, count, 65_536):
+        block = torch.randn(min(65_536, count - start), dim, device=device)
+        vectors[start: start + len(block)] = (block / block.norm(dim=1, keepdim=True)).to(vectors.dtype)
+    return vectors
 
 
 def write_json(path: str, value) -> None:

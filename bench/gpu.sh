@@ -80,8 +80,6 @@ main() {
       ddp_full_gradcache4 fsdp2_full_gradcache4 ddp_lora_gradcache4 fsdp2_lora_gradcache4 \
       --output "$RESULTS/llm_memory_sharded_gpu.json"
   fi
-  echo; echo "## summary"
-  run $PYTHON bench/train_speed.py --report "$RESULTS/gpu.json"
   return $status
 }
 main 2>&1 | grep -v "Loading weights" | tee "$LOG"

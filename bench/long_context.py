@@ -34,17 +34,15 @@ Prints a table, writes JSON (``--output``) and a PNG of Acc@1 against length (``
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import random
-import sys
 import time
 
 import torch
 
 
-from longcontrast import UserError
+from longcontrast.cli import one_line_errors, run
 from longcontrast.tokenization import special_tokens, tokenize
 from longcontrast.readers import read_json
 from longcontrast.inference import encode, load_retriever
@@ -54,7 +52,7 @@ from longcontrast.positions import POSITION_INITS, token_positions
 
 logger = logging.getLogger("long_context")
 HERE = os.path.dirname(os.path.abspath(__file__))
-from common import DOC2DIAL as SHARED
+from common import DOC2DIAL as SHARED, write_json
 
 TASKS = ("passkey", "needle")
 LENGTHS = (256, 512, 1024, 2048, 4096)  # the CPU default; add 8192 on a GPU
@@ -170,11 +168,6 @@ def hits_at_1(scores: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(per_item_metrics(ranks)["recall@1"])  # (Q,)
 
 
-def accuracy_at_1(scores: torch.Tensor) -> float:
-    """Acc@1 in percent (:func:`hits_at_1`)."""
-    return 100 * float(hits_at_1(scores).mean())
-
-
 def load_models(specs: list[str], untrained_inits: list[str], extend_to: int):
     """{label: (DualEncoder, tokenizer)} loader thunks: ``label=path`` or ``path`` ('default' is the
     embedded MiniLM); each untrained init adds the default model extended to ``extend_to`` with it."""
@@ -270,7 +263,7 @@ def plot(results: dict, lengths: list[int], path: str) -> None:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = one_line_errors(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument("--models", nargs="*", default=["MiniLM 512=default"],
                         help="Models as LABEL=PATH or PATH ('default': the embedded all-MiniLM-L6-v2, 512 positions).")
     parser.add_argument("--untrained_inits", nargs="*", default=[], choices=POSITION_INITS,
@@ -300,35 +293,31 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = parse_args(argv)
     torch.set_grad_enabled(False)
-    try:
-        haystack = load_haystack(args.pages) if "needle" in args.tasks else []
-        results, runs = {}, []
-        if args.reuse and os.path.isfile(args.output):
-            previous = read_json(args.output)
-            results, runs = previous["results"], previous.get("runs", [])
-        runs.append({k: v for k, v in vars(args).items() if k != "reuse"})
-        for label, load in load_models(args.models, args.untrained_inits, args.extend_to).items():
-            model, tokenizer = load()
-            model.to(args.device)
-            row = results.setdefault(label, {})
-            row["positions"] = token_positions(model.query_encoder)
-            for kind in (k for k in args.tasks if k in TASKS):
-                done = row.setdefault(kind, {})
-                for length in args.lengths:
-                    if str(length) not in done:
-                        started = time.perf_counter()
-                        done[str(length)], split = run_synthetic(model, tokenizer, kind, length, haystack, args)
-                        row.setdefault(f"{kind}_by_depth", {})[str(length)] = split
-                        logger.info("%s %s %d: Acc@1 %.1f (%.0f s)", label, kind, length, done[str(length)],
-                                    time.perf_counter() - started)
-                done["mean"] = sum(v for k, v in done.items() if k != "mean") / len([k for k in done if k != "mean"])
-                save(results, runs, args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    haystack = load_haystack(args.pages) if "needle" in args.tasks else []
+    results, runs = {}, []
+    if args.reuse and os.path.isfile(args.output):
+        previous = read_json(args.output)
+        results, runs = previous["results"], previous.get("runs", [])
+    runs.append({k: v for k, v in vars(args).items() if k != "reuse"})
+    for label, load in load_models(args.models, args.untrained_inits, args.extend_to).items():
+        model, tokenizer = load()
+        model.to(args.device)
+        row = results.setdefault(label, {})
+        row["positions"] = token_positions(model.query_encoder)
+        for kind in (k for k in args.tasks if k in TASKS):
+            done = row.setdefault(kind, {})
+            for length in args.lengths:
+                if str(length) not in done:
+                    started = time.perf_counter()
+                    done[str(length)], split = run_synthetic(model, tokenizer, kind, length, haystack, args)
+                    row.setdefault(f"{kind}_by_depth", {})[str(length)] = split
+                    logger.info("%s %s %d: Acc@1 %.1f (%.0f s)", label, kind, length, done[str(length)],
+                                time.perf_counter() - started)
+            done["mean"] = sum(v for k, v in done.items() if k != "mean") / len([k for k in done if k != "mean"])
+            # after every model: an interrupted run keeps what it measured, and --reuse goes on from there
+            write_json(args.output, {"runs": runs, "results": results})
     lengths = sorted({int(n) for r in results.values() for k in TASKS for n in r.get(k, {}) if n != "mean"})
     print(format_tables(results, lengths))
     plot_path = args.plot or os.path.splitext(args.output)[0] + ".png"
@@ -337,14 +326,5 @@ def main(argv=None) -> int:
     return 0
 
 
-def save(results: dict, runs: list[dict], args) -> None:
-    """Write the results so far and the arguments of every run that made them (atomically: an
-    interrupted run keeps what it measured; ``--reuse`` goes on from there)."""
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output + ".tmp", "w") as handle:
-        json.dump({"runs": runs, "results": results}, handle, indent=2)
-    os.replace(args.output + ".tmp", args.output)
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run(main))

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from common import DOC2DIAL as SHARED, fresh_process, peak_mb, write_json
+from common import DOC2DIAL as SHARED, fresh_process, peak_mb, random_unit_vectors, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -51,10 +51,7 @@ def dense_1m(size: int = 1_000_000, queries: int = 10_000, dim: int = 384) -> di
     from longcontrast.mining import MiningConfig, mine
 
     torch.manual_seed(0)
-    texts = torch.empty(size, dim, dtype=torch.float16)
-    for start in range(0, size, 65_536):
-        block = torch.randn(min(65_536, size - start), dim)
-        texts[start: start + len(block)] = (block / block.norm(dim=1, keepdim=True)).half()
+    texts = random_unit_vectors(size, dim)  # (N, D) float16
     positives = torch.randint(0, size, (queries,))
     noisy = texts[positives].float() + 0.05 * torch.randn(queries, dim)  # each query near its positive
     query_vectors = noisy / noisy.norm(dim=1, keepdim=True)

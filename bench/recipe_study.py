@@ -2,37 +2,21 @@
 """Which training recipe gives the best retriever? Rows trained with several seeds, chosen on one
 half of the dev pages and reported on the other.
 
-Every row trains all-MiniLM-L6-v2 with efficient_train.py on the queries and positives of
-../shared/data/doc2dial/train_triples.jsonl, with hard negatives from one source, once per seed
-(``--seeds``), and evaluates each model on ../shared/data/doc2dial/dev split by page
-(``evaluate.py --page_split``): recipes are compared on ``split=selection`` and quoted on
-``split=report``, whose pages no choice has seen. Negative sources:
+Every row trains all-MiniLM-L6-v2 with efficient_train.py on ../shared/data/doc2dial/train_triples.jsonl
+once per seed and evaluates each model on the dev set split by page (evaluate.py --page_split): rows are
+compared on ``split=selection`` and quoted on ``split=report``. A row (ROWS, ``--list``) is its
+differences to BASE: the negatives (``shared``: the file's BM25 ones; ``bm25``, ``dense``,
+``dense_nofilter``, ``hybrid``: re-mined by data/mine_hard_negatives.py from the chunks of each query's own
+document, ``dense`` with NV-Retriever's 95% filter; ``iterative:ROW``: mined by ROW's first model), label-free
+``pairs`` (data/make_pairs.py), a ``teacher`` whose scores it distils (data/score_with_teacher.py), Matryoshka
+dims, the query's turns (rows ending ``all_turns`` read the whole conversation) and the training flags.
+Every trained row also gives ``ROW+bm25@W`` (its models fused with BM25 at each weight of FUSION_WEIGHTS)
+and ``ROW@dimD`` (its vectors cut to D). ``soup:ROW`` averages ROW's seed models; ``bm25`` and
+``untrained`` train nothing.
 
-- ``shared``: the 7 BM25 negatives that come with the file;
-- ``bm25``: re-mined with data/mine_hard_negatives.py's BM25 from the chunks of each query's own
-  document (dev/documents.json: the corpus of every domain, its texts used, never its queries or
-  labels);
-- ``dense``: mined with the untrained model from the same chunks, NV-Retriever's filter (drop
-  candidates above 95% of the positive's cosine); ``dense_nofilter``: the same without the filter;
-  ``hybrid``: reciprocal-rank fusion of BM25 and the untrained model, the same filter;
-- ``iterative:ROW``: mined like ``dense`` with the model trained by row ROW (its first seed).
-
-Every dense row also gives rows ``ROW+bm25@W``: the same models with their scores fused with BM25's:
-(1 - W) z(cosine) + W z(BM25) for each weight W of FUSION_WEIGHTS (evaluate.py --fuse_bm25), the hybrid
-retriever a practitioner would deploy; the weight is chosen on the selection half like any row.
-
-Rows ending ``all_turns`` read each query as the whole conversation (ALL_TURNS) in mining, training and
-evaluation; the others its last 5 turns, ChatRAG-Bench's query.
-
-``pairs``: label-free pairs made from the corpus texts by data/make_pairs.py (``crop`` or ``ict``)
-added to the training data. ``soup:ROW`` trains nothing: the uniform average of ROW's seed models'
-weights (a model soup, Wortsman et al. 2022). Rows ``untrained`` and ``bm25`` (the keyword baseline,
-evaluate.py --model_path bm25) train nothing either.
-
-The table gives, per row, the mean and spread over seeds of each half's Recall@1 and, on the report
-half, the paired bootstrap 95% interval of the difference to BM25 and to the untrained model (each
-query's metric averaged over the row's seeds, then resampled over queries). Each row runs in fresh
-processes; results are merged into --output (JSON, one entry per row, so the study can run in parts).
+The table gives per row the mean and spread over seeds of each half's recall and, on the report half,
+paired bootstrap 95% intervals of the difference to the baselines (each query's metric averaged over the
+row's seeds). Results are merged into --output, one entry per row, so the study can run in parts.
 
     python bench/recipe_study.py --rows bm25 untrained dense_n1 soup:dense_n1 --seeds 0 1 2
     python bench/recipe_study.py --list

@@ -22,7 +22,7 @@ import random
 import sys
 import time
 
-from common import fresh_process, peak_mb, write_json
+from common import fresh_process, peak_mb, random_unit_vectors, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -40,11 +40,7 @@ def search_row(size: int, queries: int, dim: int, dtype: str, device: str, k: in
 
     torch.manual_seed(0)
     before = rss_mb()
-    storage = getattr(torch, dtype)
-    corpus = torch.empty(size, dim, dtype=storage, device=device)
-    for start in range(0, size, 65_536):  # generated block by block: no float32 copy of the corpus
-        block = torch.randn(min(65_536, size - start), dim, device=device)
-        corpus[start: start + len(block)] = (block / block.norm(dim=1, keepdim=True)).to(storage)
+    corpus = random_unit_vectors(size, dim, dtype, device)  # (N, D)
     query_vectors = torch.randn(queries, dim, device=device)
     query_vectors /= query_vectors.norm(dim=1, keepdim=True)
     vectors_mb = corpus.numel() * corpus.element_size() / 2**20

@@ -247,17 +247,12 @@ def main(argv=None) -> None:
     parser.add_argument("--doc2dial", default=DOC2DIAL)
     parser.add_argument("--output", default=os.path.join(ROOT, "bench", "results", "train_speed.json"))
     parser.add_argument("--no_plot", action="store_true", help="write no PNG beside --output")
-    parser.add_argument("--report", default=None, help="only print the ratios of an earlier --output JSON")
     parser.add_argument("--padding", action="store_true", help="only print the padding accounting of the Doc2Dial "
                         "triples (--batch_sizes, --lengths, --mini_batch_size)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.padding:
         padding_report(args)
-        return
-    if args.report:
-        with open(args.report) as handle:
-            print_ratios(json.load(handle)["rows"])
         return
     if args.worker:  # one configuration, in this fresh process
         vars(args).update(json.loads(args.worker))
@@ -300,7 +295,6 @@ def main(argv=None) -> None:
                     rows.append({**config, **result})
     write_json(args.output, {"command": " ".join(sys.argv), "device": args.device, "mini_batch_size": args.mini_batch_size, "steps": args.steps,
                              "matmul_tflops": peak, "rows": rows})
-    print_ratios(rows)
     if not args.no_plot:
         plot(rows, os.path.splitext(args.output)[0] + ".png")
 
@@ -320,39 +314,6 @@ def matmul_tflops(device: str) -> float:
         torch.cuda.synchronize()
         best = max(best, 10 * 2 * 8192**3 / (time.perf_counter() - started) / 1e12)
     return best
-
-
-def print_ratios(rows) -> None:
-    """The issue's target ratios, where the rows to compute them are present."""
-    def get(method, data, length, batch, key):
-        for r in rows:
-            if (r["method"], r["data"], r["length"], r["batch_size"]) == (method, data, length, batch) and key in r:
-                return r[key]
-        return None
-
-    configs = sorted({(r["data"], r["length"]) for r in rows})
-    for data, length in configs:
-        batches = sorted({r["batch_size"] for r in rows if (r["data"], r["length"]) == (data, length)})
-        large = batches[-1]
-        for method in METHODS:
-            for small in batches[:-1]:
-                a, b = (get(method, data, length, batch, "peak_memory_mb") for batch in (large, small))
-                if a and b:
-                    print(f"{data} L={length} {method}: peak memory batch {large} / batch {small} = {a / b:.2f}")
-        for batch in batches:
-            o, s = (get(m, data, length, batch, "step_seconds") for m in ("origin", "st_cached"))
-            sm = get("st_cached", data, length, batch, "peak_memory_mb")
-            parts = []
-            for method in ("efficient", "efficient_every_copy"):
-                e, em = (get(method, data, length, batch, key) for key in ("step_seconds", "peak_memory_mb"))
-                if e and o:
-                    parts.append(f"{method}/origin step time {e / o:.2f}")
-                if e and s:
-                    parts.append(f"{method}/st_cached step time {e / s:.2f}")
-                if em and sm:
-                    parts.append(f"{method}/st_cached peak memory {em / sm:.2f}")
-            if parts:
-                print(f"{data} L={length} batch {batch}: " + ", ".join(parts))
 
 
 def plot(rows, path) -> None:

