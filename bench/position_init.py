@@ -12,7 +12,6 @@ and random against the plain chunks and against cutting at 512. Prints a table a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 
@@ -26,7 +25,7 @@ from longcontrast.metrics import gold_rank, retrieval_metrics
 from longcontrast.modeling import DualEncoder, default_model_path, load_encoder
 from longcontrast.positions import POSITION_INITS
 
-from common import DOC2DIAL
+from common import DOC2DIAL, write_json
 
 DEV = os.path.join(DOC2DIAL, "dev")
 
@@ -80,8 +79,7 @@ def main(argv=None) -> None:
     print("| setting | Recall@1 | Recall@5 | Recall@20 | MRR@20 |\n|---|---|---|---|---|")
     for name, m in rows.items():
         print(f"| {name} | {m['recall@1']:.1f} | {m['recall@5']:.1f} | {m['recall@20']:.1f} | {m['mrr@20']:.1f} |")
-    with open(args.output, "w") as handle:
-        json.dump({"model": model_path, "queries": len(items), "results": rows}, handle, indent=2)
+    write_json(args.output, {"model": model_path, "queries": len(items), "results": rows})
 
 
 if __name__ == "__main__":
