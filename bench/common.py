@@ -1,7 +1,6 @@
 """What the benchmarks share: the paths to the real data beside the repository (``../shared``),
-peak memory, a row measured in a fresh process, generated unit vectors, and results written atomically
-as JSON. The
-benchmarks import the package as users do (``pip install -e .``)."""
+peak memory, a row measured in a fresh process, generated unit vectors, and results written
+atomically as JSON. The benchmarks import the package as users do (``pip install -e .``)."""
 
 from __future__ import annotations
 
