@@ -316,7 +316,7 @@ def main(argv=None) -> int:
                     logger.info("%s %s %d: Acc@1 %.1f (%.0f s)", label, kind, length, done[str(length)],
                                 time.perf_counter() - started)
             done["mean"] = sum(v for k, v in done.items() if k != "mean") / len([k for k in done if k != "mean"])
-            # after every model: an interrupted run keeps what it measured, and --reuse goes on from there
+            # after every task of a model: an interrupted run keeps what it measured, and --reuse goes on from there
             write_json(args.output, {"runs": runs, "results": results})
     lengths = sorted({int(n) for r in results.values() for k in TASKS for n in r.get(k, {}) if n != "mean"})
     print(format_tables(results, lengths))
