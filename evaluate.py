@@ -40,8 +40,8 @@ def load_sets(args: SetArguments) -> list:
     if args.beir:
         return [CorpusSet(args.beir, args.split, page_split=args.page_split)]
     names = DATASETS if args.eval_dataset == "all" else [args.eval_dataset]
-    return [ChatRAGSet(args.data_folder, name, num_turns=args.query_turns, qrecc_answer_rule=args.qrecc_answer,
-                       split_at_token=args.split_at_token, page_split=args.page_split) for name in names]
+    return [ChatRAGSet.load(args.data_folder, name, num_turns=args.query_turns, qrecc_answer_rule=args.qrecc_answer,
+                            split_at_token=args.split_at_token, page_split=args.page_split) for name in names]
 
 
 def dense_retriever(path: str | None, models: ModelArguments, readings: ReadingArguments, run: RunArguments):

@@ -1,24 +1,14 @@
 #!/usr/bin/env python
 """Does a model read long text? Synthetic passkey and needle retrieval from 256 to 8192 tokens.
 
-Built like LongEmbed's synthetic tasks (Zhu et al. 2024), generated here offline and
-deterministically. Per length L, 100 documents of L tokens share one corpus and 50 of them are
-asked for (Acc@1 = the share of queries whose document ranks first):
-
-- passkey: the filler "The grass is green. The sky is blue. ..." repeated to L tokens, with
-  "{name}'s pass key is {key}. Remember it. {key} is the pass key for {name}." at a random
-  sentence boundary; query "what is the passkey for {name}?". The documents differ only there.
-- needle: the same haystack of natural prose for every document (Doc2Dial dev pages, CC BY 3.0,
-  from ../shared/data/doc2dial), with one short fact of this file's own (e.g. "The best thing to do
-  in Carrowmore is to swim in the harbour at dawn.") at a random sentence boundary; the query is the
-  fact's question.
-
-Lengths count each model's own tokens, special tokens included (every document is checked
-against the model's tokenizer and loses filler sentences until it fits, never its fact). Every
-model reads each text cut at its own position limit, as LongEmbed does: a 512-position model sees
-the first 512 tokens. Ranking follows evaluate.py's rule (:mod:`longcontrast.metrics`): texts a
-model reads identically tie, and a tie with the gold counts as a share of a hit (1 / the tied
-candidates), never as a hit.
+The tasks are LongEmbed's synthetic ones (Zhu et al. 2024), generated offline by
+:mod:`longcontrast.synthetic`: per length L, 100 documents of L tokens (each model's own tokens,
+special tokens included) share one corpus and 50 of them are asked for; the needle's haystack is
+the Doc2Dial dev pages' prose (CC BY 3.0, ../shared/data/doc2dial). Acc@1 is the share of queries
+whose document ranks first, scored by evaluate.py's harness: texts a model reads identically tie,
+and a tie with the gold counts as a share of a hit. Every model reads each text cut at its own
+position limit, as LongEmbed does (a 512-position model sees the first 512 tokens); the tables
+also split Acc@1 by whether the fact starts before or from token 512.
 
 Whole Doc2Dial pages (split by where the answer starts, beside MaxP windows) are evaluate.py's:
 ``python evaluate.py --model_path MODEL --data-folder ../shared/data/doc2dial/pages/dev
@@ -36,136 +26,24 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import random
 import time
 
 import torch
 
-
 from longcontrast.cli import one_line_errors, run
-from longcontrast.tokenization import special_tokens, tokenize
-from longcontrast.readers import read_json
-from longcontrast.inference import encode, load_retriever
-from longcontrast.metrics import gold_rank, per_item_metrics
+from longcontrast.evaluation import evaluate
+from longcontrast.inference import load_retriever
 from longcontrast.modeling import DualEncoder, default_model_path, load_encoder, read_pooling
 from longcontrast.positions import POSITION_INITS, token_positions
+from longcontrast.readers import read_json
+from longcontrast.retrievers import DenseRetriever, EncodeSettings
+from longcontrast.synthetic import NAMES, TASKS, load_haystack, synthetic_set
+
+from common import DOC2DIAL, write_json
 
 logger = logging.getLogger("long_context")
 HERE = os.path.dirname(os.path.abspath(__file__))
-from common import DOC2DIAL as SHARED, write_json
-
-TASKS = ("passkey", "needle")
 LENGTHS = (256, 512, 1024, 2048, 4096)  # the CPU default; add 8192 on a GPU
-
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-PASSKEY = "{name}'s pass key is {key}. Remember it. {key} is the pass key for {name}."
-PASSKEY_QUERY = "what is the passkey for {name}?"
-NAMES = (
-    "Abigail Ashdown Bartholomew Beatrix Cassius Cordelia Desmond Dorothea Ezekiel Eloise Fitzgerald Florentine "
-    "Gideon Guinevere Horatio Henrietta Ignatius Isadora Jasper Josephine Kilian Katarina Leopold Lavinia Montague "
-    "Marguerite Nathaniel Ninette Octavius Ophelia Peregrine Philippa Quentin Quintessa Reginald Rosalind Sebastian "
-    "Seraphina Thaddeus Theodora Ulysses Ursula Valentine Veronica Wilfred Winifred Xavier Xanthe Yannick Yolanda "
-    "Zachariah Zenobia Alaric Annabel Barnaby Bernadette Cornelius Clementine Dashiell Delphine Evander Esmeralda "
-    "Ferdinand Francesca Gulliver Georgiana Hamish Hyacinth Ichabod Imogen Jedidiah Juniper Lancelot Leonora "
-    "Mortimer Millicent Neville Nerissa Oberon Octavia Percival Penelope Rupert Rosamund Silas Sybilla Tobias "
-    "Tabitha Virgil Vivienne Warwick Wilhelmina Ambrose Adelaide Crispin Cressida Lysander Lucasta Magnus Marigold"
-).split()
-# Needles: (fact, question) templates over subjects that appear nowhere else in a document.
-NEEDLES = (
-    ("The best thing to do in {s} is to {a}.", "What is the best thing to do in {s}?"),
-    ("The oldest bakery in {s} sells bread made with {a}.", "What is the bread of the oldest bakery in {s} made with?"),
-    ("Every spring the people of {s} {a}.", "What do the people of {s} do every spring?"),
-    ("The secret of the lighthouse keeper of {s} is that he {a}.", "What is the secret of the lighthouse keeper of {s}?"),
-)
-PLACES = (
-    "Carrowmore Ellesby Fenwick Glenmorrow Harrowgate Inverkeld Kilbarron Lindenfall Marrowby Northcombe Oakhurst "
-    "Pennington Quarrydale Ravensholme Saltmarsh Thornbury Umberleigh Valemont Wexcombe Yarrowfield Ashbourne "
-    "Brackenridge Coldharbour Dunmere Everleigh"
-).split()
-ACTIVITIES = (
-    "swim in the harbour at dawn", "watch the herons on the river", "paint the old stone bridge",
-    "climb the clock tower", "race wooden boats on the lake", "plant tulips along the canal",
-    "carry lanterns up the hill", "bake honey cakes for strangers", "ring the seven church bells",
-    "dance around the apple trees", "fly red kites from the cliffs", "sing to the cows in the meadow",
-    "collect sea glass on the shore", "tell ghost stories in the cellar", "feed the swans at the mill",
-    "read poems to the fishermen", "knit scarves for the statues", "count the stars from the rooftops",
-    "grow giant pumpkins", "keep bees on the roof", "play chess in the square", "ride donkeys to the market",
-    "make cheese from goat milk", "juggle oranges at the fair", "walk barefoot on the beach",
-)
-
-
-def word_tokens(tokenizer, words: list[str]) -> list[int]:
-    """Tokens of each whitespace-separated word (BERT WordPiece tokenises words independently)."""
-    return [len(ids) for ids in tokenizer(words, add_special_tokens=False)["input_ids"]]
-
-
-def fill(sentences: list[str], counts: list[int], budget: int) -> list[str]:
-    """Whole sentences of ``sentences``, cycled from the first, as long as they fit in ``budget``
-    tokens (``counts``: tokens per sentence); a document may end up to one sentence short."""
-    out, used = [], 0
-    while True:
-        index = len(out) % len(sentences)
-        if used + counts[index] > budget:
-            return out
-        out.append(sentences[index])
-        used += counts[index]
-
-
-def build_documents(kind: str, length: int, tokenizer, haystack: list[str], count: int, seed: int):
-    """``count`` documents of at most ``length`` tokens ([CLS] and [SEP] included) and their queries.
-
-    Returns (documents, queries, depths): ``queries[i]`` asks for ``documents[i]``, whose fact
-    starts at token ``depths[i]`` ([CLS] is token 0). Deterministic in ``(kind, length, seed)``.
-    """
-    rng = random.Random(f"{kind}-{length}-{seed}")
-    if kind == "passkey":
-        names = rng.sample(NAMES, count)
-        facts = [PASSKEY.format(name=n, key=rng.randrange(10_000, 100_000)) for n in names]
-        questions = [PASSKEY_QUERY.format(name=n) for n in names]
-        sentences = [s.strip() + "." for s in FILLER.split(".") if s.strip()]
-    elif kind == "needle":
-        pairs = [(t, s, a) for t in range(len(NEEDLES)) for s, a in zip(PLACES, rng.sample(ACTIVITIES, len(PLACES)))]
-        chosen = rng.sample(pairs, count)
-        facts = [NEEDLES[t][0].format(s=s, a=a) for t, s, a in chosen]
-        questions = [NEEDLES[t][1].format(s=s) for t, s, _ in chosen]
-        sentences = haystack
-    else:
-        raise ValueError(kind)
-    counts = [sum(word_tokens(tokenizer, s.split())) for s in sentences]
-    prefix, suffix = special_tokens(tokenizer)
-    documents, depths = [], []
-    for fact in facts:
-        budget = length - len(prefix) - len(suffix) - sum(word_tokens(tokenizer, fact.split()))
-        body = fill(sentences, counts, budget)
-        at = rng.randint(0, len(body))  # a sentence boundary: the fact's depth
-        before, after = body[:at], body[at:]
-        # word counts are exact for WordPiece only: check the whole text with the model's own
-        # tokenizer, and drop filler (after the fact first) until it fits; the fact always stays
-        while len(tokenizer(" ".join(before + [fact] + after))["input_ids"]) > length:
-            (after if after else before).pop()
-        documents.append(" ".join(before + [fact] + after))
-        depths.append(len(prefix) + len(tokenizer(" ".join(before), add_special_tokens=False)["input_ids"]))
-    return documents, questions, depths
-
-
-def load_haystack(pages_folder: str) -> list[str]:
-    """Natural-prose sentences: the Doc2Dial dev pages, in page order, one sentence per line."""
-    documents = read_json(os.path.join(pages_folder, "documents.json"))
-    sentences = []
-    for name in sorted(documents):
-        for page in documents[name]:
-            for line in page.split("\n"):
-                words = line.split()
-                if len(words) >= 6 and words[-1][-1] in ".?!":  # sentences; no headings or menu crumbs
-                    sentences.append(" ".join(words))
-    return sentences
-
-
-def hits_at_1(scores: torch.Tensor) -> torch.Tensor:
-    """(Q,) hits from (Q, C) scores where query i's gold is candidate i, by evaluate.py's rule: 1
-    when the gold ranks first alone, 1 / the tied candidates when it ties for first, else 0."""
-    ranks = [gold_rank(row, i) for i, row in enumerate(scores)]
-    return torch.from_numpy(per_item_metrics(ranks)["recall@1"])  # (Q,)
 
 
 def load_models(specs: list[str], untrained_inits: list[str], extend_to: int):
@@ -189,21 +67,20 @@ def load_models(specs: list[str], untrained_inits: list[str], extend_to: int):
 def run_synthetic(model, tokenizer, kind, length, haystack, args) -> tuple[float, dict]:
     """Acc@1 of one task at one length, and Acc@1 apart for facts starting before / from token 512."""
     limit = token_positions(model.query_encoder)
-    documents, questions, depths = build_documents(kind, length, tokenizer, haystack, args.num_documents, args.seed)
+    data = synthetic_set(kind, length, tokenizer, haystack=haystack, documents=args.num_documents,
+                         queries=args.num_queries, seed=args.seed)
     prompt = model.prompts.get("document", "")
     # a prompt's tokens come on top of the document's own length
     extra = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0
-    doc_ids = tokenize(tokenizer, documents, min(limit, length + extra), "right", prompt)
-    query_ids = tokenize(tokenizer, questions[: args.num_queries], min(limit, 128), "left", model.prompts.get("query", ""))
-    encoding = {"batch_size": args.batch_size, "pad_token_id": tokenizer.pad_token_id, "device": torch.device(args.device),
-                "autocast": torch.bfloat16 if args.bf16 else None}
-    docs = encode(model, doc_ids, "passage", desc=f"{kind} {length}", **encoding)
-    queries = encode(model, query_ids, "query", desc="queries", **encoding)
-    hits = hits_at_1(queries @ docs.T)  # (Q,)
-    deep = torch.tensor(depths[: args.num_queries]) >= 512  # (Q,)
-    by_depth = {name: {"queries": int(part.sum()), "acc@1": 100 * float(hits[part].mean())}
-                for name, part in (("fact<512", ~deep), ("fact>=512", deep)) if part.any()}
-    return 100 * float(hits.mean()), by_depth
+    settings = EncodeSettings(query_max_len=min(limit, 128), passage_max_len=min(limit, length + extra),
+                              batch_size=args.batch_size, autocast=torch.bfloat16 if args.bf16 else None,
+                              query_prompt=model.prompts.get("query", ""), passage_prompt=prompt,
+                              device=torch.device(args.device))
+    scored = evaluate(DenseRetriever(model, tokenizer, settings), data)["whole"]
+    by_depth = {name: {"queries": part.num_items, "acc@1": part.metrics["recall@1"]}
+                for name, part in (("fact<512", scored.parts.get("gold_start<512")),
+                                   ("fact>=512", scored.parts.get("gold_start>=512"))) if part}
+    return scored.metrics["recall@1"], by_depth
 
 
 def format_tables(results: dict, lengths: list[int]) -> str:
@@ -275,7 +152,7 @@ def parse_args(argv=None):
     parser.add_argument("--num_documents", type=int, default=100)
     parser.add_argument("--num_queries", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0, help="Generation seed (names, keys, needles, depths).")
-    parser.add_argument("--pages", default=os.path.join(SHARED, "pages", "dev"),
+    parser.add_argument("--pages", default=os.path.join(DOC2DIAL, "pages", "dev"),
                         help="Whole-page dev set whose sentences are the needle haystack.")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--bf16", action="store_true", help="Encode under bf16 autocast (GPU).")

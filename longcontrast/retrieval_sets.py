@@ -133,8 +133,8 @@ def _summary(values: dict[str, np.ndarray], rows: list[int]) -> Scored:
 
 
 class ChatRAGSet:
-    """One ChatRAG-layout set (``DATA_FOLDER/<dataset>/test.json`` and ``documents.json``): the
-    chunks of every document some item ranks, concatenated in name order, one group a document.
+    """A ChatRAG-layout set (its items and documents; :meth:`load` reads ``DATA_FOLDER/<dataset>/``):
+    the chunks of every document some item ranks, concatenated in name order, one group a document.
 
     ``gold_texts`` (QReCC with its answer rule): each item's gold chunk followed by `` || `` and its
     first answer, which dense retrievers encode in place of the gold (ChatRAG's evaluation does).
@@ -147,26 +147,30 @@ class ChatRAGSet:
     query_side = "left"  # a dialogue's latest turns are kept
     metric_names = CHATRAG_METRICS
 
-    def __init__(self, data_folder: str, dataset: str, *, num_turns: int = 5, qrecc_answer_rule: bool = True,
+    def __init__(self, name: str, items: list[Item], documents: dict[str, list[str]], *, qrecc_answer_rule: bool = True,
                  split_at_token: int = 512, page_split: bool = False):
-        self.name = dataset
-        self.items, self.documents = load_chatrag(data_folder, dataset, num_turns)
+        self.name, self.items, self.documents = name, items, documents
         self.queries = [item.query for item in self.items]
         asking: dict[str, list[int]] = {}  # document -> the items that rank its chunks, in item order
         for index, item in enumerate(self.items):
             asking.setdefault(item.document, []).append(index)
         self.offsets, self.passages, self.groups = {}, [], []
-        for name in sorted(asking):
-            self.offsets[name] = len(self.passages)
-            self.passages.extend(self.documents[name])
-            self.groups.append(Group(self.offsets[name], len(self.passages), asking[name]))
+        for document in sorted(asking):
+            self.offsets[document] = len(self.passages)
+            self.passages.extend(self.documents[document])
+            self.groups.append(Group(self.offsets[document], len(self.passages), asking[document]))
         self.gold_texts = None
-        if dataset == "qrecc" and qrecc_answer_rule:
+        if name == "qrecc" and qrecc_answer_rule:
             # ChatRAG's QReCC gold labels come from word overlap with the answer; its evaluation appends
             # the first answer to the gold chunk before encoding, and so does this one.
             self.gold_texts = [self.documents[item.document][item.gold_index]
                                + (" || " + item.answers[0] if item.answers else "") for item in self.items]
         self.split_at_token, self.page_split = split_at_token, page_split
+
+    @classmethod
+    def load(cls, data_folder: str, dataset: str, *, num_turns: int = 5, **options) -> "ChatRAGSet":
+        """``DATA_FOLDER/<dataset>`` read by :func:`load_chatrag`, its queries of ``num_turns`` turns."""
+        return cls(dataset, *load_chatrag(data_folder, dataset, num_turns), **options)
 
     def score(self, run: Run, *, what: str = "model") -> Scored:
         """Each item's gold rank among its document's chunks (``run.scores[i]``: (C,) in chunk order)."""

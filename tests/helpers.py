@@ -51,7 +51,7 @@ class EvalConfig:
 
 def evaluate_dataset(model, tokenizer, folder: str, dataset: str, config: EvalConfig, device=None) -> dict:
     """A ChatRAG-layout set's results: the whole reading with the others (``maxp@W``, ``late@W``) nested."""
-    data = ChatRAGSet(folder, dataset, qrecc_answer_rule=config.qrecc_answer_rule)
+    data = ChatRAGSet.load(folder, dataset, qrecc_answer_rule=config.qrecc_answer_rule)
     return ModelResults({dataset: evaluate(config.retriever(model, tokenizer), data)}).to_json()[dataset]
 
 

@@ -1,5 +1,5 @@
-"""bench/long_context.py: its documents are deterministic, of the asked length, hold their fact
-once at a sentence boundary, and its Acc@1 never counts a tie as a hit."""
+"""longcontrast.synthetic and bench/long_context.py: the documents are deterministic, of the asked
+length, hold their fact once at a sentence boundary, and Acc@1 never counts a tie as a hit."""
 
 import importlib.util
 import re
@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from longcontrast import UserError, synthetic
+from longcontrast.evaluation import evaluate
+from longcontrast.modeling import DualEncoder, load_encoder
+from longcontrast.retrievers import DenseRetriever, EncodeSettings
 
 spec = importlib.util.spec_from_file_location("long_context", Path(__file__).parents[1] / "bench" / "long_context.py")
 long_context = importlib.util.module_from_spec(spec)
@@ -24,9 +29,9 @@ def tokenizer(tiny_model_dir):
 
 @pytest.mark.parametrize("kind", ["passkey", "needle"])
 def test_documents_have_the_length_and_their_fact_once(kind, tokenizer):
-    documents, questions, depths = long_context.build_documents(kind, 300, tokenizer, HAYSTACK, 20, seed=0)
-    again, _, _ = long_context.build_documents(kind, 300, tokenizer, HAYSTACK, 20, seed=0)
-    other, _, _ = long_context.build_documents(kind, 300, tokenizer, HAYSTACK, 20, seed=1)
+    documents, questions, depths = synthetic.build_documents(kind, 300, tokenizer, HAYSTACK, 20, seed=0)
+    again, _, _ = synthetic.build_documents(kind, 300, tokenizer, HAYSTACK, 20, seed=0)
+    other, _, _ = synthetic.build_documents(kind, 300, tokenizer, HAYSTACK, 20, seed=1)
     assert documents == again and documents != other
     assert len(documents) == len(questions) == len(set(questions)) == 20
     lengths = [len(tokenizer(d)["input_ids"]) for d in documents]  # [CLS] and [SEP] included
@@ -35,7 +40,7 @@ def test_documents_have_the_length_and_their_fact_once(kind, tokenizer):
         if kind == "passkey":  # "{name}'s pass key is {key}. Remember it. {key} is the pass key for {name}."
             subject, times = question.split("for ")[1].rstrip("?"), 2
         else:
-            (subject,), times = [p for p in long_context.PLACES if p in question], 1
+            (subject,), times = [p for p in synthetic.PLACES if p in question], 1
         assert document.count(subject) == times
         sentences = re.split(r"(?<=[.?!]) ", document)
         if kind == "needle":  # every other sentence is the haystack's, whole
@@ -58,7 +63,7 @@ def byte_level_bpe(folder):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    text = HAYSTACK + list(long_context.NAMES) + list(long_context.PLACES) + [long_context.FILLER]
+    text = HAYSTACK + list(synthetic.NAMES) + list(synthetic.PLACES) + [synthetic.FILLER]
     bpe.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<pad>"],
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     bpe.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 1)])
@@ -68,12 +73,12 @@ def byte_level_bpe(folder):
 @pytest.mark.parametrize("kind", ["passkey", "needle"])
 def test_lengths_are_the_models_own_tokens_and_the_fact_is_kept(kind, tmp_path):
     tokenizer = byte_level_bpe(tmp_path)
-    documents, questions, depths = long_context.build_documents(kind, 200, tokenizer, HAYSTACK, 20, seed=0)
+    documents, questions, depths = synthetic.build_documents(kind, 200, tokenizer, HAYSTACK, 20, seed=0)
     for document, question, depth in zip(documents, questions, depths):
         ids = tokenizer(document)["input_ids"]
         assert len(ids) <= 200  # cut at 200 tokens, nothing of it is lost
         subject = question.split("for ")[1].rstrip("?") if kind == "passkey" else next(
-            p for p in long_context.PLACES if p in question)
+            p for p in synthetic.PLACES if p in question)
         assert subject in document
         if kind == "needle":
             (fact,) = [x for x in re.split(r"(?<=[.?!]) ", document) if x not in HAYSTACK]
@@ -83,9 +88,23 @@ def test_lengths_are_the_models_own_tokens_and_the_fact_is_kept(kind, tmp_path):
         assert depth == 1 + len(tokenizer(before, add_special_tokens=False)["input_ids"])
 
 
-def test_accuracy_counts_ties_as_shares():
-    scores = torch.tensor([[0.9, 0.1, 0.2], [0.5, 0.5, 0.5], [0.9, 0.1, 0.3]])  # hit, 3-way tie, miss
-    assert long_context.hits_at_1(scores).tolist() == pytest.approx([1, 1 / 3, 0])
+def test_a_collapsed_model_scores_chance_not_hits(tiny_model_dir):
+    """A model with every weight zero reads every document alike: each query ties its gold with all
+    20 documents, so Acc@1 is chance (100 / 20), never a hit. The trained-shape model beats chance,
+    and the parts by fact depth hold every query."""
+    encoder, tokenizer = load_encoder(tiny_model_dir, 512, dropout=0.0)  # its letters are tokens: 300 fit a fact
+    data = synthetic.synthetic_set("passkey", 300, tokenizer, haystack=[], documents=20, queries=10, seed=0)
+    settings = EncodeSettings(passage_max_len=300)
+    whole = evaluate(DenseRetriever(DualEncoder(encoder.eval(), "mean"), tokenizer, settings), data)["whole"]
+    assert whole.metrics["recall@1"] > 100 / 20
+    assert sum(part.num_items for name, part in whole.parts.items() if name.startswith("gold_start")) == 10
+    with torch.no_grad():
+        for parameter in encoder.parameters():
+            parameter.zero_()
+    collapsed = evaluate(DenseRetriever(DualEncoder(encoder, "mean"), tokenizer, settings), data)["whole"]
+    assert collapsed.metrics["recall@1"] == pytest.approx(100 / 20)
+    with pytest.raises(UserError, match="cannot hold its fact"):
+        synthetic.build_documents("passkey", 40, tokenizer, [], 5, seed=0)
 
 
 def test_tables_and_plot(tmp_path):
