@@ -42,9 +42,9 @@ def random_unit_vectors(count: int, dim: int, dtype: str = "float16", device: st
     return vectors
 
 
-def write_json(path: str, value) -> None:
-    """``value`` as indented JSON at ``path``, written whole or not at all."""
+def write_json(path: str, value, indent: int | None = 2) -> None:
+    """``value`` as JSON at ``path`` (``indent=None``: on one line), written whole or not at all."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", "w") as handle:
-        json.dump(value, handle, indent=2)
+        json.dump(value, handle, indent=indent)
     os.replace(path + ".tmp", path)

