@@ -22,32 +22,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import sys
 import time
 
 from common import ROOT, fresh_process, write_json
 
-# name -> (LoRA, activation checkpointing, GradCache mini-batch or None, batch override or None); a ddp_ or
-# fsdp2_ name runs in two processes (--batch each), the model replicated or sharded
-CONFIGS = {
-    "full": (False, False, None, None),
-    "full_gradcache4": (False, False, 4, None),
-    "lora": (True, False, None, None),
-    "lora_gradcache4": (True, False, 4, None),
-    "lora_ckpt": (True, True, None, None),
-    "lora_ckpt_gradcache4": (True, True, 4, None),
-    "lora_ckpt_gradcache4_batch4": (True, True, 4, 4),
-    "ddp_full_gradcache4": (False, False, 4, None),
-    "fsdp2_full_gradcache4": (False, False, 4, None),
-    "ddp_lora_gradcache4": (True, False, 4, None),
-    "fsdp2_lora_gradcache4": (True, False, 4, None),
-}
+# "lora": LoRA, else full fine-tuning; "_ckpt": activation checkpointing; "_gradcacheM": GradCache mini-batches of M;
+# "_batchB": B queries instead of --batch; "ddp_" / "fsdp2_": two processes, the model replicated or sharded
+CONFIGS = ("full", "full_gradcache4", "lora", "lora_gradcache4", "lora_ckpt", "lora_ckpt_gradcache4",
+           "lora_ckpt_gradcache4_batch4", "ddp_full_gradcache4", "fsdp2_full_gradcache4", "ddp_lora_gradcache4",
+           "fsdp2_lora_gradcache4")
 PROCESSES = 2
 QWEN3_EMBEDDING_06B = dict(vocab_size=151669, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
                            num_key_value_heads=8, head_dim=128, intermediate_size=3072, max_position_embeddings=32768,
                            rope_theta=1_000_000, rms_norm_eps=1e-6, tie_word_embeddings=True,
                            pad_token_id=151643, eos_token_id=151643)
+
+
+def settings(name: str, batch: int) -> tuple[bool, bool, int | None, int, str | None]:
+    """A configuration's LoRA, checkpointing, GradCache mini-batch (None: none), batch and sharding (None: one process)."""
+    number = {key: int(found[1]) if (found := re.search(key + r"(\d+)", name)) else None for key in ("gradcache", "batch")}
+    sharding = name.partition("_")[0] if name.startswith(("ddp_", "fsdp2_")) else None
+    return "lora" in name, "ckpt" in name, number["gradcache"], number["batch"] or batch, sharding
 
 
 def child(args) -> dict:
@@ -63,9 +61,7 @@ def child(args) -> dict:
     from longcontrast.trainer import local
     from transformers import AutoModel, Qwen3Config
 
-    lora, checkpointing, mini_batch, batch_override = CONFIGS[args.child]
-    sharding = args.child.partition("_")[0] if args.child.startswith(("ddp_", "fsdp2_")) else None
-    batch = batch_override or args.batch
+    lora, checkpointing, mini_batch, batch, sharding = settings(args.child, args.batch)
     limit = int(args.memory_limit_gb * 2**30)
     if args.device == "cpu":
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -167,19 +163,18 @@ def main(argv=None) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(row), flush=True)
         return 0
+    passed = list(sys.argv[1:] if argv is None else argv)  # each child parses the same flags
     rows = []
     for name in args.configs:
         launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(PROCESSES), __file__] \
-            if name.startswith(("ddp_", "fsdp2_")) else [__file__]
+            if settings(name, args.batch)[4] else [__file__]
         try:
-            rows.append(fresh_process(*launcher, "--child", name, *[f"--{k}={v}" for k, v in (
-                ("batch", args.batch), ("passage_len", args.passage_len), ("layers", args.layers), ("steps", args.steps),
-                ("device", args.device), ("memory_limit_gb", args.memory_limit_gb))], *(["--bf16"] if args.bf16 else [])))
+            rows.append(fresh_process(*launcher, *passed, "--child", name))
         except RuntimeError as err:
             if "memory" not in str(err).lower():
                 raise
             # an allocation failed outside the step (e.g. in the optimizer)
-            rows.append({"config": name, "batch": CONFIGS[name][3] or args.batch, "out_of_memory": True,
+            rows.append({"config": name, "batch": settings(name, args.batch)[3], "out_of_memory": True,
                          "limit_gb": args.memory_limit_gb})
         print(table(rows[-1:]).splitlines()[-1], flush=True)
         write_json(args.output, {"command": " ".join(sys.argv), "rows": rows})

@@ -1,13 +1,11 @@
 #!/usr/bin/env python
-"""Several training seeds of one long-context recipe, read together: per seed and as mean and
-standard deviation, R@1 of the page dev set for whole pages, the model's own 512-token windows
-(MaxP), its late chunks and the 512-position MiniLM's windows; then each reading against each window
-row with a paired 95% bootstrap interval over items, each item's R@1 first averaged over the seeds
-(the recipe in expectation over seeds, its seed noise averaged out, the item noise kept).
+"""Several training seeds of one long-context recipe, read together: R@1 of the page dev set per
+seed (with mean and standard deviation) for whole pages, the model's own 512-token windows (MaxP),
+its late chunks and the 512-position MiniLM's windows; then each reading against each window row,
+each item's R@1 first averaged over the seeds, with a paired 95% bootstrap interval over items.
 
-Each input is a page evaluation with per-item values (``recipes/long_context.sh``'s
-OUTPUT_DIR/eval_doc2dial_pages.json, or a ``bench/results/long_context_*_pages.json``), the trained
-model beside the 512-position ``default``.
+Each input is a page evaluation with per-item values of the trained model beside the 512-position
+``default`` (``recipes/long_context.sh``'s OUTPUT_DIR/eval_doc2dial_pages.json).
 
     python bench/seeds.py bench/results/long_context_recipe_pages.json bench/results/long_context_seed{1,2}_pages.json
 """
@@ -15,15 +13,16 @@ model beside the 512-position ``default``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import sys
 
 import numpy as np
 
-
+from longcontrast import UserError
+from longcontrast.cli import one_line_errors, run
 from longcontrast.metrics import paired_difference
+from longcontrast.readers import read_json
+
+from common import write_json
 
 logger = logging.getLogger("seeds")
 PARTS = {"all": "", "past 512": "gold_start>=512", "report, past 512": "split=report gold_start>=512",
@@ -32,15 +31,14 @@ PARTS = {"all": "", "past 512": "gold_start>=512", "report, past 512": "split=re
 
 def readings(path: str) -> dict[str, dict]:
     """The four readings of one evaluation file: name -> its doc2dial results (per-item R@1 kept)."""
-    with open(path) as handle:
-        data = json.load(handle)
+    data = read_json(path)
     results = data.get("pages", data)["results"]
     trained = [name for name in results if name != "default"]
     if "default" not in results or len(trained) != 1:
-        raise SystemExit(f"error: {path}: expected the 512-position 'default' and one trained model")
+        raise UserError(f"{path}: expected the 512-position 'default' and one trained model")
     model, minilm = results[trained[0]]["doc2dial"], results["default"]["doc2dial"]
     if "late@512" not in model or "per_item" not in model:
-        raise SystemExit(f"error: {path}: needs --passage_window 512 --late_chunking --per_item results")
+        raise UserError(f"{path}: needs --passage_window 512 --late_chunking --per_item results")
     return {"whole": model, "own MaxP": model["maxp@512"], "late chunks": model["late@512"],
             "MiniLM MaxP": minilm["maxp@512"]}
 
@@ -53,42 +51,36 @@ def recall(results: dict, part: str) -> np.ndarray:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = one_line_errors(argparse.ArgumentParser(description=__doc__,
+                                                     formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument("evaluations", nargs="+", help="page evaluation JSON files, one per seed")
     parser.add_argument("--output", default=None, help="also write the table as JSON here")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for path in args.evaluations:
-        if not os.path.isfile(path):
-            print(f"error: {path} not found", file=sys.stderr)
-            return 2
     runs = [readings(path) for path in args.evaluations]
     out = {"evaluations": args.evaluations, "recall@1": {}, "paired": {}}
-    lines = ["| reading | " + " | ".join(PARTS) + " |", "|---" * (len(PARTS) + 1) + "|"]
+    header = " | ".join(PARTS) + " |\n" + "|---" * (len(PARTS) + 1) + "|"
+    lines = ["| reading | " + header]
     for reading in runs[0]:
         cells = []
         for label, part in PARTS.items():
-            values = [float(recall(run[reading], part).mean()) for run in runs]  # one per seed
-            out["recall@1"].setdefault(reading, {})[label] = values
-            cells.append(" / ".join(f"{v:.1f}" for v in values)
-                         + f" (mean {np.mean(values):.1f}, sd {np.std(values, ddof=1) if len(values) > 1 else 0:.1f})")
+            values = out["recall@1"].setdefault(reading, {})[label] = [float(recall(run[reading], part).mean())
+                                                                        for run in runs]  # one per seed
+            sd = np.std(values, ddof=1) if len(values) > 1 else 0
+            cells.append(" / ".join(f"{v:.1f}" for v in values) + f" (mean {np.mean(values):.1f}, sd {sd:.1f})")
         lines.append(f"| {reading} | " + " | ".join(cells) + " |")
-    lines += ["", "| seed-averaged items | " + " | ".join(PARTS) + " |", "|---" * (len(PARTS) + 1) + "|"]
-    for reading in ("whole", "late chunks"):
-        for window in ("own MaxP", "MiniLM MaxP"):
-            cells = []
-            for label, part in PARTS.items():
-                mean = lambda name: np.mean([recall(run[name], part) for run in runs], axis=0)  # noqa: E731 (N,)
-                paired = paired_difference(mean(window), mean(reading))
-                out["paired"].setdefault(f"{reading} - {window}", {})[label] = paired
-                cells.append(f"{paired['difference']:+.2f} [{paired['low']:+.2f}, {paired['high']:+.2f}]")
-            lines.append(f"| {reading} - {window} | " + " | ".join(cells) + " |")
+    lines += ["", "| seed-averaged items | " + header]
+    for reading, window in [(r, w) for r in ("whole", "late chunks") for w in ("own MaxP", "MiniLM MaxP")]:
+        cells = []
+        for label, part in PARTS.items():
+            base, other = (np.mean([recall(run[name], part) for run in runs], axis=0) for name in (window, reading))
+            paired = out["paired"].setdefault(f"{reading} - {window}", {})[label] = paired_difference(base, other)
+            cells.append(f"{paired['difference']:+.2f} [{paired['low']:+.2f}, {paired['high']:+.2f}]")
+        lines.append(f"| {reading} - {window} | " + " | ".join(cells) + " |")
     logger.info("%d seeds: R@1 per seed\n%s", len(runs), "\n".join(lines))
     if args.output:
-        with open(args.output, "w") as handle:
-            json.dump(out, handle, indent=1)
+        write_json(args.output, out)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run(main))

@@ -1,20 +1,14 @@
 #!/usr/bin/env python
 """Step time and peak memory: origin_train vs efficient_train (GradCache) vs sentence-transformers.
 
-Every configuration runs in a fresh process (so peak RSS on CPU is its own): one warm-up step,
-then --steps timed steps of forward + backward + SGD update, each on another contrastive batch of B
-queries, B positives and B hard negatives (every method sees the same batches). Methods:
-
-- ``origin``: the plain step of origin_train.py (whole batch with autograd);
-- ``efficient``: the GradCache step of efficient_train.py (--mini_batch_size, length-sorted, each
-  distinct text of the batch encoded once);
-- ``efficient_every_copy``: the same with ``--deduplicate_texts false`` (every copy encoded);
-- ``st_cached``: sentence-transformers' CachedMultipleNegativesRankingLoss, same model, CLS
-  pooling, same token ids, batch, mini-batch and temperature (scale 1/temperature).
-
-Data: ``equal`` (random token ids, every text exactly --lengths tokens) or ``doc2dial`` (the real,
-variable-length triples of ../shared/data/doc2dial/train_triples.jsonl, cut at --lengths tokens).
-Peak memory is torch.cuda.max_memory_allocated on GPU, the process's peak RSS on CPU.
+Each configuration runs in a fresh process (its peak RSS is its own): one warm-up step, then --steps
+timed steps (forward, backward, SGD update) on other batches of B queries, B positives and B hard
+negatives, the same batches for every method. Methods: ``origin`` (origin_train's step), ``efficient``
+(efficient_train's GradCache step: length-sorted mini-batches, each distinct text encoded once),
+``efficient_every_copy`` (every copy encoded) and ``st_cached`` (sentence-transformers'
+CachedMultipleNegativesRankingLoss on the same model, token ids and mini-batches). Data: ``equal``
+(random token ids, every text --lengths tokens) or ``doc2dial`` (the shared triples, cut at --lengths).
+Peak memory: max_memory_allocated on GPU, peak RSS on CPU. Results: docs/performance.md.
 
     python bench/train_speed.py --batch_sizes 16 96 --lengths 256 --data equal doc2dial
 """

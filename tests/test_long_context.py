@@ -193,5 +193,5 @@ def test_seeds_averages_each_item_over_seeds_before_pairing(tmp_path, caplog):
 
     bare = tmp_path / "bare.json"
     bare.write_text(json.dumps({"results": {"default": {"doc2dial": {}}, "m": {"doc2dial": {"recall@1": 1.0}}}}))
-    with pytest.raises(SystemExit, match="needs --passage_window 512 --late_chunking --per_item"):
+    with pytest.raises(UserError, match="needs --passage_window 512 --late_chunking --per_item"):
         seeds.main([str(bare)])
