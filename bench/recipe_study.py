@@ -247,65 +247,43 @@ def seed_mean(row: dict, half: str, metric: str) -> np.ndarray:
     return np.mean([np.array(v[half]["per_item"][metric]) for v in row["seeds"].values()], axis=0)
 
 
-def summary(results: dict, resamples: int = 10_000) -> dict:
-    """Per row: mean and spread over seeds per half and metric; report-half paired differences."""
-    from longcontrast.metrics import paired_difference
-
-    out = {}
-    for name, row in results.items():
-        entry = {}
-        for half in HALVES:
-            for metric in METRICS:
-                values = [v[half][metric] for v in row["seeds"].values()]
-                entry[f"{half} {metric}"] = {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1))
-                                             if len(values) > 1 else 0.0, "seeds": len(values)}
-        # the untrained model is read with the row's own queries; BM25 with the default ones and the whole conversation
-        recipe = results.get(name.partition("+bm25@")[0].partition("@dim")[0], {}).get("recipe")
-        untrained = "untrained_all_turns" if isinstance(recipe, dict) and query_flags(recipe) else "untrained"
-        # a hybrid is also compared with the untrained model's hybrid at the same weight: does training still pay?
-        weight = name.partition("+bm25@")[2]
-        hybrid = {"untrained hybrid": f"{untrained}+bm25@{weight}"} if weight else {}
-        # a prefix row (ROW@dimD) is also compared with its own models' whole vectors
-        whole = {"full width": name.partition("@dim")[0]} if "@dim" in name else {}
-        for label, baseline in {"bm25": "bm25", "bm25 all turns": "bm25_all_turns", "untrained": untrained, **hybrid,
-                                **whole}.items():
-            if baseline in results and baseline != name:
-                for half in HALVES:
-                    entry[f"{half} vs {label}"] = {
-                        metric: paired_difference(seed_mean(results[baseline], half, metric), seed_mean(row, half, metric),
-                                                  resamples=resamples) for metric in METRICS}
-        out[name] = entry
-    return out
+def baselines(name: str, results: dict) -> dict[str, str]:
+    """The rows a row is compared with on the report half: label -> row."""
+    # the untrained model is read with the row's own queries; BM25 with the default ones and the whole conversation
+    recipe = results.get(name.partition("+bm25@")[0].partition("@dim")[0], {}).get("recipe")
+    untrained = "untrained_all_turns" if isinstance(recipe, dict) and query_flags(recipe) else "untrained"
+    found = {"BM25": "bm25", "BM25 all turns": "bm25_all_turns", "untrained": untrained}
+    if "+bm25@" in name:  # a hybrid against the untrained model's hybrid at the same weight: does training still pay?
+        found["untrained hybrid"] = f"{untrained}+bm25@{name.partition('+bm25@')[2]}"
+    if "@dim" in name:  # a prefix row (ROW@dimD) against its own models' whole vectors
+        found["full width"] = name.partition("@dim")[0]
+    return {label: row for label, row in found.items() if row in results and row != name}
 
 
 def table(results: dict) -> str:
-    stats = summary(results)
-    lines = ["| row | seeds | selection R@1 | report R@1 | report R@5 | report R@20 | report R@1 - BM25 [95%] | "
-             "report R@1 - BM25 all turns [95%] | report R@1 - untrained [95%] | report R@20 - untrained [95%] | "
-             "report R@1 - untrained hybrid [95%] | report R@1 - full width [95%] | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    """Per row: mean and spread over seeds of each half's recall, and report-half paired intervals."""
+    from longcontrast.metrics import paired_difference
 
-    def cell(entry, key):
-        value = entry[key]
-        return f"{value['mean']:.2f}" + (f" ± {value['sd']:.2f}" if value["seeds"] > 1 else "")
-
-    def interval(entry, key, metric):
-        if key not in entry:
-            return "-"
-        c = entry[key][metric]
-        return f"{c['difference']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]"
-
+    compared = [("BM25", "recall@1"), ("BM25 all turns", "recall@1"), ("untrained", "recall@1"),
+                ("untrained", "recall@20"), ("untrained hybrid", "recall@1"), ("full width", "recall@1")]
+    lines = ["| row | seeds | selection R@1 | report R@1 | report R@5 | report R@20 | "
+             + " | ".join(f"report R@{metric[7:]} - {label} [95%]" for label, metric in compared) + " | train s |",
+             "|---" * (7 + len(compared)) + "|"]
     for name, row in results.items():
-        entry = stats[name]
-        seconds = row.get("train_seconds") or {}
-        lines.append("| " + " | ".join([
-            name, str(len(row["seeds"])), cell(entry, "selection recall@1"), cell(entry, "report recall@1"),
-            cell(entry, "report recall@5"), cell(entry, "report recall@20"),
-            interval(entry, "report vs bm25", "recall@1"), interval(entry, "report vs bm25 all turns", "recall@1"),
-            interval(entry, "report vs untrained", "recall@1"),
-            interval(entry, "report vs untrained", "recall@20"), interval(entry, "report vs untrained hybrid", "recall@1"),
-            interval(entry, "report vs full width", "recall@1"),
-            f"{np.mean(list(seconds.values())):.0f}" if seconds else "-"]) + " |")
+        def spread(half, metric):
+            values = [v[half][metric] for v in row["seeds"].values()]
+            return f"{np.mean(values):.2f}" + (f" ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else "")
+
+        def interval(label, metric):
+            if label not in others:
+                return "-"
+            c = paired_difference(seed_mean(results[others[label]], "report", metric), seed_mean(row, "report", metric))
+            return f"{c['difference']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]"
+
+        others, seconds = baselines(name, results), row.get("train_seconds") or {}
+        lines.append("| " + " | ".join([name, str(len(row["seeds"])), spread("selection", "recall@1"),
+                                        *(spread("report", m) for m in METRICS), *(interval(*c) for c in compared),
+                                        f"{np.mean(list(seconds.values())):.0f}" if seconds else "-"]) + " |")
     return "\n".join(lines)
 
 
