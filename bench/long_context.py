@@ -1,18 +1,11 @@
 #!/usr/bin/env python
 """Does a model read long text? Synthetic passkey and needle retrieval from 256 to 8192 tokens.
 
-The tasks are LongEmbed's synthetic ones (Zhu et al. 2024), generated offline by
-:mod:`longcontrast.synthetic`: per length L, 100 documents of L tokens (each model's own tokens,
-special tokens included) share one corpus and 50 of them are asked for; the needle's haystack is
-the Doc2Dial dev pages' prose (CC BY 3.0, ../shared/data/doc2dial). Acc@1 is the share of queries
-whose document ranks first, scored by evaluate.py's harness: texts a model reads identically tie,
-and a tie with the gold counts as a share of a hit. Every model reads each text cut at its own
-position limit, as LongEmbed does (a 512-position model sees the first 512 tokens); the tables
-also split Acc@1 by whether the fact starts before or from token 512.
-
-Whole Doc2Dial pages (split by where the answer starts, beside MaxP windows) are evaluate.py's:
-``python evaluate.py --model_path MODEL --data-folder ../shared/data/doc2dial/pages/dev
---eval-dataset doc2dial --passage_max_len 8192 --passage_window 512``.
+The tasks are LongEmbed's (:mod:`longcontrast.synthetic`): per length, 100 documents of that many of
+the model's own tokens, 50 of them asked for; Acc@1 by evaluate.py's rule (a tie with the gold is a
+share of a hit), also split by whether the fact starts before or from token 512. Each model reads
+each text cut at its own position limit, as LongEmbed does. Whole Doc2Dial pages are evaluate.py's
+(``--data-folder ../shared/data/doc2dial/pages/dev --passage_max_len 8192 --passage_window 512``).
 
     python bench/long_context.py                                  # the embedded MiniLM at 512 positions
     python bench/long_context.py --models default=default long=outputs/long --lengths 256 512 1024 2048 4096
@@ -39,10 +32,9 @@ from longcontrast.readers import read_json
 from longcontrast.retrievers import DenseRetriever, EncodeSettings
 from longcontrast.synthetic import NAMES, TASKS, load_haystack, synthetic_set
 
-from common import DOC2DIAL, write_json
+from common import DOC2DIAL, RESULTS, write_json
 
 logger = logging.getLogger("long_context")
-HERE = os.path.dirname(os.path.abspath(__file__))
 LENGTHS = (256, 512, 1024, 2048, 4096)  # the CPU default; add 8192 on a GPU
 
 
@@ -157,7 +149,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--bf16", action="store_true", help="Encode under bf16 autocast (GPU).")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--output", default=os.path.join(HERE, "results", "long_context.json"))
+    parser.add_argument("--output", default=os.path.join(RESULTS, "long_context.json"))
     parser.add_argument("--plot", default=None, help="PNG of Acc@1 against length (default: --output with .png).")
     parser.add_argument("--reuse", action="store_true",
                         help="Keep the results already in --output and run only what is missing.")

@@ -24,10 +24,8 @@ import sys
 import tempfile
 import time
 
-from common import DOC2DIAL as SHARED, fresh_process, peak_mb, random_unit_vectors, write_json
+from common import DOC2DIAL as SHARED, RESULTS, fresh_process, peak_mb, random_unit_vectors, write_json
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 ROWS = ("doc2dial_bm25", "doc2dial_dense", "dense_1m", "bm25_index_1m", "bm25s_index_1m")
 
 
@@ -123,7 +121,7 @@ def bm25_index_1m(size: int = 1_000_000, queries: int = 1_000) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
-    parser.add_argument("--output", default=os.path.join(HERE, "results", "mining_speed_cpu.json"))
+    parser.add_argument("--output", default=os.path.join(RESULTS, "mining_speed_cpu.json"))
     parser.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.row:

@@ -34,8 +34,7 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from common import DOC2DIAL as SHARED, write_json
+from common import DOC2DIAL as SHARED, RESULTS, ROOT, write_json
 
 TRAIN = os.path.join(SHARED, "train_triples.jsonl")
 CORPUS = os.path.join(SHARED, "dev", "documents.json")
@@ -297,7 +296,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work_dir", default=os.path.join(ROOT, "outputs", "recipe_study"),
                         help="Mined files, trained models, their evaluations and logs (a finished model or evaluation "
                              "found there is reused).")
-    parser.add_argument("--output", default=os.path.join(ROOT, "bench", "results", "recipe_study_split.json"),
+    parser.add_argument("--output", default=os.path.join(RESULTS, "recipe_study_split.json"),
                         help="JSON results, merged with the rows already there.")
     parser.add_argument("--table", action="store_true", help="Print the table of --output and exit.")
     parser.add_argument("--bf16", action="store_true",

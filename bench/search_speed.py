@@ -22,9 +22,8 @@ import random
 import sys
 import time
 
-from common import fresh_process, peak_mb, random_unit_vectors, write_json
+from common import RESULTS, fresh_process, peak_mb, random_unit_vectors, write_json
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def rss_mb() -> float:
@@ -97,7 +96,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--encode_passages", type=int, default=1_000,
                         help="Passages for the MiniLM encoding throughput (0: skip).")
-    parser.add_argument("--output", default=os.path.join(HERE, "results", "search_speed_cpu.json"))
+    parser.add_argument("--output", default=os.path.join(RESULTS, "search_speed_cpu.json"))
     parser.add_argument("--row", nargs=2, type=int, metavar=("SIZE", "QUERIES"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.row:

@@ -23,8 +23,7 @@ import random
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from common import DOC2DIAL as SHARED, fresh_process, peak_mb, write_json
+from common import DOC2DIAL as SHARED, RESULTS, fresh_process, peak_mb, write_json
 
 DOC2DIAL = os.path.join(SHARED, "train_triples.jsonl")
 METHODS = ("origin", "efficient", "efficient_every_copy", "st_cached")
@@ -237,7 +236,7 @@ def main(argv=None) -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--device", default=None)
     parser.add_argument("--doc2dial", default=DOC2DIAL)
-    parser.add_argument("--output", default=os.path.join(ROOT, "bench", "results", "train_speed.json"))
+    parser.add_argument("--output", default=os.path.join(RESULTS, "train_speed.json"))
     parser.add_argument("--no_plot", action="store_true", help="write no PNG beside --output")
     parser.add_argument("--padding", action="store_true", help="only print the padding accounting of the Doc2Dial "
                         "triples (--batch_sizes, --lengths, --mini_batch_size)")
