@@ -48,3 +48,38 @@ def write_json(path: str, value, indent: int | None = 2) -> None:
     with open(path + ".tmp", "w") as handle:
         json.dump(value, handle, indent=indent)
     os.replace(path + ".tmp", path)
+
+
+def line_plots(path: str, panels: list[dict]) -> None:
+    """A PNG of side-by-side line plots with one legend under them (3 labels a row: no line hidden).
+
+    Each panel: ``lines`` ({label: [(x, y), ...]}), ``xlabel``, ``ylabel``, optional ``title``,
+    ``log2_x`` (x on a log-2 axis, ticked at the points) and ``ylim``."""
+    try:
+        import matplotlib
+    except ImportError:  # a bare GPU machine: the tables and JSON say it all
+        print(f"matplotlib is not installed: no {path}", file=sys.stderr)
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(label for panel in panels for label in panel["lines"]))
+    legend_rows = -(-len(labels) // 3)
+    height = 4.2 + 0.25 * legend_rows  # inches
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), height), squeeze=False)
+    for axis, panel in zip(axes[0], panels):
+        for label, points in panel["lines"].items():
+            axis.plot(*zip(*points), marker="o", label=label, color=f"C{labels.index(label) % 10}")
+        if panel.get("log2_x"):
+            ticks = sorted({x for points in panel["lines"].values() for x, _ in points})
+            axis.set_xscale("log", base=2)
+            axis.set_xticks(ticks, [str(x) for x in ticks])
+        axis.set(xlabel=panel["xlabel"], ylabel=panel["ylabel"], title=panel.get("title", ""))
+        if "ylim" in panel:
+            axis.set_ylim(*panel["ylim"])
+        axis.grid(alpha=0.3)
+    handles = {label: handle for axis in axes[0] for handle, label in zip(*axis.get_legend_handles_labels())}
+    figure.legend(handles.values(), handles.keys(), loc="lower center", ncol=3, fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, 0.25 * legend_rows / height + 0.02, 1, 1))
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

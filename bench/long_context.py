@@ -32,7 +32,7 @@ from longcontrast.readers import read_json
 from longcontrast.retrievers import DenseRetriever, EncodeSettings
 from longcontrast.synthetic import NAMES, TASKS, load_haystack, synthetic_set
 
-from common import DOC2DIAL, RESULTS, write_json
+from common import DOC2DIAL, RESULTS, line_plots, write_json
 
 logger = logging.getLogger("long_context")
 LENGTHS = (256, 512, 1024, 2048, 4096)  # the CPU default; add 8192 on a GPU
@@ -98,37 +98,13 @@ def format_tables(results: dict, lengths: list[int]) -> str:
 
 
 def plot(results: dict, lengths: list[int], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    kinds = [k for k in TASKS if any(k in r for r in results.values())]
-    if not kinds:
-        return  # pages only: the tables say it all
-    legend_rows = -(-len(results) // 3)  # one legend under the plots, 3 models a row: lines stay visible
-    height = 4.2 + 0.25 * legend_rows  # inches
-    figure, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), height), squeeze=False)
-    for axis, kind in zip(axes[0], kinds):
-        for label, r in results.items():
-            points = [(n, r[kind][str(n)]) for n in lengths if str(n) in r.get(kind, {})]
-            if points:
-                axis.plot(*zip(*points), marker="o", label=label)
-        axis.set_xscale("log", base=2)
-        axis.set_xticks(lengths, [str(n) for n in lengths])
-        axis.set_ylim(-2, 102)
-        axis.set_xlabel("document length (tokens)")
-        axis.set_ylabel("Acc@1 (%)")
-        axis.set_title(kind)
-        axis.grid(alpha=0.3)
-    handles = {}
-    for axis in axes[0]:
-        for handle, label in zip(*axis.get_legend_handles_labels()):
-            handles.setdefault(label, handle)
-    figure.legend(handles.values(), handles.keys(), loc="lower center", ncol=3, fontsize=8, frameon=False)
-    figure.tight_layout(rect=(0, 0.25 * legend_rows / height + 0.02, 1, 1))
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    """Acc@1 against document length, a panel a task (none for results of whole pages only)."""
+    panels = [{"title": kind, "xlabel": "document length (tokens)", "ylabel": "Acc@1 (%)", "log2_x": True,
+               "ylim": (-2, 102), "lines": {label: [(n, r[kind][str(n)]) for n in lengths if str(n) in r[kind]]
+                                            for label, r in results.items() if kind in r}}
+              for kind in TASKS if any(kind in r for r in results.values())]
+    if panels:
+        line_plots(path, panels)
 
 
 def parse_args(argv=None):

@@ -23,7 +23,7 @@ import random
 import sys
 import time
 
-from common import DOC2DIAL as SHARED, RESULTS, fresh_process, peak_mb, write_json
+from common import DOC2DIAL as SHARED, RESULTS, fresh_process, line_plots, peak_mb, write_json
 
 DOC2DIAL = os.path.join(SHARED, "train_triples.jsonl")
 METHODS = ("origin", "efficient", "efficient_every_copy", "st_cached")
@@ -300,28 +300,13 @@ def matmul_tflops(device: str) -> float:
 
 
 def plot(rows, path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for (data, length, method) in sorted({(r["data"], r["length"], r["method"]) for r in rows}):
-        points = sorted((r["batch_size"], r) for r in rows
-                        if (r["data"], r["length"], r["method"]) == (data, length, method) and "step_seconds" in r)
-        if not points:
-            continue
-        xs = [x for x, _ in points]
-        label = f"{method} {data} L={length}"
-        axes[0].plot(xs, [r["peak_memory_mb"] for _, r in points], marker="o", label=label)
-        axes[1].plot(xs, [r["step_seconds"] for _, r in points], marker="o", label=label)
-    axes[0].set(xlabel="contrastive batch", ylabel="peak memory (MB)")
-    axes[1].set(xlabel="contrastive batch", ylabel="step time (s)")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    """Peak memory and step time against the contrastive batch, a line per method, data and length."""
+    lines = {}
+    for r in sorted((r for r in rows if "step_seconds" in r), key=lambda r: r["batch_size"]):
+        lines.setdefault(f"{r['method']} {r['data']} L={r['length']}", []).append(r)
+    line_plots(path, [{"xlabel": "contrastive batch", "ylabel": ylabel,
+                       "lines": {label: [(r["batch_size"], r[key]) for r in points] for label, points in lines.items()}}
+                      for key, ylabel in (("peak_memory_mb", "peak memory (MB)"), ("step_seconds", "step time (s)"))])
 
 
 if __name__ == "__main__":
