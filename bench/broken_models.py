@@ -12,8 +12,6 @@
 - nan: the word embeddings NaN (a diverged model).
 """
 
-from __future__ import annotations
-
 import argparse
 import os
 
@@ -25,9 +23,7 @@ from longcontrast.modeling import DualEncoder, default_model_path, load_encoder,
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output_dir", help="where the three models are written (OUTPUT_DIR/zero, near_collapse, nan)")
-    argv = [parser.parse_args(argv).output_dir]
-    path = default_model_path()
-    last_bias = None
+    output_dir, path = parser.parse_args(argv).output_dir, default_model_path()
     for name in ("zero", "near_collapse", "nan"):
         torch.manual_seed(0)
         encoder, tokenizer = load_encoder(path, None, dropout=0.0)
@@ -42,9 +38,9 @@ def main(argv=None) -> int:
                         parameter.copy_(torch.randn_like(parameter))
                     else:
                         parameter.zero_()
-        DualEncoder(encoder, read_pooling(path) or "cls").save(os.path.join(argv[0], name), tokenizer,
+        DualEncoder(encoder, read_pooling(path) or "cls").save(os.path.join(output_dir, name), tokenizer,
                                                                 max_seq_length=512)
-    print(f"wrote {argv[0]}/zero, near_collapse (all but {last_bias} zero) and nan")
+    print(f"wrote {output_dir}/zero, near_collapse (all but {last_bias} zero) and nan")
     return 0
 
 

@@ -1,8 +1,6 @@
-"""What the benchmarks share: the paths to the real data beside the repository (``../shared``) and to their results,
-peak memory, a row measured in a fresh process, generated unit vectors, and results written
-atomically as JSON. The benchmarks import the package as users do (``pip install -e .``)."""
-
-from __future__ import annotations
+"""What the benchmarks share: the paths to the real data beside the repository (``../shared``) and
+to the results, peak memory, a row measured in a fresh process, generated unit vectors, results
+written atomically as JSON, and line plots. The benchmarks import the package as users do."""
 
 import json
 import os

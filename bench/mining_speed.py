@@ -15,8 +15,6 @@
 Prints a table (seconds, peak RSS) and writes JSON (``--output``).
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import os

@@ -1,28 +1,21 @@
 #!/usr/bin/env python
 """Which training recipe gives the best retriever? Rows trained with several seeds, chosen on one
-half of the dev pages and reported on the other.
+half of the dev pages and reported on the other (method and results: docs/recipe-study.md).
 
 Every row trains all-MiniLM-L6-v2 with efficient_train.py on ../shared/data/doc2dial/train_triples.jsonl
-once per seed and evaluates each model on the dev set split by page (evaluate.py --page_split): rows are
-compared on ``split=selection`` and quoted on ``split=report``. A row (ROWS, ``--list``) is its
-differences to BASE: the negatives (``shared``: the file's BM25 ones; ``dense``, ``hybrid``: re-mined by
-data/mine_hard_negatives.py from the chunks of each query's own document, filtered at 95% of the positive's
-score; ``iterative:ROW``: mined by ROW's first model), label-free ``pairs`` (data/make_pairs.py), a ``teacher``
-whose scores it distils (data/score_with_teacher.py), Matryoshka dims, the query's turns (rows ending
-``all_turns`` read the whole conversation) and the training flags.
-Every trained row also gives ``ROW+bm25@W`` (its models fused with BM25 at each weight of FUSION_WEIGHTS)
-and ``ROW@dimD`` (its vectors cut to D). ``soup:ROW`` averages ROW's seed models; ``bm25`` and
-``untrained`` train nothing.
-
-The table gives per row the mean and spread over seeds of each half's recall and, on the report half,
-paired bootstrap 95% intervals of the difference to the baselines (each query's metric averaged over the
-row's seeds). Results are merged into --output, one entry per row, so the study can run in parts.
+once per seed and evaluates each model with ``evaluate.py --page_split``. A row (``--list``) is its
+differences to BASE: the negatives (``shared``: the file's; ``dense``, ``hybrid``: re-mined from each
+query's own document, filtered at 95% of the positive's score; ``iterative:ROW``: mined by ROW's first
+model), label-free ``pairs``, a ``teacher`` whose scores it distils, Matryoshka dims, the query's turns
+(``all_turns``: the whole conversation) and the training flags. Every trained row also gives
+``ROW+bm25@W`` (fused with BM25 at each weight W) and ``ROW@dimD`` (vectors cut to D); ``soup:ROW``
+averages ROW's seed models. The table gives each half's recall over seeds and report-half paired 95%
+intervals against the baselines, each query's metric averaged over the seeds. Results are merged
+into --output, a row at a time, so the study can run in parts.
 
     python bench/recipe_study.py --rows bm25_all_turns dense_n1_e2_all_turns distill_trained_n3_e2_all_turns --seeds 0 1 2
     python bench/recipe_study.py --list
 """
-
-from __future__ import annotations
 
 import argparse
 import hashlib

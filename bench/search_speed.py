@@ -13,8 +13,6 @@ passages, evaluate.py's CPU batching) tells how long embedding such a corpus wou
 Prints a table and writes JSON (``--output``).
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import os
@@ -26,11 +24,6 @@ from common import RESULTS, fresh_process, peak_mb, random_unit_vectors, write_j
 
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def search_row(size: int, queries: int, dim: int, dtype: str, device: str, k: int) -> dict:
     """One measurement, in this process (run by --row in a fresh one)."""
     import torch
@@ -38,7 +31,7 @@ def search_row(size: int, queries: int, dim: int, dtype: str, device: str, k: in
     from longcontrast.search import top_k
 
     torch.manual_seed(0)
-    before = rss_mb()
+    before = peak_mb()  # the process before the corpus: imports only grow it, so its peak is its size
     corpus = random_unit_vectors(size, dim, dtype, device)  # (N, D)
     query_vectors = torch.randn(queries, dim, device=device)
     query_vectors /= query_vectors.norm(dim=1, keepdim=True)

@@ -10,8 +10,6 @@ Each input is a page evaluation with per-item values of the trained model beside
     python bench/seeds.py bench/results/long_context_recipe_pages.json bench/results/long_context_seed{1,2}_pages.json
 """
 
-from __future__ import annotations
-
 import argparse
 import logging
 

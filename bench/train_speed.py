@@ -13,8 +13,6 @@ Peak memory: max_memory_allocated on GPU, peak RSS on CPU. Results: docs/perform
     python bench/train_speed.py --batch_sizes 16 96 --lengths 256 --data equal doc2dial
 """
 
-from __future__ import annotations
-
 import argparse
 import itertools
 import json
@@ -174,10 +172,7 @@ def step_flops(config, encoded: list[list[int]], extra_forward: bool) -> float:
     GradCache adds one more forward. Padding is not counted."""
     hidden, layers = config.hidden_size, config.num_hidden_layers
     per_layer = 4 * hidden * hidden + 2 * hidden * config.intermediate_size  # weights of one layer
-    forward = 0
-    for ids in encoded:
-        n = len(ids)
-        forward += 2 * n * per_layer * layers + 4 * n * n * hidden * layers
+    forward = sum(2 * len(ids) * per_layer * layers + 4 * len(ids) ** 2 * hidden * layers for ids in encoded)
     return forward * (4 if extra_forward else 3)
 
 

@@ -85,6 +85,8 @@ def build_documents(kind: str, length: int, tokenizer, haystack: list[str], coun
     starts at token ``depths[i]`` (token 0 is the first special token). Deterministic in
     ``(kind, length, seed)``; ``haystack``: the needle's sentences.
     """
+    if not 0 < count <= len(NAMES):
+        raise UserError(f"a synthetic task holds 1 to {len(NAMES)} documents, not {count}")
     rng = random.Random(f"{kind}-{length}-{seed}")
     if kind == "passkey":
         names = rng.sample(NAMES, count)
@@ -123,6 +125,8 @@ def synthetic_set(kind: str, length: int, tokenizer, *, haystack: list[str], doc
                   seed: int) -> ChatRAGSet:
     """``documents`` documents of one task at ``length`` tokens, the first ``queries`` of them asked
     for: a set whose items all rank the same candidates (the queries are the bare questions)."""
+    if not 0 < queries <= documents:
+        raise UserError(f"{queries} queries of {documents} documents: ask for 1 to {documents}")
     texts, questions, depths = build_documents(kind, length, tokenizer, haystack, documents, seed)
     name = f"{kind}@{length}"
     items = [Item(str(i), questions[i], name, i, [], depths[i], name) for i in range(queries)]
