@@ -99,6 +99,8 @@ def build_documents(kind: str, length: int, tokenizer, haystack: list[str], coun
         facts = [NEEDLES[t][0].format(s=s, a=a) for t, s, a in chosen]
         questions = [NEEDLES[t][1].format(s=s) for t, s, _ in chosen]
         sentences = haystack
+        if not sentences:
+            raise UserError("the needle task needs a haystack of sentences (--pages: a page set with prose)")
     else:
         raise ValueError(kind)
     counts = [sum(_word_tokens(tokenizer, s.split())) for s in sentences]
