@@ -12,16 +12,17 @@
 - nan: the word embeddings NaN (a diverged model).
 """
 
-import argparse
 import os
 
 import torch
 
 from longcontrast.modeling import DualEncoder, default_model_path, load_encoder, read_pooling
 
+from common import arguments, run
+
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__doc__)
     parser.add_argument("output_dir", help="where the three models are written (OUTPUT_DIR/zero, near_collapse, nan)")
     output_dir, path = parser.parse_args(argv).output_dir, default_model_path()
     for name in ("zero", "near_collapse", "nan"):
@@ -45,4 +46,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run(main))

@@ -1,17 +1,27 @@
 """What the benchmarks share: the paths to the real data beside the repository (``../shared``) and
-to the results, peak memory, a row measured in a fresh process, generated unit vectors, results
-written atomically as JSON, and line plots. The benchmarks import the package as users do."""
+to the results, the command line (:func:`arguments`, :data:`run`), peak memory, a row measured in a
+fresh process, generated unit vectors, results written atomically as JSON, and line plots."""
 
+import argparse
 import json
 import os
 import resource
 import subprocess
 import sys
 
+from longcontrast import cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")  # the JSON (and PNG) every benchmark writes by default
 SHARED = os.path.join(ROOT, "..", "shared", "data")
 DOC2DIAL = os.path.join(SHARED, "doc2dial")  # Doc2Dial chunks, pages and dev sets (CC BY 3.0)
+run = cli.run  # every benchmark's entry: logging set up, a UserError as one ``error:`` line and exit 2
+
+
+def arguments(description: str) -> argparse.ArgumentParser:
+    """A benchmark's parser: ``description`` as its help, a bad flag or value one ``error:`` line (under :func:`run`)."""
+    formatter = argparse.RawDescriptionHelpFormatter
+    return cli.one_line_errors(argparse.ArgumentParser(description=description, formatter_class=formatter))
 
 
 def peak_mb() -> float:

@@ -23,7 +23,7 @@ import resource
 import sys
 import time
 
-from common import RESULTS, fresh_process, write_json
+from common import RESULTS, arguments, fresh_process, run, write_json
 
 # "lora": LoRA, else full fine-tuning; "_ckpt": activation checkpointing; "_gradcacheM": GradCache mini-batches of M;
 # "_batchB": B queries instead of --batch; "ddp_" / "fsdp2_": two processes, the model replicated or sharded
@@ -139,7 +139,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__doc__)
     parser.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if not c.startswith(("ddp_", "fsdp2_"))],
                         choices=list(CONFIGS), help="Default: the one-process ones (ddp_*, fsdp2_*: two processes).")
     parser.add_argument("--batch", type=int, default=16, help="Queries (and passages) per contrastive batch.")
@@ -179,4 +179,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run(main))

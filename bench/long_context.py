@@ -14,14 +14,12 @@ each text cut at its own position limit, as LongEmbed does. Whole Doc2Dial pages
 Prints a table, writes JSON (``--output``) and a PNG of Acc@1 against length (``--plot``).
 """
 
-import argparse
 import logging
 import os
 import time
 
 import torch
 
-from longcontrast.cli import one_line_errors, run
 from longcontrast.evaluation import evaluate
 from longcontrast.inference import load_retriever
 from longcontrast.modeling import DualEncoder, default_model_path, load_encoder, read_pooling
@@ -30,7 +28,7 @@ from longcontrast.readers import read_json
 from longcontrast.retrievers import DenseRetriever, EncodeSettings
 from longcontrast.synthetic import TASKS, load_haystack, synthetic_set
 
-from common import DOC2DIAL, RESULTS, line_plots, write_json
+from common import DOC2DIAL, RESULTS, arguments, line_plots, run, write_json
 
 logger = logging.getLogger("long_context")
 LENGTHS = (256, 512, 1024, 2048, 4096)  # the CPU default; add 8192 on a GPU
@@ -106,7 +104,7 @@ def plot(results: dict, lengths: list[int], path: str) -> None:
 
 
 def parse_args(argv=None):
-    parser = one_line_errors(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser = arguments(__doc__)
     parser.add_argument("--models", nargs="*", default=["MiniLM 512=default"],
                         help="Models as LABEL=PATH or PATH ('default': the embedded all-MiniLM-L6-v2, 512 positions).")
     parser.add_argument("--untrained_inits", nargs="*", default=[], choices=POSITION_INITS,

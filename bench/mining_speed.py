@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 
-from common import DOC2DIAL as SHARED, RESULTS, fresh_process, peak_mb, random_unit_vectors, write_json
+from common import DOC2DIAL as SHARED, RESULTS, arguments, fresh_process, peak_mb, random_unit_vectors, run, write_json
 
 ROWS = ("doc2dial_bm25", "doc2dial_dense", "dense_1m", "bm25_index_1m", "bm25s_index_1m")
 
@@ -117,7 +117,7 @@ def bm25_index_1m(size: int = 1_000_000, queries: int = 1_000) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__doc__)
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     parser.add_argument("--output", default=os.path.join(RESULTS, "mining_speed_cpu.json"))
     parser.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)
@@ -151,4 +151,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run(main))

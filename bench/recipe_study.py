@@ -17,7 +17,6 @@ into --output, a row at a time, so the study can run in parts.
     python bench/recipe_study.py --list
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -27,7 +26,8 @@ import time
 
 import numpy as np
 
-from common import DOC2DIAL as SHARED, RESULTS, ROOT, write_json
+from longcontrast import UserError
+from common import DOC2DIAL as SHARED, RESULTS, ROOT, arguments, run, write_json
 
 TRAIN = os.path.join(SHARED, "train_triples.jsonl")
 CORPUS = os.path.join(SHARED, "dev", "documents.json")
@@ -83,7 +83,7 @@ TRUNCATED_DIMS = (256, 128, 64)  # every trained model is also scored on these p
 METRICS = ("recall@1", "recall@5", "recall@20")
 
 
-def run(command: list[str], log: str) -> float:
+def call(command: list[str], log: str) -> float:
     """Run a command (output to ``log``); its wall seconds. A failure ends the study with its log's tail."""
     started = time.perf_counter()
     with open(log, "w") as handle:
@@ -99,7 +99,7 @@ def cached(command: list[str], stem: str, args) -> str:
     flags = hashlib.sha256(json.dumps(command[1:]).encode()).hexdigest()[:10]
     path = os.path.join(args.work_dir, f"{stem}_{flags}.jsonl")
     if not os.path.exists(path):
-        run([*command, "--output", path], path + ".log")
+        call([*command, "--output", path], path + ".log")
     return path
 
 
@@ -123,7 +123,7 @@ def negatives_file(source: str, args, query: list[str]) -> tuple[str, float]:
         if source.startswith("iterative:"):
             model = os.path.join(args.work_dir, source.split(":", 1)[1], f"seed{args.seeds[0]}")
             if not os.path.isdir(model):
-                sys.exit(f"row {source.split(':', 1)[1]} must run before {source}")
+                raise UserError(f"row {source.split(':', 1)[1]} must run before {source}")
         command += ["--model_name_or_path", model, *args.precision_flags]
         if source == "hybrid":
             command += ["--scorer", "hybrid"]
@@ -139,7 +139,7 @@ def evaluate(model: str, output_file: str, dims: tuple[int, ...] = (), query: li
     per Matryoshka dimension D those of its vectors cut to D (--truncate_dim)."""
     weights = [] if model == "bm25" else [f"{w:g}" for w in FUSION_WEIGHTS]
     if not os.path.exists(output_file):
-        run([sys.executable, "evaluate.py", "--data-folder", DEV, "--eval-dataset", "doc2dial", "--page_split",
+        call([sys.executable, "evaluate.py", "--data-folder", DEV, "--eval-dataset", "doc2dial", "--page_split",
              "--per_item", "--output_file", output_file, "--model_path", model, *query,
              *(["--fuse_bm25", *weights] if weights else []), *(["--truncate_dim", *map(str, dims)] if dims else [])],
             output_file + ".log")
@@ -164,7 +164,7 @@ def soup(row: str, args) -> str:
     folders = [os.path.join(args.work_dir, row, f"seed{seed}") for seed in args.seeds]
     missing = [f for f in folders if not os.path.isfile(os.path.join(f, "model.safetensors"))]
     if missing:
-        sys.exit(f"soup:{row} needs the trained seeds of row {row} first: {missing}")
+        raise UserError(f"soup:{row} needs the trained seeds of row {row} first: {missing}")
     target = os.path.join(args.work_dir, row, "soup")
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(folders[0], target, ignore=shutil.ignore_patterns("*.safetensors", "checkpoint-*"))
@@ -198,7 +198,7 @@ def study_row(name: str, args) -> dict:
         if teacher != "default":
             teacher = os.path.join(args.work_dir, teacher, f"seed{args.seeds[0]}")
             if not os.path.isfile(os.path.join(teacher, "training_args.json")):
-                sys.exit(f"row {TEACHERS[spec['teacher']][0]} must run before {name}: its model is the teacher")
+                raise UserError(f"row {TEACHERS[spec['teacher']][0]} must run before {name}: its model is the teacher")
         train_file = cached([sys.executable, "data/score_with_teacher.py", "--input", train_file, "--model_name_or_path",
                              teacher, "--fuse_bm25", str(weight), "--corpus", CORPUS, "--per_document",
                              *args.precision_flags, *query], f"scored_{spec['negatives']}_{spec['teacher']}", args)
@@ -223,7 +223,7 @@ def study_row(name: str, args) -> dict:
             train_seconds[seed] = next(entry["train_runtime"] for entry in log if "train_runtime" in entry)
         else:
             os.makedirs(os.path.dirname(output_dir), exist_ok=True)
-            train_seconds[seed] = round(run(command, output_dir + ".log"), 1)
+            train_seconds[seed] = round(call(command, output_dir + ".log"), 1)
         alone, fused, truncated = evaluate(output_dir, output_dir + "_eval_hybrid.json", TRUNCATED_DIMS, query)
         seeds[str(seed)] = halves(alone)
         for weight, result in fused.items():
@@ -280,7 +280,7 @@ def table(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__doc__)
     parser.add_argument("--rows", nargs="+", default=["bm25", "bm25_all_turns", "untrained_all_turns", "dense_n1_e2_all_turns",
                                                       "distill_trained_n3_e2_all_turns"],
                         help="Rows to run, in order (--list shows them; soup:ROW for any trained ROW).")
@@ -329,4 +329,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run(main))

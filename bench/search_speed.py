@@ -20,7 +20,7 @@ import random
 import sys
 import time
 
-from common import RESULTS, fresh_process, peak_mb, random_unit_vectors, write_json
+from common import RESULTS, arguments, fresh_process, peak_mb, random_unit_vectors, run, write_json
 
 
 
@@ -80,7 +80,7 @@ def encoding_row(passages: int, batch_size: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__doc__)
     parser.add_argument("--sizes", nargs="+", type=int, default=[100_000, 1_000_000])
     parser.add_argument("--queries", nargs="+", type=int, default=[1_000, 10_000])
     parser.add_argument("--dim", type=int, default=384)
@@ -117,4 +117,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run(main))

@@ -10,17 +10,15 @@ Each input is a page evaluation with per-item values of the trained model beside
     python bench/seeds.py bench/results/long_context_recipe_pages.json bench/results/long_context_seed{1,2}_pages.json
 """
 
-import argparse
 import logging
 
 import numpy as np
 
 from longcontrast import UserError
-from longcontrast.cli import one_line_errors, run
 from longcontrast.metrics import paired_difference
 from longcontrast.readers import read_json
 
-from common import write_json
+from common import arguments, run, write_json
 
 logger = logging.getLogger("seeds")
 PARTS = {"all": "", "past 512": "gold_start>=512", "report, past 512": "split=report gold_start>=512",
@@ -49,8 +47,7 @@ def recall(results: dict, part: str) -> np.ndarray:
 
 
 def main(argv=None) -> int:
-    parser = one_line_errors(argparse.ArgumentParser(description=__doc__,
-                                                     formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser = arguments(__doc__)
     parser.add_argument("evaluations", nargs="+", help="page evaluation JSON files, one per seed")
     parser.add_argument("--output", default=None, help="also write the table as JSON here")
     args = parser.parse_args(argv)

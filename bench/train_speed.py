@@ -21,7 +21,7 @@ import random
 import sys
 import time
 
-from common import DOC2DIAL as SHARED, RESULTS, fresh_process, line_plots, peak_mb, write_json
+from common import DOC2DIAL as SHARED, RESULTS, arguments, fresh_process, line_plots, peak_mb, run, write_json
 
 DOC2DIAL = os.path.join(SHARED, "train_triples.jsonl")
 METHODS = ("origin", "efficient", "efficient_every_copy", "st_cached")
@@ -134,7 +134,7 @@ def worker(args) -> dict:
     seconds = (time.perf_counter() - started) / len(timed)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_mb()
     runs = [encoded(b) for b in timed]
-    flops = sum(step_flops(encoder.config, run, extra_forward=args.method != "origin") for run in runs) / len(timed)
+    flops = sum(step_flops(encoder.config, texts, extra_forward=args.method != "origin") for texts in runs) / len(timed)
     tokens = sum(len(x) for b in timed for x in b["query_ids"] + b["passage_ids"]) / len(timed)
     texts = sum(len(b["query_ids"]) + len(b["passage_ids"]) for b in timed) / len(timed)
     return {"step_seconds": seconds, "peak_memory_mb": peak, "tokens_per_step": tokens, "texts": texts,
@@ -209,7 +209,7 @@ def padding_report(args, samples: int = 200) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arguments(__doc__)
     parser.add_argument("--model", default=None, help="default: the embedded all-MiniLM-L6-v2; "
                         f"'{BGE_LARGE_SHAPE}': a random encoder of BGE-large's shape; '{MODERNBERT_SHAPE}': a random "
                         "ModernBERT of MiniLM's size (nothing downloaded)")
@@ -305,4 +305,4 @@ def plot(rows, path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run(main))
