@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 from longcontrast import UserError
+
 from common import DOC2DIAL as SHARED, RESULTS, ROOT, arguments, run, write_json
 
 TRAIN = os.path.join(SHARED, "train_triples.jsonl")

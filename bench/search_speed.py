@@ -23,7 +23,6 @@ import time
 from common import RESULTS, arguments, fresh_process, peak_mb, random_unit_vectors, run, write_json
 
 
-
 def search_row(size: int, queries: int, dim: int, dtype: str, device: str, k: int) -> dict:
     """One measurement, in this process (run by --row in a fresh one)."""
     import torch

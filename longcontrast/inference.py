@@ -152,7 +152,6 @@ def encode(model: DualEncoder, token_ids: list[list[int]], side: str, *, batch_s
     return embeddings[torch.tensor(copy_of, dtype=torch.long)]  # (N, D)
 
 
-
 def late_chunk_embeddings(model: DualEncoder, token_ids: list[list[int]], spans: list[list[tuple[int, int]]], *,
                           batch_size: int, pad_token_id: int, device: torch.device, max_tokens: int | None = None,
                           autocast: torch.dtype | None = None, desc: str = "late chunks",

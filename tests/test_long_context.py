@@ -54,6 +54,15 @@ def test_documents_have_the_length_and_their_fact_once(kind, tokenizer):
     assert len(set(depths)) > 5  # facts at many depths
 
 
+def test_synthetic_sets_refuse_what_they_cannot_build(tokenizer):
+    with pytest.raises(UserError, match="1 to 100 documents, not 101"):
+        synthetic.build_documents("passkey", 300, tokenizer, [], 101, seed=0)
+    with pytest.raises(UserError, match="6 queries of 5 documents"):
+        synthetic.synthetic_set("passkey", 300, tokenizer, haystack=[], documents=5, queries=6, seed=0)
+    with pytest.raises(UserError, match="needs a haystack"):
+        synthetic.build_documents("needle", 300, tokenizer, [], 5, seed=0)
+
+
 def byte_level_bpe(folder):
     """A tiny byte-level BPE tokenizer (RoBERTa / Qwen style: a word's tokens depend on the space
     before it, so counting words one by one is not exact), trained here offline."""
