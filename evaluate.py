@@ -20,56 +20,17 @@ import logging
 import os
 import time
 
-import torch
-
 from longcontrast import UserError, cli
 from longcontrast.comparison import compare, compare_windows, format_comparison, to_json
-from longcontrast.eval_arguments import ModelArguments, ReadingArguments, RunArguments, SetArguments, validate
+from longcontrast.eval_arguments import (ModelArguments, ReadingArguments, RunArguments, SetArguments, dense_retriever,
+                                         load_sets, validate)
 from longcontrast.evaluation import ModelResults, evaluate, format_table
-from longcontrast.inference import autocast_dtype, load_retriever, prompts_for
-from longcontrast.positions import token_positions
-from longcontrast.retrieval_sets import DATASETS, ChatRAGSet, CorpusSet
-from longcontrast.retrievers import BM25Retriever, DenseRetriever, EncodeSettings, Hybrid
+from longcontrast.retrieval_sets import CorpusSet
+from longcontrast.retrievers import BM25Retriever, Hybrid
 
 logger = logging.getLogger("evaluate")
 SHORT = {"ndcg@10": "nDCG@10", "mrr@10": "MRR@10", "map@100": "MAP@100", "mrr@20": "MRR@20", "ndcg@20": "NDCG@20",
          **{f"recall@{k}": f"R@{k}" for k in (1, 5, 10, 20, 100)}}
-
-
-def load_sets(args: SetArguments) -> list:
-    if args.beir:
-        return [CorpusSet(args.beir, args.split, page_split=args.page_split)]
-    names = DATASETS if args.eval_dataset == "all" else [args.eval_dataset]
-    return [ChatRAGSet.load(args.data_folder, name, num_turns=args.query_turns, qrecc_answer_rule=args.qrecc_answer,
-                            split_at_token=args.split_at_token, page_split=args.page_split) for name in names]
-
-
-def dense_retriever(path: str | None, models: ModelArguments, readings: ReadingArguments, run: RunArguments):
-    """A loaded model as a :class:`DenseRetriever`, and what the results record of it."""
-    device = torch.device(run.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, tokenizer = load_retriever(path, models.query_encoder_path, models.passage_encoder_path, models.pooling,
-                                      models.trust_remote_code, dtype=models.torch_dtype if models.torch_dtype == "auto"
-                                      else getattr(torch, models.torch_dtype))
-    model.to(device)
-    positions = token_positions(model.query_encoder)
-    prompts = prompts_for(model, models.query_prompt, models.passage_prompt)
-    embedding_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(
-        run.embedding_dtype, torch.float16 if device.type == "cuda" else torch.float32)
-    settings = EncodeSettings(
-        query_max_len=min(readings.query_max_len, positions), passage_max_len=min(readings.passage_max_len, positions),
-        batch_size=run.batch_size or (64 if device.type == "cuda" else 8), max_tokens=run.max_tokens_per_batch,
-        autocast=autocast_dtype(run.precision, device), embedding_dtype=embedding_dtype, query_prompt=prompts["query"],
-        passage_prompt=prompts["document"], device=device)
-    logger.info("%s reads queries up to %d tokens and passages up to %d (its position table: %d)", path or "default",
-                settings.query_max_len, settings.passage_max_len, positions)
-    width = model.query_encoder.config.hidden_size
-    if any(dim > width for dim in readings.truncate_dim or ()):
-        raise UserError(f"--truncate_dim {max(readings.truncate_dim)} is wider than its {width}-dimensional vectors")
-    retriever = DenseRetriever(model, tokenizer, settings, window=readings.passage_window,
-                               late_chunking=readings.late_chunking, cache=run.corpus_embeddings, use_faiss=run.faiss)
-    info = {"pooling": model.pooling, "prompts": prompts,
-            "tokens_read": {"query": settings.query_max_len, "passage": settings.passage_max_len}}
-    return retriever, info
 
 
 def write_runs(retriever, data, run_file: str, number: int) -> None:

@@ -1,16 +1,23 @@
 """``evaluate.py``'s arguments: dataclasses parsed by ``HfArgumentParser`` (every flag also takes
-dashes for underscores), and their checks."""
+dashes for underscores), their checks, and what they build (the evaluation sets, a model as a
+dense retriever)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
 from . import UserError
-from .inference import DEFAULT_MAX_TOKENS
-from .retrieval_sets import DATASETS
-from .retrievers import DEFAULT_BM25_WEIGHT
+from .inference import DEFAULT_MAX_TOKENS, autocast_dtype, load_retriever, prompts_for
+from .positions import token_positions
+from .retrieval_sets import DATASETS, ChatRAGSet, CorpusSet
+from .retrievers import DEFAULT_BM25_WEIGHT, DenseRetriever, EncodeSettings
+
+logger = logging.getLogger(__name__)
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -148,3 +155,40 @@ def validate(models: ModelArguments, sets: SetArguments, readings: ReadingArgume
         raise UserError("--corpus_embeddings caches one model's corpus: evaluate one model with it")
     if sets.eval_dataset not in (*DATASETS, "all"):
         raise UserError(f"--eval_dataset must be one of {', '.join(DATASETS)} or all")
+
+
+def load_sets(args: SetArguments) -> list:
+    """The sets to evaluate on: the BEIR folder, else the ChatRAG-layout set(s)."""
+    if args.beir:
+        return [CorpusSet(args.beir, args.split, page_split=args.page_split)]
+    names = DATASETS if args.eval_dataset == "all" else [args.eval_dataset]
+    return [ChatRAGSet.load(args.data_folder, name, num_turns=args.query_turns, qrecc_answer_rule=args.qrecc_answer,
+                            split_at_token=args.split_at_token, page_split=args.page_split) for name in names]
+
+
+def dense_retriever(path: str | None, models: ModelArguments, readings: ReadingArguments, run: RunArguments):
+    """A loaded model as a :class:`DenseRetriever`, and what the results record of it."""
+    device = torch.device(run.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tokenizer = load_retriever(path, models.query_encoder_path, models.passage_encoder_path, models.pooling,
+                                      models.trust_remote_code, dtype=models.torch_dtype if models.torch_dtype == "auto"
+                                      else getattr(torch, models.torch_dtype))
+    model.to(device)
+    positions = token_positions(model.query_encoder)
+    prompts = prompts_for(model, models.query_prompt, models.passage_prompt)
+    embedding_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(
+        run.embedding_dtype, torch.float16 if device.type == "cuda" else torch.float32)
+    settings = EncodeSettings(
+        query_max_len=min(readings.query_max_len, positions), passage_max_len=min(readings.passage_max_len, positions),
+        batch_size=run.batch_size or (64 if device.type == "cuda" else 8), max_tokens=run.max_tokens_per_batch,
+        autocast=autocast_dtype(run.precision, device), embedding_dtype=embedding_dtype, query_prompt=prompts["query"],
+        passage_prompt=prompts["document"], device=device)
+    logger.info("%s reads queries up to %d tokens and passages up to %d (its position table: %d)", path or "default",
+                settings.query_max_len, settings.passage_max_len, positions)
+    width = model.query_encoder.config.hidden_size
+    if any(dim > width for dim in readings.truncate_dim or ()):
+        raise UserError(f"--truncate_dim {max(readings.truncate_dim)} is wider than its {width}-dimensional vectors")
+    retriever = DenseRetriever(model, tokenizer, settings, window=readings.passage_window,
+                               late_chunking=readings.late_chunking, cache=run.corpus_embeddings, use_faiss=run.faiss)
+    info = {"pooling": model.pooling, "prompts": prompts,
+            "tokens_read": {"query": settings.query_max_len, "passage": settings.passage_max_len}}
+    return retriever, info
