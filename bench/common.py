@@ -77,7 +77,8 @@ def line_plots(path: str, panels: list[dict]) -> None:
     figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), height), squeeze=False)
     for axis, panel in zip(axes[0], panels):
         for label, points in panel["lines"].items():
-            axis.plot(*zip(*points), marker="o", label=label, color=f"C{labels.index(label) % 10}")
+            if points:
+                axis.plot(*zip(*points), marker="o", label=label, color=f"C{labels.index(label) % 10}")
         if panel.get("log2_x"):
             ticks = sorted({x for points in panel["lines"].values() for x, _ in points})
             axis.set_xscale("log", base=2)
