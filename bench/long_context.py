@@ -21,7 +21,7 @@ import time
 import torch
 
 from longcontrast.evaluation import evaluate
-from longcontrast.inference import load_retriever
+from longcontrast.inference import load_retriever, prompts_for
 from longcontrast.modeling import DualEncoder, default_model_path, load_encoder, read_pooling
 from longcontrast.positions import POSITION_INITS, token_positions
 from longcontrast.readers import read_json
@@ -57,12 +57,12 @@ def run_synthetic(model, tokenizer, kind, length, haystack, args) -> tuple[float
     limit = token_positions(model.query_encoder)
     data = synthetic_set(kind, length, tokenizer, haystack=haystack, documents=args.num_documents,
                          queries=args.num_queries, seed=args.seed)
-    prompt = model.prompts.get("document", "")
+    prompts = prompts_for(model, None, None)  # the ones the model records, as evaluate.py reads them
     # a prompt's tokens come on top of the document's own length
-    extra = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0
+    extra = len(tokenizer(prompts["document"], add_special_tokens=False)["input_ids"]) if prompts["document"] else 0
     settings = EncodeSettings(query_max_len=min(limit, 128), passage_max_len=min(limit, length + extra),
                               batch_size=args.batch_size, autocast=torch.bfloat16 if args.bf16 else None,
-                              query_prompt=model.prompts.get("query", ""), passage_prompt=prompt,
+                              query_prompt=prompts["query"], passage_prompt=prompts["document"],
                               device=torch.device(args.device))
     scored = evaluate(DenseRetriever(model, tokenizer, settings), data)["whole"]
     by_depth = {name: {"queries": part.num_items, "acc@1": part.metrics["recall@1"]}
