@@ -74,6 +74,13 @@ class EncoderArguments:
         metadata={"help": "Run the model's own code from its folder or the hub (needed by e.g. nomic-bert, jina-bert). "
                   "Only for models whose code you trust."},
     )
+    colbert_dim: int = field(
+        default=0,
+        metadata={"help": "Late interaction (ColBERT): every token's last hidden state through a new linear "
+                  "projection to this many dimensions (128 is the field's default), one unit vector per token, "
+                  "scored by MaxSim; saved in PyLate's layout. 0: one pooled vector per text. A folder that "
+                  "already holds a projection (PyLate's 1_Dense) continues from it at its own width."},
+    )
     untie_encoders: bool = field(
         default=False,
         metadata={"help": "Train separate query and passage encoders, both initialised from the checkpoint; "

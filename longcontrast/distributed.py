@@ -17,6 +17,7 @@ import hashlib
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from .loss import BatchLabels
 
@@ -54,7 +55,9 @@ def sequence_id(token_ids: list[int]) -> int:
 def gather_rows(local: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """All processes' ``local`` rows, concatenated in rank order; this process's rows keep autograd.
 
-    Processes may hold different numbers of rows (an example with fewer hard negatives).
+    Processes may hold different numbers of rows (an example with fewer hard negatives) and, for
+    (n_r, L_r, D) token vectors, different lengths: those are zero-padded to the longest
+    (:mod:`.late_interaction`: zero rows are padding).
 
     Args:
         local: (n_r, ...) this process's rows.
@@ -62,10 +65,12 @@ def gather_rows(local: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     Returns:
         (sum n_r, ...) the gathered rows and the list of n_r.
     """
-    size = torch.tensor([local.size(0)], device=local.device)
-    sizes = [torch.zeros_like(size) for _ in range(world_size())]
-    dist.all_gather(sizes, size)
-    sizes = [int(s.item()) for s in sizes]
+    shape = torch.tensor(local.shape[:2] if local.dim() == 3 else local.shape[:1], device=local.device)
+    shapes = [torch.zeros_like(shape) for _ in range(world_size())]
+    dist.all_gather(shapes, shape)
+    sizes = [int(s[0].item()) for s in shapes]
+    if local.dim() == 3:
+        local = F.pad(local, (0, 0, 0, max(int(s[1].item()) for s in shapes) - local.size(1)))  # (n_r, L, D)
     padded = local.new_zeros((max(sizes), *local.shape[1:]))  # (n_max, ...)
     padded[: local.size(0)] = local.detach()
     gathered = [torch.empty_like(padded) for _ in sizes]

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .late_interaction import cat_padded
 from .loss import LossOutput
 
-# encode(inputs) -> (N, D) embeddings; inputs is one padded mini-batch.
+# encode(inputs) -> (N, D) embeddings, or (N, L, D) token vectors; inputs is one padded mini-batch.
 EncodeFn = Callable[[dict], torch.Tensor]
 
 
@@ -62,7 +63,7 @@ def embed_without_grad(
         for inputs in mini_batches:
             states.append(RandState.capture(device))
             embeddings.append(encode(inputs))  # (n_i, D)
-    return torch.cat(embeddings), states  # (N, D)
+    return cat_padded(embeddings), states  # (N, D), or (N, L, D) token vectors zero-padded to the longest
 
 
 def cache_embedding_gradients(
@@ -90,7 +91,7 @@ def replay(
     """Pass 3: re-encode each mini-batch with autograd and back-propagate its cached gradient.
 
     Args:
-        gradients: (N, D) cached gradients, rows in mini-batch order.
+        gradients: (N, D) cached gradients (or (N, L, D) for token vectors), rows in mini-batch order.
         backward: back-propagates a scalar (``accelerator.backward`` applies the fp16 loss scale).
         sync_context: ``sync_context(is_last)`` wraps each mini-batch's forward and backward; a DDP
             caller passes ``no_sync`` for all but the last so gradients are reduced once.
@@ -103,6 +104,8 @@ def replay(
             with state.restored():
                 embeddings = encode(inputs)  # (n_i, D)
             cached = gradients[start : start + embeddings.size(0)]  # (n_i, D)
+            if cached.dim() == 3:  # token vectors: this mini-batch's own length of the padded cache
+                cached = cached[:, : embeddings.size(1)]  # (n_i, L_i, D)
             start += embeddings.size(0)
             # d(surrogate)/d(params) = sum_k cached_k * d(embedding_k)/d(params): this mini-batch's
             # share of the full-batch gradient. Embeddings come out of the encoder in float32 (or

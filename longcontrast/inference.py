@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from . import UserError
 from .batching import length_sorted_groups, pad, unique_sequences
+from .late_interaction import read_projection
 from .modeling import (DualEncoder, default_model_path, from_pretrained, load_tokenizer, pool, prepare_tokenizer,
                        read_pooling, read_prompts)
 
@@ -68,7 +69,8 @@ def load_retriever(model_path=None, query_encoder_path=None, passage_encoder_pat
     prompts = {"query": read_prompts(query_encoder_path).get("query", ""),
                "document": read_prompts(passage_encoder_path).get("document", "")}
     model = DualEncoder(query_encoder, recorded or pooling or "cls", passage_encoder, prompts,
-                        paths={"query": query_encoder_path, "passage": passage_encoder_path})
+                        paths={"query": query_encoder_path, "passage": passage_encoder_path},
+                        projection=read_projection(query_encoder_path))  # late interaction: PyLate's 1_Dense
     tokenizer = load_tokenizer(query_encoder_path, trust_remote_code)
     prepare_tokenizer(tokenizer, model.pooling)  # a base decoder evaluated as it comes: pad and end token
     return model, tokenizer

@@ -1,6 +1,7 @@
-"""The training objective: InfoNCE over cosine similarity with in-batch and hard negatives,
-distillation from teacher scores (KL or MarginMSE over each query's own candidates), and
-Matryoshka prefixes of the vector. Pure functions of the embeddings."""
+"""The training objective: InfoNCE over cosine similarity (or MaxSim of token vectors, see
+:mod:`.late_interaction`) with in-batch and hard negatives, distillation from teacher scores (KL or
+MarginMSE over each query's own candidates), and Matryoshka prefixes of the vector. Pure functions
+of the embeddings."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from .late_interaction import similarity
 
 
 class LossOutput(NamedTuple):
@@ -28,9 +31,11 @@ def contrastive_loss(
     """InfoNCE loss of each query against every passage of the batch.
 
     Args:
-        query_embeddings: (B, D) L2-normalised query embeddings.
-        passage_embeddings: (P, D) L2-normalised passage embeddings: the positives and the hard
-            negatives of the whole batch, in any layout that ``targets`` describes.
+        query_embeddings: (B, D) L2-normalised query embeddings, or (B, Lq, D) token vectors
+            (:mod:`.late_interaction`; the similarity is then the mean MaxSim).
+        passage_embeddings: (P, D) L2-normalised passage embeddings (or (P, Lp, D) token vectors):
+            the positives and the hard negatives of the whole batch, in any layout that ``targets``
+            describes.
         temperature: the similarities (cosines, in [-1, 1]) are divided by it before the softmax;
             0.05 is a scale of 20. Must be > 0.
         targets: (B,) index into the passages of each query's own positive; default ``arange(B)``
@@ -48,14 +53,19 @@ def contrastive_loss(
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    num_queries = query_embeddings.size(0)
-    if targets is None:
-        targets = torch.arange(num_queries, device=query_embeddings.device)  # (B,)
     # float32 at least, even inside an autocast region: at temperature 0.01 bf16 logits would sit
     # on a grid 0.5 apart
-    dtype = torch.promote_types(query_embeddings.dtype, torch.float32)
-    with torch.autocast(query_embeddings.device.type, enabled=False):
-        scores = query_embeddings.to(dtype) @ passage_embeddings.to(dtype).T / temperature  # (B, P)
+    return infonce(similarity(query_embeddings, passage_embeddings), temperature, targets, passage_text_ids,
+                   query_positive_ids)
+
+
+def infonce(similarities: torch.Tensor, temperature: float, targets: torch.Tensor | None = None,
+            passage_text_ids: torch.Tensor | None = None, query_positive_ids: torch.Tensor | None = None) -> LossOutput:
+    """:func:`contrastive_loss` from the (B, P) similarities of the batch's queries and passages."""
+    num_queries = similarities.size(0)
+    if targets is None:
+        targets = torch.arange(num_queries, device=similarities.device)  # (B,)
+    scores = similarities / temperature  # (B, P)
     if passage_text_ids is not None:
         positive_ids = passage_text_ids[targets]  # (B,)
         same_text = passage_text_ids[None, :] == positive_ids[:, None]  # (B, P)
@@ -110,7 +120,8 @@ def distillation_loss(
     """The student's scores of each query's own candidates fitted to a teacher's.
 
     Args:
-        query_embeddings: (B, D) and ``passage_embeddings`` (P, D), L2-normalised.
+        query_embeddings: (B, D) and ``passage_embeddings`` (P, D), L2-normalised (or token
+            vectors, as in :func:`contrastive_loss`).
         candidates: (B, K) index into the passages of each query's positive (column 0) and its own
             hard negatives; -1 pads a query with fewer.
         teacher_scores: (B, K) the teacher's score of each candidate (values at pads are ignored).
@@ -124,12 +135,16 @@ def distillation_loss(
     Returns:
         () the loss, in nats for ``kl``.
     """
+    return distill(similarity(query_embeddings, passage_embeddings), candidates, teacher_scores,
+                   temperature=temperature, teacher_temperature=teacher_temperature, kind=kind)
+
+
+def distill(similarities: torch.Tensor, candidates: torch.Tensor, teacher_scores: torch.Tensor, *, temperature: float,
+            teacher_temperature: float, kind: str = "kl") -> torch.Tensor:
+    """:func:`distillation_loss` from the (B, P) similarities of the batch's queries and passages."""
     valid = candidates >= 0  # (B, K)
-    dtype = torch.promote_types(query_embeddings.dtype, torch.float32)
-    with torch.autocast(query_embeddings.device.type, enabled=False):
-        picked = passage_embeddings.to(dtype)[candidates.clamp(min=0)]  # (B, K, D)
-        student = torch.einsum("bd,bkd->bk", query_embeddings.to(dtype), picked) / temperature  # (B, K)
-    teacher = teacher_scores.to(dtype) / teacher_temperature  # (B, K)
+    student = similarities.gather(1, candidates.clamp(min=0)) / temperature  # (B, K)
+    teacher = teacher_scores.to(student.dtype) / teacher_temperature  # (B, K)
     if kind == "margin_mse":
         margins = (student[:, :1] - student) - (teacher[:, :1] - teacher)  # (B, K); column 0 is 0
         negatives = valid.clone()
@@ -147,7 +162,7 @@ def training_loss(
     query_embeddings: torch.Tensor, passage_embeddings: torch.Tensor, labels: BatchLabels, settings: LossSettings,
 ) -> LossOutput:
     """The objective of :class:`LossSettings` over one contrastive batch: a pure function of the
-    (B, D) query and (P, D) passage embeddings (L2-normalised) and the batch's labels, so GradCache's
+    (B, D) query and (P, D) passage embeddings (L2-normalised; or token vectors) and the batch's labels, so GradCache's
     cached embedding gradients are exactly the whole batch's.
 
     Returns ``LossOutput(loss, accuracy, parts)``: the accuracy of the first (widest) dimension;
@@ -162,17 +177,19 @@ def training_loss(
         queries, passages = query_embeddings, passage_embeddings
         if dim < query_embeddings.size(-1):
             # a prefix of a unit vector, re-normalised: the cosine a truncated index computes
-            queries, passages = F.normalize(queries[:, :dim], dim=-1), F.normalize(passages[:, :dim], dim=-1)  # (B, d), (P, d)
-        contrastive = contrastive_loss(queries, passages, settings.temperature, labels.targets, labels.passage_text_ids,
-                                       labels.query_positive_ids)
+            # (a token vector's prefix too; padding rows stay zero)
+            queries, passages = F.normalize(queries[..., :dim], dim=-1), F.normalize(passages[..., :dim], dim=-1)  # (B, d), (P, d)
+        similarities = similarity(queries, passages)  # (B, P), computed once for both terms
+        contrastive = infonce(similarities, settings.temperature, labels.targets, labels.passage_text_ids,
+                              labels.query_positive_ids)
         loss = settings.contrastive_weight * contrastive.loss
         if accuracy is None:
             accuracy, parts["contrastive"] = contrastive.accuracy, contrastive.loss.detach()
         if settings.distills:
-            distill = distillation_loss(queries, passages, labels.candidates, labels.teacher_scores,
-                                        temperature=settings.temperature,
-                                        teacher_temperature=settings.teacher_temperature, kind=settings.distill_loss)
-            loss = loss + settings.distill_weight * distill
-            parts.setdefault("distill", distill.detach())
+            distill_term = distill(similarities, labels.candidates, labels.teacher_scores,
+                                   temperature=settings.temperature, teacher_temperature=settings.teacher_temperature,
+                                   kind=settings.distill_loss)
+            loss = loss + settings.distill_weight * distill_term
+            parts.setdefault("distill", distill_term.detach())
         total = total + weight * loss
     return LossOutput(total, accuracy, parts)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import UserError
+from .late_interaction import save_late_interaction, token_vectors
 from .tokenization import special_tokens
 from .positions import extend_position_embeddings, position_offset, position_table, token_positions
 
@@ -266,13 +267,17 @@ class DualEncoder(nn.Module):
     """A query encoder and a passage encoder, shared unless untied.
 
     ``forward(input_ids, attention_mask, side, position_ids=None)`` returns (N, D) L2-normalised
-    embeddings; ``side`` is ``"query"`` or ``"passage"``. All encoding goes through ``forward`` so
-    that a wrapper (DDP, accelerate's autocast) sees every call.
+    embeddings; ``side`` is ``"query"`` or ``"passage"``. With a ``projection`` (late interaction,
+    ``--colbert_dim``) it returns (N, L, D) unit token vectors instead, zero at padding
+    (:mod:`.late_interaction`). All encoding goes through ``forward`` so that a wrapper (DDP,
+    accelerate's autocast) sees every call.
     """
 
     def __init__(self, encoder: nn.Module, pooling: str = "cls", passage_encoder: nn.Module | None = None,
-                 prompts: dict[str, str] | None = None, paths: dict[str, str] | None = None):
+                 prompts: dict[str, str] | None = None, paths: dict[str, str] | None = None,
+                 projection: nn.Linear | None = None):
         super().__init__()
+        self.projection = projection  # hidden size -> token vector size, shared by both sides
         if pooling not in POOLING_MODES:
             raise ValueError(f"unknown pooling {pooling!r}; choose from {POOLING_MODES}")
         self.pooling = pooling
@@ -284,9 +289,9 @@ class DualEncoder(nn.Module):
         self.config = encoder.config  # read by the Trainer (e.g. for its model card)
 
     @classmethod
-    def untied(cls, encoder: nn.Module, pooling: str = "cls") -> "DualEncoder":
+    def untied(cls, encoder: nn.Module, pooling: str = "cls", projection: nn.Linear | None = None) -> "DualEncoder":
         """Separate query and passage encoders, both starting from ``encoder``."""
-        return cls(encoder, pooling, passage_encoder=copy.deepcopy(encoder))
+        return cls(encoder, pooling, passage_encoder=copy.deepcopy(encoder), projection=projection)
 
     def encoder_for(self, side: str) -> nn.Module:
         if side == "query" or self.passage_encoder is None:
@@ -297,10 +302,14 @@ class DualEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, side: str,
                 position_ids: torch.Tensor | None = None, pool_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, D) unit-norm embeddings of (N, L) token ids; ``pool_mask`` (N, L): the tokens pooled,
-        each text read whole (``attention_mask``) either way (late chunking in training)."""
-        hidden = self.hidden_states(input_ids, attention_mask, side, position_ids)  # (N, L, D)
-        return pool(hidden, attention_mask if pool_mask is None else pool_mask, self.pooling)  # (N, D)
+        """(N, D) unit-norm embeddings of (N, L) token ids, or (N, L, D) token vectors; ``pool_mask``
+        (N, L): the tokens pooled (or kept as token vectors), each text read whole
+        (``attention_mask``) either way (late chunking in training)."""
+        hidden = self.hidden_states(input_ids, attention_mask, side, position_ids)  # (N, L, H)
+        kept = attention_mask if pool_mask is None else pool_mask  # (N, L)
+        if self.projection is not None:
+            return token_vectors(hidden, kept, self.projection)  # (N, L, D)
+        return pool(hidden, kept, self.pooling)  # (N, D)
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, side: str,
                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -326,19 +335,25 @@ class DualEncoder(nn.Module):
             encoder.activation_checkpointing_enable(**kwargs)
 
     def save(self, output_dir: str | os.PathLike, tokenizer, max_seq_length: int, query_prompt: str = "",
-             passage_prompt: str = "", trust_remote_code: bool = False) -> None:
+             passage_prompt: str = "", trust_remote_code: bool = False, query_max_length: int | None = None) -> None:
         """Save as folders that load with ``AutoModel.from_pretrained`` and ``SentenceTransformer``.
 
         Shared encoder: ``output_dir`` itself. Untied: ``output_dir/query_encoder`` and
         ``output_dir/passage_encoder``. The pooling and the normalisation are recorded as
         sentence-transformers modules; the prompts as its ``"query"`` and ``"document"`` prompts
-        (what ``encode_query`` / ``encode_document`` prepend, and what evaluate.py reads).
+        (what ``encode_query`` / ``encode_document`` prepend, and what evaluate.py reads). A late
+        interaction model is saved in PyLate's layout (:func:`save_late_interaction`).
         """
         targets = (
             {"query_encoder": self.query_encoder, "passage_encoder": self.passage_encoder}
             if self.passage_encoder is not None
             else {"": self.query_encoder}
         )
+        if self.projection is not None:
+            save_late_interaction(self.query_encoder, self.projection, tokenizer, output_dir,
+                                  query_length=query_max_length or max_seq_length, document_length=max_seq_length,
+                                  trust_remote_code=trust_remote_code)
+            return
         for name, encoder in targets.items():
             save_sentence_transformer(encoder, tokenizer, os.path.join(output_dir, name), self.pooling, max_seq_length,
                                       query_prompt, passage_prompt, trust_remote_code)

@@ -14,10 +14,11 @@ import warnings
 import torch
 from transformers import set_seed
 
-from . import checkpoints, cli
+from . import UserError, checkpoints, cli
 from .arguments import DEFAULT_MAX_POSITIONS, parse_arguments
 from .collator import ContrastiveCollator, check_spans, make_dataset, max_known_positives
 from .distributed import shut_down
+from .late_interaction import read_projection
 from .lora import add_lora, merge
 from .modeling import DualEncoder, default_model_path, load_encoder, prepare_tokenizer, read_pooling
 from .positions import freeze_rows, position_table, token_positions, unchanged_rows
@@ -80,11 +81,29 @@ def dual_encoder(encoder, model_args, pooling: str, trained_rows: int | None) ->
                            alpha=model_args.lora_alpha or 2 * model_args.lora_r, dropout=model_args.lora_dropout,
                            target_modules=model_args.lora_target_modules,
                            modules_to_save=model_args.lora_modules_to_save)
-    model = (DualEncoder.untied if model_args.untie_encoders else DualEncoder)(encoder, pooling)
+    model = (DualEncoder.untied if model_args.untie_encoders else DualEncoder)(
+        encoder, pooling, projection=projection(encoder, model_args))
     if model_args.trainable_parameters == "new_positions":
         for each in model.encoders():  # after untying: a gradient hook is not copied with its module
             freeze_rows(position_table(each), trained_rows)
     return model
+
+
+def projection(encoder, model_args) -> torch.nn.Linear | None:
+    """The late-interaction projection: the one the checkpoint holds (PyLate's ``1_Dense``), else a
+    new ``--colbert_dim`` one (PyLate's: no bias, PyTorch's default init, drawn from the seed), else
+    None; ``model_args.colbert_dim`` is set to its width, as resolved."""
+    found = read_projection(model_args.model_name_or_path)
+    if found is not None:
+        if model_args.colbert_dim not in (0, found.out_features):
+            raise UserError(f"{model_args.model_name_or_path} holds a {found.out_features}-dimensional token projection; "
+                            f"--colbert_dim {model_args.colbert_dim} differs (leave it out to continue from it)")
+        model_args.colbert_dim = found.out_features
+        return found
+    if not model_args.colbert_dim:
+        return None
+    return torch.nn.Linear(encoder.config.hidden_size, model_args.colbert_dim, bias=False,
+                           device=next(encoder.parameters()).device)
 
 
 def build_trainer(model, tokenizer, examples, model_args, data_args, cache_args, training_args, *, gradcache: bool,
@@ -117,7 +136,8 @@ def save_run(trainer, model, tokenizer, model_args, data_args, cache_args, train
     atomically, the run record whose presence marks a finished run (:func:`.checkpoints.resolve_resume`)."""
     output_dir = training_args.output_dir
     save = dict(tokenizer=tokenizer, max_seq_length=data_args.passage_max_len, query_prompt=data_args.query_prompt,
-                passage_prompt=data_args.passage_prompt, trust_remote_code=model_args.trust_remote_code)
+                passage_prompt=data_args.passage_prompt, trust_remote_code=model_args.trust_remote_code,
+                query_max_length=data_args.query_max_len)
     if model_args.merge_lora:
         model.save(os.path.join(output_dir, "adapter"), **save)
         model.query_encoder = merge(model.query_encoder)
@@ -166,10 +186,12 @@ def train(argv=None, gradcache: bool = True) -> str:
     if training_args.sharding:
         shard(model, **training_args.sharding.fully_shard_kwargs())
     logger.info(
-        "%s: %s (%s weights%s), pooling %s, %d positions, %d examples, contrastive batch %d x %d device(s), %s",
+        "%s: %s (%s weights%s), %s, %d positions, %d examples, contrastive batch %d x %d device(s), %s",
         "efficient_train" if gradcache else "origin_train", model_args.model_name_or_path,
         str(next(encoder.parameters()).dtype).removeprefix("torch."),
-        f", LoRA r={model_args.lora_r}" if model_args.lora_r > 0 else "", pooling, model_args.max_position_embeddings,
+        f", LoRA r={model_args.lora_r}" if model_args.lora_r > 0 else "",
+        f"late interaction, {model_args.colbert_dim}-d token vectors" if model.projection is not None else f"pooling {pooling}",
+        model_args.max_position_embeddings,
         len(examples), training_args.per_device_train_batch_size, training_args.world_size,
         f"GradCache mini-batch {cache_args.mini_batch_size}" if gradcache else "plain step (the whole batch with autograd)")
     stop_on_signal = CheckpointOnSignal()

@@ -59,6 +59,11 @@ def validate_loss(model_args, data_args) -> None:
     if model_args.distill_weight > 0 and data_args.num_hard_negatives < 1:
         raise UserError("--distill_weight distils the teacher's scores of each query's positive and hard negatives; "
                         "with --num_hard_negatives 0 there is nothing to compare: give it 1 or more")
+    if model_args.colbert_dim < 0:
+        raise UserError(f"--colbert_dim must be >= 0 (0: one vector per text), got {model_args.colbert_dim}")
+    if model_args.colbert_dim and model_args.untie_encoders:
+        raise UserError("--colbert_dim with --untie_encoders: a late-interaction model (PyLate's layout) has one "
+                        "encoder and one projection for queries and passages; drop one of the two")
     dims, weights = model_args.matryoshka_dims or [], model_args.matryoshka_weights
     if any(d < 1 for d in dims) or any(a <= b for a, b in zip(dims, dims[1:])):
         raise UserError(f"--matryoshka_dims must be positive and strictly decreasing, got {' '.join(map(str, dims))}")
@@ -115,10 +120,10 @@ def check_against_model(model_args, data_args, training_args, *, encoder, traine
     """The flags against what loading found: the encoder's position table (``trained_rows``: its
     rows left as the checkpoint had them, None if it was not extended), its weights' dtype, the
     positions it reads, and span records' pooling."""
-    if pooling not in ("mean", "max") and any(e.positive_span or e.negative_spans for e in examples):
+    if not model_args.colbert_dim and pooling not in ("mean", "max") and any(e.positive_span or e.negative_spans for e in examples):
         raise UserError(f"the data has span records, whose vectors pool the span's tokens; pooling {pooling!r} "
                         "does not pool over tokens: use --pooling mean (or max)")
-    width = encoder.config.hidden_size
+    width = model_args.colbert_dim or encoder.config.hidden_size
     if model_args.matryoshka_dims and model_args.matryoshka_dims[0] > width:
         raise UserError(f"--matryoshka_dims {model_args.matryoshka_dims[0]} is wider than the model's "
                         f"{width}-dimensional vectors")

@@ -1,0 +1,191 @@
+"""Late interaction (--colbert_dim): MaxSim against a brute force that shares nothing with it, and
+GradCache over token vectors against the plain step (mini-batches of 1, uneven and whole, dropout
+on, copies deduplicated), with negative controls that must differ."""
+
+import contextlib
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import efficient_train
+import origin_train
+from conftest import conversation_records, write_jsonl
+from helpers import (assert_same, batch, common, gradients, make_model, max_relative_difference, run_main, run_step,
+                     split_into_mini_batches, step_inputs, update, weights)
+from longcontrast import late_interaction
+from longcontrast.gradcache import RandState, grad_cache_step
+from longcontrast.late_interaction import maxsim, read_projection
+from longcontrast.step import full_batch_step
+
+
+def padded_unit_vectors(lengths, width, dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    vectors = F.normalize(torch.randn(len(lengths), width, dim, generator=g, dtype=torch.float64), dim=-1)
+    for row, length in enumerate(lengths):
+        vectors[row, length:] = 0
+    return vectors
+
+
+def brute_force_maxsim(queries, passages, query_lengths, passage_lengths):
+    """Loops over pairs of unpadded token matrices: sum over query tokens of the best dot product."""
+    return torch.stack([torch.stack([(q[:lq] @ p[:lp].T).max(dim=1).values.sum()
+                                     for p, lp in zip(passages, passage_lengths)])
+                        for q, lq in zip(queries, query_lengths)])
+
+
+@pytest.mark.parametrize("block_entries", [1, 40, 1 << 26])  # a passage a block, uneven blocks, one block
+def test_maxsim_and_its_gradient_equal_the_brute_force(block_entries, monkeypatch):
+    monkeypatch.setattr(late_interaction, "BLOCK_ENTRIES", block_entries)
+    query_lengths, passage_lengths = [5, 3, 4], [7, 2, 5, 6]
+    queries = padded_unit_vectors(query_lengths, 5, 4, seed=0).requires_grad_()
+    passages = padded_unit_vectors(passage_lengths, 7, 4, seed=1).requires_grad_()
+    weights_ = torch.randn(3, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    scores = maxsim(queries, passages)
+    (scores * weights_).sum().backward()
+    got = queries.grad.clone(), passages.grad.clone()
+    queries.grad = passages.grad = None
+    expected = brute_force_maxsim(queries, passages, query_lengths, passage_lengths)
+    (expected * weights_).sum().backward()
+    torch.testing.assert_close(scores, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[0], queries.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[1], passages.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_padding_never_scores():
+    """A passage whose real tokens all score below 0 gets its (negative) MaxSim, not the 0 a
+    padded zero vector would give; a padded query token adds nothing."""
+    query = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])  # one real token, one padded
+    passage = torch.tensor([[[-1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]])  # one real token, two padded
+    assert maxsim(query, passage).item() == -1.0
+    assert late_interaction.mean_maxsim(query, passage).item() == -1.0
+
+
+def colbert_model(model_dir, dropout, dim=16):
+    model = make_model(model_dir, dropout=dropout)
+    torch.manual_seed(1)
+    model.projection = torch.nn.Linear(model.config.hidden_size, dim, bias=False, dtype=torch.float64)
+    return model
+
+
+def cached_step(model, mini_batch_size, seed=123):
+    queries, passages, loss_fn = batch()
+    model.zero_grad()
+    torch.manual_seed(seed)
+    out = grad_cache_step(lambda b, side: model(**b, side=side), split_into_mini_batches(queries, mini_batch_size, 0),
+                          split_into_mini_batches(passages, mini_batch_size, 0), loss_fn, torch.device("cpu"))
+    return out, gradients(model)
+
+
+def reference_step(model, mini_batch_size, seed=123):
+    """The whole batch with autograd, encoded in GradCache's mini-batches (so dropout draws its masks)."""
+    queries, passages, loss_fn = batch()
+    model.zero_grad()
+    torch.manual_seed(seed)
+    encode = lambda texts, side: late_interaction.cat_padded(  # noqa: E731
+        [model(**b, side=side) for b in split_into_mini_batches(texts, mini_batch_size, 0)])
+    out = loss_fn(encode(queries, "query"), encode(passages, "passage"))
+    out.loss.backward()
+    return out, gradients(model)
+
+
+@pytest.mark.parametrize("mini_batch_size", [1, 3, None])  # 1, uneven, whole batch
+def test_cached_token_vectors_equal_the_plain_step(tiny_model_dir, mini_batch_size):
+    model = colbert_model(tiny_model_dir, dropout=0.0)
+    queries, passages, loss_fn = batch()
+    model.zero_grad()
+    plain = full_batch_step(model, split_into_mini_batches(queries, None, 0)[0],
+                            split_into_mini_batches(passages, None, 0)[0], loss_fn, 1.0, torch.Tensor.backward)
+    expected = gradients(model)
+    out, got = cached_step(model, mini_batch_size)
+    assert out.loss.item() == pytest.approx(plain.loss.item(), rel=1e-9)
+    assert "projection.weight" in got
+    assert_same(got, expected)
+
+
+@pytest.mark.parametrize("mini_batch_size", [1, 3])
+def test_dropout_on_replays_the_masks(tiny_model_dir, mini_batch_size):
+    model = colbert_model(tiny_model_dir, dropout=0.1)
+    out, got = cached_step(model, mini_batch_size)
+    reference, expected = reference_step(model, mini_batch_size)
+    assert out.loss.item() == pytest.approx(reference.loss.item(), rel=1e-9)
+    assert_same(got, expected)
+
+
+def test_negative_controls_differ(tiny_model_dir, monkeypatch):
+    """Without the RNG replay dropout draws other masks; a single vector instead of token vectors
+    is another objective: both change the gradient."""
+    model = colbert_model(tiny_model_dir, dropout=0.1)
+    _, expected = reference_step(model, 3)
+    with monkeypatch.context() as patch:
+        patch.setattr(RandState, "restored", lambda self: contextlib.nullcontext())
+        _, broken = cached_step(model, 3)
+    assert max_relative_difference(broken, expected) > 1e-2
+    model = colbert_model(tiny_model_dir, dropout=0.0)
+    _, token_level = cached_step(model, 3)
+    model.projection = None
+    _, single = cached_step(model, 3)
+    assert max_relative_difference(single, {k: token_level[k] for k in single}) > 1e-2
+
+
+@pytest.mark.parametrize("mini_batch_size", [1, 4])
+def test_copies_are_encoded_once(tiny_model_dir, mini_batch_size):
+    """contrastive_step deduplicates repeated texts on token vectors as on single vectors."""
+    model = colbert_model(tiny_model_dir, dropout=0.0)
+    plain, expected, _ = run_step(model, step_inputs(), None)
+    out, got, seen = run_step(model, step_inputs(), mini_batch_size)
+    assert seen == 2 * (4 + 10)  # no-grad pass and replay, each over the 4 distinct queries and 10 passages
+    assert out.loss.item() == pytest.approx(plain.loss.item(), rel=1e-9)
+    assert_same(got, expected)
+
+
+SGD = ["--optim", "sgd", "--learning_rate", "1", "--lr_scheduler_type", "constant", "--weight_decay", "0",
+       "--max_grad_norm", "0", "--dropout", "0", "--max_steps", "1", "--per_device_train_batch_size", "7",
+       "--colbert_dim", "16"]
+
+
+@pytest.mark.slow
+def test_one_sgd_step_of_both_scripts_gives_the_same_update(tiny_model_dir, tmp_path):
+    """origin_train and efficient_train (mini-batches of 1, 3 and a token budget) make the same SGD
+    update of the encoder and of the projection; the saved folder is PyLate's layout, which this
+    project reads back and sentence-transformers encodes to the same token vectors."""
+    data = write_jsonl(tmp_path / "d.jsonl", conversation_records(7))
+    origin_train.main(common(tiny_model_dir, data, tmp_path / "o", *SGD))
+    for run, extra in (("e1", ["--mini_batch_size", "1"]), ("e3", ["--mini_batch_size", "3"]),
+                       ("t", ["--mini_batch_tokens", "150"])):
+        efficient_train.main(common(tiny_model_dir, data, tmp_path / run, *SGD, *extra))
+        update_o, update_e = update(tiny_model_dir, tmp_path / "o"), update(tiny_model_dir, tmp_path / run)
+        assert update_o.norm() > 0
+        assert ((update_e - update_o).norm() / update_o.norm()).item() <= 1e-5
+        projection_o, projection_e = (read_projection(tmp_path / name).weight for name in ("o", run))
+        assert ((projection_e - projection_o).norm() / projection_o.norm()).item() <= 1e-5
+    efficient_train.main(common(tiny_model_dir, data, tmp_path / "single", *SGD[:-2], "--mini_batch_size", "3"))
+    single = update(tiny_model_dir, tmp_path / "single")
+    assert ((single - update_o).norm() / update_o.norm()).item() > 1e-2  # the flag changes the objective
+    assert "projection.weight" not in weights(tmp_path / "o")  # the encoder's folder holds the encoder alone
+
+    config = json.loads((tmp_path / "o" / "config_sentence_transformers.json").read_text())
+    assert config["similarity_fn_name"] == "MaxSim" and config["query_length"] == 32 and config["document_length"] == 48
+    assert (config["query_prefix"], config["document_prefix"], config["do_query_expansion"]) == ("", "", False)
+    from sentence_transformers import SentenceTransformer
+
+    saved = SentenceTransformer(str(tmp_path / "o"), device="cpu")
+    text = "how do i renew my parking permit"
+    theirs = F.normalize(saved.encode([text], output_value="token_embeddings", convert_to_tensor=True)[0], dim=-1)
+    from longcontrast.inference import load_retriever
+
+    model, tokenizer = load_retriever(str(tmp_path / "o"))
+    inputs = tokenizer([text], return_tensors="pt")
+    with torch.no_grad():
+        ours = model(inputs["input_ids"], inputs["attention_mask"], side="query")[0]  # (L, 16)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--colbert_dim", "-1"], "--colbert_dim must be >= 0"),
+    (["--colbert_dim", "16", "--untie_encoders"], "--colbert_dim with --untie_encoders"),
+])
+def test_bad_flags_end_with_one_error_line(tiny_model_dir, tiny_train_file, tmp_path, capsys, extra, message):
+    err = run_main(efficient_train, common(tiny_model_dir, tiny_train_file, tmp_path / "o", *extra), capsys)
+    assert message in err
