@@ -57,14 +57,14 @@ def compare(rows: dict, resamples: int) -> dict[str, dict[str, Comparison]]:
 
 def compare_windows(rows: dict, resamples: int) -> dict[str, dict[str, Comparison]]:
     """Whole passages against MaxP windows, per query: does reading the whole long passage beat
-    chunking it? Each row's whole reading (and its late-chunked windows, ``late@W``, which read the
-    whole passage too) against its own ``maxp@W`` (``"<set> whole - maxp@W"``) and every other row's
+    chunking it? Each row's whole reading (and its late-chunked windows, ``late@W``, and a
+    late-interaction model's token vectors, ``tokens@W``, which read the whole passage too) against its own ``maxp@W`` (``"<set> whole - maxp@W"``) and every other row's
     (``"<set> whole - <row> maxp@W"``: a long-context model against a 512-token one's chunking).
     Positive: the whole-passage reader is better."""
     out = {}
     for name, row in rows.items():
         for set_name, readings in row.sets.items():
-            readers = {k: v for k, v in readings.items() if k == "whole" or k.startswith("late@")}
+            readers = {k: v for k, v in readings.items() if k == "whole" or k.startswith(("late@", "tokens@"))}
             for reader, read in readers.items():
                 for other, other_row in rows.items():
                     for key, windowed in other_row.sets.get(set_name, {}).items():

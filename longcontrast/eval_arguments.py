@@ -13,6 +13,7 @@ import torch
 
 from . import UserError
 from .inference import DEFAULT_MAX_TOKENS, autocast_dtype, load_retriever, prompts_for
+from .multivector import LateInteractionRetriever
 from .positions import token_positions
 from .retrieval_sets import DATASETS, ChatRAGSet, CorpusSet
 from .retrievers import DEFAULT_BM25_WEIGHT, DenseRetriever, EncodeSettings
@@ -187,8 +188,15 @@ def dense_retriever(path: str | None, models: ModelArguments, readings: ReadingA
     width = model.query_encoder.config.hidden_size
     if any(dim > width for dim in readings.truncate_dim or ()):
         raise UserError(f"--truncate_dim {max(readings.truncate_dim)} is wider than its {width}-dimensional vectors")
-    retriever = DenseRetriever(model, tokenizer, settings, window=readings.passage_window,
-                               late_chunking=readings.late_chunking, cache=run.corpus_embeddings, use_faiss=run.faiss)
-    info = {"pooling": model.pooling, "prompts": prompts,
+    single = [flag for flag, on in (("--late_chunking", readings.late_chunking), ("--truncate_dim", readings.truncate_dim),
+                                    ("--faiss", run.faiss), ("--corpus_embeddings", run.corpus_embeddings)) if on]
+    if model.projection is not None and single:
+        raise UserError(f"{path} is a late-interaction model (one vector per token): {', '.join(single)} reads "
+                        "one vector per text; leave it out")
+    kind = DenseRetriever if model.projection is None else LateInteractionRetriever
+    retriever = kind(model, tokenizer, settings, window=readings.passage_window, late_chunking=readings.late_chunking,
+                     cache=run.corpus_embeddings, use_faiss=run.faiss)
+    info = {"pooling": model.pooling if model.projection is None else f"MaxSim of {model.projection.out_features}-d "
+            "token vectors", "prompts": prompts,
             "tokens_read": {"query": settings.query_max_len, "passage": settings.passage_max_len}}
     return retriever, info

@@ -100,7 +100,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def _check_finite(vectors: torch.Tensor, rows: list[int], first_copy: dict[int, int], *, desc: str, side: str,
+def check_finite(vectors: torch.Tensor, rows: list[int], first_copy: dict[int, int], *, desc: str, side: str,
                   texts: list[str] | None) -> None:
     """Stop on a non-finite (b, D) embedding, naming the first text (of ``rows``) that gave one."""
     finite = torch.isfinite(vectors).all(dim=1)  # (b,)
@@ -111,7 +111,7 @@ def _check_finite(vectors: torch.Tensor, rows: list[int], first_copy: dict[int, 
                         "it has diverged or its weights are broken, so it is not scored")
 
 
-def _batches(token_ids: list[list[int]], *, batch_size: int, max_tokens: int | None, desc: str):
+def batches_of_distinct(token_ids: list[list[int]], *, batch_size: int, max_tokens: int | None, desc: str):
     """The distinct sequences, each text's distinct index, each distinct's first text, and the
     length-sorted groups of distinct indices to encode (with a progress bar on a terminal)."""
     if not token_ids:
@@ -140,14 +140,14 @@ def encode(model: DualEncoder, token_ids: list[list[int]], side: str, *, batch_s
     the budget goes alone. ``autocast``: encode under autocast in that dtype. ``texts``: the
     texts the ids come from, to name one whose embedding is not finite.
     """
-    unique, copy_of, first_copy, groups = _batches(token_ids, batch_size=batch_size, max_tokens=max_tokens, desc=desc)
+    unique, copy_of, first_copy, groups = batches_of_distinct(token_ids, batch_size=batch_size, max_tokens=max_tokens, desc=desc)
     embeddings = None
     context = torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext()
     with torch.inference_mode(), context:
         for rows in groups:
             batch = pad([unique[i] for i in rows], pad_token_id, device)
             vectors = model(**batch, side=side).float()  # (b, D)
-            _check_finite(vectors, rows, first_copy, desc=desc, side=side, texts=texts)
+            check_finite(vectors, rows, first_copy, desc=desc, side=side, texts=texts)
             if embeddings is None:
                 embeddings = torch.empty(len(unique), vectors.shape[1], dtype=out_dtype)  # (U, D)
             embeddings[torch.tensor(rows)] = vectors.to("cpu", out_dtype)
@@ -169,7 +169,7 @@ def late_chunk_embeddings(model: DualEncoder, token_ids: list[list[int]], spans:
     from the same pass (the model's pooling), so a passage is read once for both; copies of a
     passage share their vectors.
     """
-    unique, copy_of, first_copy, groups = _batches(token_ids, batch_size=batch_size, max_tokens=max_tokens, desc=desc)
+    unique, copy_of, first_copy, groups = batches_of_distinct(token_ids, batch_size=batch_size, max_tokens=max_tokens, desc=desc)
     span_of = {distinct: spans[index] for distinct, index in first_copy.items()}
     vectors_of: dict[int, torch.Tensor] = {}
     whole = None
@@ -179,7 +179,7 @@ def late_chunk_embeddings(model: DualEncoder, token_ids: list[list[int]], spans:
             batch = pad([unique[i] for i in rows], pad_token_id, device)
             hidden = model.hidden_states(**batch, side="passage")  # (b, L, D)
             pooled = pool(hidden, batch["attention_mask"], model.pooling)  # (b, D)
-            _check_finite(pooled, rows, first_copy, desc=desc, side="passage", texts=texts)
+            check_finite(pooled, rows, first_copy, desc=desc, side="passage", texts=texts)
             if whole is None:
                 whole = torch.empty(len(unique), pooled.shape[1])  # (U, D)
             whole[torch.tensor(rows)] = pooled.cpu()
@@ -187,7 +187,7 @@ def late_chunk_embeddings(model: DualEncoder, token_ids: list[list[int]], spans:
                 bounds = span_of[distinct]
                 edges = [0] + [start for start, _ in bounds[1:]] + [len(unique[distinct])]
                 pooled = torch.stack([hidden[row, a:b].mean(dim=0) for a, b in zip(edges, edges[1:])])  # (k, D)
-                _check_finite(pooled, [distinct] * len(pooled), first_copy, desc=desc, side="passage", texts=texts)
+                check_finite(pooled, [distinct] * len(pooled), first_copy, desc=desc, side="passage", texts=texts)
                 vectors_of[distinct] = torch.nn.functional.normalize(pooled, dim=-1).to("cpu", torch.float32)
     owner = [passage for passage, distinct in enumerate(copy_of) for _ in range(len(vectors_of[distinct]))]
     windows = torch.cat([vectors_of[distinct] for distinct in copy_of])  # (R, D)

@@ -127,50 +127,58 @@ def similarity(queries: torch.Tensor, passages: torch.Tensor) -> torch.Tensor:
 # PyLate's ColBERT settings as this project reads and writes texts: no [Q]/[D] marker tokens, no
 # query expansion with [MASK] tokens, and every token of a document kept (no punctuation skiplist).
 PYLATE_SETTINGS = {"query_prefix": "", "document_prefix": "", "do_query_expansion": False,
-                   "attend_to_expansion_tokens": False, "skiplist_words": []}
+                   "attend_to_expansion_tokens": False, "skiplist_words": [], "similarity_fn_name": "MaxSim"}
 DENSE_FOLDER = "1_Dense"
+IDENTITY = "torch.nn.modules.linear.Identity"
+# sentence-transformers 5's module names, which PyLate (built on it) imports and sentence-transformers 6 still reads
+MODULES = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+           {"idx": 1, "name": "1", "path": DENSE_FOLDER, "type": "sentence_transformers.models.Dense"}]
 
 
 def save_late_interaction(encoder, projection: torch.nn.Linear, tokenizer, folder, *, query_length: int,
-                          document_length: int, trust_remote_code: bool = False) -> None:
-    """Write a late-interaction model in PyLate's layout: the encoder (a Hugging Face folder, as
-    ``AutoModel`` loads it) as the sentence-transformers ``Transformer`` module, ``1_Dense`` the
-    projection, and PyLate's settings (:data:`PYLATE_SETTINGS`, the lengths in tokens) in
+                          document_length: int, query_prompt: str = "", passage_prompt: str = "") -> None:
+    """Write a late-interaction model in PyLate's layout (sentence-transformers 5 files): the
+    encoder as a Hugging Face folder (what ``AutoModel`` loads), ``1_Dense`` the projection, and
+    PyLate's settings (:data:`PYLATE_SETTINGS`; lengths in tokens) in
     ``config_sentence_transformers.json``, so that ``pylate.models.ColBERT(model_name_or_path=folder)``
-    encodes as this project does."""
+    encodes as this project does. The prompts are recorded as sentence-transformers' ``"query"`` and
+    ``"document"`` prompts (PyLate prepends one when asked by ``prompt_name``). A PEFT encoder is
+    written as its adapter."""
     import json
     import os
 
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Dense, Transformer
+    from safetensors.torch import save_file
 
-    os.makedirs(folder, exist_ok=True)
+    os.makedirs(os.path.join(folder, DENSE_FOLDER), exist_ok=True)
     encoder.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    remote = {"trust_remote_code": True} if trust_remote_code else {}
-    transformer = Transformer(folder, max_seq_length=document_length, model_kwargs={**remote, "dtype": "auto"},
-                              config_kwargs=remote or None, processor_kwargs=remote or None)
-    transformer.model = encoder  # the trained one (a PEFT model saves as its adapter)
-    dense = Dense(projection.in_features, projection.out_features, bias=projection.bias is not None,
-                  activation_function=torch.nn.Identity(), init_weight=projection.weight.detach().clone(),
-                  init_bias=None if projection.bias is None else projection.bias.detach().clone(),
-                  module_input_name="token_embeddings")
-    device = str(next(encoder.parameters()).device)
-    SentenceTransformer(modules=[transformer, dense], device=device).save(folder)
-    config_file = os.path.join(folder, "config_sentence_transformers.json")
-    with open(config_file) as handle:
-        config = json.load(handle)
-    config.update(PYLATE_SETTINGS, similarity_fn_name="MaxSim", query_length=query_length,
-                  document_length=document_length)
-    with open(config_file, "w") as handle:
-        json.dump(config, handle, indent=2)
+    weights = {"linear.weight": projection.weight.detach().float().cpu().contiguous()}
+    if projection.bias is not None:
+        weights["linear.bias"] = projection.bias.detach().float().cpu().contiguous()
+    save_file(weights, os.path.join(folder, DENSE_FOLDER, "model.safetensors"))
+    files = {
+        "modules.json": MODULES,
+        "sentence_bert_config.json": {"max_seq_length": document_length, "do_lower_case": False},
+        os.path.join(DENSE_FOLDER, "config.json"): {"in_features": projection.in_features,
+                                                    "out_features": projection.out_features,
+                                                    "bias": projection.bias is not None, "activation_function": IDENTITY},
+        "config_sentence_transformers.json": {**PYLATE_SETTINGS, "query_length": query_length,
+                                              "document_length": document_length,
+                                              "prompts": {"query": query_prompt, "document": passage_prompt},
+                                              "default_prompt_name": None},
+    }
+    for name, content in files.items():
+        with open(os.path.join(folder, name), "w") as handle:
+            json.dump(content, handle, indent=2)
 
 
 def read_projection(folder) -> torch.nn.Linear | None:
-    """The projection of a late-interaction folder (PyLate's layout: a ``Dense`` module reading
-    ``token_embeddings`` in ``modules.json``), or None for a single-vector model."""
+    """The projection of a late-interaction folder (PyLate's layout: a ``Dense`` module in
+    ``modules.json``), or None for a single-vector model."""
     import json
     from pathlib import Path
+
+    from . import UserError
 
     modules_file = Path(folder) / "modules.json"
     if not modules_file.is_file():
@@ -178,14 +186,17 @@ def read_projection(folder) -> torch.nn.Linear | None:
     dense = [m for m in json.loads(modules_file.read_text()) if m.get("type", "").endswith("Dense")]
     if not dense:
         return None
-    from sentence_transformers.sentence_transformer.modules import Dense
-
-    from . import UserError
-
     if len(dense) > 1:
         raise UserError(f"{folder} has {len(dense)} Dense modules; a late-interaction model here has one projection")
-    module = Dense.load(str(Path(folder) / dense[0]["path"]))
-    if not isinstance(module.activation_function, torch.nn.Identity):
-        raise UserError(f"{folder}: the projection's activation {type(module.activation_function).__name__} "
-                        "is not supported (PyLate's is the identity)")
-    return module.linear.float()
+    path = Path(folder) / dense[0]["path"]
+    config = json.loads((path / "config.json").read_text())
+    if config.get("activation_function", IDENTITY) != IDENTITY:
+        raise UserError(f"{folder}: the projection's activation {config['activation_function']} is not supported "
+                        "(PyLate's is the identity)")
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "model.safetensors")) if (path / "model.safetensors").is_file() else \
+        torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    projection = torch.nn.Linear(config["in_features"], config["out_features"], bias=bool(config.get("bias")))
+    projection.load_state_dict({key.removeprefix("linear."): value for key, value in weights.items()})
+    return projection

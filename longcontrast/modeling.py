@@ -352,7 +352,7 @@ class DualEncoder(nn.Module):
         if self.projection is not None:
             save_late_interaction(self.query_encoder, self.projection, tokenizer, output_dir,
                                   query_length=query_max_length or max_seq_length, document_length=max_seq_length,
-                                  trust_remote_code=trust_remote_code)
+                                  query_prompt=query_prompt, passage_prompt=passage_prompt)
             return
         for name, encoder in targets.items():
             save_sentence_transformer(encoder, tokenizer, os.path.join(output_dir, name), self.pooling, max_seq_length,

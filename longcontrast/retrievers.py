@@ -9,7 +9,7 @@
   one pass over its ``passage_max_len``-token segment of the passage: late chunking);
 - :class:`BM25Retriever`: Okapi BM25 (k1 0.9, b 0.4), statistics per group (a ChatRAG document's
   chunks, or the whole corpus);
-- :class:`Hybrid`: a dense retriever fused with BM25 (:func:`fuse`: z-scored scores, convex weights;
+- :class:`Hybrid`: each reading of a dense retriever fused with BM25 (:func:`fuse`: z-scored scores, convex weights;
   on a corpus, over the union of both rankers' best documents).
 
 A retriever ranks a set once: ``rank`` keeps its runs per set, so hybrids reuse them.
@@ -147,14 +147,14 @@ class DenseRetriever(Retriever):
             gold_ids = self._tokenize(data.gold_texts, s.passage_max_len)
             gold = self._encode(gold_ids, "passage", desc=f"{data.name} gold", texts=data.gold_texts)
             gold_scores = (gold * queries).sum(dim=1)  # (Q,)
-        runs = {"whole": _group_run(data, lambda group, q: passages[group.start: group.end] @ queries[q], copy_of)}
+        runs = {"whole": group_run(data, lambda group, q: passages[group.start: group.end] @ queries[q], copy_of)}
         runs["whole"].gold_scores = gold_scores
         if self.window:
             pieces, owner = split_windows(self.tokenizer, full_ids, self.window, s.passage_prompt)
             windows = self._encode(pieces, "passage", desc=f"{data.name} windows", texts=[data.passages[i] for i in owner])
             runs[f"maxp@{self.window}"] = _best_window_run(data, windows, owner, queries, copy_of)
             mean = mean_of_windows(windows, owner, len(data.passages))  # (N, D)
-            runs[f"mean@{self.window}"] = _group_run(data, lambda group, q: mean[group.start: group.end] @ queries[q],
+            runs[f"mean@{self.window}"] = group_run(data, lambda group, q: mean[group.start: group.end] @ queries[q],
                                                      copy_of)
             if late is not None:
                 runs[f"late@{self.window}"] = _best_window_run(data, *late, queries, copy_of)
@@ -247,7 +247,7 @@ class DenseRetriever(Retriever):
         return self._cut(embeddings)
 
 
-def _group_run(data, scores_of, copy_of=None) -> Run:
+def group_run(data, scores_of, copy_of=None) -> Run:
     """A run of every candidate of each query's group: ``scores_of(group, query)`` -> (C,)."""
     scores = [None] * len(data.queries)
     candidates = [None] * len(data.queries)
@@ -275,7 +275,7 @@ def _best_window_run(data, windows: torch.Tensor, owner: list[int], queries: tor
         rows = slice(int(first_row[group.start]), int(first_row[group.end]))
         window_scores = (windows[rows] @ queries[query])[None]  # (1, r)
         return max_per_passage(window_scores, owner[rows] - group.start, group.end - group.start)[0]  # (C,)
-    run = _group_run(data, scores, copy_of)
+    run = group_run(data, scores, copy_of)
     run.info["windows"] = len(owner)
     return run
 
@@ -300,19 +300,21 @@ class BM25Retriever(Retriever):
             scores.update(zip(group.queries, rows))
         distinct: dict[str, int] = {}
         copy_of = torch.tensor([distinct.setdefault(p, len(distinct)) for p in data.passages])  # (N,)
-        return {"whole": _group_run(data, lambda group, q: scores[q], copy_of)}
+        return {"whole": group_run(data, lambda group, q: scores[q], copy_of)}
 
 
 class Hybrid(Retriever):
-    """A dense retriever's whole reading fused with BM25's at ``weight`` (:func:`fuse`)."""
+    """Each reading of a dense retriever (whole, MaxP, late chunks, token vectors...) fused with
+    BM25's at ``weight`` (:func:`fuse`)."""
 
     def __init__(self, dense: Retriever, keyword: BM25Retriever, weight: float):
         super().__init__()
         self.dense, self.keyword, self.weight = dense, keyword, weight
 
     def _rank(self, data) -> dict[str, Run]:
-        return {"whole": fuse(self.dense.rank(data)["whole"], self.keyword.rank(data)["whole"], weight=self.weight,
-                              depth=data.depth)}
+        keyword = self.keyword.rank(data)["whole"]
+        return {reading: fuse(run, keyword, weight=self.weight, depth=data.depth)
+                for reading, run in self.dense.rank(data).items()}
 
 
 def fuse(dense: Run, keyword: Run, *, weight: float, depth: int | None = None) -> Run:

@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 
 import efficient_train
+import evaluate
 import origin_train
 from conftest import conversation_records, write_jsonl
 from helpers import (assert_same, batch, common, gradients, make_model, max_relative_difference, run_main, run_step,
                      split_into_mini_batches, step_inputs, update, weights)
-from longcontrast import late_interaction
+from longcontrast import late_interaction, multivector
 from longcontrast.gradcache import RandState, grad_cache_step
 from longcontrast.late_interaction import maxsim, read_projection
 from longcontrast.step import full_batch_step
@@ -149,7 +150,7 @@ SGD = ["--optim", "sgd", "--learning_rate", "1", "--lr_scheduler_type", "constan
 def test_one_sgd_step_of_both_scripts_gives_the_same_update(tiny_model_dir, tmp_path):
     """origin_train and efficient_train (mini-batches of 1, 3 and a token budget) make the same SGD
     update of the encoder and of the projection; the saved folder is PyLate's layout, which this
-    project reads back and sentence-transformers encodes to the same token vectors."""
+    project reads back to the token vectors that AutoModel and the saved matrix give."""
     data = write_jsonl(tmp_path / "d.jsonl", conversation_records(7))
     origin_train.main(common(tiny_model_dir, data, tmp_path / "o", *SGD))
     for run, extra in (("e1", ["--mini_batch_size", "1"]), ("e3", ["--mini_batch_size", "3"]),
@@ -168,18 +169,22 @@ def test_one_sgd_step_of_both_scripts_gives_the_same_update(tiny_model_dir, tmp_
     config = json.loads((tmp_path / "o" / "config_sentence_transformers.json").read_text())
     assert config["similarity_fn_name"] == "MaxSim" and config["query_length"] == 32 and config["document_length"] == 48
     assert (config["query_prefix"], config["document_prefix"], config["do_query_expansion"]) == ("", "", False)
-    from sentence_transformers import SentenceTransformer
+    assert json.loads((tmp_path / "o" / "modules.json").read_text())[1]["type"] == "sentence_transformers.models.Dense"
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
 
-    saved = SentenceTransformer(str(tmp_path / "o"), device="cpu")
-    text = "how do i renew my parking permit"
-    theirs = F.normalize(saved.encode([text], output_value="token_embeddings", convert_to_tensor=True)[0], dim=-1)
+    # the folder read by hand: AutoModel's encoder, 1_Dense's matrix, a unit vector per token
+    encoder, tokenizer = AutoModel.from_pretrained(tmp_path / "o"), AutoTokenizer.from_pretrained(tmp_path / "o")
+    matrix = load_file(tmp_path / "o" / "1_Dense" / "model.safetensors")["linear.weight"]  # (16, H)
+    inputs = tokenizer(["how do i renew my parking permit"], return_tensors="pt")
+    with torch.no_grad():
+        expected = F.normalize(encoder(**inputs).last_hidden_state[0] @ matrix.T, dim=-1)  # (L, 16)
     from longcontrast.inference import load_retriever
 
-    model, tokenizer = load_retriever(str(tmp_path / "o"))
-    inputs = tokenizer([text], return_tensors="pt")
+    model, _ = load_retriever(str(tmp_path / "o"))
     with torch.no_grad():
         ours = model(inputs["input_ids"], inputs["attention_mask"], side="query")[0]  # (L, 16)
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -189,3 +194,91 @@ def test_one_sgd_step_of_both_scripts_gives_the_same_update(tiny_model_dir, tmp_
 def test_bad_flags_end_with_one_error_line(tiny_model_dir, tiny_train_file, tmp_path, capsys, extra, message):
     err = run_main(efficient_train, common(tiny_model_dir, tiny_train_file, tmp_path / "o", *extra), capsys)
     assert message in err
+
+
+# --- retrieval: the token index, its blocked search, the retriever's readings ---
+
+def test_blocked_search_equals_the_brute_force(monkeypatch):
+    """Corpus tokens in blocks that cut documents apart, several query blocks: the same scores and
+    rankings as one loop over (query, document) pairs."""
+    monkeypatch.setattr(multivector, "BLOCK_ENTRIES", 37)
+    g = torch.Generator().manual_seed(0)
+    documents = [F.normalize(torch.randn(n, 8, generator=g), dim=-1) for n in (5, 1, 12, 3, 7, 2)]
+    queries = [F.normalize(torch.randn(n, 8, generator=g), dim=-1) for n in (4, 2, 6)]
+    index = multivector.TokenIndex.build([d.half() for d in documents], list(range(6)), 6)
+    expected = torch.tensor([[(q @ d.half().float().T).max(dim=1).values.sum().item() for d in documents]
+                             for q in queries])  # (Q, N)
+    scores, found = multivector.search(queries, index, k=4)
+    torch.testing.assert_close(scores, expected.sort(dim=1, descending=True).values[:, :4], rtol=1e-5, atol=1e-5)
+    assert torch.equal(found, expected.argsort(dim=1, descending=True)[:, :4])
+    block, mask = multivector.padded_queries(queries)
+    torch.testing.assert_close(multivector.maxsim_scores(block, mask, index, 2, 5), expected[:, 2:5], rtol=1e-5, atol=1e-5)
+    assert index.bytes_per_token == 8 * 2 + 4
+
+
+@pytest.fixture(scope="module")
+def colbert_dir(tiny_model_dir, tmp_path_factory):
+    from longcontrast.modeling import DualEncoder, load_encoder
+
+    folder = tmp_path_factory.mktemp("colbert") / "m"
+    encoder, tokenizer = load_encoder(tiny_model_dir, dropout=0.0)
+    torch.manual_seed(0)
+    projection = torch.nn.Linear(encoder.config.hidden_size, 8, bias=False)
+    DualEncoder(encoder, "cls", projection=projection).save(folder, tokenizer, max_seq_length=64, query_max_length=32)
+    return str(folder)
+
+
+def test_long_documents_are_read_whole_in_segments(colbert_dir, tmp_path):
+    """A late-interaction model on a BEIR folder: ``whole`` scores every token of each document
+    (read in 16-token segments, past what one pass reads) and ``tokens@8`` its 8-token segments;
+    each run's scores equal MaxSim computed pair by pair from the model's own forward passes, in
+    the run's order. evaluate.py reports both readings and fuses them with BM25."""
+    import random
+
+    from conftest import WORDS
+    from helpers import write_beir
+    from longcontrast.inference import load_retriever
+    from longcontrast.multivector import LateInteractionRetriever
+    from longcontrast.retrieval_sets import CorpusSet
+    from longcontrast.retrievers import EncodeSettings
+    from longcontrast.tokenization import split_windows, tokenize
+
+    rng = random.Random(0)
+    corpus = [{"_id": f"d{i}", "title": "", "text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 40)))}
+              for i in range(9)]
+    queries = [{"_id": f"q{i}", "text": " ".join(rng.choice(WORDS) for _ in range(3))} for i in range(4)]
+    beir = write_beir(tmp_path / "beir", corpus, queries, [(f"q{i}", f"d{2 * i}", 1) for i in range(4)])
+    model, tokenizer = load_retriever(colbert_dir)
+    data = CorpusSet(beir)
+    settings = EncodeSettings(query_max_len=32, passage_max_len=16, batch_size=4)
+    runs = LateInteractionRetriever(model, tokenizer, settings, window=8).rank(data)
+    assert list(runs) == ["whole", "tokens@8"]
+
+    def vectors(ids):
+        with torch.no_grad():
+            return model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), side="query")[0]  # (L, 8)
+
+    query_vectors = [vectors(ids) for ids in tokenize(tokenizer, data.queries, 32, "right")]
+    full = tokenize(tokenizer, data.passages, 10**9, "right")
+    for reading, length in (("whole", 16), ("tokens@8", 8)):
+        pieces, owner = split_windows(tokenizer, full, length)
+        assert len(pieces) > len(corpus)  # some documents are longer than one segment
+        tokens = [torch.cat([vectors(p) for p, o in zip(pieces, owner) if o == d]).half().float()
+                  for d in range(len(corpus))]
+        expected = torch.tensor([[(q @ t.T).max(dim=1).values.sum().item() for t in tokens] for q in query_vectors])
+        run = runs[reading]
+        assert run.info["tokens"] == sum(len(p) for p in pieces)
+        for q, (found, scores) in enumerate(zip(run.candidates, run.scores)):
+            assert len(found) == len(corpus)
+            torch.testing.assert_close(scores, expected[q, found], rtol=1e-5, atol=1e-5)
+            assert bool((scores[:-1] >= scores[1:]).all())
+
+    out = tmp_path / "e.json"
+    assert evaluate.main(["--model_path", colbert_dir, "bm25", "--beir", beir, "--passage_max_len", "16",
+                          "--passage_window", "8", "--fuse_bm25", "0.3", "--output_file", str(out),
+                          "--bootstrap_samples", "100"]) == 0
+    results = json.loads(out.read_text())["results"]
+    row, fused = results[colbert_dir]["beir"], results[f"{colbert_dir}+bm25@0.3"]["beir"]
+    assert row["tokens"] == runs["whole"].info["tokens"] and row["index_bytes"] == row["tokens"] * (8 * 2 + 4)
+    assert "tokens@8" in row and "tokens@8" in fused  # every reading, alone and fused
+    assert results[colbert_dir]["pooling"] == "MaxSim of 8-d token vectors"
