@@ -23,10 +23,11 @@ import time
 from longcontrast import UserError, cli
 from longcontrast.comparison import compare, compare_windows, format_comparison, to_json
 from longcontrast.eval_arguments import (ModelArguments, ReadingArguments, RunArguments, SetArguments, dense_retriever,
-                                         load_sets, validate)
+                                         load_sets, untrained_late_interaction, validate)
 from longcontrast.evaluation import ModelResults, evaluate, format_table
 from longcontrast.retrieval_sets import CorpusSet
-from longcontrast.retrievers import BM25Retriever, Hybrid
+from longcontrast.bm25 import VARIANTS
+from longcontrast.retrievers import BM25Retriever, DenseRetriever, Hybrid
 
 logger = logging.getLogger("evaluate")
 SHORT = {"ndcg@10": "nDCG@10", "mrr@10": "MRR@10", "map@100": "MAP@100", "mrr@20": "MRR@20", "ndcg@20": "NDCG@20",
@@ -50,20 +51,26 @@ def run(argv=None) -> int:
     # 2. the evaluation sets
     data = load_sets(sets)
     # 3. each model (and its hybrids with BM25) on each set
-    keyword = BM25Retriever()
+    keyword = BM25Retriever()  # the default variant: the one every hybrid fuses with
+    keywords = {"bm25": keyword, **{f"bm25-{variant}": BM25Retriever(variant) for variant in VARIANTS}}
     paths = {f"{models.query_encoder_path} + {models.passage_encoder_path}": None} if models.query_encoder_path else {
         name: None if name == "default" else name for name in (models.model_path or ["default"])}
     rows: dict[str, ModelResults] = {}
     for number, (name, path) in enumerate(paths.items(), 1):
         try:
-            retriever, info = (keyword, {}) if name == "bm25" else dense_retriever(path, models, readings, run)
+            retriever, info = ((keywords[name], {"bm25": keywords[name].variant}) if name in keywords
+                               else dense_retriever(path, models, readings, run))
             # the model, its prefixes (from the same encodings) and each of them fused with BM25
-            variants = {name: retriever} if retriever is keyword else {name: retriever, **{
-                f"{name}@dim{dim}": retriever.truncated(dim) for dim in readings.truncate_dim or ()}}
-            for label, each in variants.items():
-                rows[label] = ModelResults({d.name: evaluate(each, d) for d in data},
-                                           {**info, "truncate_dim": each.truncate_dim} if label != name else info)
-                for weight in readings.fuse_bm25 if each is not keyword else ():
+            variants = {name: (retriever, info)} if name in keywords else {name: (retriever, info), **{
+                f"{name}@dim{dim}": (retriever.truncated(dim), {**info, "truncate_dim": dim})
+                for dim in readings.truncate_dim or ()}}
+            if models.untrained_colbert_dim and type(retriever) is DenseRetriever:
+                dim = models.untrained_colbert_dim
+                variants[f"{name}@colbert{dim}"] = (untrained_late_interaction(retriever, dim), {
+                    **info, "pooling": f"MaxSim of {dim}-d token vectors, untrained projection (seed 0)"})
+            for label, (each, each_info) in variants.items():
+                rows[label] = ModelResults({d.name: evaluate(each, d) for d in data}, each_info)
+                for weight in readings.fuse_bm25 if name not in keywords else ():
                     hybrid = Hybrid(each, keyword, weight)
                     rows[f"{label}+bm25@{weight:g}"] = ModelResults({d.name: evaluate(hybrid, d) for d in data})
         except UserError as err:

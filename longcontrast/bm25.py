@@ -1,39 +1,82 @@
 """Okapi BM25 as a sparse (texts x vocabulary) weight matrix: the miner's keyword scorer and the
-recipe study's baseline. Its scores are Lucene's (bm25s, method "lucene") times ``k1 + 1``: the
-same ranking; the matrix lets the miner score any pool of texts and a query's own positive."""
+evaluation's baseline. Its scores are Lucene's (bm25s, method "lucene") times ``k1 + 1``: the same
+ranking; the matrix lets the miner score any pool of texts and a query's own positive.
+
+Two variants (:data:`VARIANTS`): ``anserini`` (k1 0.9, b 0.4, every lower-cased word: Anserini's
+defaults) and ``mteb`` (k1 1.5, b 0.75, words of two characters or more, Lucene's English stop
+words dropped, Snowball-stemmed: bm25s as MTEB runs its BM25 baseline)."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 import torch
 from scipy import sparse
 
 _WORD = re.compile(r"\w+")
+# Lucene's EnglishAnalyzer stop set (bm25s's "en" list)
+ENGLISH_STOPWORDS = frozenset(
+    "a an and are as at be but by for if in into is it no not of on or such that the their then there these they "
+    "this to was will with".split())
 
 
 def words(text: str) -> list[str]:
-    """BM25's tokens: lower-cased runs of letters and digits."""
+    """The ``anserini`` variant's tokens: lower-cased runs of letters and digits."""
     return _WORD.findall(text.lower())
+
+
+@lru_cache(maxsize=1)
+def _stemmer():
+    try:
+        import Stemmer
+    except ImportError as err:
+        from . import UserError
+
+        raise UserError("the mteb BM25 variant stems with PyStemmer: pip install PyStemmer") from err
+    return Stemmer.Stemmer("english")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How BM25 reads a text and weighs its words."""
+
+    k1: float
+    b: float
+    pattern: str = r"\w+"
+    stopwords: frozenset = field(default_factory=frozenset)
+    stem: bool = False
+
+    def words(self, text: str) -> list[str]:
+        tokens = [w for w in re.findall(self.pattern, text.lower()) if w not in self.stopwords]
+        return _stemmer().stemWords(tokens) if self.stem and tokens else tokens
+
+
+VARIANTS = {"anserini": Variant(0.9, 0.4),
+            "mteb": Variant(1.5, 0.75, pattern=r"(?u)\b\w\w+\b", stopwords=ENGLISH_STOPWORDS, stem=True)}
+DEFAULT_VARIANT = "anserini"
 
 
 class BM25:
     """Okapi BM25 over a fixed list of texts, as a sparse (texts x vocabulary) weight matrix.
 
     ``score(t, d) = idf(t) * tf (k1 + 1) / (tf + k1 (1 - b + b |d| / avgdl))`` summed over the
-    query's distinct words, with Lucene's ``idf = ln(1 + (N - df + 0.5) / (df + 0.5))``.
-    k1 = 0.9, b = 0.4 are Anserini's defaults (and those of the Doc2Dial reference in ``../shared``).
+    query's distinct words, with Lucene's ``idf = ln(1 + (N - df + 0.5) / (df + 0.5))``; k1, b and
+    the words as ``variant`` (a name of :data:`VARIANTS`) says.
     """
 
-    def __init__(self, texts: list[str], k1: float = 0.9, b: float = 0.4, chunk: int = 20_000):
+    def __init__(self, texts: list[str], variant: str = DEFAULT_VARIANT, chunk: int = 20_000):
+        self.variant = VARIANTS[variant]
+        k1, b = self.variant.k1, self.variant.b
         self.vocabulary: dict[str, int] = {}
         lengths = np.zeros(len(texts))  # (N,) words per text
         parts = []  # term counts, ``chunk`` texts at a time: memory stays near the index's own size
         for start in range(0, len(texts), chunk):
             columns, counts = [], []
             for row, text in enumerate(texts[start: start + chunk]):
-                tokens = words(text)
+                tokens = self.variant.words(text)
                 lengths[start + row] = len(tokens)
                 columns.extend(self.vocabulary.setdefault(w, len(self.vocabulary)) for w in tokens)
                 counts.append(len(tokens))
@@ -59,7 +102,7 @@ class BM25:
         """(Q, V) indicator of each query's distinct known words."""
         rows, cols = [], []
         for row, query in enumerate(queries):
-            known = {self.vocabulary[w] for w in words(query) if w in self.vocabulary}
+            known = {self.vocabulary[w] for w in self.variant.words(query) if w in self.vocabulary}
             rows.extend([row] * len(known))
             cols.extend(known)
         return sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(queries), len(self.vocabulary)))

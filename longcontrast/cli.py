@@ -16,11 +16,26 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 def parser_for(*types, description: str | None = None, **kwargs):
     """An ``HfArgumentParser`` of ``types`` whose errors raise :class:`UserError` (one line, not
-    argparse's usage block and exit)."""
+    argparse's usage block and exit, nor a traceback for an unknown flag), and whose every flag,
+    aliases included, also takes dashes for underscores."""
     from transformers import HfArgumentParser
 
-    return one_line_errors(HfArgumentParser(types, description=description, formatter_class=kwargs.pop(
-        "formatter_class", argparse.RawDescriptionHelpFormatter), **kwargs))
+    class Parser(HfArgumentParser):
+        def parse_args_into_dataclasses(self, *args, **kw):
+            try:
+                return super().parse_args_into_dataclasses(*args, **kw)
+            except ValueError as err:  # unknown flags, or a dataclass's own check
+                raise UserError(f"{err} (see --help)") from err
+
+    parser = Parser(types, description=description, formatter_class=kwargs.pop(
+        "formatter_class", argparse.RawDescriptionHelpFormatter), **kwargs)
+    for action in list(parser._actions):
+        for option in list(action.option_strings):
+            dashed = option[:2] + option[2:].replace("_", "-")
+            if option.startswith("--") and dashed not in parser._option_string_actions:
+                action.option_strings.append(dashed)
+                parser._option_string_actions[dashed] = action
+    return one_line_errors(parser)
 
 
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

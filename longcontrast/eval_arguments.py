@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 
 from . import UserError
+from .modeling import DualEncoder
 from .inference import DEFAULT_MAX_TOKENS, autocast_dtype, load_retriever, prompts_for
 from .multivector import LateInteractionRetriever
 from .positions import token_positions
@@ -28,9 +29,10 @@ class ModelArguments:
     _argument_group_name = "models"
     model_path: list[str] | None = field(default=None, metadata={"help": (
         "Model folders to evaluate (a training output, with or without query_encoder/ and passage_encoder/, or any "
-        "encoder); 'default' is the embedded all-MiniLM-L6-v2, 'bm25' the keyword baseline (BM25, k1 0.9, b 0.4, "
-        "over each document's chunks, or over the whole --beir corpus). Each model after the first is compared with "
-        "the first. Default: default.")})
+        "encoder); 'default' is the embedded all-MiniLM-L6-v2, 'bm25' the keyword baseline (BM25 over each document's "
+        "chunks, or over the whole --beir corpus; its default variant, the one every hybrid fuses with), 'bm25-anserini' "
+        "(k1 0.9, b 0.4, every word) and 'bm25-mteb' (k1 1.5, b 0.75, stop words dropped, stemmed: MTEB's baseline) "
+        "its variants. Each model after the first is compared with the first. Default: default.")})
     query_encoder_path: str | None = field(default=None, metadata={
         "help": "Query encoder folder (with --passage_encoder_path, instead of --model_path)."})
     passage_encoder_path: str | None = field(default=None, metadata={"aliases": ["--context_encoder_path"],
@@ -41,6 +43,11 @@ class ModelArguments:
         "help": "Prefix of every query (default: the model's recorded 'query' prompt, none if it records none)."})
     passage_prompt: str | None = field(default=None, metadata={"aliases": ["--passage_instruction"],
         "help": "Prefix of every passage (default: the model's recorded 'document' prompt, none if it records none)."})
+    untrained_colbert_dim: int = field(default=0, metadata={"metavar": "D", "help": (
+        "Also read each single-vector model as an untrained late-interaction model, a row NAME@colbertD: its token "
+        "states through a new random D-dimensional projection (PyTorch's default init, seed 0: what "
+        "efficient_train.py --colbert_dim D starts from), scored by MaxSim; the baseline of a late-interaction "
+        "model trained from it.")})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "Run the model's own code from its folder (e.g. nomic-bert, jina-bert); only for code you trust."})
     torch_dtype: Literal["float32", "bfloat16", "float16", "auto"] = field(default="float32", metadata={"help": (
@@ -142,6 +149,8 @@ def validate(models: ModelArguments, sets: SetArguments, readings: ReadingArgume
     readings.fuse_bm25 = tuple(dict.fromkeys(weights or [DEFAULT_BM25_WEIGHT])) if weights is not None else ()
     if any(not 0 < weight < 1 for weight in readings.fuse_bm25):
         raise UserError(f"--fuse_bm25 weights must lie strictly between 0 and 1, not {list(readings.fuse_bm25)}")
+    if models.untrained_colbert_dim < 0:
+        raise UserError(f"--untrained_colbert_dim must be >= 0, got {models.untrained_colbert_dim}")
     for value, name in ((readings.query_max_len, "query_max_len"), (readings.passage_max_len, "passage_max_len"),
                         (run.batch_size, "batch_size"), (sets.query_turns, "query_turns"),
                         (readings.passage_window, "passage_window"),
@@ -200,3 +209,16 @@ def dense_retriever(path: str | None, models: ModelArguments, readings: ReadingA
             "token vectors", "prompts": prompts,
             "tokens_read": {"query": settings.query_max_len, "passage": settings.passage_max_len}}
     return retriever, info
+
+
+def untrained_late_interaction(retriever: DenseRetriever, dim: int) -> LateInteractionRetriever:
+    """A single-vector retriever's model read through a new random ``dim``-d token projection
+    (seed 0), sharing its encoders and settings: the untrained late-interaction baseline."""
+    model = retriever.model
+    generator = torch.random.fork_rng(devices=[])
+    with generator:
+        torch.manual_seed(0)
+        projection = torch.nn.Linear(model.query_encoder.config.hidden_size, dim, bias=False)
+    late = DualEncoder(model.query_encoder, model.pooling, model.passage_encoder, model.prompts, model.paths,
+                       projection=projection.to(next(model.parameters()).device))
+    return LateInteractionRetriever(late, retriever.tokenizer, retriever.settings, window=retriever.window)

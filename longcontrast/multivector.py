@@ -148,7 +148,9 @@ class LateInteractionRetriever(DenseRetriever):
         s = self.settings
         queries = self._queries(self._tokenize(data.queries, s.query_max_len, data.query_side, s.query_prompt), data)
         full_ids = self._tokenize(data.passages, 10**9)  # every token: the segments cover the whole passage
-        lengths = {"whole": s.passage_max_len, **({f"tokens@{self.window}": self.window} if self.window else {})}
+        lengths = {"whole": s.passage_max_len}
+        if self.window and self.window != s.passage_max_len:  # (at the same length it is the whole reading)
+            lengths[f"tokens@{self.window}"] = self.window
         runs = {}
         for reading, length in lengths.items():
             index = self._index(data, full_ids, length)

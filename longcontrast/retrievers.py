@@ -7,7 +7,7 @@
   documents), ``mean@W`` (the mean of the same windows' vectors: LongEmbed's chunking baseline,
   one vector a passage) and ``late@W`` (the best of the same windows, each the mean of its token states from
   one pass over its ``passage_max_len``-token segment of the passage: late chunking);
-- :class:`BM25Retriever`: Okapi BM25 (k1 0.9, b 0.4), statistics per group (a ChatRAG document's
+- :class:`BM25Retriever`: Okapi BM25 (:mod:`.bm25`'s variants), statistics per group (a ChatRAG document's
   chunks, or the whole corpus);
 - :class:`Hybrid`: each reading of a dense retriever fused with BM25 (:func:`fuse`: z-scored scores, convex weights;
   on a corpus, over the union of both rankers' best documents).
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from . import UserError
 from .batching import unique_sequences
-from .bm25 import BM25
+from .bm25 import BM25, DEFAULT_VARIANT
 from .inference import encode, late_chunk_embeddings
 from .results import Run
 from .retrieval_sets import TIE_SEED
@@ -281,20 +281,24 @@ def _best_window_run(data, windows: torch.Tensor, owner: list[int], queries: tor
 
 
 class BM25Retriever(Retriever):
-    """The keyword baseline (:class:`.bm25.BM25`). On a ChatRAG set each document's chunks are
-    scored with that document's statistics (equal texts are copies); on a corpus, the best
-    ``depth`` documents sharing a word with the query, ties in the corpus's seeded order."""
+    """The keyword baseline (:class:`.bm25.BM25`, one of its ``VARIANTS``). On a ChatRAG set each
+    document's chunks are scored with that document's statistics (equal texts are copies); on a
+    corpus, the best ``depth`` documents sharing a word with the query, ties in the corpus's seeded order."""
+
+    def __init__(self, variant: str = DEFAULT_VARIANT):
+        super().__init__()
+        self.variant = variant
 
     def _rank(self, data) -> dict[str, Run]:
         started = time.perf_counter()
         if data.depth is not None:
-            found = BM25(data.passages).top_k(data.queries, data.depth)
+            found = BM25(data.passages, self.variant).top_k(data.queries, data.depth)
             run = Run([torch.as_tensor(f) for f, _ in found], [torch.as_tensor(s) for _, s in found])
             run.info["search_seconds"] = round(time.perf_counter() - started, 2)  # indexing and search
             return {"whole": run}
         scores = {}
         for group in data.groups:
-            index = BM25(data.passages[group.start: group.end])
+            index = BM25(data.passages[group.start: group.end], self.variant)
             rows = index.scores(index.query_matrix([data.queries[q] for q in group.queries]),
                                 np.arange(group.end - group.start))  # (q, C)
             scores.update(zip(group.queries, rows))

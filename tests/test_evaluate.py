@@ -139,6 +139,17 @@ def test_separate_query_and_passage_encoders(saved_models, tmp_path):
     (parsed,) = parser_for(ModelArguments).parse_args_into_dataclasses(args=["--query_encoder_path", "q",
                                                                             "--context_encoder_path", "p"])
     assert parsed.passage_encoder_path == "p"
+    (parsed,) = parser_for(ModelArguments).parse_args_into_dataclasses(args=["--query-encoder-path", "q",
+                                                                            "--context-encoder-path", "p"])
+    assert parsed.passage_encoder_path == "p"  # ChatRAG's own spelling: an alias takes dashes too
+
+
+def test_an_unknown_flag_is_one_error_line(capsys):
+    import evaluate
+    from helpers import run_main
+
+    err = run_main(evaluate, ["--no_such_flag", "1"], capsys)
+    assert err.count("\n") == 1 and err.startswith("error: ") and "--no_such_flag" in err
 
 
 def brute_force_metrics(model, tokenizer, items, documents, config, gold_suffix=None):

@@ -61,6 +61,26 @@ def test_bm25_agrees_with_bm25s_lucene_scores():
         assert got == pytest.approx(theirs.get_scores(sorted(set(query.split()))), rel=1e-5, abs=1e-6)
 
 
+def test_mteb_variant_agrees_with_bm25s_as_mteb_runs_it():
+    """The mteb variant against bm25s with MTEB's settings (k1 1.5, b 0.75, its "en" stop words,
+    PyStemmer's English stemmer), on texts with stop words, inflections and one-letter words."""
+    bm25s = pytest.importorskip("bm25s")
+    import Stemmer
+
+    rng = np.random.default_rng(1)
+    vocabulary = "the permits permit renewing renewal of a is offices office fees I x days open and to".split()
+    texts = [" ".join(rng.choice(vocabulary, rng.integers(3, 40))).capitalize() for _ in range(60)]
+    stemmer = Stemmer.Stemmer("english")
+    theirs = bm25s.BM25(k1=1.5, b=0.75, method="lucene", idf_method="lucene")
+    theirs.index(bm25s.tokenize(texts, stopwords="en", stemmer=stemmer, show_progress=False), show_progress=False)
+    ours = BM25(texts, "mteb")
+    assert "the" not in ours.vocabulary and "x" not in ours.vocabulary and "renew" in ours.vocabulary
+    for query in ["Renewing the permits", "office fees and days", "open offices"]:
+        got = ours.scores(ours.query_matrix([query]), np.arange(len(texts)))[0].numpy() / (1.5 + 1)
+        tokens = bm25s.tokenize([query], stopwords="en", stemmer=stemmer, show_progress=False, return_ids=False)[0]
+        assert got == pytest.approx(theirs.get_scores(sorted(set(tokens))), rel=1e-5, abs=1e-6)
+
+
 def test_select_negatives_filters_relative_to_the_positive():
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
     excluded = torch.tensor([False, False, True, False, False, False])  # a copy of the positive
