@@ -5,8 +5,9 @@ Each configuration runs in a fresh process (its peak RSS is its own): one warm-u
 timed steps (forward, backward, SGD update) on other batches of B queries, B positives and B hard
 negatives, the same batches for every method. Methods: ``origin`` (origin_train's step), ``efficient``
 (efficient_train's GradCache step: length-sorted mini-batches, each distinct text encoded once),
-``efficient_every_copy`` (every copy encoded) and ``st_cached`` (sentence-transformers'
-CachedMultipleNegativesRankingLoss on the same model, token ids and mini-batches). Data: ``equal``
+``efficient_every_copy`` (every copy encoded), ``st_cached`` (sentence-transformers'
+CachedMultipleNegativesRankingLoss on the same model, token ids and mini-batches) and
+``efficient_colbert`` (GradCache over --colbert_dim token vectors scored by MaxSim). Data: ``equal``
 (random token ids, every text --lengths tokens) or ``doc2dial`` (the shared triples, cut at --lengths).
 Peak memory: max_memory_allocated on GPU, peak RSS on CPU. Results: docs/performance.md.
 
@@ -24,7 +25,7 @@ import time
 from common import DOC2DIAL as SHARED, RESULTS, arguments, fresh_process, line_plots, peak_mb, run, write_json
 
 DOC2DIAL = os.path.join(SHARED, "train_triples.jsonl")
-METHODS = ("origin", "efficient", "efficient_every_copy", "st_cached")
+METHODS = ("origin", "efficient", "efficient_every_copy", "st_cached", "efficient_colbert")
 BGE_LARGE_SHAPE = "bge-large-shape"
 MODERNBERT_SHAPE = "modernbert-minilm-shape"  # rotary positions, MiniLM's size: compared with MiniLM on CPU
 SHAPES = (BGE_LARGE_SHAPE, MODERNBERT_SHAPE)
@@ -78,7 +79,7 @@ def worker(args) -> dict:
     encoder.to(device)
     batches = make_batches(args, tokenizer)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
-    deduplicate = args.method == "efficient"
+    deduplicate = args.method in ("efficient", "efficient_colbert")
 
     if args.method == "st_cached":
         from sentence_transformers import SentenceTransformer
@@ -99,7 +100,9 @@ def worker(args) -> dict:
             value.backward()
             return value
     else:
-        model = DualEncoder(encoder, "cls").to(device)
+        projection = torch.nn.Linear(encoder.config.hidden_size, args.colbert_dim, bias=False) \
+            if args.method.endswith("_colbert") else None
+        model = DualEncoder(encoder, "cls", projection=projection).to(device)
         mini_batch = None if args.method == "origin" else args.mini_batch_size
 
         def step(inputs):
@@ -222,6 +225,7 @@ def main(argv=None) -> None:
     parser.add_argument("--query_length", type=int, default=None,
                         help="tokens per query with --data equal (default: the --lengths value, as every passage)")
     parser.add_argument("--mini_batch_size", type=int, default=8)
+    parser.add_argument("--colbert_dim", type=int, default=128, help="token vector width of efficient_colbert")
     parser.add_argument("--temperature", type=float, default=0.05)
     parser.add_argument("--dropout", type=float, default=None, help="override the model's dropout")
     parser.add_argument("--attention_dropout", type=float, default=None, help="override its attention dropout")

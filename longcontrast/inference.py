@@ -140,6 +140,9 @@ def encode(model: DualEncoder, token_ids: list[list[int]], side: str, *, batch_s
     the budget goes alone. ``autocast``: encode under autocast in that dtype. ``texts``: the
     texts the ids come from, to name one whose embedding is not finite.
     """
+    if getattr(model, "projection", None) is not None:
+        raise UserError(f"{desc}: {model.paths.get('passage', 'the model')} is a late-interaction model (a vector per "
+                        "token); this step reads one vector per text: give it a single-vector model (or BM25)")
     unique, copy_of, first_copy, groups = batches_of_distinct(token_ids, batch_size=batch_size, max_tokens=max_tokens, desc=desc)
     embeddings = None
     context = torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext()

@@ -52,6 +52,10 @@ CONFIGS = {
     # Negative control: the replays reach DDP through a wrapper, so no no_sync: one all-reduce
     # per mini-batch.
     "efficient_neg2_without_no_sync": (2, 2, False, False),
+    # Late interaction (--colbert_dim 16): token vectors of different lengths on the two processes,
+    # gathered zero-padded, MaxSim over the global batch
+    "efficient_neg2_colbert": (2, 2, False, True),
+    "origin_neg2_colbert": (None, 2, False, True),
     # FSDP2 instead of DDP (longcontrast.sharding): parameters, gradients sharded over the processes
     "fsdp2_efficient_neg2": (2, 2, False, True),
     "fsdp2_origin_neg2": (None, 2, False, True),
@@ -103,7 +107,8 @@ def build(model_dir: str, untied: bool, name: str = "") -> tuple[DualEncoder, ob
             for parameter_name, parameter in encoder.named_parameters():
                 if "lora_B" in parameter_name:
                     parameter.normal_(std=0.1)
-    model = DualEncoder.untied(encoder, "cls") if untied else DualEncoder(encoder, "cls")
+    projection = torch.nn.Linear(encoder.config.hidden_size, 16, bias=False) if name.endswith("_colbert") else None
+    model = DualEncoder.untied(encoder, "cls") if untied else DualEncoder(encoder, "cls", projection=projection)
     return model.train(), tokenizer  # (dropout, where the configuration has it)
 
 

@@ -101,7 +101,8 @@ def test_one_gradient_all_reduce_per_bucket_per_step(name, worker_results):
 
 
 @pytest.mark.parametrize("module, sharding", [("origin_train", []), ("efficient_train", []),
-                                              ("efficient_train", ["--fsdp"])], ids=["origin", "efficient", "fsdp2"])
+                                              ("efficient_train", ["--fsdp"]), ("efficient_train", ["--colbert_dim", "16"])],
+                         ids=["origin", "efficient", "fsdp2", "colbert"])
 def test_torchrun_step_equals_one_process_with_the_global_batch(module, sharding, tiny_model_dir, tmp_path):
     """torchrun, 2 processes x batch 3 (cross-device negatives by default) make the same two SGD
     updates as one process with batch 6: the processes share one shuffle (random, and
@@ -120,13 +121,18 @@ def test_torchrun_step_equals_one_process_with_the_global_batch(module, sharding
     arguments = json.loads((tmp_path / "ddp" / "training_args.json").read_text())
     assert arguments["negatives_cross_device"] is True and arguments["world_size"] == 2
     assert arguments["global_batch_size"] == 6
-    assert arguments["fsdp"] == ({"reshard_after_forward": True, "bf16": False} if sharding else None)
+    assert arguments["fsdp"] == ({"reshard_after_forward": True, "bf16": False} if "--fsdp" in sharding else None)
 
     __import__(module).main(common(tiny_model_dir, data, tmp_path / "one", *sgd, *extra,
                                    "--per_device_train_batch_size", "6"))
     update_one, update_ddp = update(tiny_model_dir, tmp_path / "one"), update(tiny_model_dir, tmp_path / "ddp")
     assert update_one.norm() > 0
     assert ((update_ddp - update_one).norm() / update_one.norm()).item() <= 1e-5
+    if "--colbert_dim" in sharding:  # the token projection too (drawn from the same seed in both runs)
+        from longcontrast.late_interaction import read_projection
+
+        one, ddp = (read_projection(tmp_path / run).weight for run in ("one", "ddp"))
+        assert ((ddp - one).norm() / one.norm()).item() <= 1e-5
 
 
 def test_fsdp2_resumes_from_its_sharded_checkpoint_to_the_weights_of_an_uninterrupted_run(tiny_model_dir, tmp_path):

@@ -282,3 +282,16 @@ def test_long_documents_are_read_whole_in_segments(colbert_dir, tmp_path):
     assert row["tokens"] == runs["whole"].info["tokens"] and row["index_bytes"] == row["tokens"] * (8 * 2 + 4)
     assert "tokens@8" in row and "tokens@8" in fused  # every reading, alone and fused
     assert results[colbert_dir]["pooling"] == "MaxSim of 8-d token vectors"
+
+
+def test_the_miner_refuses_a_late_interaction_model(colbert_dir, tmp_path, capsys):
+    """The miner reads one vector per text: a late-interaction folder ends with one error line and
+    writes nothing."""
+    from conftest import conversation_records, write_jsonl
+    from helpers import data_script
+
+    train = write_jsonl(tmp_path / "train.jsonl", conversation_records(6))
+    out = tmp_path / "mined.jsonl"
+    err = run_main(data_script("mine_hard_negatives"), ["--input", train, "--model_name_or_path", colbert_dir,
+                                                        "--scorer", "dense", "--output", str(out)], capsys)
+    assert "late-interaction model" in err and not out.exists()
