@@ -235,8 +235,16 @@ class DataArguments:
     query_turns: int = field(default=5, metadata={"help": "A conversation query keeps its last N turns."})
     num_hard_negatives: int = field(
         default=1,
-        metadata={"help": "Hard negatives per query, taken in listed order (hardest first); examples with fewer "
-                  "use what they have."},
+        metadata={"help": "Hard negatives per query and step (see --negative_sampling); examples with fewer use what "
+                  "they have."},
+    )
+    negative_sampling: str = field(
+        default="first",
+        metadata={"help": "Which of a record's negatives a step uses when it lists more than --num_hard_negatives: "
+                  "first (the first N listed: the hardest of a mined list), random (N drawn anew each epoch, as "
+                  "FlagEmbedding draws from its pool) or rotate (the next N each epoch: every negative used once "
+                  "before any is reused). Draws depend on the seed, the epoch and the record only: the same in "
+                  "every process and after a resume.", "choices": ["first", "random", "rotate"]},
     )
     query_prompt: str = field(default="", metadata={"aliases": ["--query_instruction"], "help": (
         "Prefix added to every query (e.g. BGE's 'Represent this sentence for searching relevant passages: ', E5's "

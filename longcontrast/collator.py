@@ -71,8 +71,9 @@ class ContrastiveCollator:
 
     A row with several positives contributes one, drawn uniformly by a hash of ``(seed, epoch, query)``:
     one draw per query per epoch, the same in every process and in a resumed run (the trainer sets
-    ``epoch`` at each epoch's start). Each row keeps at most ``num_hard_negatives`` hard negatives, in
-    listed order (mined lists put the hardest first); a row with fewer uses what it has, so the passages
+    ``epoch`` at each epoch's start). Each row keeps at most ``num_hard_negatives`` hard negatives
+    (:meth:`chosen_negatives`: the first listed, mined lists putting the hardest first, or drawn
+    from the list by ``negative_sampling``); a row with fewer uses what it has, so the passages
     per batch may vary. Returns ``query_ids`` (B lists of token ids), ``passage_ids`` (P lists: the B
     positives in query order, then every row's hard negatives) and ``passage_text_ids`` (P,): equal
     integers for equal token sequences (in every process), which the loss uses to mask copies of a
@@ -98,14 +99,28 @@ class ContrastiveCollator:
     passage_prompt: str = ""  # before every passage
     max_positions: int | None = None  # shift passages' position ids within this many positions (None: no shift)
     max_positives: int = 1  # the most positives a query has in the data (max_known_positives)
-    seed: int = 0  # with the epoch, picks each query's positive
+    seed: int = 0  # with the epoch, picks each query's positive (and its negatives, when sampled)
     epoch: int = 0
+    negative_sampling: str = "first"  # first, random or rotate (see chosen_negatives)
 
     def _draw(self, *parts: str) -> int:
         """A 63-bit number fixed by the seed, the epoch and ``parts``: the same in every process
         and in a resumed run, other in the next epoch."""
         key = "\0".join([str(self.seed), str(self.epoch), *parts]).encode("utf-8")
         return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+    def chosen_negatives(self, row: dict) -> list[int]:
+        """The indices of the row's negatives this epoch uses: at most ``num_hard_negatives`` of
+        them, ``first`` the first listed, ``random`` a draw without replacement keyed by (seed,
+        epoch, query, positive), ``rotate`` the next window of the list each epoch (epoch e takes
+        positions e*N .. e*N + N - 1, wrapping), so every negative is used before any is reused."""
+        count, wanted = len(row["negatives"]), min(self.num_hard_negatives, len(row["negatives"]))
+        if self.negative_sampling == "first" or wanted == count:
+            return list(range(wanted))
+        if self.negative_sampling == "rotate":
+            return [(self.epoch * wanted + j) % count for j in range(wanted)]
+        generator = torch.Generator().manual_seed(self._draw("negatives", row["query"], row["positive"]))
+        return torch.randperm(count, generator=generator)[:wanted].tolist()
 
     def _tokenize_passages(self, texts: list[str]) -> list[list[int]]:
         return tokenize(self.tokenizer, texts, self.passage_max_len, "right", self.passage_prompt)
@@ -116,11 +131,13 @@ class ContrastiveCollator:
             choices = row.get("positives") or [row["positive"]]
             drawn.append(self._draw(row["query"]) % len(choices))
             positives.append(choices[drawn[-1]])
-        negatives = [n for row in rows for n in row["negatives"][: self.num_hard_negatives]]
+        chosen = [self.chosen_negatives(row) for row in rows]
+        negatives = [row["negatives"][i] for row, picks in zip(rows, chosen) for i in picks]
         passage_ids = self._tokenize_passages(positives + negatives)
         wanted = [row.get("positive_span") for row in rows]
-        for row in rows:
-            wanted += (row.get("negative_spans") or [None] * len(row["negatives"]))[: self.num_hard_negatives]
+        for row, picks in zip(rows, chosen):
+            spans_of_row = row.get("negative_spans") or [None] * len(row["negatives"])
+            wanted += [spans_of_row[i] for i in picks]
         spans = [span_tokens(self.tokenizer, text, span, self.passage_max_len, self.passage_prompt) if span else None
                  for text, span in zip(positives + negatives, wanted)]
         batch = {
@@ -140,7 +157,7 @@ class ContrastiveCollator:
         if any(spans):
             batch["passage_pool_spans"] = spans
         if rows and rows[0].get("positive_scores") is not None:
-            batch["candidate_passages"], batch["teacher_scores"] = self._candidates(rows, drawn)
+            batch["candidate_passages"], batch["teacher_scores"] = self._candidates(rows, drawn, chosen)
         if self.max_positions is not None:
             unique, copy_of = unique_sequences(passage_ids)
             # a generator keyed by the epoch and the batch's texts: a resumed run draws the same shifts
@@ -149,17 +166,17 @@ class ContrastiveCollator:
             batch["passage_position_shifts"] = [shifts[i] for i in copy_of]
         return batch
 
-    def _candidates(self, rows: list[dict], drawn: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _candidates(self, rows: list[dict], drawn: list[int], chosen: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 1 + num_hard_negatives) index of each query's positive and own negatives among the
         batch's passages (-1 pads a row with fewer negatives), and the teacher's score of each (0 at pads)."""
         width = 1 + self.num_hard_negatives
         candidates = torch.full((len(rows), width), -1, dtype=torch.long)  # (B, K)
         scores = torch.zeros((len(rows), width), dtype=torch.float32)  # (B, K)
         start = len(rows)  # the negatives follow the B positives, row after row
-        for index, (row, positive) in enumerate(zip(rows, drawn)):
-            count = len(row["negatives"][: self.num_hard_negatives])
+        for index, (row, positive, picks) in enumerate(zip(rows, drawn, chosen)):
+            count = len(picks)
             candidates[index, : 1 + count] = torch.tensor([index, *range(start, start + count)])
             scores[index, : 1 + count] = torch.tensor([row["positive_scores"][positive],
-                                                       *row["negative_scores"][:count]])
+                                                       *[row["negative_scores"][i] for i in picks]])
             start += count
         return candidates, scores

@@ -112,7 +112,8 @@ def build_trainer(model, tokenizer, examples, model_args, data_args, cache_args,
         tokenizer, data_args.query_max_len, data_args.passage_max_len, data_args.num_hard_negatives,
         data_args.query_prompt, data_args.passage_prompt,
         model_args.max_position_embeddings if model_args.shift_positions else None,
-        max_known_positives(examples), seed=training_args.data_seed or training_args.seed)
+        max_known_positives(examples), seed=training_args.data_seed or training_args.seed,
+        negative_sampling=data_args.negative_sampling)
     trainer = ContrastiveTrainer(
         model=model, args=training_args, train_dataset=make_dataset(examples, teacher_scores=model_args.distill_weight > 0),
         data_collator=collator, processing_class=tokenizer, loss=model_args.loss_settings(),

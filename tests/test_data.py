@@ -190,6 +190,49 @@ def test_num_hard_negatives_takes_the_first(tiny_model_dir):
     assert len(ContrastiveCollator(tokenizer, 16, 16, num_hard_negatives=0)(rows)["passage_ids"]) == 2
 
 
+def pool_collator(tokenizer, sampling, epoch=0, seed=0):
+    return ContrastiveCollator(tokenizer, 16, 16, num_hard_negatives=3, seed=seed, epoch=epoch,
+                               negative_sampling=sampling)
+
+
+def test_rotate_uses_every_negative_once_before_reusing_any(tiny_model_dir):
+    """A pool of 7 negatives, 3 a step: epochs 0, 1, 2 take 0-2, 3-5, 6 0 1; the teacher's score
+    of each candidate follows its negative."""
+    from transformers import AutoTokenizer
+
+    from longcontrast.records import Example
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pool = [f"n{i}" for i in range(7)]
+    example = Example("q", "p", pool, positive_scores=[9.0], negative_scores=[float(i) for i in range(7)])
+    row = list(make_dataset([example], teacher_scores=True))[0]
+    used = [pool_collator(tokenizer, "rotate", epoch).chosen_negatives(row) for epoch in range(4)]
+    assert used == [[0, 1, 2], [3, 4, 5], [6, 0, 1], [2, 3, 4]]
+    assert sorted(sum(used[:2], []) + used[2][:1]) == list(range(7))  # each once before any reuse
+    batch = pool_collator(tokenizer, "rotate", 1)([row])
+    assert batch["passage_ids"][1:] == tokenize(tokenizer, ["n3", "n4", "n5"], 16, "right")
+    assert batch["teacher_scores"].tolist() == [[9.0, 3.0, 4.0, 5.0]]
+    assert pool_collator(tokenizer, "first", 3).chosen_negatives(row) == [0, 1, 2]
+
+
+def test_random_draws_depend_on_seed_epoch_and_record_only(tiny_model_dir):
+    """Two collators with the same seed and epoch (two processes, or a resumed run) draw the same
+    negatives; another epoch or seed draws others; a pool no larger than the step's share is used whole."""
+    from transformers import AutoTokenizer
+
+    from longcontrast.records import Example
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = list(make_dataset([Example(f"q{i}", f"p{i}", [f"n{j}" for j in range(30)]) for i in range(5)]
+                             + [Example("short", "p", ["a", "b"])]))
+    draws = lambda **kw: [pool_collator(tokenizer, "random", **kw).chosen_negatives(r) for r in rows]  # noqa: E731
+    first = draws(epoch=2, seed=7)
+    assert first == draws(epoch=2, seed=7)
+    assert all(len(set(d)) == len(d) for d in first) and first[-1] == [0, 1]
+    assert first != draws(epoch=3, seed=7) and first != draws(epoch=2, seed=8)
+    assert len({tuple(d) for d in first[:5]}) == 5  # each record its own draw
+
+
 def test_truncation_sides_keep_special_tokens(tiny_model_dir):
     from transformers import AutoTokenizer
 
