@@ -123,7 +123,8 @@ def test_torchrun_step_equals_one_process_with_the_global_batch(module, sharding
     assert arguments["global_batch_size"] == 6
     assert arguments["fsdp"] == ({"reshard_after_forward": True, "bf16": False} if "--fsdp" in sharding else None)
 
-    __import__(module).main(common(tiny_model_dir, data, tmp_path / "one", *sgd, *extra,
+    objective = [flag for flag in sharding if flag != "--fsdp"]  # one process, unsharded, the same objective
+    __import__(module).main(common(tiny_model_dir, data, tmp_path / "one", *sgd, *extra, *objective,
                                    "--per_device_train_batch_size", "6"))
     update_one, update_ddp = update(tiny_model_dir, tmp_path / "one"), update(tiny_model_dir, tmp_path / "ddp")
     assert update_one.norm() > 0
