@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 
 # Entries of one block's (B, P_block, L_q, L_p) similarity tensor, and of its (B, P_block, L_q, D)
-# gathered token vectors in the backward: 2^26 float32 entries are 256 MiB.
-BLOCK_ENTRIES = 1 << 26
+# gathered token vectors in the backward: 2^24 float32 entries are 64 MiB. At 2^26 a batch of 64
+# queries against 128 passages of 512 tokens took 1.35x the memory of a batch of 16 on CPU
+# (bench/train_speed.py --methods efficient_colbert), against 1.03x for one vector.
+BLOCK_ENTRIES = 1 << 24
 
 
 def token_vectors(hidden_states: torch.Tensor, token_mask: torch.Tensor, projection: torch.nn.Module) -> torch.Tensor:
@@ -99,7 +101,7 @@ def maxsim(queries: torch.Tensor, passages: torch.Tensor) -> torch.Tensor:
     queries: (B, Lq, D) and passages: (P, Lp, D) token vectors (padding rows zero, see the module
     docstring). Computed in float32 at least, outside any autocast, in passage blocks of
     :data:`BLOCK_ENTRIES` entries: 256 queries of 32 tokens against 768 passages of 8192 tokens
-    never hold the 5e10-entry score tensor.
+    never hold the 5e10-entry score tensor (a block is then one passage: 256 MiB).
     """
     dtype = torch.promote_types(queries.dtype, torch.float32)
     with torch.autocast(queries.device.type, enabled=False):
