@@ -11,6 +11,7 @@ import torch
 from longcontrast import gradcache
 from longcontrast.batching import pad
 from longcontrast.gradcache import RandState, grad_cache_step
+from longcontrast.late_interaction import cat_padded
 from longcontrast.loss import BatchLabels, LossSettings, training_loss
 from longcontrast.modeling import DualEncoder
 from longcontrast.step import full_batch_step
@@ -39,8 +40,9 @@ def run_reference(model, mini_batch_size, seed=123, loss_fn=None):
     loss_fn = loss_fn or default_loss
     model.zero_grad()
     torch.manual_seed(seed)
-    q = torch.cat([model(**b, side="query") for b in split_into_mini_batches(queries, mini_batch_size, 0)])
-    p = torch.cat([model(**b, side="passage") for b in split_into_mini_batches(passages, mini_batch_size, 0)])
+    # (token vectors, --colbert_dim: each mini-batch's own length, zero-padded to the longest)
+    q = cat_padded([model(**b, side="query") for b in split_into_mini_batches(queries, mini_batch_size, 0)])
+    p = cat_padded([model(**b, side="passage") for b in split_into_mini_batches(passages, mini_batch_size, 0)])
     out = loss_fn(q, p)
     out.loss.backward()
     return out, gradients(model)

@@ -16,9 +16,10 @@ from conftest import conversation_records, write_jsonl
 from helpers import (assert_same, batch, common, gradients, make_model, max_relative_difference, run_main, run_step,
                      split_into_mini_batches, step_inputs, update, weights)
 from longcontrast import late_interaction, multivector
-from longcontrast.gradcache import RandState, grad_cache_step
+from longcontrast.gradcache import RandState
 from longcontrast.late_interaction import maxsim, read_projection
 from longcontrast.step import full_batch_step
+from test_gradcache import run_grad_cache as cached_step, run_reference as reference_step
 
 
 def padded_unit_vectors(lengths, width, dim, seed):
@@ -68,27 +69,6 @@ def colbert_model(model_dir, dropout, dim=16):
     torch.manual_seed(1)
     model.projection = torch.nn.Linear(model.config.hidden_size, dim, bias=False, dtype=torch.float64)
     return model
-
-
-def cached_step(model, mini_batch_size, seed=123):
-    queries, passages, loss_fn = batch()
-    model.zero_grad()
-    torch.manual_seed(seed)
-    out = grad_cache_step(lambda b, side: model(**b, side=side), split_into_mini_batches(queries, mini_batch_size, 0),
-                          split_into_mini_batches(passages, mini_batch_size, 0), loss_fn, torch.device("cpu"))
-    return out, gradients(model)
-
-
-def reference_step(model, mini_batch_size, seed=123):
-    """The whole batch with autograd, encoded in GradCache's mini-batches (so dropout draws its masks)."""
-    queries, passages, loss_fn = batch()
-    model.zero_grad()
-    torch.manual_seed(seed)
-    encode = lambda texts, side: late_interaction.cat_padded(  # noqa: E731
-        [model(**b, side=side) for b in split_into_mini_batches(texts, mini_batch_size, 0)])
-    out = loss_fn(encode(queries, "query"), encode(passages, "passage"))
-    out.loss.backward()
-    return out, gradients(model)
 
 
 @pytest.mark.parametrize("mini_batch_size", [1, 3, None])  # 1, uneven, whole batch
