@@ -215,8 +215,7 @@ def untrained_late_interaction(retriever: DenseRetriever, dim: int) -> LateInter
     """A single-vector retriever's model read through a new random ``dim``-d token projection
     (seed 0), sharing its encoders and settings: the untrained late-interaction baseline."""
     model = retriever.model
-    generator = torch.random.fork_rng(devices=[])
-    with generator:
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream stays where it was
         torch.manual_seed(0)
         projection = torch.nn.Linear(model.query_encoder.config.hidden_size, dim, bias=False)
     late = DualEncoder(model.query_encoder, model.pooling, model.passage_encoder, model.prompts, model.paths,

@@ -208,7 +208,7 @@ def colbert_dir(tiny_model_dir, tmp_path_factory):
     return str(folder)
 
 
-def test_long_documents_are_read_whole_in_segments(colbert_dir, tmp_path):
+def test_long_documents_are_read_whole_in_segments(colbert_dir, tiny_model_dir, tmp_path):
     """A late-interaction model on a BEIR folder: ``whole`` scores every token of each document
     (read in 16-token segments, past what one pass reads) and ``tokens@8`` its 8-token segments;
     each run's scores equal MaxSim computed pair by pair from the model's own forward passes, in
@@ -262,6 +262,13 @@ def test_long_documents_are_read_whole_in_segments(colbert_dir, tmp_path):
     assert row["tokens"] == runs["whole"].info["tokens"] and row["index_bytes"] == row["tokens"] * (8 * 2 + 4)
     assert "tokens@8" in row and "tokens@8" in fused  # every reading, alone and fused
     assert results[colbert_dir]["pooling"] == "MaxSim of 8-d token vectors"
+
+    # a single-vector model read through an untrained projection: its own row beside it
+    assert evaluate.main(["--model_path", tiny_model_dir, "--untrained_colbert_dim", "8", "--beir", beir,
+                          "--passage_max_len", "16", "--output_file", str(out), "--bootstrap_samples", "100"]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert list(rows) == [tiny_model_dir, f"{tiny_model_dir}@colbert8"]
+    assert rows[f"{tiny_model_dir}@colbert8"]["beir"]["tokens"] == row["tokens"]  # every token of every document
 
 
 def test_the_miner_refuses_a_late_interaction_model(colbert_dir, tmp_path, capsys):
