@@ -45,9 +45,9 @@ class ModelArguments:
         "help": "Prefix of every passage (default: the model's recorded 'document' prompt, none if it records none)."})
     untrained_colbert_dim: int = field(default=0, metadata={"metavar": "D", "help": (
         "Also read each single-vector model as an untrained late-interaction model, a row NAME@colbertD: its token "
-        "states through a new random D-dimensional projection (PyTorch's default init, seed 0: what "
-        "efficient_train.py --colbert_dim D starts from), scored by MaxSim; the baseline of a late-interaction "
-        "model trained from it.")})
+        "states through a new random D-dimensional projection (PyTorch's default init, seed 0, as "
+        "efficient_train.py --colbert_dim D draws its own from --seed), scored by MaxSim; the baseline of a "
+        "late-interaction model trained from it.")})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "Run the model's own code from its folder (e.g. nomic-bert, jina-bert); only for code you trust."})
     torch_dtype: Literal["float32", "bfloat16", "float16", "auto"] = field(default="float32", metadata={"help": (
