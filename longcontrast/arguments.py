@@ -5,11 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import time
 from dataclasses import dataclass, field
 
-import torch
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
 from . import UserError
@@ -17,30 +15,9 @@ from .cli import one_line_errors
 from .loss import DISTILL_LOSSES, LossSettings
 from .modeling import POOLING_MODES
 from .positions import POSITION_INITS
-from .sharding import settings_from_flags
+from .training_arguments import REFUSED_TRAINER_FLAGS, ContrastiveTrainingArguments, GradCacheTrainingArguments
 
 DEFAULT_MAX_POSITIONS = 8192
-# The Trainer's flags that cannot do here what they say, and why: refused at start-up, hidden from --help.
-REFUSED_TRAINER_FLAGS = {
-    "do_eval": (lambda a: a.do_eval, "there is no evaluation set during training; run evaluate.py on the saved model"),
-    "do_predict": (lambda a: a.do_predict, "there is nothing to predict; run evaluate.py on the saved model"),
-    "eval_strategy": (lambda a: str(getattr(a.eval_strategy, "value", a.eval_strategy)) != "no",
-                      "there is no evaluation set during training; run evaluate.py on the saved model"),
-    "load_best_model_at_end": (lambda a: a.load_best_model_at_end,
-                               "without an evaluation during training there is no best model to load"),
-    "label_smoothing_factor": (lambda a: a.label_smoothing_factor != 0,
-                               "the contrastive loss does not use the Trainer's label smoothing"),
-    "neftune_noise_alpha": (lambda a: a.neftune_noise_alpha is not None,
-                            "NEFTune adds noise to a language model's input embeddings for instruction tuning; "
-                            "the dual encoder has no such hook"),
-    "auto_find_batch_size": (lambda a: a.auto_find_batch_size,
-                             "it would shrink the contrastive batch (and its in-batch negatives) on an out-of-memory "
-                             "error without telling; lower --mini_batch_size or --mini_batch_tokens instead"),
-    "push_to_hub": (lambda a: a.push_to_hub,
-                    "the Trainer would push its checkpoint layout, not the saved model; upload --output_dir yourself "
-                    "(huggingface-cli upload) once training ends"),
-}
-
 # The sample training set the project generates into data/.
 DEFAULT_TRAIN_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sample_train.jsonl")
 
@@ -226,8 +203,25 @@ class DataArguments:
 
     train_data: list[str] = field(
         default_factory=lambda: [DEFAULT_TRAIN_DATA],
-        metadata={"help": "Training files (.jsonl, .json, .parquet) or folders (of such files, or saved with "
-                  "datasets.save_to_disk). Default: the generated sample in data/."},
+        metadata={"help": "Training datasets, each a file (.jsonl, .json, .parquet) or folder (of such files, a BEIR "
+                  "folder, or saved with datasets.save_to_disk), optionally named (NAME=PATH; else named after it); "
+                  "or one mixture file (.yaml, or .json with a 'datasets' list of {name, path, weight, prompt, "
+                  "negatives}). Several datasets: each global batch comes from one of them (see --mixture). "
+                  "Default: the generated sample in data/."},
+    )
+    mixture: str = field(
+        default="proportional",
+        metadata={"help": "How many batches each dataset gives an epoch: proportional (to its size times its weight), "
+                  "round_robin (as many as the smallest gives, datasets in turn) or temperature (shares proportional "
+                  "to (weight x size) ** (1/--mixture_temperature): small datasets drawn more often).",
+                  "choices": ["proportional", "round_robin", "temperature"]},
+    )
+    mixture_temperature: float = field(
+        default=2.0, metadata={"help": "T of --mixture temperature: 1 is proportional, larger flattens the shares."})
+    mixed_batches: bool = field(
+        default=False,
+        metadata={"help": "Shuffle every dataset's examples together, so a batch mixes datasets (in-batch negatives "
+                  "then come from other domains, easy ones), instead of drawing each global batch from one dataset."},
     )
     query_max_len: int = field(default=256, metadata={"help": "Max query tokens; longer queries lose their start "
                                                       "(the latest dialogue turns are kept)."})
@@ -275,95 +269,6 @@ class GradCacheArguments:
                   "so without dropout the gradients are those of encoding every copy. With dropout the copies "
                   "share one dropout mask. False: encode every copy."},
     )
-
-
-@dataclass
-class ContrastiveTrainingArguments(TrainingArguments):
-    """``transformers.TrainingArguments`` with defaults for contrastive fine-tuning and two more flags."""
-
-    _argument_group_name = "training (transformers.TrainingArguments; flags that cannot apply are refused)"
-
-    output_dir: str | None = field(
-        default=None, metadata={"help": "Where the model, its checkpoints and logs go (default: a new folder "
-                                "under outputs/)."})
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Allow writing into an existing, non-empty --output_dir."})
-    warmup_ratio: float | None = field(
-        default=None, metadata={"help": "Linear warm-up over this fraction of the training steps (sets --warmup_steps)."})
-    per_device_train_batch_size: int = field(
-        default=16, metadata={"help": "The contrastive batch per device: queries scored against each other's "
-                              "positives and hard negatives."})
-    gradient_accumulation_steps: int = field(
-        default=1, metadata={"help": "Whole contrastive batches whose gradients are added before each optimizer "
-                             "step. This does NOT enlarge the pool of in-batch negatives."})
-    learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate."})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training data."})
-    logging_steps: float = field(default=1, metadata={"help": "Log loss and in-batch accuracy every N steps."})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False (custom batches)."})
-    dataloader_pin_memory: bool = field(
-        default_factory=torch.cuda.is_available, metadata={"help": "Pin batches in memory (default: on CUDA only)."})
-    ddp_broadcast_buffers: bool | None = field(
-        default=False, metadata={"help": "DDP: broadcast buffers at every forward. Off: the encoder's buffers are "
-                                 "constants, and GradCache runs a different number of forwards per process."})
-    max_bad_steps: int = field(
-        default=3, metadata={"help": "A step whose loss or gradient is NaN or inf is skipped (the parameters and "
-                             "optimizer state stay as they were; with --fp16 the loss scaler skips it instead); "
-                             "this many in a row stop the run with an error instead of saving a broken model."})
-    fsdp: str | None = field(
-        default=None, metadata={"nargs": "?", "const": "full_shard", "help": (
-            "Shard parameters, gradients and optimizer states over the processes with FSDP2 (fully_shard, one unit "
-            "per transformer block), for a model too large to hold whole on every GPU; launch with torchrun. "
-            "full_shard (the bare flag) frees each block's gathered parameters after its forward, shard_grad_op keeps "
-            "them until its backward. Checkpoints are sharded (torch.distributed.checkpoint); the saved model is "
-            "gathered, as without it.")})
-    fsdp_config: str | None = field(
-        default=None, metadata={"help": "A JSON file (or dict) for --fsdp: version (2) and reshard_after_forward."})
-
-    def __post_init__(self):
-        for flag, (given, why) in REFUSED_TRAINER_FLAGS.items():
-            if given(self):
-                raise ValueError(f"--{flag} is not supported: {why}")
-        # FSDP2 is applied by longcontrast.sharding, not by Accelerate (which shards on GPUs only and
-        # would, on CPUs, silently replicate the model instead)
-        self.sharding = None
-        if self.fsdp:
-            if int(os.environ.get("WORLD_SIZE", "1")) < 2:
-                raise ValueError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node N "
-                                 "(N >= 2)")
-            if self.deepspeed:
-                raise ValueError("--fsdp and --deepspeed both shard the model: give one")
-            self.sharding = settings_from_flags(self.fsdp, self.fsdp_config, bf16=bool(self.bf16))
-        self.fsdp, self.fsdp_config = None, None
-        if self.output_dir is None:
-            self.output_dir = os.path.join("outputs", time.strftime("run-%Y%m%d-%H%M%S"))
-        if self.warmup_ratio is not None:
-            if not 0 <= self.warmup_ratio < 1:
-                raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-            self.warmup_steps = self.warmup_ratio
-        self.remove_unused_columns = False
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-            # Under torchrun without GPUs accelerate only sets up gloo DDP when told to use the CPU;
-            # otherwise every process would silently train its own copy.
-            self.use_cpu = True
-        super().__post_init__()
-
-
-@dataclass
-class GradCacheTrainingArguments(ContrastiveTrainingArguments):
-    """efficient_train.py's training arguments: those of :class:`ContrastiveTrainingArguments`, with
-    the engines GradCache cannot run under refused before anything starts."""
-
-    def __post_init__(self):
-        # DeepSpeed steps its engine inside every backward at the step boundary: each GradCache replay
-        # would make one optimizer step on a mini-batch's partial gradient, not the full-batch one.
-        if self.deepspeed:
-            raise ValueError(
-                "--deepspeed is not supported by efficient_train.py: DeepSpeed steps its optimizer inside each "
-                "backward, and GradCache runs one backward per mini-batch, so one contrastive batch would not get its "
-                "full-batch gradient. To shard a model too large for one GPU, use --fsdp (FSDP2, exact with GradCache); "
-                "on one GPU, --lora_r with --torch_dtype bfloat16 and --activation_checkpointing")
-        super().__post_init__()
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

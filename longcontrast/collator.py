@@ -45,6 +45,7 @@ def make_dataset(examples: list[Example], teacher_scores: bool = False):
         "known_positives": [e.known_positives or e.positives for e in examples],
         "negatives": [e.negatives for e in examples],
         "length": [len(e.query) + len(e.positive) for e in examples],
+        "dataset": [e.dataset for e in examples],
         **spans,
     })
 
@@ -89,6 +90,8 @@ class ContrastiveCollator:
     the same context), and the page pooled whole is masked only where the query knows it as a positive.
     Rows with teacher scores (``make_dataset(..., teacher_scores=True)``): also ``candidate_passages``
     and ``teacher_scores`` (B, 1 + num_hard_negatives), each query's own candidates for distillation.
+    Always ``dataset``: the rows' dataset index (-1 when they come from several), which a mixture
+    gives its own query prompt and number of hard negatives (``dataset_prompts``, ``dataset_negatives``).
     """
 
     tokenizer: object
@@ -102,6 +105,9 @@ class ContrastiveCollator:
     seed: int = 0  # with the epoch, picks each query's positive (and its negatives, when sampled)
     epoch: int = 0
     negative_sampling: str = "first"  # first, random or rotate (see chosen_negatives)
+    # per dataset (Example.dataset), where a mixture sets them: the query prompt and hard negatives
+    dataset_prompts: tuple[str, ...] | None = None
+    dataset_negatives: tuple[int, ...] | None = None
 
     def _draw(self, *parts: str) -> int:
         """A 63-bit number fixed by the seed, the epoch and ``parts``: the same in every process
@@ -114,13 +120,28 @@ class ContrastiveCollator:
         them, ``first`` the first listed, ``random`` a draw without replacement keyed by (seed,
         epoch, query, positive), ``rotate`` the next window of the list each epoch (epoch e takes
         positions e*N .. e*N + N - 1, wrapping), so every negative is used before any is reused."""
-        count, wanted = len(row["negatives"]), min(self.num_hard_negatives, len(row["negatives"]))
+        count, wanted = len(row["negatives"]), min(self._negatives(row), len(row["negatives"]))
         if self.negative_sampling == "first" or wanted == count:
             return list(range(wanted))
         if self.negative_sampling == "rotate":
             return [(self.epoch * wanted + j) % count for j in range(wanted)]
         generator = torch.Generator().manual_seed(self._draw("negatives", row["query"], row["positive"]))
         return torch.randperm(count, generator=generator)[:wanted].tolist()
+
+    def _negatives(self, row: dict) -> int:
+        return self.num_hard_negatives if self.dataset_negatives is None else self.dataset_negatives[row["dataset"]]
+
+    def _tokenize_queries(self, rows: list[dict]) -> list[list[int]]:
+        """Each row's query with its dataset's prompt, tokenized one prompt at a time."""
+        prompts = [self.query_prompt if self.dataset_prompts is None else self.dataset_prompts[row["dataset"]]
+                   for row in rows]
+        ids: list[list[int]] = [[] for _ in rows]
+        for prompt in dict.fromkeys(prompts):
+            mine = [i for i, p in enumerate(prompts) if p == prompt]
+            for i, tokens in zip(mine, tokenize(self.tokenizer, [rows[i]["query"] for i in mine], self.query_max_len,
+                                                "left", prompt)):
+                ids[i] = tokens
+        return ids
 
     def _tokenize_passages(self, texts: list[str]) -> list[list[int]]:
         return tokenize(self.tokenizer, texts, self.passage_max_len, "right", self.passage_prompt)
@@ -141,13 +162,14 @@ class ContrastiveCollator:
         spans = [span_tokens(self.tokenizer, text, span, self.passage_max_len, self.passage_prompt) if span else None
                  for text, span in zip(positives + negatives, wanted)]
         batch = {
-            "query_ids": tokenize(self.tokenizer, [row["query"] for row in rows], self.query_max_len, "left",
-                                  self.query_prompt),
+            "query_ids": self._tokenize_queries(rows),
             "passage_ids": passage_ids,
             # a span joins the identity after a -1, which no token id is
             "passage_text_ids": torch.tensor([sequence_id(ids + ([-1, *span] if span else []))
                                               for ids, span in zip(passage_ids, spans)]),  # (P,)
         }
+        datasets = {row.get("dataset", 0) for row in rows}
+        batch["dataset"] = datasets.pop() if len(datasets) == 1 else -1  # -1: a batch of several datasets
         if self.max_positives > 1:
             known = torch.full((len(rows), self.max_positives), -1, dtype=torch.long)  # (B, M)
             for index, row in enumerate(rows):
@@ -169,7 +191,7 @@ class ContrastiveCollator:
     def _candidates(self, rows: list[dict], drawn: list[int], chosen: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 1 + num_hard_negatives) index of each query's positive and own negatives among the
         batch's passages (-1 pads a row with fewer negatives), and the teacher's score of each (0 at pads)."""
-        width = 1 + self.num_hard_negatives
+        width = 1 + max(self.dataset_negatives or [self.num_hard_negatives])
         candidates = torch.full((len(rows), width), -1, dtype=torch.long)  # (B, K)
         scores = torch.zeros((len(rows), width), dtype=torch.float32)  # (B, K)
         start = len(rows)  # the negatives follow the B positives, row after row

@@ -138,13 +138,15 @@ MODULES = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.mo
 
 
 def save_late_interaction(encoder, projection: torch.nn.Linear, tokenizer, folder, *, query_length: int,
-                          document_length: int, query_prompt: str = "", passage_prompt: str = "") -> None:
+                          document_length: int, query_prompt: str = "", passage_prompt: str = "",
+                          prompts: dict[str, str] | None = None) -> None:
     """Write a late-interaction model in PyLate's layout (sentence-transformers 5 files): the
     encoder as a Hugging Face folder (what ``AutoModel`` loads), ``1_Dense`` the projection, and
     PyLate's settings (:data:`PYLATE_SETTINGS`; lengths in tokens) in
     ``config_sentence_transformers.json``, so that ``pylate.models.ColBERT(model_name_or_path=folder)``
     encodes as this project does. The prompts are recorded as sentence-transformers' ``"query"`` and
-    ``"document"`` prompts (PyLate prepends one when asked by ``prompt_name``). A PEFT encoder is
+    ``"document"`` prompts, ``prompts`` as more named ones (PyLate prepends one when asked by
+    ``prompt_name``). A PEFT encoder is
     written as its adapter."""
     import json
     import os
@@ -166,7 +168,8 @@ def save_late_interaction(encoder, projection: torch.nn.Linear, tokenizer, folde
                                                     "bias": projection.bias is not None, "activation_function": IDENTITY},
         "config_sentence_transformers.json": {**PYLATE_SETTINGS, "query_length": query_length,
                                               "document_length": document_length,
-                                              "prompts": {"query": query_prompt, "document": passage_prompt},
+                                              "prompts": {"query": query_prompt, "document": passage_prompt,
+                                                          **(prompts or {})},
                                               "default_prompt_name": None},
     }
     for name, content in files.items():

@@ -335,13 +335,15 @@ class DualEncoder(nn.Module):
             encoder.activation_checkpointing_enable(**kwargs)
 
     def save(self, output_dir: str | os.PathLike, tokenizer, max_seq_length: int, query_prompt: str = "",
-             passage_prompt: str = "", trust_remote_code: bool = False, query_max_length: int | None = None) -> None:
+             passage_prompt: str = "", trust_remote_code: bool = False, query_max_length: int | None = None,
+             prompts: dict[str, str] | None = None) -> None:
         """Save as folders that load with ``AutoModel.from_pretrained`` and ``SentenceTransformer``.
 
         Shared encoder: ``output_dir`` itself. Untied: ``output_dir/query_encoder`` and
         ``output_dir/passage_encoder``. The pooling and the normalisation are recorded as
         sentence-transformers modules; the prompts as its ``"query"`` and ``"document"`` prompts
-        (what ``encode_query`` / ``encode_document`` prepend, and what evaluate.py reads). A late
+        (what ``encode_query`` / ``encode_document`` prepend, and what evaluate.py reads), ``prompts``
+        as more named ones (``encode(..., prompt_name=NAME)``: a mixture's dataset prompts). A late
         interaction model is saved in PyLate's layout (:func:`save_late_interaction`).
         """
         targets = (
@@ -352,15 +354,15 @@ class DualEncoder(nn.Module):
         if self.projection is not None:
             save_late_interaction(self.query_encoder, self.projection, tokenizer, output_dir,
                                   query_length=query_max_length or max_seq_length, document_length=max_seq_length,
-                                  query_prompt=query_prompt, passage_prompt=passage_prompt)
+                                  query_prompt=query_prompt, passage_prompt=passage_prompt, prompts=prompts)
             return
         for name, encoder in targets.items():
             save_sentence_transformer(encoder, tokenizer, os.path.join(output_dir, name), self.pooling, max_seq_length,
-                                      query_prompt, passage_prompt, trust_remote_code)
+                                      query_prompt, passage_prompt, trust_remote_code, prompts)
 
 
 def save_sentence_transformer(encoder, tokenizer, folder, pooling, max_seq_length, query_prompt="", passage_prompt="",
-                              trust_remote_code=False):
+                              trust_remote_code=False, prompts=None):
     """Write ``encoder`` as a Hugging Face model folder that is also a sentence-transformers model.
 
     A PEFT (LoRA) encoder is written as its adapter (``adapter_config.json``, naming the base), which
@@ -383,6 +385,7 @@ def save_sentence_transformer(encoder, tokenizer, folder, pooling, max_seq_lengt
         Pooling(encoder.config.hidden_size, pooling_mode=pooling),
         Normalize(),
     ]
-    prompts = {"query": query_prompt, "document": passage_prompt} if query_prompt or passage_prompt else None
+    prompts = {"query": query_prompt, "document": passage_prompt, **(prompts or {})}
+    prompts = prompts if any(prompts.values()) else None
     device = next(encoder.parameters()).device  # where the encoder is: nothing moves
     SentenceTransformer(modules=modules, prompts=prompts, similarity_fn_name="cosine", device=str(device)).save(folder)

@@ -51,6 +51,7 @@ class Example:
     negative_spans: list[tuple[int, int] | None] | None = None  # the same for each negative, or None
     positive_scores: list[float] | None = None  # a teacher's score of each positive (distillation), or None
     negative_scores: list[float] | None = None  # and of each negative
+    dataset: int = 0  # which of the run's datasets (--train_data entries) it comes from
 
     @property
     def positives(self) -> list[str]:
@@ -205,7 +206,8 @@ def _span(value, text: str, what: str, where: str) -> tuple[int, int] | None:
     return start, end
 
 def load_examples(paths: list[str], num_turns: int = 5, *, require_scores: bool = False) -> list[Example]:
-    """Every example of the given files and folders (:func:`.readers.iter_records`), in order.
+    """Every example of the given files and folders (:func:`.readers.iter_records`), in order, each
+    knowing the index of its path (``Example.dataset``).
 
     A folder is a BEIR folder (``corpus.jsonl``, ``queries.jsonl``, ``qrels/train.tsv``), a
     ``datasets.save_to_disk`` folder, or holds data files, read in name order. Any problem (a
@@ -220,10 +222,11 @@ def load_examples(paths: list[str], num_turns: int = 5, *, require_scores: bool 
     if not paths:
         raise UserError("no training data given (--train_data)")
     examples, seen, duplicates = [], {}, []
-    for name in paths:
+    for dataset, name in enumerate(paths):
         count = len(examples)
         for where, record in iter_records(name):
             example = parse_record(record, where, num_turns)
+            example.dataset = dataset
             if require_scores and example.positive_scores is None:
                 raise UserError(f"{where}: no teacher scores, which --distill_weight needs in every record "
                                 "(data/score_with_teacher.py writes them)")

@@ -32,7 +32,7 @@ class ContrastiveTrainer(Trainer):
     def __init__(self, *args, loss: LossSettings, mini_batch_size: int | None = None,
                  mini_batch_tokens: int | None = None, deduplicate_texts: bool = True,
                  negatives_cross_device: bool = False, checkpoint_trainable_only: bool = False, sharded: bool = False,
-                 **kwargs):
+                 sampler: torch.utils.data.Sampler | None = None, dataset_names: list[str] | None = None, **kwargs):
         # A model sharded with FSDP2 before the Trainer sees it (--fsdp: longcontrast.sharding) is one the
         # Trainer knows as "sharded at load time": not wrapped in DDP, not moved. The Trainer refuses
         # checkpoints of such a model, whose optimizer state it cannot write; this class writes model
@@ -55,12 +55,17 @@ class ContrastiveTrainer(Trainer):
         self.deduplicate_texts = deduplicate_texts
         self._accuracy_sum, self._accuracy_count = 0.0, 0
         self._part_sums: dict[str, float] = {}  # the loss's named terms since the last log
+        self.sampler = sampler  # a mixture's (longcontrast.mixture), else the Trainer's own
+        # several datasets: each logged step names its batches' and gives each one's loss since the last log
+        self.dataset_names = dataset_names if dataset_names and len(dataset_names) > 1 else None
+        self._dataset_losses: dict[str, list[float]] = {}
         self._non_finite_loss = False  # in any micro-batch of the current optimizer step
         self._bad_steps_in_a_row = 0
         self._staging = False
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         model.train()
+        dataset = inputs.pop("dataset", -1)
         # Trainer divides the loss by the accumulation steps; it sums the gradients of whole batches.
         scale = 1.0 / self.current_gradient_accumulation_steps
         output = contrastive_step(
@@ -74,6 +79,9 @@ class ContrastiveTrainer(Trainer):
             self._skip_step_if_not_finite(model)
         self._accuracy_sum += output.accuracy.item()
         self._accuracy_count += 1
+        if self.dataset_names:
+            name = self.dataset_names[dataset] if dataset >= 0 else "mixed"
+            self._dataset_losses.setdefault(name, []).append(output.loss.item())
         if len(output.parts) > 1:  # the terms, when there is more than one
             for name, value in output.parts.items():
                 self._part_sums[name] = self._part_sums.get(name, 0.0) + value.item()
@@ -110,6 +118,8 @@ class ContrastiveTrainer(Trainer):
             )
 
     def _get_train_sampler(self, train_dataset=None):
+        if self.sampler is not None:
+            return self.sampler
         sampler = super()._get_train_sampler(train_dataset)
         if isinstance(sampler, LengthGroupedSampler):
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
@@ -188,6 +198,10 @@ class ContrastiveTrainer(Trainer):
             logs["accuracy"] = round(self._accuracy_sum / self._accuracy_count, 4)
             logs.update({f"{name}_loss": round(total / self._accuracy_count, 4) for name, total in self._part_sums.items()})
             self._accuracy_sum, self._accuracy_count, self._part_sums = 0.0, 0, {}
+            if self._dataset_losses:
+                logs["dataset"] = ",".join(self._dataset_losses)  # one name when every step had one dataset
+                logs.update({f"loss/{name}": round(sum(v) / len(v), 4) for name, v in self._dataset_losses.items()})
+                self._dataset_losses = {}
         super().log(logs, start_time)
 
 

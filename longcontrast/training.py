@@ -20,6 +20,7 @@ from .collator import ContrastiveCollator, check_spans, make_dataset, max_known_
 from .distributed import shut_down
 from .late_interaction import read_projection
 from .lora import add_lora, merge
+from .mixture import DatasetSpec, MixtureSampler, batch_counts, parse_train_data
 from .modeling import DualEncoder, default_model_path, load_encoder, prepare_tokenizer, read_pooling
 from .positions import freeze_rows, position_table, token_positions, unchanged_rows
 from .records import load_examples
@@ -106,14 +107,51 @@ def projection(encoder, model_args) -> torch.nn.Linear | None:
                            device=next(encoder.parameters()).device)
 
 
-def build_trainer(model, tokenizer, examples, model_args, data_args, cache_args, training_args, *, gradcache: bool,
-                  callback: CheckpointOnSignal) -> ContrastiveTrainer:
+def mixture_sampler(specs: list[DatasetSpec], examples, data_args, training_args) -> MixtureSampler | None:
+    """The sampler drawing each global batch from one dataset (:mod:`.mixture`); None for one
+    dataset or ``--mixed_batches``. Raises :class:`.UserError` where the mixture cannot be drawn."""
+    weighted = [s.name for s in specs if s.weight != 1]
+    if len(specs) < 2 or data_args.mixed_batches:
+        if data_args.mixed_batches and (weighted or data_args.mixture != "proportional"):
+            what = f"the weights of {', '.join(weighted)}" if weighted else f"--mixture {data_args.mixture}"
+            raise UserError(f"--mixed_batches shuffles every example together: {what} need per-dataset batches "
+                            "(leave out --mixed_batches)")
+        return None
+    if training_args.train_sampling_strategy != "random":
+        raise UserError(f"--train_sampling_strategy {training_args.train_sampling_strategy} orders the whole data; with "
+                        "several datasets each batch comes from one of them: leave it out, or give --mixed_batches")
+    sizes = [0] * len(specs)
+    for example in examples:
+        sizes[example.dataset] += 1
+    batch = training_args.per_device_train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps
+    drop_last = training_args.dataloader_drop_last
+    counts = batch_counts(sizes, [s.weight for s in specs], names=[s.name for s in specs], policy=data_args.mixture,
+                          temperature=data_args.mixture_temperature, batch=batch, drop_last=drop_last)
+    logger.info("mixture (%s, %s last batches), global batches per epoch: %s", data_args.mixture,
+                "dropped" if drop_last else "completed", ", ".join(
+                    f"{s.name} {c} ({n} examples)" for s, c, n in zip(specs, counts, sizes)))
+    return MixtureSampler(sizes, counts, batch=batch, drop_last=drop_last, round_robin=data_args.mixture == "round_robin",
+                          seed=training_args.data_seed)
+
+
+def query_prompts(specs: list[DatasetSpec], data_args) -> tuple[str, ...] | None:
+    """Each dataset's query prompt (its own, else ``--query_prompt``), or None when no dataset has its own."""
+    if all(s.prompt is None for s in specs):
+        return None
+    return tuple(data_args.query_prompt if s.prompt is None else s.prompt for s in specs)
+
+
+def build_trainer(model, tokenizer, examples, specs, model_args, data_args, cache_args, training_args, *,
+                  gradcache: bool, callback: CheckpointOnSignal, sampler: MixtureSampler | None) -> ContrastiveTrainer:
+    negatives = [s.negatives for s in specs]
     collator = ContrastiveCollator(
         tokenizer, data_args.query_max_len, data_args.passage_max_len, data_args.num_hard_negatives,
         data_args.query_prompt, data_args.passage_prompt,
         model_args.max_position_embeddings if model_args.shift_positions else None,
         max_known_positives(examples), seed=training_args.data_seed or training_args.seed,
-        negative_sampling=data_args.negative_sampling)
+        negative_sampling=data_args.negative_sampling, dataset_prompts=query_prompts(specs, data_args),
+        dataset_negatives=None if negatives == [None] * len(specs) else tuple(
+            data_args.num_hard_negatives if n is None else n for n in negatives))
     trainer = ContrastiveTrainer(
         model=model, args=training_args, train_dataset=make_dataset(examples, teacher_scores=model_args.distill_weight > 0),
         data_collator=collator, processing_class=tokenizer, loss=model_args.loss_settings(),
@@ -122,7 +160,8 @@ def build_trainer(model, tokenizer, examples, model_args, data_args, cache_args,
         deduplicate_texts=cache_args.deduplicate_texts if gradcache else False,
         negatives_cross_device=model_args.negatives_cross_device and training_args.world_size > 1,
         checkpoint_trainable_only=model_args.lora_r > 0, callbacks=[callback, CollatorEpoch(collator)],
-        sharded=training_args.sharding is not None,
+        sharded=training_args.sharding is not None, sampler=sampler,
+        dataset_names=[s.name for s in specs] if sampler is not None else None,
     )
     if training_args.world_size > 1:
         # The same seed everywhere up to here (the model); dropout must differ per process. The
@@ -131,14 +170,18 @@ def build_trainer(model, tokenizer, examples, model_args, data_args, cache_args,
     return trainer
 
 
-def save_run(trainer, model, tokenizer, model_args, data_args, cache_args, training_args, *, gradcache: bool,
+def save_run(trainer, model, tokenizer, specs, model_args, data_args, cache_args, training_args, *, gradcache: bool,
              pooling: str) -> None:
     """The model (AutoModel and sentence-transformers folder), the loss log and, last and
     atomically, the run record whose presence marks a finished run (:func:`.checkpoints.resolve_resume`)."""
     output_dir = training_args.output_dir
-    save = dict(tokenizer=tokenizer, max_seq_length=data_args.passage_max_len, query_prompt=data_args.query_prompt,
+    prompts = query_prompts(specs, data_args)
+    one_prompt = prompts is not None and len(set(prompts)) == 1  # every dataset's: the model's query prompt
+    save = dict(tokenizer=tokenizer, max_seq_length=data_args.passage_max_len,
+                query_prompt=prompts[0] if one_prompt else data_args.query_prompt,
                 passage_prompt=data_args.passage_prompt, trust_remote_code=model_args.trust_remote_code,
-                query_max_length=data_args.query_max_len)
+                query_max_length=data_args.query_max_len,
+                prompts=None if one_prompt or prompts is None else {s.name: p for s, p in zip(specs, prompts)})
     if model_args.merge_lora:
         model.save(os.path.join(output_dir, "adapter"), **save)
         model.query_encoder = merge(model.query_encoder)
@@ -172,8 +215,11 @@ def train(argv=None, gradcache: bool = True) -> str:
     checkpoints.resolve_resume(training_args)
     resolve_defaults(model_args, training_args, gradcache=gradcache)
     pooling = model_args.pooling or read_pooling(model_args.model_name_or_path) or "cls"
-    # 2. the data
-    examples = load_examples(data_args.train_data, data_args.query_turns, require_scores=model_args.distill_weight > 0)
+    # 2. the data: the datasets, their examples, and the sampler of a mixture
+    specs = parse_train_data(data_args.train_data)
+    examples = load_examples([s.path for s in specs], data_args.query_turns,
+                             require_scores=model_args.distill_weight > 0)
+    sampler = mixture_sampler(specs, examples, data_args, training_args)
     # 3. the encoder, checked against the flags and the data
     encoder, tokenizer, trained_rows = load(model_args, training_args)
     prepare_tokenizer(tokenizer, pooling)
@@ -196,8 +242,8 @@ def train(argv=None, gradcache: bool = True) -> str:
         len(examples), training_args.per_device_train_batch_size, training_args.world_size,
         f"GradCache mini-batch {cache_args.mini_batch_size}" if gradcache else "plain step (the whole batch with autograd)")
     stop_on_signal = CheckpointOnSignal()
-    trainer = build_trainer(model, tokenizer, examples, model_args, data_args, cache_args, training_args,
-                            gradcache=gradcache, callback=stop_on_signal)
+    trainer = build_trainer(model, tokenizer, examples, specs, model_args, data_args, cache_args, training_args,
+                            gradcache=gradcache, callback=stop_on_signal, sampler=sampler)
     # 5. training, stopped cleanly on SIGTERM
     if trainer.is_world_process_zero():
         checkpoints.clear_staging(training_args.output_dir)
@@ -215,7 +261,7 @@ def train(argv=None, gradcache: bool = True) -> str:
             model = dual_encoder(load(model_args, training_args)[0], model_args, pooling, trained_rows)
             model.load_state_dict(state, assign=True)
     if trainer.is_world_process_zero():
-        save_run(trainer, model, tokenizer, model_args, data_args, cache_args, training_args, gradcache=gradcache,
+        save_run(trainer, model, tokenizer, specs, model_args, data_args, cache_args, training_args, gradcache=gradcache,
                  pooling=pooling)
     return training_args.output_dir
 
