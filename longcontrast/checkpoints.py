@@ -127,13 +127,14 @@ def publish(staged: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
     return final
 
 
-def rotate(output_dir: str | os.PathLike, limit: int | None, keep: str | os.PathLike) -> None:
-    """Delete the oldest complete checkpoints beyond ``limit``; ``keep`` (the newest) always stays."""
+def rotate(output_dir: str | os.PathLike, limit: int | None, keep: list[str | os.PathLike]) -> None:
+    """Delete the oldest complete checkpoints beyond ``limit``; ``keep`` (the newest, and the best
+    while a metric chooses one) always stays."""
     if not limit or limit <= 0:
         return
-    keep = Path(keep).resolve()
-    others = [p for p in complete_checkpoints(output_dir) if p.resolve() != keep]
-    for folder in others[: max(0, len(others) - (limit - 1))]:
+    keep = {Path(k).resolve() for k in keep}
+    others = [p for p in complete_checkpoints(output_dir) if p.resolve() not in keep]
+    for folder in others[: max(0, len(others) - (limit - len(keep)))]:
         logger.info("deleting %s (--save_total_limit %d)", folder, limit)
         remove(folder, output_dir)
 

@@ -183,17 +183,13 @@ def dense_retriever(path: str | None, models: ModelArguments, readings: ReadingA
                                       models.trust_remote_code, dtype=models.torch_dtype if models.torch_dtype == "auto"
                                       else getattr(torch, models.torch_dtype))
     model.to(device)
-    positions = token_positions(model.query_encoder)
     prompts = prompts_for(model, models.query_prompt, models.passage_prompt)
-    embedding_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(
-        run.embedding_dtype, torch.float16 if device.type == "cuda" else torch.float32)
-    settings = EncodeSettings(
-        query_max_len=min(readings.query_max_len, positions), passage_max_len=min(readings.passage_max_len, positions),
-        batch_size=run.batch_size or (64 if device.type == "cuda" else 8), max_tokens=run.max_tokens_per_batch,
-        autocast=autocast_dtype(run.precision, device), embedding_dtype=embedding_dtype, query_prompt=prompts["query"],
-        passage_prompt=prompts["document"], device=device)
+    settings = encode_settings(model, query_max_len=readings.query_max_len, passage_max_len=readings.passage_max_len,
+                               prompts=prompts, device=device, batch_size=run.batch_size,
+                               max_tokens=run.max_tokens_per_batch, precision=run.precision,
+                               embedding_dtype=run.embedding_dtype)
     logger.info("%s reads queries up to %d tokens and passages up to %d (its position table: %d)", path or "default",
-                settings.query_max_len, settings.passage_max_len, positions)
+                settings.query_max_len, settings.passage_max_len, token_positions(model.query_encoder))
     width = model.query_encoder.config.hidden_size
     if any(dim > width for dim in readings.truncate_dim or ()):
         raise UserError(f"--truncate_dim {max(readings.truncate_dim)} is wider than its {width}-dimensional vectors")
@@ -209,6 +205,21 @@ def dense_retriever(path: str | None, models: ModelArguments, readings: ReadingA
             "token vectors", "prompts": prompts,
             "tokens_read": {"query": settings.query_max_len, "passage": settings.passage_max_len}}
     return retriever, info
+
+
+def encode_settings(model, *, query_max_len: int, passage_max_len: int, prompts: dict[str, str], device: torch.device,
+                    batch_size: int | None = None, max_tokens: int = DEFAULT_MAX_TOKENS, precision: str = "auto",
+                    embedding_dtype: str = "auto") -> EncodeSettings:
+    """How ``model`` reads (lengths capped at its position table; defaults as evaluate.py's flags),
+    shared by evaluate.py and the evaluation during training, so that both score alike."""
+    positions = token_positions(model.query_encoder)
+    return EncodeSettings(
+        query_max_len=min(query_max_len, positions), passage_max_len=min(passage_max_len, positions),
+        batch_size=batch_size or (64 if device.type == "cuda" else 8), max_tokens=max_tokens,
+        autocast=autocast_dtype(precision, device), embedding_dtype={
+            "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(
+            embedding_dtype, torch.float16 if device.type == "cuda" else torch.float32),
+        query_prompt=prompts["query"], passage_prompt=prompts["document"], device=device)
 
 
 def untrained_late_interaction(retriever: DenseRetriever, dim: int) -> LateInteractionRetriever:

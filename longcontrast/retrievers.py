@@ -217,6 +217,9 @@ class DenseRetriever(Retriever):
     def _corpus_embeddings(self, data, passage_ids) -> torch.Tensor:
         """(N, D) the corpus's whole embeddings in ``embedding_dtype``, through the cache if there is one."""
         s = self.settings
+        if not self.cache:
+            return self._cut(self._encode(passage_ids, "passage", desc="corpus", texts=data.passages,
+                                          out_dtype=s.embedding_dtype, cut=False))
         fingerprint = {
             "model": model_fingerprint(self.model.paths["passage"]), "pooling": self.model.pooling,
             "corpus_sha256": _sha256(data.corpus_file), "passage_max_len": s.passage_max_len,
@@ -239,11 +242,10 @@ class DenseRetriever(Retriever):
             return self._cut(saved["embeddings"])
         embeddings = self._encode(passage_ids, "passage", desc="corpus", texts=data.passages, out_dtype=s.embedding_dtype,
                                   cut=False)
-        if cache:
-            os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
-            torch.save({"fingerprint": fingerprint, "embeddings": embeddings}, cache + ".tmp")
-            os.replace(cache + ".tmp", cache)
-            logger.info("corpus embeddings written to %s", cache)
+        os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
+        torch.save({"fingerprint": fingerprint, "embeddings": embeddings}, cache + ".tmp")
+        os.replace(cache + ".tmp", cache)
+        logger.info("corpus embeddings written to %s", cache)
         return self._cut(embeddings)
 
 

@@ -8,6 +8,8 @@ import contextlib
 import logging
 import os
 import signal
+import time
+from collections.abc import Callable
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -32,7 +34,9 @@ class ContrastiveTrainer(Trainer):
     def __init__(self, *args, loss: LossSettings, mini_batch_size: int | None = None,
                  mini_batch_tokens: int | None = None, deduplicate_texts: bool = True,
                  negatives_cross_device: bool = False, checkpoint_trainable_only: bool = False, sharded: bool = False,
-                 sampler: torch.utils.data.Sampler | None = None, dataset_names: list[str] | None = None, **kwargs):
+                 sampler: torch.utils.data.Sampler | None = None, dataset_names: list[str] | None = None,
+                 dev_evaluation: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+                 export: Callable[[torch.nn.Module, str], None] | None = None, **kwargs):
         # A model sharded with FSDP2 before the Trainer sees it (--fsdp: longcontrast.sharding) is one the
         # Trainer knows as "sharded at load time": not wrapped in DDP, not moved. The Trainer refuses
         # checkpoints of such a model, whose optimizer state it cannot write; this class writes model
@@ -56,6 +60,8 @@ class ContrastiveTrainer(Trainer):
         self._accuracy_sum, self._accuracy_count = 0.0, 0
         self._part_sums: dict[str, float] = {}  # the loss's named terms since the last log
         self.sampler = sampler  # a mixture's (longcontrast.mixture), else the Trainer's own
+        self.dev_evaluation = dev_evaluation  # --eval_data (longcontrast.dev_evaluation)
+        self.export = export  # writes the model as saved at the end into a checkpoint's model/ folder
         # several datasets: each logged step names its batches' and gives each one's loss since the last log
         self.dataset_names = dataset_names if dataset_names and len(dataset_names) > 1 else None
         self._dataset_losses: dict[str, list[float]] = {}
@@ -129,6 +135,17 @@ class ContrastiveTrainer(Trainer):
             return EpochSeededLengthGroupedSampler(batch, lengths=sampler.lengths, seed=seed)
         return sampler
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """The development set's metrics (``eval_<metric>``), logged and passed to the callbacks
+        (early stopping); the Trainer's ``metric_for_best_model`` reads them."""
+        started = time.perf_counter()
+        metrics = self.dev_evaluation(self.accelerator.unwrap_model(self.model))
+        metrics = {f"{metric_key_prefix}_{name}": round(value, 6) for name, value in metrics.items()}
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - started, 2)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
     def _get_output_dir(self, trial) -> str:
         if self._staging:  # see _save_checkpoint
             return os.path.join(self.args.output_dir, checkpoints.STAGING)
@@ -144,9 +161,23 @@ class ContrastiveTrainer(Trainer):
         self.accelerator.wait_for_everyone()  # every process has written its RNG state
         if self.args.should_save:
             staged = os.path.join(self.args.output_dir, checkpoints.STAGING, f"checkpoint-{self.state.global_step}")
+            if self.export is not None:
+                self.export(self.accelerator.unwrap_model(self.model), os.path.join(staged, "model"))
+            best = self._name_the_best_checkpoint(staged)
             final = checkpoints.publish(staged, self.args.output_dir)
-            checkpoints.rotate(self.args.output_dir, self.args.save_total_limit, keep=final)
+            checkpoints.rotate(self.args.output_dir, self.args.save_total_limit, keep=[final, *best])
         self.accelerator.wait_for_everyone()
+
+    def _name_the_best_checkpoint(self, staged: str) -> list[str]:
+        """The Trainer looks for the best step's checkpoint beside the one it writes (here the staging
+        folder): point its state, and the state the checkpoint records, at where the best one lives."""
+        if not self.state.best_global_step:
+            return []
+        best = os.path.join(self.args.output_dir, f"checkpoint-{self.state.best_global_step}")
+        if self.state.best_global_step == self.state.global_step or os.path.isdir(best):
+            self.state.best_model_checkpoint = best
+            self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+        return [best]
 
     # --fsdp: model and optimizer in one sharded checkpoint, each process writing and reading its shards
     @contextlib.contextmanager

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -12,11 +13,12 @@ import sys
 import warnings
 
 import torch
-from transformers import set_seed
+from transformers import EarlyStoppingCallback, set_seed
 
 from . import UserError, checkpoints, cli
 from .arguments import DEFAULT_MAX_POSITIONS, parse_arguments
 from .collator import ContrastiveCollator, check_spans, make_dataset, max_known_positives
+from .dev_evaluation import DevEvaluation, check_metric, load_dev_sets
 from .distributed import shut_down
 from .late_interaction import read_projection
 from .lora import add_lora, merge
@@ -141,8 +143,21 @@ def query_prompts(specs: list[DatasetSpec], data_args) -> tuple[str, ...] | None
     return tuple(data_args.query_prompt if s.prompt is None else s.prompt for s in specs)
 
 
+def save_settings(tokenizer, specs, model_args, data_args) -> dict:
+    """What :meth:`.DualEncoder.save` records with the model: lengths and prompts (a mixture's
+    dataset prompts as the query prompt where one serves every dataset, else as named prompts)."""
+    prompts = query_prompts(specs, data_args)
+    one_prompt = prompts is not None and len(set(prompts)) == 1
+    return dict(tokenizer=tokenizer, max_seq_length=data_args.passage_max_len,
+                query_prompt=prompts[0] if one_prompt else data_args.query_prompt,
+                passage_prompt=data_args.passage_prompt, trust_remote_code=model_args.trust_remote_code,
+                query_max_length=data_args.query_max_len,
+                prompts=None if one_prompt or prompts is None else {s.name: p for s, p in zip(specs, prompts)})
+
+
 def build_trainer(model, tokenizer, examples, specs, model_args, data_args, cache_args, training_args, *,
-                  gradcache: bool, callback: CheckpointOnSignal, sampler: MixtureSampler | None) -> ContrastiveTrainer:
+                  gradcache: bool, callback: CheckpointOnSignal, sampler: MixtureSampler | None,
+                  dev_sets: list | None) -> ContrastiveTrainer:
     negatives = [s.negatives for s in specs]
     collator = ContrastiveCollator(
         tokenizer, data_args.query_max_len, data_args.passage_max_len, data_args.num_hard_negatives,
@@ -159,9 +174,17 @@ def build_trainer(model, tokenizer, examples, specs, model_args, data_args, cach
         mini_batch_tokens=cache_args.mini_batch_tokens if gradcache else None,
         deduplicate_texts=cache_args.deduplicate_texts if gradcache else False,
         negatives_cross_device=model_args.negatives_cross_device and training_args.world_size > 1,
-        checkpoint_trainable_only=model_args.lora_r > 0, callbacks=[callback, CollatorEpoch(collator)],
+        checkpoint_trainable_only=model_args.lora_r > 0, callbacks=[callback, CollatorEpoch(collator)] + (
+            [EarlyStoppingCallback(training_args.early_stopping_patience)]
+            if training_args.early_stopping_patience is not None else []),
         sharded=training_args.sharding is not None, sampler=sampler,
         dataset_names=[s.name for s in specs] if sampler is not None else None,
+        # the Trainer wants an eval_dataset to evaluate at all; DevEvaluation reads the sets itself
+        eval_dataset=dev_sets, dev_evaluation=None if dev_sets is None else DevEvaluation(
+            dev_sets, tokenizer, query_max_len=data_args.query_max_len, passage_max_len=data_args.passage_max_len,
+            query_prompt=data_args.query_prompt, passage_prompt=data_args.passage_prompt),
+        export=None if dev_sets is None or training_args.sharding else functools.partial(
+            export_model, settings=save_settings(tokenizer, specs, model_args, data_args)),
     )
     if training_args.world_size > 1:
         # The same seed everywhere up to here (the model); dropout must differ per process. The
@@ -170,18 +193,17 @@ def build_trainer(model, tokenizer, examples, specs, model_args, data_args, cach
     return trainer
 
 
+def export_model(model: DualEncoder, folder: str, *, settings: dict) -> None:
+    """A checkpoint's ``model/``: the model as the run saves it at the end (evaluate.py reads it)."""
+    model.save(folder, **settings)
+
+
 def save_run(trainer, model, tokenizer, specs, model_args, data_args, cache_args, training_args, *, gradcache: bool,
              pooling: str) -> None:
     """The model (AutoModel and sentence-transformers folder), the loss log and, last and
     atomically, the run record whose presence marks a finished run (:func:`.checkpoints.resolve_resume`)."""
     output_dir = training_args.output_dir
-    prompts = query_prompts(specs, data_args)
-    one_prompt = prompts is not None and len(set(prompts)) == 1  # every dataset's: the model's query prompt
-    save = dict(tokenizer=tokenizer, max_seq_length=data_args.passage_max_len,
-                query_prompt=prompts[0] if one_prompt else data_args.query_prompt,
-                passage_prompt=data_args.passage_prompt, trust_remote_code=model_args.trust_remote_code,
-                query_max_length=data_args.query_max_len,
-                prompts=None if one_prompt or prompts is None else {s.name: p for s, p in zip(specs, prompts)})
+    save = save_settings(tokenizer, specs, model_args, data_args)
     if model_args.merge_lora:
         model.save(os.path.join(output_dir, "adapter"), **save)
         model.query_encoder = merge(model.query_encoder)
@@ -220,6 +242,10 @@ def train(argv=None, gradcache: bool = True) -> str:
     examples = load_examples([s.path for s in specs], data_args.query_turns,
                              require_scores=model_args.distill_weight > 0)
     sampler = mixture_sampler(specs, examples, data_args, training_args)
+    dev_sets = load_dev_sets(training_args.eval_data, split=training_args.eval_split,
+                             num_turns=data_args.query_turns) if training_args.eval_data else None
+    if dev_sets:
+        check_metric(dev_sets, training_args.metric_for_best_model)
     # 3. the encoder, checked against the flags and the data
     encoder, tokenizer, trained_rows = load(model_args, training_args)
     prepare_tokenizer(tokenizer, pooling)
@@ -243,7 +269,7 @@ def train(argv=None, gradcache: bool = True) -> str:
         f"GradCache mini-batch {cache_args.mini_batch_size}" if gradcache else "plain step (the whole batch with autograd)")
     stop_on_signal = CheckpointOnSignal()
     trainer = build_trainer(model, tokenizer, examples, specs, model_args, data_args, cache_args, training_args,
-                            gradcache=gradcache, callback=stop_on_signal, sampler=sampler)
+                            gradcache=gradcache, callback=stop_on_signal, sampler=sampler, dev_sets=dev_sets)
     # 5. training, stopped cleanly on SIGTERM
     if trainer.is_world_process_zero():
         checkpoints.clear_staging(training_args.output_dir)

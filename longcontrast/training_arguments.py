@@ -14,12 +14,8 @@ from .sharding import settings_from_flags
 
 # The Trainer's flags that cannot do here what they say, and why: refused at start-up, hidden from --help.
 REFUSED_TRAINER_FLAGS = {
-    "do_eval": (lambda a: a.do_eval, "there is no evaluation set during training; run evaluate.py on the saved model"),
+    "do_eval": (lambda a: a.do_eval, "the Trainer does not read it: --eval_data evaluates during training"),
     "do_predict": (lambda a: a.do_predict, "there is nothing to predict; run evaluate.py on the saved model"),
-    "eval_strategy": (lambda a: str(getattr(a.eval_strategy, "value", a.eval_strategy)) != "no",
-                      "there is no evaluation set during training; run evaluate.py on the saved model"),
-    "load_best_model_at_end": (lambda a: a.load_best_model_at_end,
-                               "without an evaluation during training there is no best model to load"),
     "label_smoothing_factor": (lambda a: a.label_smoothing_factor != 0,
                                "the contrastive loss does not use the Trainer's label smoothing"),
     "neftune_noise_alpha": (lambda a: a.neftune_noise_alpha is not None,
@@ -36,7 +32,8 @@ REFUSED_TRAINER_FLAGS = {
 
 @dataclass
 class ContrastiveTrainingArguments(TrainingArguments):
-    """``transformers.TrainingArguments`` with defaults for contrastive fine-tuning and two more flags."""
+    """``transformers.TrainingArguments`` with defaults for contrastive fine-tuning, and the project's
+    flags: skipped non-finite steps, FSDP2, evaluation on a development set during training."""
 
     _argument_group_name = "training (transformers.TrainingArguments; flags that cannot apply are refused)"
 
@@ -74,13 +71,47 @@ class ContrastiveTrainingArguments(TrainingArguments):
             "full_shard (the bare flag) frees each block's gathered parameters after its forward, shard_grad_op keeps "
             "them until its backward. Checkpoints are sharded (torch.distributed.checkpoint); the saved model is "
             "gathered, as without it.")})
+    eval_data: str | None = field(
+        default=None, metadata={"metavar": "DIR", "help": (
+            "Evaluate during training on this development set (a BEIR folder, a ChatRAG set with test.json and "
+            "documents.json, or a folder of them), as evaluate.py scores the saved model (its whole reading, the "
+            "training's lengths and prompts): every --eval_steps steps (--eval_strategy steps, the default when "
+            "--eval_steps is given) or at each epoch's end. Metrics are logged as eval_<metric> (e.g. eval_ndcg@10); "
+            "--metric_for_best_model picks the best checkpoint, --load_best_model_at_end saves it as the model. Each "
+            "checkpoint then also holds model/, the model as saved at the end (evaluate.py and AutoModel read it).")})
+    eval_split: str = field(default="test", metadata={"help": "--eval_data as BEIR: its qrels split."})
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "Stop after this many evaluations in a row without a better "
+                                "--metric_for_best_model (transformers' EarlyStoppingCallback)."})
     fsdp_config: str | None = field(
         default=None, metadata={"help": "A JSON file (or dict) for --fsdp: version (2) and reshard_after_forward."})
+
+    def _check_evaluation(self) -> None:
+        """The evaluation flags against each other, before the Trainer's own checks: an evaluation
+        needs --eval_data, a best model needs a metric, a sharded checkpoint has no best model to load."""
+        strategy = str(getattr(self.eval_strategy, "value", self.eval_strategy))
+        if not self.eval_data:
+            for flag, given in (("eval_strategy", strategy != "no"), ("load_best_model_at_end", self.load_best_model_at_end),
+                                ("early_stopping_patience", self.early_stopping_patience is not None),
+                                ("metric_for_best_model", self.metric_for_best_model is not None)):
+                if given:
+                    raise ValueError(f"--{flag} needs a development set to evaluate on: give --eval_data")
+            return
+        if strategy == "no":
+            self.eval_strategy = "steps" if self.eval_steps else "epoch"
+        if (self.load_best_model_at_end or self.early_stopping_patience is not None) and not self.metric_for_best_model:
+            raise ValueError("--load_best_model_at_end and --early_stopping_patience compare evaluations by "
+                             "--metric_for_best_model: give one (e.g. ndcg@10 for a BEIR folder, recall@1 for ChatRAG)")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ValueError(f"--early_stopping_patience must be >= 1, got {self.early_stopping_patience}")
+        if self.load_best_model_at_end and self.fsdp:
+            raise ValueError("--load_best_model_at_end reads a checkpoint's whole model; --fsdp checkpoints are sharded")
 
     def __post_init__(self):
         for flag, (given, why) in REFUSED_TRAINER_FLAGS.items():
             if given(self):
                 raise ValueError(f"--{flag} is not supported: {why}")
+        self._check_evaluation()
         # FSDP2 is applied by longcontrast.sharding, not by Accelerate (which shards on GPUs only and
         # would, on CPUs, silently replicate the model instead)
         self.sharding = None

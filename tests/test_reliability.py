@@ -126,7 +126,7 @@ def test_rotation_keeps_the_newest_even_when_it_is_not_the_highest_step(tmp_path
     staged.mkdir(parents=True)
     (staged / checkpoints.TRAINER_STATE).write_text("{}")
     final = checkpoints.publish(staged, tmp_path)
-    checkpoints.rotate(tmp_path, 1, keep=final)
+    checkpoints.rotate(tmp_path, 1, keep=[final])
     assert [p.name for p in checkpoints.complete_checkpoints(tmp_path)] == ["checkpoint-3"]
     assert checkpoints.latest_checkpoint(tmp_path) == str(final)
 
