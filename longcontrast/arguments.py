@@ -209,6 +209,11 @@ class DataArguments:
                   "negatives}). Several datasets: each global batch comes from one of them (see --mixture). "
                   "Default: the generated sample in data/."},
     )
+    data_cache_dir: str | None = field(
+        default=None, metadata={"help": "Where the training records are kept once read (memory-mapped Arrow, so "
+                                "data larger than memory trains and a second run on the same files starts at once; "
+                                "any entry may be deleted). Default: $LONGCONTRAST_CACHE/training_data, else "
+                                "~/.cache/longcontrast/training_data."})
     mixture: str = field(
         default="proportional",
         metadata={"help": "How many batches each dataset gives an epoch: proportional (to its size times its weight), "

@@ -53,18 +53,18 @@ def max_known_positives(examples: list[Example]) -> int:
     """The most positives any query has: the width of the collator's ``query_positive_ids``."""
     return max(len(e.known_positives or e.positives) for e in examples)
 
-def check_spans(examples: list[Example], tokenizer, max_length: int, prompt: str = "") -> None:
-    """Every ``positive_span`` and ``negative_spans`` within the first ``max_length`` tokens of its
-    passage, checked before training starts (a span found past the cut in step 900 would stop a long
-    run); raises :class:`UserError` naming the first example that fails."""
-    for example in examples:
-        pairs = [(example.positive, example.positive_span), *zip(example.negatives, example.negative_spans or ())]
+def check_spans(rows, tokenizer, max_length: int, prompt: str = "") -> None:
+    """Every ``positive_span`` and ``negative_spans`` of ``rows`` (:func:`make_dataset`'s) within the
+    first ``max_length`` tokens of its passage, checked before training starts (a span found past the
+    cut in step 900 would stop a long run); raises :class:`UserError` naming the first example that fails."""
+    for row in rows:
+        pairs = [(row["positive"], row.get("positive_span")), *zip(row["negatives"], row.get("negative_spans") or ())]
         for text, span in pairs:
             if span:
                 try:
-                    span_tokens(tokenizer, text, span, max_length, prompt)
+                    span_tokens(tokenizer, text, tuple(span), max_length, prompt)
                 except UserError as err:
-                    raise UserError(f"the example with query {example.query[:60]!r}: {err}") from None
+                    raise UserError(f"the example with query {row['query'][:60]!r}: {err}") from None
 
 @dataclass
 class ContrastiveCollator:
@@ -173,7 +173,8 @@ class ContrastiveCollator:
         if self.max_positives > 1:
             known = torch.full((len(rows), self.max_positives), -1, dtype=torch.long)  # (B, M)
             for index, row in enumerate(rows):
-                ids = [sequence_id(x) for x in self._tokenize_passages(row.get("known_positives") or [row["positive"]])]
+                ids = [sequence_id(x) for x in self._tokenize_passages(
+                    row.get("known_positives") or row.get("positives") or [row["positive"]])]
                 known[index, : len(ids)] = torch.tensor(ids)
             batch["query_positive_ids"] = known
         if any(spans):

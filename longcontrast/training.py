@@ -17,7 +17,7 @@ from transformers import EarlyStoppingCallback, set_seed
 
 from . import UserError, checkpoints, cli
 from .arguments import DEFAULT_MAX_POSITIONS, parse_arguments
-from .collator import ContrastiveCollator, check_spans, make_dataset, max_known_positives
+from .collator import ContrastiveCollator, check_spans
 from .dev_evaluation import DevEvaluation, check_metric, load_dev_sets
 from .distributed import shut_down
 from .late_interaction import read_projection
@@ -25,9 +25,9 @@ from .lora import add_lora, merge
 from .mixture import DatasetSpec, MixtureSampler, batch_counts, parse_train_data
 from .modeling import DualEncoder, default_model_path, load_encoder, prepare_tokenizer, read_pooling
 from .positions import freeze_rows, position_table, token_positions, unchanged_rows
-from .records import load_examples
 from .sharding import gathered_state_dict, shard
 from .trainer import CheckpointOnSignal, CollatorEpoch, ContrastiveTrainer, TrainingStopped
+from .training_set import TrainingSet, training_set
 from .validation import check_against_model, check_flags
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def projection(encoder, model_args) -> torch.nn.Linear | None:
                            device=next(encoder.parameters()).device)
 
 
-def mixture_sampler(specs: list[DatasetSpec], examples, data_args, training_args) -> MixtureSampler | None:
+def mixture_sampler(specs: list[DatasetSpec], data: TrainingSet, data_args, training_args) -> MixtureSampler | None:
     """The sampler drawing each global batch from one dataset (:mod:`.mixture`); None for one
     dataset or ``--mixed_batches``. Raises :class:`.UserError` where the mixture cannot be drawn."""
     weighted = [s.name for s in specs if s.weight != 1]
@@ -122,9 +122,7 @@ def mixture_sampler(specs: list[DatasetSpec], examples, data_args, training_args
     if training_args.train_sampling_strategy != "random":
         raise UserError(f"--train_sampling_strategy {training_args.train_sampling_strategy} orders the whole data; with "
                         "several datasets each batch comes from one of them: leave it out, or give --mixed_batches")
-    sizes = [0] * len(specs)
-    for example in examples:
-        sizes[example.dataset] += 1
+    sizes = data.sizes
     batch = training_args.per_device_train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps
     drop_last = training_args.dataloader_drop_last
     counts = batch_counts(sizes, [s.weight for s in specs], names=[s.name for s in specs], policy=data_args.mixture,
@@ -155,7 +153,7 @@ def save_settings(tokenizer, specs, model_args, data_args) -> dict:
                 prompts=None if one_prompt or prompts is None else {s.name: p for s, p in zip(specs, prompts)})
 
 
-def build_trainer(model, tokenizer, examples, specs, model_args, data_args, cache_args, training_args, *,
+def build_trainer(model, tokenizer, data: TrainingSet, specs, model_args, data_args, cache_args, training_args, *,
                   gradcache: bool, callback: CheckpointOnSignal, sampler: MixtureSampler | None,
                   dev_sets: list | None) -> ContrastiveTrainer:
     negatives = [s.negatives for s in specs]
@@ -163,12 +161,12 @@ def build_trainer(model, tokenizer, examples, specs, model_args, data_args, cach
         tokenizer, data_args.query_max_len, data_args.passage_max_len, data_args.num_hard_negatives,
         data_args.query_prompt, data_args.passage_prompt,
         model_args.max_position_embeddings if model_args.shift_positions else None,
-        max_known_positives(examples), seed=training_args.data_seed or training_args.seed,
+        data.max_known_positives, seed=training_args.data_seed or training_args.seed,
         negative_sampling=data_args.negative_sampling, dataset_prompts=query_prompts(specs, data_args),
         dataset_negatives=None if negatives == [None] * len(specs) else tuple(
             data_args.num_hard_negatives if n is None else n for n in negatives))
     trainer = ContrastiveTrainer(
-        model=model, args=training_args, train_dataset=make_dataset(examples, teacher_scores=model_args.distill_weight > 0),
+        model=model, args=training_args, train_dataset=data.rows,
         data_collator=collator, processing_class=tokenizer, loss=model_args.loss_settings(),
         mini_batch_size=cache_args.mini_batch_size if gradcache else None,
         mini_batch_tokens=cache_args.mini_batch_tokens if gradcache else None,
@@ -239,9 +237,10 @@ def train(argv=None, gradcache: bool = True) -> str:
     pooling = model_args.pooling or read_pooling(model_args.model_name_or_path) or "cls"
     # 2. the data: the datasets, their examples, and the sampler of a mixture
     specs = parse_train_data(data_args.train_data)
-    examples = load_examples([s.path for s in specs], data_args.query_turns,
-                             require_scores=model_args.distill_weight > 0)
-    sampler = mixture_sampler(specs, examples, data_args, training_args)
+    data = training_set([s.path for s in specs], num_turns=data_args.query_turns,
+                        scores=model_args.distill_weight > 0, cache_dir=data_args.data_cache_dir,
+                        training_args=training_args)
+    sampler = mixture_sampler(specs, data, data_args, training_args)
     dev_sets = load_dev_sets(training_args.eval_data, split=training_args.eval_split,
                              num_turns=data_args.query_turns) if training_args.eval_data else None
     if dev_sets:
@@ -251,9 +250,9 @@ def train(argv=None, gradcache: bool = True) -> str:
     prepare_tokenizer(tokenizer, pooling)
     model_args.max_position_embeddings = token_positions(encoder)  # recorded as resolved
     check_against_model(model_args, data_args, training_args, encoder=encoder, trained_rows=trained_rows,
-                        examples=examples, pooling=pooling,
+                        has_spans=bool(data.span_rows), pooling=pooling,
                         lora=model_args.lora_r > 0)
-    check_spans(examples, tokenizer, data_args.passage_max_len, data_args.passage_prompt)
+    check_spans(data.rows.select(data.span_rows), tokenizer, data_args.passage_max_len, data_args.passage_prompt)
     # 4. the model (sharded with --fsdp) and its trainer
     model = dual_encoder(encoder, model_args, pooling, trained_rows)
     if training_args.sharding:
@@ -265,10 +264,10 @@ def train(argv=None, gradcache: bool = True) -> str:
         f", LoRA r={model_args.lora_r}" if model_args.lora_r > 0 else "",
         f"late interaction, {model_args.colbert_dim}-d token vectors" if model.projection is not None else f"pooling {pooling}",
         model_args.max_position_embeddings,
-        len(examples), training_args.per_device_train_batch_size, training_args.world_size,
+        len(data), training_args.per_device_train_batch_size, training_args.world_size,
         f"GradCache mini-batch {cache_args.mini_batch_size}" if gradcache else "plain step (the whole batch with autograd)")
     stop_on_signal = CheckpointOnSignal()
-    trainer = build_trainer(model, tokenizer, examples, specs, model_args, data_args, cache_args, training_args,
+    trainer = build_trainer(model, tokenizer, data, specs, model_args, data_args, cache_args, training_args,
                             gradcache=gradcache, callback=stop_on_signal, sampler=sampler, dev_sets=dev_sets)
     # 5. training, stopped cleanly on SIGTERM
     if trainer.is_world_process_zero():

@@ -115,12 +115,12 @@ def validate_lora(model_args, training_args) -> None:
                         "behind frozen embeddings and breaks DDP; leave it out (non-reentrant is the default)")
 
 
-def check_against_model(model_args, data_args, training_args, *, encoder, trained_rows: int | None, examples,
+def check_against_model(model_args, data_args, training_args, *, encoder, trained_rows: int | None, has_spans: bool,
                         pooling: str, lora: bool) -> None:
     """The flags against what loading found: the encoder's position table (``trained_rows``: its
     rows left as the checkpoint had them, None if it was not extended), its weights' dtype, the
     positions it reads, and span records' pooling."""
-    if not model_args.colbert_dim and pooling not in ("mean", "max") and any(e.positive_span or e.negative_spans for e in examples):
+    if not model_args.colbert_dim and pooling not in ("mean", "max") and has_spans:
         raise UserError(f"the data has span records, whose vectors pool the span's tokens; pooling {pooling!r} "
                         "does not pool over tokens: use --pooling mean (or max)")
     width = model_args.colbert_dim or encoder.config.hidden_size

@@ -6,10 +6,13 @@ import json
 import os
 import string
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The training-data cache of this test session (longcontrast.training_set), not the user's
+os.environ["LONGCONTRAST_CACHE"] = tempfile.mkdtemp(prefix="longcontrast-cache-")
 # The one place that edits the path: the repository's scripts (evaluate.py) and the benchmarks'
 # shared module (bench/common.py) import as they do when run from the repository.
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "bench")]

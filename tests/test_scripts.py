@@ -147,7 +147,7 @@ def test_help(script):
     for flag in ("--per_device_train_batch_size", "--gradient_accumulation_steps", "--temperature",
                  "--max_position_embeddings", "--overwrite_output_dir", "--warmup_ratio", "--train_data",
                  "--max_bad_steps", "--negatives_cross_device", "--resume_from_checkpoint", "--passage_prompt",
-                 "--trust_remote_code"):
+                 "--trust_remote_code", "--eval_data", "--load_best_model_at_end", "--mixture", "--data_cache_dir"):
         assert flag in result.stdout
     assert ("--mini_batch_size" in result.stdout) == (script == "efficient_train.py")
     out = result.stdout
@@ -163,8 +163,7 @@ def test_help(script):
 
 
 @pytest.mark.parametrize("flag, value", [
-    ("--label_smoothing_factor", "0.1"), ("--eval_strategy", "steps"), ("--do_eval", None),
-    ("--load_best_model_at_end", None), ("--neftune_noise_alpha", "5"), ("--auto_find_batch_size", None),
+    ("--label_smoothing_factor", "0.1"), ("--do_eval", None), ("--neftune_noise_alpha", "5"), ("--auto_find_batch_size", None),
     ("--push_to_hub", None), ("--do_predict", None)])
 @pytest.mark.parametrize("module", [origin_train, efficient_train])
 def test_trainer_flags_that_cannot_apply_are_refused(module, flag, value, tiny_model_dir, tiny_train_file, tmp_path,

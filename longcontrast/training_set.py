@@ -1,0 +1,220 @@
+"""The training set on disk: records read once into a memory-mapped Arrow file, so data larger than
+memory trains, and a second run on the same files starts at once.
+
+:func:`training_set` streams the records of every ``--train_data`` path (:func:`.records.parse_record`:
+the same formats and checks as :func:`.records.load_examples`) into ``<cache>/<key>/rows.arrow``,
+a few thousand rows at a time, then finds exact duplicates and each repeated query's positives from
+64-bit hashes (numpy arrays, not a dict of every text). The key is a hash of each file's path, size
+and modification time, the query turns kept, whether teacher scores are read, and this module's
+format: a changed file makes a new entry, never a stale read. An entry is written to a temporary
+folder and renamed into place, so a crash leaves no half entry. Under torchrun the first process of
+each machine builds it while the others wait (``main_process_first``), then every process maps the
+same file. The rows have :func:`.collator.make_dataset`'s columns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import UserError
+from .readers import iter_records
+from .records import parse_record
+
+logger = logging.getLogger(__name__)
+
+FORMAT = 1  # bump when the rows' layout changes: older entries are then never read
+CHUNK = 4096  # rows per Arrow record batch written
+
+
+def default_cache_dir() -> str:
+    return os.path.join(os.environ.get("LONGCONTRAST_CACHE", os.path.join(Path.home(), ".cache", "longcontrast")),
+                        "training_data")
+
+
+@dataclass
+class TrainingSet:
+    """The rows (a ``datasets.Dataset`` mapped from disk, duplicates left out) and what the run needs
+    to know of them without reading them all."""
+
+    rows: object
+    sizes: list[int]  # examples per dataset (per --train_data path), duplicates left out
+    max_known_positives: int  # the most positives a query has anywhere in the data
+    span_rows: list[int]  # the rows with a positive_span or negative_spans (checked against the tokenizer)
+    folder: str  # the cache entry
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def _schema(scores: bool):
+    import pyarrow as pa
+
+    strings, ints, floats = pa.list_(pa.string()), pa.list_(pa.int64()), pa.list_(pa.float64())
+    fields = [("query", pa.string()), ("positive", pa.string()), ("positives", strings), ("negatives", strings),
+              ("length", pa.int64()), ("dataset", pa.int64()), ("positive_span", ints),
+              ("negative_spans", pa.list_(ints)), ("where", pa.string())]
+    if scores:
+        fields += [("positive_scores", floats), ("negative_scores", floats)]
+    return pa.schema(fields)
+
+
+def _hash(*parts) -> int:
+    data = json.dumps(parts, ensure_ascii=False).encode("utf-8")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
+
+
+def _files(path: str) -> list[Path]:
+    path = Path(path)
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+
+def cache_key(paths: list[str], *, num_turns: int, scores: bool) -> str:
+    """A hash of every file's path, size and modification time, and the reading settings."""
+    stats = []
+    for path in paths:
+        for file in _files(path):
+            try:
+                stat = file.stat()
+            except OSError as err:
+                raise UserError(f"{file}: cannot read ({err.strerror or err})") from err
+            stats.append([str(file.resolve()), stat.st_size, stat.st_mtime_ns])
+    key = json.dumps({"format": FORMAT, "paths": [str(Path(p).resolve()) for p in paths], "files": stats,
+                      "num_turns": num_turns, "scores": scores})
+    return hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
+
+
+def _write_rows(paths: list[str], target: str, *, num_turns: int, scores: bool) -> dict[str, np.ndarray]:
+    """Every record into ``target`` (Arrow IPC stream); returns per row its key hash, query hash and dataset."""
+    import pyarrow as pa
+
+    schema = _schema(scores)
+    keys, queries, datasets = [], [], []
+    columns = {name: [] for name in schema.names}
+
+    def flush(writer):
+        if columns["query"]:
+            writer.write_batch(pa.record_batch([pa.array(columns[n], type=schema.field(n).type) for n in schema.names],
+                                               schema=schema))
+            for values in columns.values():
+                values.clear()
+
+    with pa.OSFile(target, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for dataset, path in enumerate(paths):
+            count = len(keys)
+            for where, record in iter_records(path):
+                e = parse_record(record, where, num_turns)
+                if scores and e.positive_scores is None:
+                    raise UserError(f"{where}: no teacher scores, which --distill_weight needs in every record "
+                                    "(data/score_with_teacher.py writes them)")
+                spans = [list(s or ()) for s in (e.negative_spans or [])]
+                keys.append(_hash(e.query, e.positives, e.negatives, e.positive_span, spans))
+                queries.append(_hash(e.query))
+                datasets.append(dataset)
+                row = {"query": e.query, "positive": e.positive, "positives": e.positives, "negatives": e.negatives,
+                       "length": len(e.query) + len(e.positive), "dataset": dataset,
+                       "positive_span": list(e.positive_span or ()), "negative_spans": spans, "where": where}
+                if scores:
+                    row.update(positive_scores=e.positive_scores, negative_scores=e.negative_scores)
+                for name, value in row.items():
+                    columns[name].append(value)
+                if len(columns["query"]) >= CHUNK:
+                    flush(writer)
+            logger.info("read %d records from %s", len(keys) - count, path)
+        flush(writer)
+    return {"key": np.array(keys, dtype=np.int64), "query": np.array(queries, dtype=np.int64),
+            "dataset": np.array(datasets, dtype=np.int64)}
+
+
+def _build(paths: list[str], folder: str, *, num_turns: int, scores: bool) -> None:
+    """Write a cache entry: the rows, the rows kept (first occurrences), the known positives of
+    repeated queries, the summary."""
+    import datasets as hf
+
+    staging = tempfile.mkdtemp(prefix=".building-", dir=os.path.dirname(folder))
+    try:
+        hashes = _write_rows(paths, os.path.join(staging, "rows.arrow"), num_turns=num_turns, scores=scores)
+        if not len(hashes["key"]):
+            raise UserError(f"the training data is empty: {', '.join(paths)}")
+        distinct, first = np.unique(hashes["key"], return_index=True)
+        keep = np.sort(first)  # (K,) each distinct example's first row
+        rows = hf.Dataset.from_file(os.path.join(staging, "rows.arrow"))
+        if len(keep) < len(hashes["key"]):
+            dropped = np.setdiff1d(np.arange(len(hashes["key"])), keep)
+            twin = first[np.searchsorted(distinct, hashes["key"][dropped[0]])]
+            logger.warning("dropped %d exact duplicate examples (the first: %s repeats %s)", len(dropped),
+                           rows[int(dropped[0])]["where"], rows[int(twin)]["where"])
+        # a query asked in several kept rows knows the positives of all of them (never its negatives)
+        _, inverse, counts = np.unique(hashes["query"][keep], return_inverse=True, return_counts=True)
+        repeated = keep[counts[inverse] > 1].tolist()  # usually few rows
+        union: dict[str, list[str]] = {}
+        picked = rows.select(repeated).select_columns(["query", "positives"]) if repeated else []
+        for row in picked:
+            mine = union.setdefault(row["query"], [])
+            mine.extend(p for p in row["positives"] if p not in mine)
+        known = {index: union[row["query"]] for index, row in zip(repeated, picked)}
+        spans = (_list_lengths(rows, "positive_span") + _list_lengths(rows, "negative_spans"))[keep] > 0  # (K,)
+        np.save(os.path.join(staging, "keep.npy"), keep)
+        summary = {"sizes": np.bincount(hashes["dataset"][keep], minlength=len(paths)).tolist(),
+                   "max_known_positives": max([len(v) for v in known.values()]
+                                              + [int(_list_lengths(rows, "positives")[keep].max())]),
+                   "span_rows": np.nonzero(spans)[0].tolist(), "known": known, "paths": paths}
+        with open(os.path.join(staging, "summary.json"), "w") as handle:
+            json.dump(summary, handle)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _list_lengths(rows, column: str) -> np.ndarray:
+    """(N,) the length of each row's list in ``column``."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(rows.data.column(column)).to_numpy(zero_copy_only=False)
+
+
+def _load(folder: str):
+    """The entry's rows without duplicates, with ``known_positives`` (a repeated query's positives
+    everywhere it is asked; empty elsewhere: the row's own), and its summary."""
+    import datasets as hf
+    import pyarrow as pa
+
+    with open(os.path.join(folder, "summary.json")) as handle:
+        summary = json.load(handle)
+    rows = hf.Dataset.from_file(os.path.join(folder, "rows.arrow"))
+    known = {int(k): v for k, v in summary["known"].items()}
+    counts = np.zeros(len(rows) + 1, dtype=np.int32)
+    for index, texts in known.items():
+        counts[index + 1] = len(texts)
+    values = pa.array([t for index in sorted(known) for t in known[index]], type=pa.string())
+    column = pa.ListArray.from_arrays(pa.array(np.cumsum(counts, dtype=np.int32)), values)  # (N,) mostly empty
+    rows = hf.Dataset(rows.data.table.append_column("known_positives", column))
+    return rows.select(np.load(os.path.join(folder, "keep.npy"))), summary
+
+
+def training_set(paths: list[str], *, num_turns: int, scores: bool, cache_dir: str | None = None,
+                 training_args=None) -> TrainingSet:
+    """The rows of ``paths`` from the cache, built first when absent (:func:`_build`); with
+    ``training_args`` the first process of each machine builds while the others wait."""
+    cache_dir = cache_dir or default_cache_dir()
+    os.makedirs(cache_dir, exist_ok=True)
+    folder = os.path.join(cache_dir, cache_key(paths, num_turns=num_turns, scores=scores))
+    first = training_args.main_process_first(desc="the training data cache") if training_args is not None else None
+    with first or contextlib.nullcontext():
+        if os.path.isdir(folder):
+            logger.info("training data read from its cache %s", folder)
+        else:
+            logger.info("reading the training data into %s (once: later runs on the same files map it)", folder)
+            _build(paths, folder, num_turns=num_turns, scores=scores)
+    rows, summary = _load(folder)
+    return TrainingSet(rows, summary["sizes"], summary["max_known_positives"], summary["span_rows"], folder)
