@@ -37,7 +37,8 @@ DEV = os.path.join(SHARED, "dev")
 # row -> its differences to BASE (None: a baseline that trains nothing); "soup:ROW" rows are implicit
 BASE = {"negatives": "shared", "num_hard_negatives": 1, "batch": 16, "epochs": 1, "temperature": 0.05, "lr": 2e-5,
         "pairs": None, "teacher": None, "distill_weight": 0.0, "teacher_temperature": 1.0,
-        "matryoshka_dims": None, "query_turns": 5, "query_max_len": 256}
+        "matryoshka_dims": None, "query_turns": 5, "query_max_len": 256, "negative_sampling": "first",
+        "mixed_batches": False}
 # teacher -> (its dense model: "default" or a row whose first seed's model it is, BM25's weight): the model fused
 # with BM25 over each record's own document, z-scored over the document's chunks, as the recipe deploys it
 TEACHERS = {"hybrid": ("default", 0.3), "trained_hybrid": ("plain_n1_e2", 0.3),
@@ -52,7 +53,7 @@ BASELINES = {"bm25": ("bm25", {}), "untrained": ("default", {}), "bm25_all_turns
 ROWS = {
     **{name: None for name in BASELINES},
     "hybrid_n1": {"negatives": "hybrid"},
-    "dense_n1_crop": {"negatives": "dense", "pairs": "crop"},
+    "dense_n1_crop": {"negatives": "dense", "pairs": "crop", "mixed_batches": True},
     "dense_n3_b32_lr4e-5": {"negatives": "dense", "num_hard_negatives": 3, "batch": 32, "lr": 4e-5},
     "dense_n1_lr5e-5": {"negatives": "dense", "lr": 5e-5},
     "dense_n1_e2": {"negatives": "dense", "epochs": 2},
@@ -77,6 +78,12 @@ ROWS = {
                                         "num_hard_negatives": 3, **ALL_TURNS},
     "distill_mrl_n3_e2_all_turns": {**DISTILLED, "teacher": "trained_hybrid_all_turns", "teacher_temperature": 0.5,
                                     "num_hard_negatives": 3, "matryoshka_dims": [384, 256, 128, 64], **ALL_TURNS},
+    # training as practitioners train, on the plain whole-conversation row: its negative drawn anew each epoch
+    # from the pool of 7 mined ones (instead of the first), and the records beside label-free crops of the
+    # corpus, each batch from one dataset (the default with two files) or the two shuffled together
+    "pool_random_n1_e2_all_turns": {"negatives": "dense", "epochs": 2, "negative_sampling": "random", **ALL_TURNS},
+    "crop_n1_e1_all_turns": {"negatives": "dense", "pairs": "crop", **ALL_TURNS},
+    "crop_mixed_n1_e1_all_turns": {"negatives": "dense", "pairs": "crop", "mixed_batches": True, **ALL_TURNS},
 }
 HALVES = ("selection", "report")
 FUSION_WEIGHTS = (0.2, 0.3, 0.4, 0.5)  # BM25's weight in each hybrid row
@@ -217,7 +224,9 @@ def study_row(name: str, args) -> dict:
                    "--save_strategy", "no", "--logging_steps", "10", "--disable_tqdm", "true", *args.train_flags, *query,
                    *(["--distill_weight", str(spec["distill_weight"]), "--teacher_temperature",
                       str(spec["teacher_temperature"])] if spec["distill_weight"] else []),
-                   *(["--matryoshka_dims", *map(str, spec["matryoshka_dims"])] if spec["matryoshka_dims"] else [])]
+                   *(["--matryoshka_dims", *map(str, spec["matryoshka_dims"])] if spec["matryoshka_dims"] else []),
+                   *(["--negative_sampling", spec["negative_sampling"]] if spec["negative_sampling"] != "first" else []),
+                   *(["--mixed_batches"] if spec["mixed_batches"] else [])]
         if os.path.isfile(os.path.join(output_dir, "training_args.json")):
             # a finished model of an earlier, interrupted study: only evaluated; the Trainer's own runtime
             log = [json.loads(line) for line in open(os.path.join(output_dir, "loss_log.jsonl"))]
