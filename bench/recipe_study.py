@@ -249,7 +249,7 @@ def seed_mean(row: dict, half: str, metric: str) -> np.ndarray:
     return np.mean([np.array(v[half]["per_item"][metric]) for v in row["seeds"].values()], axis=0)
 
 
-def baselines(name: str, results: dict) -> dict[str, str]:
+def baselines(name: str, results: dict, versus: str | None = None) -> dict[str, str]:
     """The rows a row is compared with on the report half: label -> row."""
     # the untrained model is read with the row's own queries; BM25 with the default ones and the whole conversation
     recipe = results.get(name.partition("+bm25@")[0].partition("@dim")[0], {}).get("recipe")
@@ -259,18 +259,23 @@ def baselines(name: str, results: dict) -> dict[str, str]:
         found["untrained hybrid"] = f"{untrained}+bm25@{name.partition('+bm25@')[2]}"
     if "@dim" in name:  # a prefix row (ROW@dimD) against its own models' whole vectors
         found["full width"] = name.partition("@dim")[0]
+    if versus:
+        found[versus] = versus
     return {label: row for label, row in found.items() if row in results and row != name}
 
 
-def table(results: dict) -> str:
-    """Per row: mean and spread over seeds of each half's recall, and report-half paired intervals."""
+def table(results: dict, versus: str | None = None) -> str:
+    """Per row: mean and spread over seeds of each half's recall, and report-half paired intervals
+    (also against the row ``versus``, with the selection half's too)."""
     from longcontrast.metrics import paired_difference
 
     compared = [("BM25", "recall@1"), ("BM25 all turns", "recall@1"), ("untrained", "recall@1"),
-                ("untrained", "recall@20"), ("untrained hybrid", "recall@1"), ("full width", "recall@1")]
+                ("untrained", "recall@20"), ("untrained hybrid", "recall@1"), ("full width", "recall@1"),
+                *([(versus, "recall@1")] if versus else [])]
     lines = ["| row | seeds | selection R@1 | report R@1 | report R@5 | report R@20 | "
-             + " | ".join(f"report R@{metric[7:]} - {label} [95%]" for label, metric in compared) + " | train s |",
-             "|---" * (7 + len(compared)) + "|"]
+             + " | ".join(f"report R@{metric[7:]} - {label} [95%]" for label, metric in compared)
+             + (f" | selection R@1 - {versus} [95%]" if versus else "") + " | train s |",
+             "|---" * (7 + len(compared) + bool(versus)) + "|"]
     for name, row in results.items():
         def spread(half, metric):
             values = [v[half][metric] for v in row["seeds"].values()]
@@ -282,9 +287,15 @@ def table(results: dict) -> str:
             c = paired_difference(seed_mean(results[others[label]], "report", metric), seed_mean(row, "report", metric))
             return f"{c['difference']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]"
 
-        others, seconds = baselines(name, results), row.get("train_seconds") or {}
+        others, seconds = baselines(name, results, versus), row.get("train_seconds") or {}
+        versus_selection = "-"
+        if versus in others:
+            c = paired_difference(seed_mean(results[versus], "selection", "recall@1"),
+                                  seed_mean(row, "selection", "recall@1"))
+            versus_selection = f"{c['difference']:+.2f} [{c['low']:+.2f}, {c['high']:+.2f}]"
         lines.append("| " + " | ".join([name, str(len(row["seeds"])), spread("selection", "recall@1"),
                                         *(spread("report", m) for m in METRICS), *(interval(*c) for c in compared),
+                                        *([versus_selection] if versus else []),
                                         f"{np.mean(list(seconds.values())):.0f}" if seconds else "-"]) + " |")
     return "\n".join(lines)
 
@@ -302,6 +313,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=os.path.join(RESULTS, "recipe_study_split.json"),
                         help="JSON results, merged with the rows already there.")
     parser.add_argument("--table", action="store_true", help="Print the table of --output and exit.")
+    parser.add_argument("--versus", metavar="ROW", help="The table also compares every row with ROW (both halves).")
     parser.add_argument("--bf16", action="store_true",
                         help="Train and mine under bf16 autocast on the CPU (fast on AVX512-BF16/AMX); evaluation stays float32.")
     args = parser.parse_args(argv)
@@ -310,8 +322,10 @@ def main(argv=None) -> int:
             print(name, "baseline" if spec is None else {**BASE, **spec})
         return 0
     results = json.load(open(args.output)) if os.path.exists(args.output) else {}
+    if args.versus and args.versus not in results:
+        parser.error(f"--versus {args.versus}: no such row in {args.output}")
     if args.table:
-        print(table(results))
+        print(table(results, args.versus))
         return 0
     unknown = [r for r in args.rows if r not in ROWS and not (r.startswith("soup:") and r[5:] in ROWS)]
     if unknown:

@@ -32,7 +32,7 @@ from .records import parse_record
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when the rows' layout changes: older entries are then never read
+FORMAT = 2  # bump when the rows' layout changes: older entries are then never read
 CHUNK = 4096  # rows per Arrow record batch written
 
 
@@ -162,18 +162,41 @@ def _build(paths: list[str], folder: str, *, num_turns: int, scores: bool) -> No
             mine = union.setdefault(row["query"], [])
             mine.extend(p for p in row["positives"] if p not in mine)
         known = {index: union[row["query"]] for index, row in zip(repeated, picked)}
+        _write_known(known, len(hashes["key"]), os.path.join(staging, "known.arrow"))
         spans = (_list_lengths(rows, "positive_span") + _list_lengths(rows, "negative_spans"))[keep] > 0  # (K,)
         np.save(os.path.join(staging, "keep.npy"), keep)
         summary = {"sizes": np.bincount(hashes["dataset"][keep], minlength=len(paths)).tolist(),
                    "max_known_positives": max([len(v) for v in known.values()]
                                               + [int(_list_lengths(rows, "positives")[keep].max())]),
-                   "span_rows": np.nonzero(spans)[0].tolist(), "known": known, "paths": paths}
+                   "span_rows": np.nonzero(spans)[0].tolist(), "paths": paths}
         with open(os.path.join(staging, "summary.json"), "w") as handle:
             json.dump(summary, handle)
-        os.replace(staging, folder)
-    except BaseException:
+        try:
+            os.replace(staging, folder)
+        except OSError:
+            if not os.path.isdir(folder):
+                raise
+            shutil.rmtree(staging, ignore_errors=True)  # another run built the same entry meanwhile: the same rows
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, OSError):  # a full disk, most likely: the entry is written beside the records' size
+            raise UserError(f"the training data cache {os.path.dirname(folder)}: cannot write ({err.strerror or err}); "
+                            "free space there or give another --data_cache_dir") from err
         raise
+
+
+def _write_known(known: dict[int, list[str]], count: int, target: str) -> None:
+    """The ``known_positives`` column of all ``count`` rows (Arrow IPC stream): ``known[row]``, else empty."""
+    import pyarrow as pa
+
+    lengths = np.zeros(count + 1, dtype=np.int32)
+    for index, texts in known.items():
+        lengths[index + 1] = len(texts)
+    values = pa.array([t for index in sorted(known) for t in known[index]], type=pa.string())
+    column = pa.ListArray.from_arrays(pa.array(np.cumsum(lengths, dtype=np.int32)), values)  # (N,) mostly empty
+    table = pa.table({"known_positives": column})
+    with pa.OSFile(target, "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=CHUNK * 16)
 
 
 def _list_lengths(rows, column: str) -> np.ndarray:
@@ -185,20 +208,15 @@ def _list_lengths(rows, column: str) -> np.ndarray:
 
 def _load(folder: str):
     """The entry's rows without duplicates, with ``known_positives`` (a repeated query's positives
-    everywhere it is asked; empty elsewhere: the row's own), and its summary."""
+    everywhere it is asked; empty elsewhere: the row's own), and its summary. Both files stay
+    memory-mapped: a ``datasets.Dataset`` made from an in-memory table would be hashed whole for
+    its fingerprint (several copies of the data in memory)."""
     import datasets as hf
-    import pyarrow as pa
 
     with open(os.path.join(folder, "summary.json")) as handle:
         summary = json.load(handle)
-    rows = hf.Dataset.from_file(os.path.join(folder, "rows.arrow"))
-    known = {int(k): v for k, v in summary["known"].items()}
-    counts = np.zeros(len(rows) + 1, dtype=np.int32)
-    for index, texts in known.items():
-        counts[index + 1] = len(texts)
-    values = pa.array([t for index in sorted(known) for t in known[index]], type=pa.string())
-    column = pa.ListArray.from_arrays(pa.array(np.cumsum(counts, dtype=np.int32)), values)  # (N,) mostly empty
-    rows = hf.Dataset(rows.data.table.append_column("known_positives", column))
+    rows = hf.concatenate_datasets([hf.Dataset.from_file(os.path.join(folder, name))
+                                    for name in ("rows.arrow", "known.arrow")], axis=1)
     return rows.select(np.load(os.path.join(folder, "keep.npy"))), summary
 
 
@@ -207,7 +225,11 @@ def training_set(paths: list[str], *, num_turns: int, scores: bool, cache_dir: s
     """The rows of ``paths`` from the cache, built first when absent (:func:`_build`); with
     ``training_args`` the first process of each machine builds while the others wait."""
     cache_dir = cache_dir or default_cache_dir()
-    os.makedirs(cache_dir, exist_ok=True)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"the training data cache {cache_dir}: cannot create it ({err.strerror or err}); "
+                        "give another --data_cache_dir") from err
     folder = os.path.join(cache_dir, cache_key(paths, num_turns=num_turns, scores=scores))
     first = training_args.main_process_first(desc="the training data cache") if training_args is not None else None
     with first or contextlib.nullcontext():

@@ -76,3 +76,9 @@ def test_a_bad_record_names_its_line_and_leaves_no_entry(tmp_path):
     with pytest.raises(UserError, match="no teacher scores"):
         training_set([write_jsonl(tmp_path / "b.jsonl", conversation_records(2))], num_turns=5, scores=True,
                      cache_dir=str(tmp_path / "cache"))
+
+
+def test_a_cache_folder_that_cannot_be_made_is_one_error(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", conversation_records(3))
+    with pytest.raises(UserError, match="cannot create it"):
+        training_set([path], num_turns=5, scores=False, cache_dir=os.path.join(path, "cache"))  # under a file
