@@ -4,7 +4,7 @@ time of a short `efficient_train.py` run as the training file grows, with the tr
 cold (the file read into it) and warm (the same file again: the cache mapped).
 
 Each size is a generated JSON-lines file (``--negatives`` negatives a record, short texts from a
-fixed vocabulary, every record distinct; about 500 bytes a record with 7 negatives). Each run is a
+fixed vocabulary, every record distinct; about 600 bytes a record with 7 negatives). Each run is a
 fresh process under a small wrapper that reports the run's own peak RSS (``ru_maxrss`` of its
 child) and wall time; the model is the embedded all-MiniLM-L6-v2 and the run takes ``--steps``
 GradCache steps of batch 16.
