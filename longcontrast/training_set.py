@@ -4,9 +4,10 @@ memory trains, and a second run on the same files starts at once.
 :func:`training_set` streams the records of every ``--train_data`` path (:func:`.records.parse_record`:
 the same formats and checks as :func:`.records.load_examples`) into ``<cache>/<key>/rows.arrow``,
 a few thousand rows at a time, then finds exact duplicates and each repeated query's positives from
-64-bit hashes (numpy arrays, not a dict of every text). The key is a hash of each file's path, size
-and modification time, the query turns kept, whether teacher scores are read, and this module's
-format: a changed file makes a new entry, never a stale read. An entry is written to a temporary
+64-bit hashes (numpy arrays, not a dict of every text); those positives are a column of their own
+(``known.arrow``), mapped beside the rows. The key is a hash of each file's path, size and
+modification time, the query turns kept, whether teacher scores are read, and this module's format:
+a changed file makes a new entry, never a stale read. An entry is written to a temporary
 folder and renamed into place, so a crash leaves no half entry. Under torchrun the first process of
 each machine builds it while the others wait (``main_process_first``), then every process maps the
 same file. The rows have :func:`.collator.make_dataset`'s columns.
