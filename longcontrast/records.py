@@ -118,7 +118,7 @@ def record_format(record, where: str) -> RecordFormat:
                         f"negatives as {chosen.negatives!r}, not {stray[0]!r}")
     return chosen
 
-def parse_record(record, where: str, num_turns: int = 5) -> Example:
+def parse_record(record, where: str, num_turns: int = 5, *, require_scores: bool = False) -> Example:
     """An :class:`Example` from one record in any of the :data:`FORMATS`.
 
     conversation: ``messages`` (role/content turns), ``positive``, ``hard_negatives``;
@@ -129,7 +129,8 @@ def parse_record(record, where: str, num_turns: int = 5) -> Example:
     Teacher scores, optional (distillation): ``pos_scores`` and ``neg_scores`` (flagembedding),
     ``scores`` = [positive, negatives...] (sentence-transformers), ``positive_scores`` and
     ``negative_scores`` (the others).
-    ``where`` names the record in error messages (``file:line``).
+    ``where`` names the record in error messages (``file:line``); ``require_scores``: a record
+    without teacher scores is an error (distillation).
     """
     form = record_format(record, where)
     if form.query == "messages":
@@ -153,6 +154,9 @@ def parse_record(record, where: str, num_turns: int = 5) -> Example:
         numbered = sorted((int(k.rsplit("_", 1)[1]), k) for k in record if k.startswith("negative_") and k[9:].isdigit())
         negatives += [passage_text(record[k], repr(k), where) for _, k in numbered if record[k] is not None]
     positive_scores, negative_scores = _teacher_scores(record, form, len(positives), len(negatives), where)
+    if require_scores and positive_scores is None:
+        raise UserError(f"{where}: no teacher scores, which --distill_weight needs in every record "
+                        "(data/score_with_teacher.py writes them)")
     if record.get("positive_span") is not None and len(positives) != 1:
         raise UserError(f"{where}: 'positive_span' needs exactly one positive, got {len(positives)}")
     span = _span(record.get("positive_span"), positives[0], "'positive_span'", where)
@@ -225,11 +229,8 @@ def load_examples(paths: list[str], num_turns: int = 5, *, require_scores: bool 
     for dataset, name in enumerate(paths):
         count = len(examples)
         for where, record in iter_records(name):
-            example = parse_record(record, where, num_turns)
+            example = parse_record(record, where, num_turns, require_scores=require_scores)
             example.dataset = dataset
-            if require_scores and example.positive_scores is None:
-                raise UserError(f"{where}: no teacher scores, which --distill_weight needs in every record "
-                                "(data/score_with_teacher.py writes them)")
             key = (example.query, tuple(example.positives), tuple(example.negatives), example.positive_span,
                    tuple(example.negative_spans or ()))
             if key in seen:

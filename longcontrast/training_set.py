@@ -113,10 +113,7 @@ def _write_rows(paths: list[str], target: str, *, num_turns: int, scores: bool) 
         for dataset, path in enumerate(paths):
             count = len(keys)
             for where, record in iter_records(path):
-                e = parse_record(record, where, num_turns)
-                if scores and e.positive_scores is None:
-                    raise UserError(f"{where}: no teacher scores, which --distill_weight needs in every record "
-                                    "(data/score_with_teacher.py writes them)")
+                e = parse_record(record, where, num_turns, require_scores=scores)
                 spans = [list(s or ()) for s in (e.negative_spans or [])]
                 keys.append(_hash(e.query, e.positives, e.negatives, e.positive_span, spans))
                 queries.append(_hash(e.query))
