@@ -6,7 +6,7 @@ Every row trains all-MiniLM-L6-v2 with efficient_train.py on ../shared/data/doc2
 once per seed and evaluates each model with ``evaluate.py --page_split``. A row (``--list``) is its
 differences to BASE: the negatives (``shared``: the file's; ``dense``, ``hybrid``: re-mined from each
 query's own document, filtered at 95% of the positive's score; ``iterative:ROW``: mined by ROW's first
-model), label-free ``pairs``, a ``teacher`` whose scores it distils, Matryoshka dims, the query's turns
+model), label-free ``pairs``, SQuALITY's training questions (``squality``), a ``teacher`` whose scores it distils, Matryoshka dims, the query's turns
 (``all_turns``: the whole conversation) and the training flags. Every trained row also gives
 ``ROW+bm25@W`` (fused with BM25 at each weight W) and ``ROW@dimD`` (vectors cut to D); ``soup:ROW``
 averages ROW's seed models. The table gives each half's recall over seeds and report-half paired 95%
@@ -28,17 +28,18 @@ import numpy as np
 
 from longcontrast import UserError
 
-from common import DOC2DIAL as SHARED, RESULTS, ROOT, arguments, run, write_json
+from common import DOC2DIAL as SHARED, RESULTS, ROOT, SHARED as DATA, arguments, run, write_json
 
 TRAIN = os.path.join(SHARED, "train_triples.jsonl")
 CORPUS = os.path.join(SHARED, "dev", "documents.json")
 DEV = os.path.join(SHARED, "dev")
+SQUALITY = os.path.join(DATA, "long", "squality_train")  # another domain: 999 questions on 50 stories
 
 # row -> its differences to BASE (None: a baseline that trains nothing); "soup:ROW" rows are implicit
 BASE = {"negatives": "shared", "num_hard_negatives": 1, "batch": 16, "epochs": 1, "temperature": 0.05, "lr": 2e-5,
         "pairs": None, "teacher": None, "distill_weight": 0.0, "teacher_temperature": 1.0,
         "matryoshka_dims": None, "query_turns": 5, "query_max_len": 256, "negative_sampling": "first",
-        "mixed_batches": False}
+        "mixed_batches": False, "squality": False}
 # teacher -> (its dense model: "default" or a row whose first seed's model it is, BM25's weight): the model fused
 # with BM25 over each record's own document, z-scored over the document's chunks, as the recipe deploys it
 TEACHERS = {"hybrid": ("default", 0.3), "trained_hybrid": ("plain_n1_e2", 0.3),
@@ -84,6 +85,10 @@ ROWS = {
     "pool_random_n1_e2_all_turns": {"negatives": "dense", "epochs": 2, "negative_sampling": "random", **ALL_TURNS},
     "crop_n1_e1_all_turns": {"negatives": "dense", "pairs": "crop", **ALL_TURNS},
     "crop_mixed_n1_e1_all_turns": {"negatives": "dense", "pairs": "crop", "mixed_batches": True, **ALL_TURNS},
+    # ... and a third dataset from another domain (SQuALITY's questions on fiction stories, read to 512 tokens)
+    "squality_crop_n1_e1_all_turns": {"negatives": "dense", "pairs": "crop", "squality": True, **ALL_TURNS},
+    "squality_crop_mixed_n1_e1_all_turns": {"negatives": "dense", "pairs": "crop", "squality": True,
+                                            "mixed_batches": True, **ALL_TURNS},
 }
 HALVES = ("selection", "report")
 FUSION_WEIGHTS = (0.2, 0.3, 0.4, 0.5)  # BM25's weight in each hybrid row
@@ -214,6 +219,8 @@ def study_row(name: str, args) -> dict:
     if spec["pairs"]:
         data.append(cached([sys.executable, "data/make_pairs.py", "--corpus", CORPUS, "--method", spec["pairs"]],
                            f"pairs_{spec['pairs']}", args))
+    if spec["squality"]:
+        data.append(SQUALITY)
     seeds, fused_seeds, truncated_seeds, train_seconds = {}, {}, {}, {}
     for seed in args.seeds:
         output_dir = os.path.join(args.work_dir, name, f"seed{seed}")

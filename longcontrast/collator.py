@@ -90,7 +90,8 @@ class ContrastiveCollator:
     the same context), and the page pooled whole is masked only where the query knows it as a positive.
     Rows with teacher scores (``make_dataset(..., teacher_scores=True)``): also ``candidate_passages``
     and ``teacher_scores`` (B, 1 + num_hard_negatives), each query's own candidates for distillation.
-    Always ``dataset``: the rows' dataset index (-1 when they come from several), which a mixture
+    Rows with token ids (:func:`.token_ids.with_token_ids`, made with this collator's lengths and
+    prompts) are not tokenised again. Always ``dataset``: the rows' dataset index (-1 when they come from several), which a mixture
     gives its own query prompt and number of hard negatives (``dataset_prompts``, ``dataset_negatives``).
     """
 
@@ -154,7 +155,12 @@ class ContrastiveCollator:
             positives.append(choices[drawn[-1]])
         chosen = [self.chosen_negatives(row) for row in rows]
         negatives = [row["negatives"][i] for row, picks in zip(rows, chosen) for i in picks]
-        passage_ids = self._tokenize_passages(positives + negatives)
+        cached = bool(rows) and "query_ids" in rows[0]  # token ids from the cache (.token_ids): the same cut
+        if cached:
+            passage_ids = [row["positives_ids"][d] for row, d in zip(rows, drawn)] + [
+                row["negatives_ids"][i] for row, picks in zip(rows, chosen) for i in picks]
+        else:
+            passage_ids = self._tokenize_passages(positives + negatives)
         wanted = [row.get("positive_span") for row in rows]
         for row, picks in zip(rows, chosen):
             spans_of_row = row.get("negative_spans") or [None] * len(row["negatives"])
@@ -162,7 +168,7 @@ class ContrastiveCollator:
         spans = [span_tokens(self.tokenizer, text, span, self.passage_max_len, self.passage_prompt) if span else None
                  for text, span in zip(positives + negatives, wanted)]
         batch = {
-            "query_ids": self._tokenize_queries(rows),
+            "query_ids": [row["query_ids"] for row in rows] if cached else self._tokenize_queries(rows),
             "passage_ids": passage_ids,
             # a span joins the identity after a -1, which no token id is
             "passage_text_ids": torch.tensor([sequence_id(ids + ([-1, *span] if span else []))
@@ -173,8 +179,8 @@ class ContrastiveCollator:
         if self.max_positives > 1:
             known = torch.full((len(rows), self.max_positives), -1, dtype=torch.long)  # (B, M)
             for index, row in enumerate(rows):
-                ids = [sequence_id(x) for x in self._tokenize_passages(
-                    row.get("known_positives") or row.get("positives") or [row["positive"]])]
+                ids = [sequence_id(x) for x in (row["known_positives_ids"] or row["positives_ids"] if cached else
+                       self._tokenize_passages(row.get("known_positives") or row.get("positives") or [row["positive"]]))]
                 known[index, : len(ids)] = torch.tensor(ids)
             batch["query_positive_ids"] = known
         if any(spans):

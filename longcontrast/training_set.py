@@ -204,18 +204,17 @@ def _list_lengths(rows, column: str) -> np.ndarray:
     return pc.list_value_length(rows.data.column(column)).to_numpy(zero_copy_only=False)
 
 
-def _load(folder: str):
-    """The entry's rows without duplicates, with ``known_positives`` (a repeated query's positives
-    everywhere it is asked; empty elsewhere: the row's own), and its summary. Both files stay
-    memory-mapped: a ``datasets.Dataset`` made from an in-memory table would be hashed whole for
-    its fingerprint (several copies of the data in memory)."""
+def load_rows(folder: str, *, extra: list[str] = (), keep_all: bool = False):
+    """The entry's rows without duplicates (``keep_all``: with them), with ``known_positives`` (a
+    repeated query's positives everywhere it is asked; empty elsewhere: the row's own) and the
+    columns of the ``extra`` files (one row per row of ``rows.arrow``: :mod:`.token_ids`). Every file
+    stays memory-mapped: a ``datasets.Dataset`` made from an in-memory table would be hashed whole
+    for its fingerprint (several copies of the data in memory)."""
     import datasets as hf
 
-    with open(os.path.join(folder, "summary.json")) as handle:
-        summary = json.load(handle)
     rows = hf.concatenate_datasets([hf.Dataset.from_file(os.path.join(folder, name))
-                                    for name in ("rows.arrow", "known.arrow")], axis=1)
-    return rows.select(np.load(os.path.join(folder, "keep.npy"))), summary
+                                    for name in ("rows.arrow", "known.arrow", *extra)], axis=1)
+    return rows if keep_all else rows.select(np.load(os.path.join(folder, "keep.npy")))
 
 
 def training_set(paths: list[str], *, num_turns: int, scores: bool, cache_dir: str | None = None,
@@ -236,5 +235,6 @@ def training_set(paths: list[str], *, num_turns: int, scores: bool, cache_dir: s
         else:
             logger.info("reading the training data into %s (once: later runs on the same files map it)", folder)
             _build(paths, folder, num_turns=num_turns, scores=scores)
-    rows, summary = _load(folder)
-    return TrainingSet(rows, summary["sizes"], summary["max_known_positives"], summary["span_rows"], folder)
+    with open(os.path.join(folder, "summary.json")) as handle:
+        summary = json.load(handle)
+    return TrainingSet(load_rows(folder), summary["sizes"], summary["max_known_positives"], summary["span_rows"], folder)

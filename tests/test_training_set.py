@@ -82,3 +82,44 @@ def test_a_cache_folder_that_cannot_be_made_is_one_error(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", conversation_records(3))
     with pytest.raises(UserError, match="cannot create it"):
         training_set([path], num_turns=5, scores=False, cache_dir=os.path.join(path, "cache"))  # under a file
+
+
+def test_cached_token_ids_give_the_batch_that_tokenising_gives(tmp_path, tiny_model_dir, caplog):
+    from transformers import AutoTokenizer
+
+    from longcontrast.collator import ContrastiveCollator
+    from longcontrast.token_ids import with_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    first = write_jsonl(tmp_path / "a.jsonl", records())
+    second = write_jsonl(tmp_path / "b.jsonl", conversation_records(3, negatives=1))
+    cache = str(tmp_path / "cache")
+    prompts = ("query: ", "")
+    data = training_set([first, second], num_turns=5, scores=False, cache_dir=cache)
+    texts = list(data.rows)
+    with_token_ids(data, tokenizer, query_max_len=12, passage_max_len=9, query_prompts=prompts, passage_prompt="p ")
+    cached = list(data.rows)
+    assert "known_positives_ids" in cached[0] and "known_positives_ids" not in texts[0]
+    collate = ContrastiveCollator(tokenizer, 12, 9, num_hard_negatives=2, passage_prompt="p ", max_positives=3,
+                                  dataset_prompts=prompts, negative_sampling="random")
+    for batch in ([0, 6, 7, 10], [9, 11], [1, 2, 3, 4, 5, 8]):  # several datasets, the repeated query's rows
+        expected, got = collate([texts[i] for i in batch]), collate([cached[i] for i in batch])
+        assert got.keys() == expected.keys()
+        for key in ("query_ids", "passage_ids"):
+            assert got[key] == expected[key]
+        for key in ("passage_text_ids", "query_positive_ids"):
+            assert got[key].tolist() == expected[key].tolist()
+    marked = dict(cached[0], query_ids=[7, 7], positives_ids=[[8, 8]])  # the ids are what the batch reads
+    assert collate([marked])["query_ids"] == [[7, 7]] and collate([marked])["passage_ids"][0] == [8, 8]
+    assert [bool(r["known_positives_ids"]) for r in cached] == [bool(r["known_positives"]) for r in texts]
+    assert len(cached[6]["known_positives_ids"]) == 3
+    # another length is another file, never the stale ids; the same settings map the file again
+    other = training_set([first, second], num_turns=5, scores=False, cache_dir=cache)
+    with_token_ids(other, tokenizer, query_max_len=12, passage_max_len=5, query_prompts=prompts, passage_prompt="p ")
+    assert max(len(ids) for row in other.rows for ids in row["negatives_ids"]) == 5
+    assert len(os.listdir(data.folder)) == 6  # rows, known, keep, summary and two token folders
+    with caplog.at_level(logging.INFO):
+        again = training_set([first, second], num_turns=5, scores=False, cache_dir=cache)
+        with_token_ids(again, tokenizer, query_max_len=12, passage_max_len=9, query_prompts=prompts,
+                       passage_prompt="p ")
+    assert "token ids read from" in caplog.text and list(again.rows) == cached
