@@ -206,9 +206,15 @@ class DataArguments:
         metadata={"help": "Training datasets, each a file (.jsonl, .json, .parquet) or folder (of such files, a BEIR "
                   "folder, or saved with datasets.save_to_disk), optionally named (NAME=PATH; else named after it); "
                   "or one mixture file (.yaml, or .json with a 'datasets' list of {name, path, weight, prompt, "
-                  "negatives}). Several datasets: each global batch comes from one of them (see --mixture). "
+                  "negatives, corpus}). Several datasets: each global batch comes from one of them (see --mixture). "
                   "Default: the generated sample in data/."},
     )
+    train_corpus: str | None = field(
+        default=None, metadata={"help": "The corpus that training records name their passages from by document id "
+                                "(tevatron's layout: records with positive_document_ids and negative_document_ids; "
+                                "the corpus a file or folder of {docid or _id, title, text} records, or a BEIR folder). "
+                                "Its texts are kept once, not copied into each record. A mixture file gives each "
+                                "dataset its own ('corpus')."})
     data_cache_dir: str | None = field(
         default=None, metadata={"help": "Where the training records are kept once read (memory-mapped Arrow, so "
                                 "data larger than memory trains and a second run on the same files starts at once; "

@@ -109,6 +109,7 @@ class ContrastiveCollator:
     # per dataset (Example.dataset), where a mixture sets them: the query prompt and hard negatives
     dataset_prompts: tuple[str, ...] | None = None
     dataset_negatives: tuple[int, ...] | None = None
+    corpus: object = None  # the documents rows name by id (.training_set.TrainingSet.corpus), or None
 
     def _draw(self, *parts: str) -> int:
         """A 63-bit number fixed by the seed, the epoch and ``parts``: the same in every process
@@ -147,7 +148,27 @@ class ContrastiveCollator:
     def _tokenize_passages(self, texts: list[str]) -> list[list[int]]:
         return tokenize(self.tokenizer, texts, self.passage_max_len, "right", self.passage_prompt)
 
+    def _resolve(self, rows: list[dict]) -> list[dict]:
+        """Rows that name their passages by id (``positive_rows``, ``negative_rows``: corpus rows)
+        with those documents' texts, and token ids where the corpus has them, read in one fetch."""
+        wanted = sorted({n for row in rows for n in (*row["positive_rows"], *row["negative_rows"])})
+        if not wanted:
+            return rows
+        fetched, at = self.corpus[wanted], {n: i for i, n in enumerate(wanted)}  # column -> values
+        resolved = []
+        for row in rows:
+            if row["positive_rows"]:
+                found = {name: [[values[at[n]] for n in row[side + "_rows"]] for side in ("positive", "negative")]
+                         for name, values in fetched.items()}
+                row = dict(row, positive=found["text"][0][0], positives=found["text"][0], negatives=found["text"][1])
+                if "input_ids" in found:
+                    row.update(positives_ids=found["input_ids"][0], negatives_ids=found["input_ids"][1])
+            resolved.append(row)
+        return resolved
+
     def __call__(self, rows: list[dict]) -> dict:
+        if self.corpus is not None:
+            rows = self._resolve(rows)
         positives, drawn = [], []
         for row in rows:
             choices = row.get("positives") or [row["positive"]]

@@ -32,7 +32,7 @@ from .readers import read_json
 POLICIES = ("proportional", "round_robin", "temperature")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 MIXTURE_SUFFIXES = (".yaml", ".yml", ".json")
-MIXTURE_KEYS = {"name", "path", "weight", "prompt", "negatives"}
+MIXTURE_KEYS = {"name", "path", "weight", "prompt", "negatives", "corpus"}
 
 
 @dataclass(frozen=True)
@@ -46,13 +46,19 @@ class DatasetSpec:
     weight: float = 1.0
     prompt: str | None = None
     negatives: int | None = None
+    corpus: str | None = None  # where records that name passages by id find them (tevatron's layout)
 
 
-def parse_train_data(entries: list[str]) -> list[DatasetSpec]:
+def parse_train_data(entries: list[str], corpus: str | None = None) -> list[DatasetSpec]:
     """``--train_data`` as datasets: each entry a path (named after its file or folder) or
-    ``NAME=PATH``, or a single mixture file (:func:`read_mixture_file`). Raises :class:`UserError`
+    ``NAME=PATH``, or a single mixture file (:func:`read_mixture_file`); ``corpus``
+    (``--train_corpus``): the corpus of every dataset but a mixture file's. Raises :class:`UserError`
     on a missing path, a bad or repeated name."""
+    if corpus is not None and not os.path.exists(corpus):
+        raise UserError(f"--train_corpus {corpus}: not found")
     if len(entries) == 1 and is_mixture_file(entries[0]):
+        if corpus is not None:
+            raise UserError("--train_corpus with a mixture file: give each dataset its 'corpus' in the file")
         return read_mixture_file(entries[0])
     named = [entry.split("=", 1) if not os.path.exists(entry) and "=" in entry else (None, entry) for entry in entries]
     taken, specs = {name for name, _ in named}, []
@@ -64,7 +70,7 @@ def parse_train_data(entries: list[str]) -> list[DatasetSpec]:
                     break
                 name = f"{base}_{number}"
             taken.add(name)
-        specs.append(_checked(DatasetSpec(name, path), "--train_data"))
+        specs.append(_checked(DatasetSpec(name, path, corpus=corpus), "--train_data"))
     return _unique(specs, "--train_data")
 
 
@@ -86,8 +92,8 @@ def is_mixture_file(path: str) -> bool:
 
 
 def read_mixture_file(path: str) -> list[DatasetSpec]:
-    """A mixture file: ``datasets:``, a list of ``{name, path, weight, prompt, negatives}`` (only
-    ``path`` required; a relative path is relative to the file's folder), in YAML or JSON."""
+    """A mixture file: ``datasets:``, a list of ``{name, path, weight, prompt, negatives, corpus}``
+    (only ``path`` required; a relative path is relative to the file's folder), in YAML or JSON."""
     if path.lower().endswith(".json"):
         content = read_json(path)
     else:
@@ -103,7 +109,7 @@ def read_mixture_file(path: str) -> list[DatasetSpec]:
     items = content.get("datasets") if isinstance(content, dict) else None
     if not isinstance(items, list) or not items:
         raise UserError(f"{path}: a mixture file holds 'datasets': a non-empty list of {{name, path, weight, prompt, "
-                        "negatives}}")
+                        "negatives, corpus}}")
     folder, specs = os.path.dirname(os.path.abspath(path)), []
     for number, item in enumerate(items, start=1):
         where = f"{path}: dataset {number}"
@@ -118,9 +124,14 @@ def read_mixture_file(path: str) -> list[DatasetSpec]:
             raise UserError(f"{where}: 'negatives' must be a whole number >= 0, got {negatives!r}")
         if prompt is not None and not isinstance(prompt, str):
             raise UserError(f"{where}: 'prompt' must be a string, got {prompt!r}")
+        if item.get("corpus") is not None and not isinstance(item["corpus"], str):
+            raise UserError(f"{where}: 'corpus' must be a path, got {item['corpus']!r}")
+        corpus = item.get("corpus") and os.path.join(folder, os.path.expanduser(item["corpus"]))
+        if corpus and not os.path.exists(corpus):
+            raise UserError(f"{where}: corpus {corpus}: not found")
         item_path = os.path.join(folder, os.path.expanduser(item["path"]))
         name = item.get("name", _default_name(item["path"]))
-        specs.append(_checked(DatasetSpec(str(name), item_path, float(weight), prompt, negatives), where))
+        specs.append(_checked(DatasetSpec(str(name), item_path, float(weight), prompt, negatives, corpus or None), where))
     return _unique(specs, path)
 
 

@@ -147,6 +147,27 @@ def iter_records(name: str):
     return _iter_file_records(path)
 
 
+def iter_corpus(name: str):
+    """(where, document id, passage) of each document of a corpus that training records name by id:
+    a data file or folder of ``{docid or _id, title, text}`` records (tevatron's corpora and BEIR's
+    ``corpus.jsonl``), or a BEIR folder (its ``corpus.jsonl``). The passage is title and text joined."""
+    path = Path(name)
+    if not path.exists():
+        raise UserError(f"corpus not found: {name}")
+    if path.is_dir():
+        records = iter_jsonl(path / "corpus.jsonl") if is_beir_folder(path) else _iter_folder_records(path)
+    else:
+        records = _iter_file_records(path)
+    for where, record in records:
+        key = next((k for k in ("docid", "_id") if isinstance(record, dict) and record.get(k) is not None), None)
+        if key is None or not isinstance(record.get("text"), str):
+            raise UserError(f"{where}: a corpus record needs 'docid' (or '_id') and 'text'")
+        text = join_title(record.get("title"), record["text"])
+        if not text:
+            raise UserError(f"{where}: document {record[key]!r} has no text")
+        yield where, str(record[key]), text
+
+
 @dataclass
 class BeirSet:
     """A BEIR folder as read: passages in corpus order, queries with a relevant document, their qrels."""

@@ -35,7 +35,11 @@ FORMATS = (
     RecordFormat("plain", "query", "positive", "negatives"),
     RecordFormat("flagembedding", "query", "pos", "neg", ("pos_scores", "neg_scores")),  # FlagEmbedding's files (BGE)
     RecordFormat("tevatron", "query", "positive_passages", "negative_passages"),  # lists of {docid, title, text}
+    # tevatron's corpus layout: passages named by their ids in a corpus given beside (--train_corpus)
+    RecordFormat("tevatron-ids", "query", "positive_document_ids", "negative_document_ids"),
+    RecordFormat("tevatron-ids", "query_text", "positive_document_ids", "negative_document_ids"),
 )
+BY_ID = "tevatron-ids"
 
 @dataclass
 class Example:
@@ -52,6 +56,9 @@ class Example:
     positive_scores: list[float] | None = None  # a teacher's score of each positive (distillation), or None
     negative_scores: list[float] | None = None  # and of each negative
     dataset: int = 0  # which of the run's datasets (--train_data entries) it comes from
+    # a record that names its passages by document id (tevatron's corpus layout): the ids, its texts empty
+    positive_ids: list[str] | None = None
+    negative_ids: list[str] | None = None
 
     @property
     def positives(self) -> list[str]:
@@ -118,7 +125,8 @@ def record_format(record, where: str) -> RecordFormat:
                         f"negatives as {chosen.negatives!r}, not {stray[0]!r}")
     return chosen
 
-def parse_record(record, where: str, num_turns: int = 5, *, require_scores: bool = False) -> Example:
+def parse_record(record, where: str, num_turns: int = 5, *, require_scores: bool = False,
+                 corpus: bool = False) -> Example:
     """An :class:`Example` from one record in any of the :data:`FORMATS`.
 
     conversation: ``messages`` (role/content turns), ``positive``, ``hard_negatives``;
@@ -129,10 +137,15 @@ def parse_record(record, where: str, num_turns: int = 5, *, require_scores: bool
     Teacher scores, optional (distillation): ``pos_scores`` and ``neg_scores`` (flagembedding),
     ``scores`` = [positive, negatives...] (sentence-transformers), ``positive_scores`` and
     ``negative_scores`` (the others).
+    tevatron-ids: ``query`` or ``query_text``, ``positive_document_ids``, ``negative_document_ids``
+    (ids of a corpus: the example holds them, its texts empty), read only where ``corpus`` says a
+    corpus is given to look them up.
     ``where`` names the record in error messages (``file:line``); ``require_scores``: a record
     without teacher scores is an error (distillation).
     """
     form = record_format(record, where)
+    if form.name == BY_ID:
+        return _by_id(record, form, where, corpus=corpus, require_scores=require_scores)
     if form.query == "messages":
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
@@ -168,6 +181,27 @@ def parse_record(record, where: str, num_turns: int = 5, *, require_scores: bool
         negative_spans = [_span(v, n, f"'negative_spans'[{i}]", where) for i, (v, n) in enumerate(zip(negative_spans, negatives))]
     return Example(query, positives[0], negatives, positives[1:], positive_span=span, negative_spans=negative_spans,
                    positive_scores=positive_scores, negative_scores=negative_scores)
+
+def _by_id(record: dict, form: RecordFormat, where: str, *, corpus: bool, require_scores: bool) -> Example:
+    if not corpus:
+        raise UserError(f"{where}: this record names its passages by document id ({form.positive!r}); give the "
+                        "corpus they come from (--train_corpus, or 'corpus' in a mixture file); only training reads it")
+    ids = []
+    for name in (form.positive, form.negatives):
+        value = record.get(name) or []
+        if not isinstance(value, list) or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
+            raise UserError(f"{where}: {name!r} must be a list of document ids, got {value!r:.80}")
+        ids.append([str(v) for v in value])
+    if not ids[0]:
+        raise UserError(f"{where}: {form.positive!r} is empty: a record needs a positive")
+    if record.get("positive_span") is not None or record.get("negative_spans") is not None:
+        raise UserError(f"{where}: spans are read with passage texts, not with document ids")
+    positive_scores, negative_scores = _teacher_scores(record, form, len(ids[0]), len(ids[1]), where)
+    if require_scores and positive_scores is None:
+        raise UserError(f"{where}: no teacher scores, which --distill_weight needs in every record")
+    return Example(_text(record[form.query], f"{form.query!r}", where), "", positive_ids=ids[0], negative_ids=ids[1],
+                   positive_scores=positive_scores, negative_scores=negative_scores)
+
 
 def _teacher_scores(record: dict, form: RecordFormat, num_positives: int, num_negatives: int,
                     where: str) -> tuple[list[float] | None, list[float] | None]:

@@ -90,16 +90,31 @@ def _write(source, target: str, tokenizer, *, query_max_len: int, passage_max_le
             bar.update(len(queries))
 
 
+def _write_corpus(corpus, target: str, tokenizer, *, passage_max_len: int, passage_prompt: str,
+                  batch_size: int = 1024) -> None:
+    """``input_ids`` of every document of ``corpus`` (cut as passages) into ``target`` (Arrow IPC stream)."""
+    import pyarrow as pa
+    from tqdm.auto import tqdm
+
+    schema = pa.schema([("input_ids", pa.list_(pa.int32()))])
+    with pa.OSFile(target, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer, \
+            tqdm(total=len(corpus), desc="tokenising the corpus", unit="documents", mininterval=10) as bar:
+        for batch in corpus.select_columns(["text"]).iter(batch_size=batch_size):
+            ids = tokenize(tokenizer, batch["text"], passage_max_len, "right", passage_prompt)
+            writer.write_batch(pa.record_batch([pa.array(ids, type=schema.field(0).type)], schema=schema))
+            bar.update(len(ids))
+
+
 def with_token_ids(data, tokenizer, *, query_max_len: int, passage_max_len: int, query_prompts: tuple[str, ...],
                    passage_prompt: str, training_args=None):
     """``data`` (a :class:`.training_set.TrainingSet`) with its rows' token ids (:data:`COLUMNS`),
     tokenised into its cache entry first when absent. ``query_prompts``: each dataset's."""
-    from .training_set import load_rows
+    from .training_set import load_corpus, load_rows
 
     settings = dict(query_max_len=query_max_len, passage_max_len=passage_max_len, query_prompts=query_prompts,
                     passage_prompt=passage_prompt)
     folder = os.path.join(data.folder, "tokens-" + tokens_key(tokenizer, **settings))
-    target = os.path.join(folder, "ids.arrow")
+    target, corpus_target = os.path.join(folder, "ids.arrow"), os.path.join(folder, "corpus_ids.arrow")
     first = training_args.main_process_first(desc="the token ids") if training_args is not None else None
     with first or contextlib.nullcontext():
         if os.path.isfile(target):
@@ -109,6 +124,10 @@ def with_token_ids(data, tokenizer, *, query_max_len: int, passage_max_len: int,
             handle, staging = tempfile.mkstemp(prefix=".ids-", dir=folder)
             os.close(handle)
             try:
+                if data.corpus is not None:  # before the rows' file, whose presence marks the folder complete
+                    _write_corpus(data.corpus, staging, tokenizer, passage_max_len=passage_max_len,
+                                  passage_prompt=passage_prompt)
+                    os.replace(staging, corpus_target)
                 _write(load_rows(data.folder, keep_all=True), staging, tokenizer, **settings)
                 os.replace(staging, target)
             except OSError as err:  # a full disk, most likely
@@ -118,4 +137,6 @@ def with_token_ids(data, tokenizer, *, query_max_len: int, passage_max_len: int,
                 if os.path.exists(staging):
                     os.remove(staging)
     data.rows = load_rows(data.folder, extra=[target])
+    if data.corpus is not None:
+        data.corpus = load_corpus(data.folder, extra=[corpus_target])
     return data

@@ -165,7 +165,7 @@ def build_trainer(model, tokenizer, data: TrainingSet, specs, model_args, data_a
         data.max_known_positives, seed=training_args.data_seed or training_args.seed,
         negative_sampling=data_args.negative_sampling, dataset_prompts=query_prompts(specs, data_args),
         dataset_negatives=None if negatives == [None] * len(specs) else tuple(
-            data_args.num_hard_negatives if n is None else n for n in negatives))
+            data_args.num_hard_negatives if n is None else n for n in negatives), corpus=data.corpus)
     trainer = ContrastiveTrainer(
         model=model, args=training_args, train_dataset=data.rows,
         data_collator=collator, processing_class=tokenizer, loss=model_args.loss_settings(),
@@ -237,8 +237,8 @@ def train(argv=None, gradcache: bool = True) -> str:
     resolve_defaults(model_args, training_args, gradcache=gradcache)
     pooling = model_args.pooling or read_pooling(model_args.model_name_or_path) or "cls"
     # 2. the data: the datasets, their examples, and the sampler of a mixture
-    specs = parse_train_data(data_args.train_data)
-    data = training_set([s.path for s in specs], num_turns=data_args.query_turns,
+    specs = parse_train_data(data_args.train_data, data_args.train_corpus)
+    data = training_set([s.path for s in specs], corpora=[s.corpus for s in specs], num_turns=data_args.query_turns,
                         scores=model_args.distill_weight > 0, cache_dir=data_args.data_cache_dir,
                         training_args=training_args)
     sampler = mixture_sampler(specs, data, data_args, training_args)

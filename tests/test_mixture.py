@@ -188,6 +188,9 @@ def test_names_from_paths_and_name_equals_path(tmp_path):
     (["set0.jsonl", "set1.jsonl"], ["--per_device_train_batch_size", "9"], "dataset set1 has 8 examples, fewer than one"),
     (["set0.jsonl", "set1.jsonl"], ["--mixed_batches", "--mixture", "round_robin"], "--mixture round_robin need per"),
     (["set0.jsonl", "set1.jsonl"], ["--train_sampling_strategy", "group_by_length"], "orders the whole data"),
+    (["mixture.yaml:datasets: [{path: set0.jsonl, corpus: none.jsonl}]"], [], "none.jsonl: not found"),
+    (["mixture.yaml:datasets: [{path: set0.jsonl}]"], ["--train_corpus", "README.md"], "give each dataset its 'corpus'"),
+    (["ids.jsonl:{\"query\": \"q\", \"positive_document_ids\": [\"d1\"]}\n"], [], "ids.jsonl:1: this record names"),
 ])
 def test_bad_mixtures_are_one_error_line(entries, flags, message, tiny_model_dir, tmp_path, capsys):
     datasets(tmp_path)
@@ -195,7 +198,7 @@ def test_bad_mixtures_are_one_error_line(entries, flags, message, tiny_model_dir
     for entry in entries:
         name, _, content = entry.partition(":")
         if content:
-            (tmp_path / name).write_text(content)
+            (tmp_path / name).write_text(content.replace("\\n", "\n"))
         data.append(str(tmp_path / name))
     err = run_main(origin_train, common(tiny_model_dir, data[0], tmp_path / "out", "--train_data", *data, *flags), capsys)
     assert message in err and err.count("\n") == 1, err

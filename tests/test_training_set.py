@@ -1,10 +1,12 @@
 """The on-disk training set (longcontrast.training_set): the rows the in-memory reader gives, duplicates
 and repeated queries found from hashes, the cache keyed by the files, errors that leave no entry."""
 
+import json
 import logging
 import os
 
 import pytest
+import torch
 
 from conftest import conversation_records, write_jsonl
 from longcontrast import UserError
@@ -123,3 +125,69 @@ def test_cached_token_ids_give_the_batch_that_tokenising_gives(tmp_path, tiny_mo
         with_token_ids(again, tokenizer, query_max_len=12, passage_max_len=9, query_prompts=prompts,
                        passage_prompt="p ")
     assert "token ids read from" in caplog.text and list(again.rows) == cached
+
+
+def tevatron_both_ways(tmp_path, count: int = 9):
+    """The same examples as tevatron records with their passages inline, and as records naming the
+    passages by id in a corpus file (shuffled, with documents no record names)."""
+    import random
+
+    texts, inline, by_id = {}, [], []
+    for i, record in enumerate(conversation_records(count)):
+        query = record["messages"][-1]["content"]
+        passages = [record["positive"], *record["hard_negatives"]]
+        ids = [texts.setdefault(t, f"doc-{len(texts)}") for t in passages]
+        inline.append({"query_id": str(i), "query": query, "positive_passages": [
+            {"docid": ids[0], "title": "", "text": passages[0]}], "negative_passages": [
+            {"docid": d, "text": t} for d, t in zip(ids[1:], passages[1:])]})
+        by_id.append({"query_id": str(i), "query_text": query, "positive_document_ids": ids[:1],
+                      "negative_document_ids": ids[1:]})
+    corpus = [{"docid": d, "text": t} for t, d in texts.items()] + [{"docid": "unused", "text": "never named"}]
+    random.Random(0).shuffle(corpus)
+    return (write_jsonl(tmp_path / "inline.jsonl", inline), write_jsonl(tmp_path / "by_id.jsonl", by_id),
+            write_jsonl(tmp_path / "corpus.jsonl", corpus), corpus)
+
+
+def test_records_naming_passages_by_id_train_as_records_holding_them(tmp_path, tiny_model_dir):
+    """tevatron's corpus layout: the rows hold corpus row numbers, not texts; a run on them ends at
+    the weights of the same run on the records with their passages inline (dropout on), and a
+    corpus whose ids name other texts must not."""
+    import efficient_train
+    from helpers import common, weights
+
+    inline, by_id, corpus_file, corpus = tevatron_both_ways(tmp_path)
+    data = training_set([by_id], corpora=[corpus_file], num_turns=5, scores=False, cache_dir=str(tmp_path / "cache"))
+    assert data.rows[0]["negatives"] == [] and len(data.rows[0]["negative_rows"]) == 2 and len(data.corpus) == len(corpus)
+    argv = ["--max_steps", "3", "--dropout", "0.1", "--mini_batch_size", "2", "--per_device_train_batch_size", "4",
+            "--data_cache_dir", str(tmp_path / "cache")]
+    efficient_train.main(common(tiny_model_dir, inline, tmp_path / "inline", *argv))
+    efficient_train.main(common(tiny_model_dir, by_id, tmp_path / "by_id", "--train_corpus", corpus_file, *argv))
+    reference, got = weights(tmp_path / "inline"), weights(tmp_path / "by_id")
+    assert all(torch.equal(got[k], reference[k]) for k in reference)
+    texts = [c["text"] for c in corpus]  # the negative control: every id names another document's text
+    swapped = [dict(c, text=texts[(i + 1) % len(texts)]) for i, c in enumerate(corpus)]
+    other = write_jsonl(tmp_path / "swapped.jsonl", swapped)
+    efficient_train.main(common(tiny_model_dir, by_id, tmp_path / "swapped", "--train_corpus", other, *argv))
+    assert not all(torch.equal(weights(tmp_path / "swapped")[k], reference[k]) for k in reference)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no corpus", "names its passages by document id"),
+    ("unknown id", r"by_id.jsonl:2: document id 'doc-404' is not in the corpus"),
+    ("repeated id", "repeats the id of document"),
+    ("no text", "a corpus record needs 'docid'"),
+])
+def test_bad_corpus_layouts_are_one_error(case, message, tmp_path):
+    _, by_id, corpus_file, corpus = tevatron_both_ways(tmp_path)
+    if case == "unknown id":
+        rows = [json.loads(line) for line in open(by_id)]
+        rows[1]["negative_document_ids"] = ["doc-404"]
+        write_jsonl(tmp_path / "by_id.jsonl", rows)
+    elif case == "repeated id":
+        write_jsonl(tmp_path / "corpus.jsonl", corpus + [dict(corpus[3], text="another text")])
+    elif case == "no text":
+        write_jsonl(tmp_path / "corpus.jsonl", corpus + [{"docid": "x"}])
+    with pytest.raises(UserError, match=message):
+        training_set([by_id], corpora=[None if case == "no corpus" else corpus_file], num_turns=5, scores=False,
+                     cache_dir=str(tmp_path / "cache"))
+    assert os.listdir(tmp_path / "cache") == []
