@@ -47,6 +47,11 @@ class MiningArguments:
                 "else bm25.", "choices": list(SCORERS)})
     num_negatives: int = field(default=7, metadata={"help": "Negatives per record (fewer if the filter leaves fewer)."})
     skip_top: int = field(default=0, metadata={"help": "Skip this many best-ranked candidates first (rank window)."})
+    sample_from: int | None = field(default=None, metadata={
+        "help": "Draw the --num_negatives at random (seeded by --seed and the record) from the first R candidates "
+                "that survive the filter after --skip_top, kept in rank order: a pool of varied hardness, as "
+                "FlagEmbedding's range_for_sampling (e.g. --skip_top 2 --sample_from 200). Default: the hardest."})
+    seed: int = field(default=42, metadata={"help": "Seed of --sample_from's draws."})
     max_score_ratio: float | None = field(default=None, metadata={
         "help": "Drop candidates scoring above this fraction of the positive's score (NV-Retriever's TopK-PercPos; "
                 "0.95 was their best). Dense cosine when a model takes part, else BM25 score."})
@@ -76,6 +81,8 @@ def validate(args: MiningArguments) -> None:
         raise UserError(f"--scorer {args.scorer} needs --model_name_or_path (a dense model; 'default' for MiniLM)")
     if args.num_negatives < 1 or args.skip_top < 0:
         raise UserError("--num_negatives must be >= 1 and --skip_top >= 0")
+    if args.sample_from is not None and args.sample_from < args.num_negatives:
+        raise UserError(f"--sample_from {args.sample_from} must be at least --num_negatives ({args.num_negatives})")
     if args.max_score_ratio is not None and not 0 < args.max_score_ratio <= 1:
         raise UserError(f"--max_score_ratio must be in (0, 1], got {args.max_score_ratio}")
     if args.per_document and not args.corpus:
@@ -199,7 +206,7 @@ def run(args: MiningArguments) -> dict:
     for query, positive, more in zip(data.queries, data.positives, data.others):
         positives_of[normalised(query)].update([positive, *more])
     config = MiningConfig(num_negatives=args.num_negatives, skip_top=args.skip_top, max_score_ratio=args.max_score_ratio,
-                          margin=args.margin, scorer=args.scorer)
+                          margin=args.margin, scorer=args.scorer, sample_from=args.sample_from, seed=args.seed)
     negatives, stats = mine(data.queries, data.positives, pools, data.texts, config, dense, device=device,
                             excluded=[positives_of[normalised(q)] for q in data.queries])
     # 4. the records and the summary

@@ -7,7 +7,8 @@ and any text identical to it are never candidates. Positive-aware filtering foll
 (Moreira et al., 2024): a candidate scoring above ``max_score_ratio`` x the positive's score
 ("TopK-PercPos", 0.95 was their best) or above the positive's score minus ``margin``
 ("TopK-MarginPos") is likely an unlabelled positive and is dropped. The hardest survivors,
-after skipping the ``skip_top`` best-ranked, become the negatives, hardest first.
+after skipping the ``skip_top`` best-ranked, become the negatives, hardest first (or, with
+``sample_from``, a seeded draw from a range of them, as FlagEmbedding's ``range_for_sampling``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,15 @@ class MiningConfig:
     max_score_ratio: float | None = None  # keep a candidate only if its score <= ratio x the positive's
     margin: float | None = None  # keep a candidate only if its score <= the positive's - margin
     scorer: str = "bm25"
+    # draw the negatives at random from this many survivors below skip_top (FlagEmbedding's
+    # range_for_sampling), seeded per query; None: the hardest ones
+    sample_from: int | None = None
+    seed: int = 0
+
+    @property
+    def survivors(self) -> int:
+        """How many filtered candidates below ``skip_top`` a query's negatives come from."""
+        return max(self.num_negatives, self.sample_from or 0)
 
 
 @dataclass
@@ -63,8 +73,11 @@ def query_groups(pools: list[np.ndarray]) -> list[list[int]]:
 
 def select_negatives(
     order: list[int], filter_scores: torch.Tensor, positive_score: float, excluded: torch.Tensor, config: MiningConfig,
+    query: int = 0,
 ) -> tuple[list[int], int]:
-    """One query's negatives, hardest first, and how many candidates the filter dropped on the way.
+    """One query's negatives, hardest first, and how many candidates the filter dropped on the way:
+    the first ``num_negatives`` survivors, or with ``sample_from`` a draw of them (a generator seeded
+    by ``config.seed`` and ``query``) from the first ``sample_from`` survivors, in rank order.
 
     Args:
         order: candidate positions, best-ranked first (all of them, or the top of the ranking).
@@ -90,8 +103,11 @@ def select_negatives(
             filtered += 1
             continue
         chosen.append(candidate)
-        if len(chosen) == config.num_negatives:
+        if len(chosen) == config.survivors:
             break
+    if len(chosen) > config.num_negatives:  # sampled from a rank range
+        drawn = np.random.default_rng([config.seed, query]).choice(len(chosen), config.num_negatives, replace=False)
+        chosen = [chosen[i] for i in sorted(drawn)]
     return chosen, filtered
 
 
@@ -134,7 +150,7 @@ def mine(
         if use_dense:
             pool_embeddings = text_embeddings[torch.from_numpy(pool).to(text_embeddings.device)].float()  # (C, D)
         # Selection walks the top of the ranking; enough for the filter to drop a good many first.
-        top = min(len(pool), config.skip_top + 4 * config.num_negatives + 32)
+        top = min(len(pool), config.skip_top + 4 * config.survivors + 32)
         step = max(1, max_scores // max(len(pool), 1))
         for start in range(0, len(members), step):
             rows = members[start : start + step]
@@ -157,9 +173,10 @@ def mine(
                 # (C,) texts are distinct, so this is every copy of every positive of the query
                 mask = torch.from_numpy(np.isin(pool, np.fromiter(excluded[query], dtype=np.int64)))
                 arguments = filtering[k], float(filtering_positive[k]), mask, config
-                chosen, filtered = select_negatives(tops[k], *arguments)
+                chosen, filtered = select_negatives(tops[k], *arguments, query=query)
                 if len(chosen) < config.num_negatives and top < len(pool):  # the top was not enough: everything
-                    chosen, filtered = select_negatives(ranking[k].argsort(descending=True, stable=True).tolist(), *arguments)
+                    chosen, filtered = select_negatives(ranking[k].argsort(descending=True, stable=True).tolist(),
+                                                        *arguments, query=query)
                 negatives[query] = [int(pool[c]) for c in chosen]
                 stats.add(chosen, filtered, config.num_negatives)
             progress.update(len(rows))
@@ -186,7 +203,7 @@ def mine_dense(positives: list[int], pools: list[np.ndarray], config: MiningConf
             query_rows = query_embeddings[torch.tensor(rows)]  # (q, D)
             own = text_embeddings[torch.tensor([positives[q] for q in rows])]  # (q, D)
             positive_scores = (query_rows.float() * own.float()).sum(dim=-1).tolist()  # (q,)
-            depth = min(len(pool), config.skip_top + 4 * config.num_negatives + 32 + max(len(excluded[q]) for q in rows))
+            depth = min(len(pool), config.skip_top + 4 * config.survivors + 32 + max(len(excluded[q]) for q in rows))
             scores, found = top_k(query_rows, candidates, depth, device=device)  # (q, depth)
             for k, query in enumerate(rows):
                 row_scores, row_found, row_depth = scores[k], found[k], depth
@@ -194,7 +211,7 @@ def mine_dense(positives: list[int], pools: list[np.ndarray], config: MiningConf
                     banned = np.fromiter(excluded[query], dtype=np.int64)
                     mask = torch.from_numpy(np.isin(pool[row_found.numpy()], banned))  # (depth,)
                     chosen, filtered = select_negatives(range(len(row_found)), row_scores, positive_scores[k], mask,
-                                                        config)
+                                                        config, query)
                     if len(chosen) == config.num_negatives or row_depth >= len(pool):
                         break
                     row_depth = min(len(pool), 4 * row_depth)  # not enough: search this query deeper

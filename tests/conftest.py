@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import string
 import sys
 import tempfile
@@ -13,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The training-data cache of this test session (longcontrast.training_set), not the user's
 os.environ["LONGCONTRAST_CACHE"] = tempfile.mkdtemp(prefix="longcontrast-cache-")
+atexit.register(shutil.rmtree, os.environ["LONGCONTRAST_CACHE"], ignore_errors=True)
 # The one place that edits the path: the repository's scripts (evaluate.py) and the benchmarks'
 # shared module (bench/common.py) import as they do when run from the repository.
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "bench")]

@@ -91,6 +91,24 @@ def test_select_negatives_filters_relative_to_the_positive():
     assert take(margin=0.25) == ([4, 5], 3)  # above 0.55 dropped: only two left
 
 
+def test_sampling_from_a_rank_range_draws_each_survivor_alike_and_keeps_rank_order():
+    """--sample_from R: N of the first R survivors below skip_top, seeded per query, in rank order;
+    over many queries every survivor of the range is drawn about N/R of the time, none outside it."""
+    scores = torch.linspace(0.9, 0.1, 20)
+    excluded = torch.zeros(20, dtype=torch.bool)
+    excluded[3] = True  # the positive's copy is never a survivor
+    config = MiningConfig(num_negatives=3, skip_top=1, sample_from=8, max_score_ratio=0.99)
+    draws = [select_negatives(list(range(20)), scores, 0.85, excluded, config, query=q) for q in range(3000)]
+    assert all(len(chosen) == 3 and chosen == sorted(chosen) for chosen, _ in draws)
+    counts = np.bincount([c for chosen, _ in draws for c in chosen], minlength=20)
+    survivors = [2, 4, 5, 6, 7, 8, 9, 10]  # 0 is skipped, 1 scores above 0.99 x 0.85, 3 is excluded
+    assert set(np.nonzero(counts)[0]) == set(survivors)
+    assert np.allclose(counts[survivors] / 3000, 3 / 8, atol=0.04)
+    assert draws[7] == select_negatives(list(range(20)), scores, 0.85, excluded, config, query=7)  # seeded
+    assert select_negatives(list(range(20)), scores, 0.85, excluded, MiningConfig(num_negatives=3, skip_top=1,
+                            max_score_ratio=0.99), query=7)[0] == [2, 4, 5]  # without it: the hardest
+
+
 def test_ratio_filter_with_a_negative_positive_score():
     """Cosines can be negative: a candidate scoring above the positive is filtered all the same."""
     scores = torch.tensor([-0.1, -0.19, -0.205, -0.215, -0.3])
@@ -217,6 +235,7 @@ def test_script_pool_of_positives_and_filter(chatrag_like, tiny_model_dir):
     (["--per_document"], "--per_document needs --corpus"),
     (["--corpus", "nowhere.json"], "corpus not found"),
     (["--max_score_ratio", "1.5"], "--max_score_ratio must be in"),
+    (["--num_negatives", "5", "--sample_from", "3"], "--sample_from 3 must be at least --num_negatives (5)"),
 ])
 def test_bad_input_ends_with_one_message(chatrag_like, capsys, extra, message):
     folder, _, train = chatrag_like
