@@ -209,6 +209,11 @@ class DataArguments:
                   "negatives, corpus}). Several datasets: each global batch comes from one of them (see --mixture). "
                   "Default: the generated sample in data/."},
     )
+    cache_token_ids: bool = field(
+        default=True, metadata={"help": "Tokenise every training row once into the cache before training (a step then "
+                                "only picks ids: 3.7 ms instead of 31 ms a batch of 16 Doc2Dial rows; about 0.5 ms a "
+                                "row once, on 2 CPU cores). false: tokenise each batch as it is drawn (a short trial "
+                                "on a large file starts at once)."})
     train_corpus: str | None = field(
         default=None, metadata={"help": "The corpus that training records name their passages from by document id "
                                 "(tevatron's layout: records with positive_document_ids and negative_document_ids; "

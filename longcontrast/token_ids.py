@@ -60,10 +60,30 @@ def _nested(lists: list[list[str]], tokenize_all) -> list[list[list[int]]]:
     return grouped
 
 
-def _write(source, target: str, tokenizer, *, query_max_len: int, passage_max_len: int,
-           query_prompts: tuple[str, ...], passage_prompt: str, batch_size: int = 1024) -> None:
-    """The four id columns of every row of ``source`` (query, dataset, positives, negatives,
-    known_positives) into ``target`` (Arrow IPC stream)."""
+def _row_batches(folder: str):
+    """(row count, batches): every row of the entry's ``rows.arrow`` with its ``known_positives``,
+    as dicts of columns (query, dataset, positives, negatives, known_positives), read as streams
+    rather than mapped, so that one pass over a large file does not hold its pages."""
+    import pyarrow as pa
+
+    with pa.OSFile(os.path.join(folder, "known.arrow")) as handle:
+        known = pa.ipc.open_stream(handle).read_all().column("known_positives")  # (N,) mostly empty: small
+
+    def batches():
+        start = 0
+        with pa.OSFile(os.path.join(folder, "rows.arrow")) as handle:
+            for batch in pa.ipc.open_stream(handle):
+                columns = {name: batch.column(name).to_pylist() for name in ("query", "dataset", "positives", "negatives")}
+                columns["known_positives"] = known.slice(start, batch.num_rows).to_pylist()
+                start += batch.num_rows
+                yield columns
+
+    return len(known), batches()
+
+
+def _write(rows: tuple[int, object], target: str, tokenizer, *, query_max_len: int, passage_max_len: int,
+           query_prompts: tuple[str, ...], passage_prompt: str) -> None:
+    """The four id columns of ``rows`` (:func:`_row_batches`) into ``target`` (Arrow IPC stream)."""
     import pyarrow as pa
     from tqdm.auto import tqdm
 
@@ -75,8 +95,8 @@ def _write(source, target: str, tokenizer, *, query_max_len: int, passage_max_le
         return tokenize(tokenizer, texts, passage_max_len, "right", passage_prompt)
 
     with pa.OSFile(target, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer, \
-            tqdm(total=len(source), desc="tokenising the training data", unit="rows", mininterval=10) as bar:
-        for batch in source.iter(batch_size=batch_size):
+            tqdm(total=rows[0], desc="tokenising the training data", unit="rows", mininterval=10) as bar:
+        for batch in rows[1]:
             queries: list[list[int]] = [[] for _ in batch["query"]]
             for dataset in sorted(set(batch["dataset"])):  # one prompt at a time
                 mine = [i for i, d in enumerate(batch["dataset"]) if d == dataset]
@@ -90,17 +110,19 @@ def _write(source, target: str, tokenizer, *, query_max_len: int, passage_max_le
             bar.update(len(queries))
 
 
-def _write_corpus(corpus, target: str, tokenizer, *, passage_max_len: int, passage_prompt: str,
-                  batch_size: int = 1024) -> None:
-    """``input_ids`` of every document of ``corpus`` (cut as passages) into ``target`` (Arrow IPC stream)."""
+def _write_corpus(folder: str, count: int, target: str, tokenizer, *, passage_max_len: int,
+                  passage_prompt: str) -> None:
+    """``input_ids`` of each of the ``count`` documents of the entry's ``corpus.arrow`` (cut as
+    passages, read as a stream) into ``target`` (Arrow IPC stream)."""
     import pyarrow as pa
     from tqdm.auto import tqdm
 
     schema = pa.schema([("input_ids", pa.list_(pa.int32()))])
     with pa.OSFile(target, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer, \
-            tqdm(total=len(corpus), desc="tokenising the corpus", unit="documents", mininterval=10) as bar:
-        for batch in corpus.select_columns(["text"]).iter(batch_size=batch_size):
-            ids = tokenize(tokenizer, batch["text"], passage_max_len, "right", passage_prompt)
+            pa.OSFile(os.path.join(folder, "corpus.arrow")) as source, \
+            tqdm(total=count, desc="tokenising the corpus", unit="documents", mininterval=10) as bar:
+        for batch in pa.ipc.open_stream(source):
+            ids = tokenize(tokenizer, batch.column("text").to_pylist(), passage_max_len, "right", passage_prompt)
             writer.write_batch(pa.record_batch([pa.array(ids, type=schema.field(0).type)], schema=schema))
             bar.update(len(ids))
 
@@ -125,10 +147,10 @@ def with_token_ids(data, tokenizer, *, query_max_len: int, passage_max_len: int,
             os.close(handle)
             try:
                 if data.corpus is not None:  # before the rows' file, whose presence marks the folder complete
-                    _write_corpus(data.corpus, staging, tokenizer, passage_max_len=passage_max_len,
+                    _write_corpus(data.folder, len(data.corpus), staging, tokenizer, passage_max_len=passage_max_len,
                                   passage_prompt=passage_prompt)
                     os.replace(staging, corpus_target)
-                _write(load_rows(data.folder, keep_all=True), staging, tokenizer, **settings)
+                _write(_row_batches(data.folder), staging, tokenizer, **settings)
                 os.replace(staging, target)
             except OSError as err:  # a full disk, most likely
                 raise UserError(f"the training data cache {data.folder}: cannot write the token ids "

@@ -254,9 +254,11 @@ def train(argv=None, gradcache: bool = True) -> str:
                         has_spans=bool(data.span_rows), pooling=pooling,
                         lora=model_args.lora_r > 0)
     check_spans(data.rows.select(data.span_rows), tokenizer, data_args.passage_max_len, data_args.passage_prompt)
-    with_token_ids(data, tokenizer, query_max_len=data_args.query_max_len, passage_max_len=data_args.passage_max_len,
-                   query_prompts=query_prompts(specs, data_args) or (data_args.query_prompt,) * len(specs),
-                   passage_prompt=data_args.passage_prompt, training_args=training_args)
+    if data_args.cache_token_ids:
+        with_token_ids(data, tokenizer, query_max_len=data_args.query_max_len,
+                       passage_max_len=data_args.passage_max_len, passage_prompt=data_args.passage_prompt,
+                       query_prompts=query_prompts(specs, data_args) or (data_args.query_prompt,) * len(specs),
+                       training_args=training_args)
     # 4. the model (sharded with --fsdp) and its trainer
     model = dual_encoder(encoder, model_args, pooling, trained_rows)
     if training_args.sharding:

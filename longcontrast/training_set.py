@@ -284,8 +284,8 @@ def _list_lengths(rows, column: str) -> np.ndarray:
     return pc.list_value_length(rows.data.column(column)).to_numpy(zero_copy_only=False)
 
 
-def load_rows(folder: str, *, extra: list[str] = (), keep_all: bool = False):
-    """The entry's rows without duplicates (``keep_all``: with them), with ``known_positives`` (a
+def load_rows(folder: str, *, extra: list[str] = ()):
+    """The entry's rows without duplicates, with ``known_positives`` (a
     repeated query's positives everywhere it is asked; empty elsewhere: the row's own) and the
     columns of the ``extra`` files (one row per row of ``rows.arrow``: :mod:`.token_ids`). Every file
     stays memory-mapped: a ``datasets.Dataset`` made from an in-memory table would be hashed whole
@@ -294,7 +294,7 @@ def load_rows(folder: str, *, extra: list[str] = (), keep_all: bool = False):
 
     rows = hf.concatenate_datasets([hf.Dataset.from_file(os.path.join(folder, name))
                                     for name in ("rows.arrow", "known.arrow", *extra)], axis=1)
-    return rows if keep_all else rows.select(np.load(os.path.join(folder, "keep.npy")))
+    return rows.select(np.load(os.path.join(folder, "keep.npy")))
 
 
 def load_corpus(folder: str, *, extra: list[str] = ()):

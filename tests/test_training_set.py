@@ -164,6 +164,12 @@ def test_records_naming_passages_by_id_train_as_records_holding_them(tmp_path, t
     efficient_train.main(common(tiny_model_dir, by_id, tmp_path / "by_id", "--train_corpus", corpus_file, *argv))
     reference, got = weights(tmp_path / "inline"), weights(tmp_path / "by_id")
     assert all(torch.equal(got[k], reference[k]) for k in reference)
+    # the batches tokenised as they are drawn train to the same weights as the cached ids
+    efficient_train.main(common(tiny_model_dir, inline, tmp_path / "texts", *argv[:-1], str(tmp_path / "texts_cache"),
+                                "--cache_token_ids", "false"))
+    assert all(torch.equal(weights(tmp_path / "texts")[k], reference[k]) for k in reference)
+    assert not [f for entry in os.listdir(tmp_path / "texts_cache") for f in os.listdir(tmp_path / "texts_cache" / entry)
+                if f.startswith("tokens-")]
     texts = [c["text"] for c in corpus]  # the negative control: every id names another document's text
     swapped = [dict(c, text=texts[(i + 1) % len(texts)]) for i, c in enumerate(corpus)]
     other = write_jsonl(tmp_path / "swapped.jsonl", swapped)
