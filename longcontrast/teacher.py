@@ -1,5 +1,5 @@
-"""Teacher scores for training records (distillation): a cross-encoder's, a bi-encoder's cosine, or
-a dense model fused with BM25 (the deployed hybrid), for each record's positives and negatives;
+"""Teacher scores for training records (distillation): a cross-encoder's, a bi-encoder's cosine or a
+late-interaction model's MaxSim, or either fused with BM25 (the deployed hybrid), for each record's positives and negatives;
 ``data/score_with_teacher.py`` is the driver. The records are written back in their own format
 with its score fields (:data:`.records.FORMATS`)."""
 
@@ -36,7 +36,8 @@ class TeacherArguments:
         "help": "A sentence-transformers CrossEncoder folder: its score of each (query, passage) pair."})
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "A bi-encoder (any embedding model folder; 'default': the embedded all-MiniLM-L6-v2): the cosine of "
-                "query and passage."})
+                "query and passage; a late-interaction folder (--colbert_dim, PyLate's layout): MaxSim, each passage "
+                "read whole in consecutive --passage_max_len-token segments."})
     fuse_bm25: float | None = field(default=None, metadata={
         "help": "With --model_name_or_path: the hybrid (1 - W) z(cosine) + W z(BM25), as evaluate.py --fuse_bm25 "
                 "deploys it: z-scored over each record's passages, or with --per_document over its document's chunks."})
@@ -169,12 +170,47 @@ def dense_scores(args: TeacherArguments, data: Scored, groups: Populations, devi
             if normalised(text) not in index:
                 index[normalised(text)] = len(texts)
                 texts.append(text)
+    if model.projection is not None:
+        return late_interaction_scores(args, data, groups, model, tokenizer, texts=texts, index=index,
+                                       length=min(args.passage_max_len, positions), batching=batching)
     passage_ids = tokenize(tokenizer, texts, min(args.passage_max_len, positions), "right", prompts["document"])
     passages = encode(model, passage_ids, "passage", desc="passages", **batching)  # (T, D)
     query_ids = tokenize(tokenizer, data.queries, min(args.query_max_len, positions), "left", prompts["query"])
     queries = encode(model, query_ids, "query", desc="queries", **batching)  # (Q, D)
     rows = {name: torch.tensor([index[normalised(t)] for t in group]) for name, group in groups.texts.items()}
     return [(passages[rows[name]] @ queries[q]).double().numpy() for q, name in enumerate(groups.group_of)]
+
+
+def late_interaction_scores(args: TeacherArguments, data: Scored, groups: Populations, model, tokenizer, *,
+                            texts: list[str], index: dict[str, int], length: int, batching: dict) -> list[np.ndarray]:
+    """Each record's MaxSim (the sum over its query's tokens of the best cosine with the passage's
+    tokens) of a late-interaction model against its group's texts, each text read whole in
+    consecutive ``length``-token segments, as ``evaluate.py`` reads long documents."""
+    from .multivector import TokenIndex, encode_tokens, maxsim_scores, padded_queries
+    from .tokenization import split_windows
+
+    prompts = prompts_for(model, None, None)
+    whole = tokenize(tokenizer, texts, 10**9, "right", prompts["document"])  # every token: segments cover it all
+    pieces, owner = split_windows(tokenizer, whole, length, prompts["document"])
+    vectors = encode_tokens(model, pieces, "passage", desc="passages", texts=[texts[t] for t in owner], **batching)
+    pieces_of: list[list[int]] = [[] for _ in texts]
+    for piece, text in enumerate(owner):
+        pieces_of[text].append(piece)
+    query_ids = tokenize(tokenizer, data.queries, min(args.query_max_len, token_positions(model.query_encoder)),
+                         "left", prompts["query"])
+    queries = encode_tokens(model, query_ids, "query", desc="queries", out_dtype=torch.float32, **batching)
+    scores: list[np.ndarray | None] = [None] * len(data.records)
+    members_of: dict[str, list[int]] = {}
+    for r, name in enumerate(groups.group_of):
+        members_of.setdefault(name, []).append(r)
+    for name, group in groups.texts.items():
+        rows, members = [index[normalised(t)] for t in group], members_of[name]
+        mine = TokenIndex.build([vectors[p] for t in rows for p in pieces_of[t]],
+                                [i for i, t in enumerate(rows) for _ in pieces_of[t]], len(rows))
+        block, mask = padded_queries([queries[r] for r in members])
+        for r, row in zip(members, maxsim_scores(block, mask, mine)):  # (m, len(group))
+            scores[r] = row.double().numpy()
+    return scores
 
 
 def bm25_scores(args: TeacherArguments, data: Scored, groups: Populations) -> list[np.ndarray]:

@@ -174,6 +174,47 @@ def test_hybrid_teacher_equals_z_scored_cosines_and_bm25s(scored_inputs, tiny_mo
         assert saved["positive_scores"] + saved["negative_scores"] == pytest.approx(expected.tolist(), abs=1e-4)
 
 
+def test_late_interaction_teacher_is_maxsim_over_every_segment(scored_inputs, tiny_model_dir, tmp_path):
+    """A late-interaction folder as the teacher: each passage's score is MaxSim against its token
+    vectors read in consecutive 8-token segments, against a brute force from AutoModel and the
+    saved 1_Dense matrix (each segment's text tokens wrapped in [CLS] .. [SEP] by hand)."""
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    from longcontrast.modeling import DualEncoder, load_encoder
+
+    data, _, records = scored_inputs
+    encoder, tokenizer = load_encoder(tiny_model_dir, dropout=0.0)
+    torch.manual_seed(0)
+    projection = torch.nn.Linear(encoder.config.hidden_size, 16, bias=False)
+    DualEncoder(encoder, "mean", projection=projection).save(tmp_path / "li", tokenizer, max_seq_length=64)
+    out = tmp_path / "li.jsonl"
+    score("--input", data, "--model_name_or_path", str(tmp_path / "li"), "--passage_max_len", "8", "--output", str(out))
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    model, words = AutoModel.from_pretrained(tmp_path / "li").eval(), AutoTokenizer.from_pretrained(tmp_path / "li")
+    matrix = load_file(tmp_path / "li" / "1_Dense" / "model.safetensors")["linear.weight"]  # (16, H)
+
+    def vectors(ids):  # (L, 16) unit token vectors of one token sequence
+        with torch.no_grad():
+            return F.normalize(model(input_ids=torch.tensor([ids])).last_hidden_state[0] @ matrix.T, dim=-1)
+
+    longest = 0
+    for record, saved in zip(records, written):
+        example = parse_record(record, "r")
+        query = vectors(words(example.query)["input_ids"])  # (Lq, 16)
+        expected = []
+        for passage in [example.positive, *example.negatives]:
+            tokens = words(passage, add_special_tokens=False)["input_ids"]
+            segments = [[words.cls_token_id, *tokens[i: i + 6], words.sep_token_id] for i in range(0, len(tokens), 6)]
+            longest = max(longest, len(segments))
+            passage_vectors = torch.cat([vectors(s) for s in segments])  # (Lp, 16) every segment's tokens
+            expected.append((query @ passage_vectors.T).max(dim=1).values.sum().item())
+        # passages' token vectors are kept in float16, as the evaluation's index keeps them
+        assert saved["positive_scores"] + saved["negative_scores"] == pytest.approx(expected, rel=5e-4)
+    assert longest > 1  # passages were read in several segments
+
+
 @pytest.mark.parametrize("argv, message", [
     ([], "give one teacher"),
     (["--model_name_or_path", "default", "--fuse_bm25", "1.5"], "strictly between 0 and 1"),
