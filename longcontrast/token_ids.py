@@ -88,8 +88,7 @@ def _write(rows: tuple[int, object], target: str, tokenizer, *, query_max_len: i
     from tqdm.auto import tqdm
 
     ints = pa.list_(pa.int32())
-    schema = pa.schema([("query_ids", ints), ("positives_ids", pa.list_(ints)), ("negatives_ids", pa.list_(ints)),
-                        ("known_positives_ids", pa.list_(ints))])
+    schema = pa.schema(list(zip(COLUMNS, (ints, pa.list_(ints), pa.list_(ints), pa.list_(ints)))))
 
     def passages(texts):
         return tokenize(tokenizer, texts, passage_max_len, "right", passage_prompt)

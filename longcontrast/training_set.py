@@ -33,7 +33,7 @@ from .records import parse_record
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 2  # bump when the rows' layout changes: older entries are then never read
+FORMAT = 3  # bump when the rows' layout changes: older entries are then never read
 CHUNK = 4096  # rows per Arrow record batch written
 
 
@@ -179,7 +179,7 @@ def _write_rows(paths: list[str], corpora: list[str | None], target: str, *, num
                 values.clear()
 
     corpus = _Corpora(os.path.join(os.path.dirname(target), "corpus.arrow"))
-    with pa.OSFile(target, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+    with pa.OSFile(target, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer, contextlib.closing(corpus):
         for dataset, (path, corpus_path) in enumerate(zip(paths, corpora)):
             count = len(keys)
             for where, record in iter_records(path):
@@ -205,7 +205,6 @@ def _write_rows(paths: list[str], corpora: list[str | None], target: str, *, num
                     flush(writer)
             logger.info("read %d records from %s", len(keys) - count, path)
         flush(writer)
-    corpus.close()
     return {"key": np.array(keys, dtype=np.int64), "query": np.array(queries, dtype=np.int64),
             "dataset": np.array(datasets, dtype=np.int64)}
 
