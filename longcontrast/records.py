@@ -167,9 +167,7 @@ def parse_record(record, where: str, num_turns: int = 5, *, require_scores: bool
         numbered = sorted((int(k.rsplit("_", 1)[1]), k) for k in record if k.startswith("negative_") and k[9:].isdigit())
         negatives += [passage_text(record[k], repr(k), where) for _, k in numbered if record[k] is not None]
     positive_scores, negative_scores = _teacher_scores(record, form, len(positives), len(negatives), where)
-    if require_scores and positive_scores is None:
-        raise UserError(f"{where}: no teacher scores, which --distill_weight needs in every record "
-                        "(data/score_with_teacher.py writes them)")
+    _check_scores(positive_scores, where, require_scores)
     if record.get("positive_span") is not None and len(positives) != 1:
         raise UserError(f"{where}: 'positive_span' needs exactly one positive, got {len(positives)}")
     span = _span(record.get("positive_span"), positives[0], "'positive_span'", where)
@@ -181,6 +179,12 @@ def parse_record(record, where: str, num_turns: int = 5, *, require_scores: bool
         negative_spans = [_span(v, n, f"'negative_spans'[{i}]", where) for i, (v, n) in enumerate(zip(negative_spans, negatives))]
     return Example(query, positives[0], negatives, positives[1:], positive_span=span, negative_spans=negative_spans,
                    positive_scores=positive_scores, negative_scores=negative_scores)
+
+def _check_scores(positive_scores, where: str, required: bool) -> None:
+    if required and positive_scores is None:
+        raise UserError(f"{where}: no teacher scores, which --distill_weight needs in every record "
+                        "(data/score_with_teacher.py writes them)")
+
 
 def _by_id(record: dict, form: RecordFormat, where: str, *, corpus: bool, require_scores: bool) -> Example:
     if not corpus:
@@ -197,8 +201,7 @@ def _by_id(record: dict, form: RecordFormat, where: str, *, corpus: bool, requir
     if record.get("positive_span") is not None or record.get("negative_spans") is not None:
         raise UserError(f"{where}: spans are read with passage texts, not with document ids")
     positive_scores, negative_scores = _teacher_scores(record, form, len(ids[0]), len(ids[1]), where)
-    if require_scores and positive_scores is None:
-        raise UserError(f"{where}: no teacher scores, which --distill_weight needs in every record")
+    _check_scores(positive_scores, where, require_scores)
     return Example(_text(record[form.query], f"{form.query!r}", where), "", positive_ids=ids[0], negative_ids=ids[1],
                    positive_scores=positive_scores, negative_scores=negative_scores)
 

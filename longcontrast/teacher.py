@@ -171,7 +171,8 @@ def dense_scores(args: TeacherArguments, data: Scored, groups: Populations, devi
                 index[normalised(text)] = len(texts)
                 texts.append(text)
     if model.projection is not None:
-        return late_interaction_scores(args, data, groups, model, tokenizer, texts=texts, index=index,
+        return late_interaction_scores(data, groups, model, tokenizer, texts=texts, index=index, prompts=prompts,
+                                       query_length=min(args.query_max_len, positions),
                                        length=min(args.passage_max_len, positions), batching=batching)
     passage_ids = tokenize(tokenizer, texts, min(args.passage_max_len, positions), "right", prompts["document"])
     passages = encode(model, passage_ids, "passage", desc="passages", **batching)  # (T, D)
@@ -181,23 +182,22 @@ def dense_scores(args: TeacherArguments, data: Scored, groups: Populations, devi
     return [(passages[rows[name]] @ queries[q]).double().numpy() for q, name in enumerate(groups.group_of)]
 
 
-def late_interaction_scores(args: TeacherArguments, data: Scored, groups: Populations, model, tokenizer, *,
-                            texts: list[str], index: dict[str, int], length: int, batching: dict) -> list[np.ndarray]:
+def late_interaction_scores(data: Scored, groups: Populations, model, tokenizer, *, texts: list[str],
+                            index: dict[str, int], prompts: dict[str, str], query_length: int, length: int,
+                            batching: dict) -> list[np.ndarray]:
     """Each record's MaxSim (the sum over its query's tokens of the best cosine with the passage's
     tokens) of a late-interaction model against its group's texts, each text read whole in
     consecutive ``length``-token segments, as ``evaluate.py`` reads long documents."""
     from .multivector import TokenIndex, encode_tokens, maxsim_scores, padded_queries
     from .tokenization import split_windows
 
-    prompts = prompts_for(model, None, None)
     whole = tokenize(tokenizer, texts, 10**9, "right", prompts["document"])  # every token: segments cover it all
     pieces, owner = split_windows(tokenizer, whole, length, prompts["document"])
     vectors = encode_tokens(model, pieces, "passage", desc="passages", texts=[texts[t] for t in owner], **batching)
     pieces_of: list[list[int]] = [[] for _ in texts]
     for piece, text in enumerate(owner):
         pieces_of[text].append(piece)
-    query_ids = tokenize(tokenizer, data.queries, min(args.query_max_len, token_positions(model.query_encoder)),
-                         "left", prompts["query"])
+    query_ids = tokenize(tokenizer, data.queries, query_length, "left", prompts["query"])
     queries = encode_tokens(model, query_ids, "query", desc="queries", out_dtype=torch.float32, **batching)
     scores: list[np.ndarray | None] = [None] * len(data.records)
     members_of: dict[str, list[int]] = {}
