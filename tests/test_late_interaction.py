@@ -19,7 +19,8 @@ from longcontrast import late_interaction, multivector
 from longcontrast.gradcache import RandState
 from longcontrast.late_interaction import maxsim, read_projection
 from longcontrast.step import full_batch_step
-from test_gradcache import run_grad_cache as cached_step, run_reference as reference_step
+from longcontrast.loss import LossSettings
+from test_gradcache import TEACHER, distillation_loss_fn, run_grad_cache as cached_step, run_reference as reference_step
 
 
 def padded_unit_vectors(lengths, width, dim, seed):
@@ -108,6 +109,26 @@ def test_negative_controls_differ(tiny_model_dir, monkeypatch):
     model.projection = None
     _, single = cached_step(model, 3)
     assert max_relative_difference(single, {k: token_level[k] for k in single}) > 1e-2
+
+
+# InfoNCE with the KL to a teacher's scores, on two Matryoshka prefixes of every token vector
+DISTILLED = LossSettings(0.05, contrastive_weight=0.5, distill_weight=1.0, teacher_temperature=0.5,
+                         matryoshka_dims=(16, 8), matryoshka_weights=(1.0, 0.5))
+
+
+@pytest.mark.parametrize("mini_batch_size", [1, 3, None])
+def test_distillation_on_token_vectors_cached_equals_full_batch_with_dropout(tiny_model_dir, mini_batch_size):
+    """The teacher's term (student MaxSim of each query's own candidates) and the prefixes go through
+    GradCache's cached token vectors exactly; shuffled teacher scores must give another gradient."""
+    model = colbert_model(tiny_model_dir, dropout=0.1)
+    loss_fn = distillation_loss_fn(DISTILLED, TEACHER)
+    out, got = cached_step(model, mini_batch_size, loss_fn=loss_fn)
+    reference, expected = reference_step(model, mini_batch_size, loss_fn=loss_fn)
+    assert out.loss.item() == pytest.approx(reference.loss.item(), rel=1e-9)
+    assert set(out.parts) == {"contrastive", "distill"} and out.parts["distill"].item() > 0
+    assert_same(got, expected)
+    _, shuffled = cached_step(model, mini_batch_size, loss_fn=distillation_loss_fn(DISTILLED, TEACHER.flip(1)))
+    assert max_relative_difference(shuffled, expected) > 1e-2
 
 
 @pytest.mark.parametrize("mini_batch_size", [1, 4])

@@ -17,6 +17,8 @@ import evaluate
 import origin_train
 from conftest import conversation_records, write_jsonl
 from longcontrast.batching import pad
+from longcontrast.inference import load_retriever
+from longcontrast.late_interaction import read_projection
 from longcontrast.gradcache import grad_cache_step
 from longcontrast.lora import add_lora
 from longcontrast.loss import contrastive_loss
@@ -179,6 +181,24 @@ def test_lora_efficient_step_equals_origin_step(family, decoder_dir, tiny_model_
     b = torch.cat([w.flatten() for k, w in sorted(weights.items()) if "lora_B" in k])
     assert b.abs().max() > 0  # B starts at zero: the step moved it
     assert ((efficient - origin).norm() / origin.norm()).item() <= 1e-5
+
+
+def test_lora_late_interaction_step_equals_origin_step(decoder_dir, tmp_path):
+    """LoRA with --colbert_dim: the adapters and the token projection make the same SGD step under
+    GradCache's uneven mini-batches as with autograd over the whole batch; the folder holds the
+    adapter and PyLate's projection, and reads back as a late-interaction model."""
+    data = write_jsonl(tmp_path / "d.jsonl", conversation_records(7))
+    args = partial(lora_arguments, decoder_dir("qwen3"), data, pooling="lasttoken")
+    assert origin_train.main(args(tmp_path / "o", "--colbert_dim", "16")) == 0
+    assert efficient_train.main(args(tmp_path / "e", "--colbert_dim", "16", "--mini_batch_size", "3")) == 0
+    (origin, weights), (efficient, _) = adapter_update(tmp_path / "o"), adapter_update(tmp_path / "e")
+    assert all("lora_" in k for k in weights) and not (tmp_path / "e" / "model.safetensors").exists()
+    assert max(w.abs().max() for k, w in weights.items() if "lora_B" in k) > 0  # B starts at zero: MaxSim moved it
+    assert ((efficient - origin).norm() / origin.norm()).item() <= 1e-5
+    projection_o, projection_e = (read_projection(tmp_path / name).weight for name in ("o", "e"))
+    assert ((projection_e - projection_o).norm() / projection_o.norm()).item() <= 1e-5
+    model, _ = load_retriever(str(tmp_path / "e"))
+    assert model.projection is not None and model.projection.out_features == 16
 
 
 @pytest.mark.slow
