@@ -4,7 +4,8 @@
 # with GradCache on the SQuALITY training stories (50 stories of about 7,000 tokens, 999 queries; each story
 # read up to 2048 tokens), batch 16, 24 steps, seed 42. Chosen on the selection half of qmsum_dev among
 # Doc2Dial chunks at 512 tokens, SQuALITY at 512 and SQuALITY at 2048, each read in 512- or 2048-token
-# segments (docs/late-interaction.md, "The study"). Then the model reads every document whole, in consecutive
+# segments; distillation from the BM25-fused untrained reading and Doc2Dial chunks mixed in were measured and
+# not chosen (docs/late-interaction.md, "The study"). Then the model reads every document whole, in consecutive
 # 512-token segments, and is evaluated beside BM25, MiniLM's 512-token windows (MaxP) and MiniLM's own
 # untrained late interaction, alone and fused with BM25 (weight 0.5), on the QMSum transcripts (development
 # only: never trained on), the SQuALITY dev stories and the Doc2Dial chunk dev set.
