@@ -2,7 +2,8 @@
 """Paired comparisons between any two rows of an evaluate.py result file (written with --per_item):
 for each pair A B, the per-query mean of B - A with its paired bootstrap 95% interval and
 randomisation-test p-value, on the whole set and each of its parts (the page-split halves). A row
-is a model's name, optionally with a reading in brackets (``"default [maxp@512]"``).
+is a model's name, optionally with a reading in brackets (``"default [maxp@512]"``); rows joined
+by `` & `` are one row whose per-query values are their mean (several training seeds of a model).
 
     python bench/paired.py outputs/eval.json --pairs "default@colbert128" "outputs/li" \\
         "default [maxp@512]" "outputs/li" "bm25" "outputs/li+bm25@0.5" --metric ndcg@10
@@ -48,6 +49,16 @@ def parts(row: dict) -> dict[str, dict]:
     return out
 
 
+def per_item(results: dict, spec: str, set_name: str, metric: str) -> dict[str, np.ndarray]:
+    """Each part's per-query ``metric`` of a row, or of rows joined by `` & `` averaged query by query."""
+    rows = [parts(scored(results, one.strip(), set_name)) for one in spec.split(" & ")]
+    values = {part: [np.asarray(row[part]["per_item"][metric], dtype=np.float64) for row in rows]
+              for part in rows[0] if all(part in row for row in rows)}
+    if any(len({len(v) for v in each}) > 1 for each in values.values()):
+        raise UserError(f"the rows of {spec!r} have different numbers of queries")
+    return {part: np.mean(each, axis=0) for part, each in values.items()}  # (N,) each
+
+
 def main(argv=None) -> int:
     parser = arguments(__doc__)
     parser.add_argument("results", help="an evaluate.py --per_item JSON file")
@@ -69,10 +80,9 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|")
     table = []
     for a_spec, b_spec in zip(args.pairs[::2], args.pairs[1::2]):
-        a_parts, b_parts = parts(scored(results, a_spec, set_name)), parts(scored(results, b_spec, set_name))
+        a_parts, b_parts = (per_item(results, spec, set_name, args.metric) for spec in (a_spec, b_spec))
         for part in (p for p in a_parts if p in b_parts):
-            a = np.asarray(a_parts[part]["per_item"][args.metric], dtype=np.float64)
-            b = np.asarray(b_parts[part]["per_item"][args.metric], dtype=np.float64)
+            a, b = a_parts[part], b_parts[part]
             found = paired_difference(a, b, resamples=args.resamples)
             table.append({"a": a_spec, "b": b_spec, "part": part, "a_mean": a.mean(), "b_mean": b.mean(), **found})
             print(f"| {a_spec} | {b_spec} | {part} | {a.mean():.2f} | {b.mean():.2f} | {found['difference']:+.2f} "

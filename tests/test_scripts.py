@@ -15,6 +15,7 @@ import origin_train
 
 from conftest import conversation_records, write_jsonl
 from helpers import common, run_main, update, weights
+from longcontrast import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -235,3 +236,23 @@ def test_old_flag_spellings_still_work():
     _, data, _, _ = parse_arguments(["--query_instruction", "query: ", "--passage_instruction", "passage: ",
                                      "--output_dir", "unused"], True)
     assert (data.query_prompt, data.passage_prompt) == ("query: ", "passage: ")
+
+
+def test_paired_averages_rows_joined_by_ampersand_query_by_query(tmp_path, capsys):
+    """Seeds read as one row: "x & y" is the per-query mean of x and y, so against a row holding
+    those means the difference is 0 with a zero-width interval; rows of other lengths are refused."""
+    import paired
+
+    def row(values):
+        return {"beir": {"num_items": len(values), "per_item": {"ndcg@10": values}}}
+
+    results = {"x": row([1.0, 0.0, 1.0, 0.0]), "y": row([0.0, 1.0, 1.0, 0.0]), "mean": row([0.5, 0.5, 1.0, 0.0]),
+               "ones": row([1.0, 1.0, 1.0, 1.0]), "short": row([1.0, 0.0])}
+    (tmp_path / "r.json").write_text(json.dumps({"results": results}))
+    assert paired.main([str(tmp_path / "r.json"), "--pairs", "mean", "x & y", "x & y", "ones",
+                        "--output", str(tmp_path / "p.json")]) == 0
+    same, below = json.loads((tmp_path / "p.json").read_text())["rows"]
+    assert (same["difference"], same["low"], same["high"]) == (0.0, 0.0, 0.0)
+    assert below["a_mean"] == 0.5 and below["difference"] == 0.5
+    with pytest.raises(UserError, match="different numbers of queries"):
+        paired.main([str(tmp_path / "r.json"), "--pairs", "x & short", "ones"])
