@@ -180,6 +180,7 @@ def parse_record(record, where: str, num_turns: int = 5, *, require_scores: bool
     return Example(query, positives[0], negatives, positives[1:], positive_span=span, negative_spans=negative_spans,
                    positive_scores=positive_scores, negative_scores=negative_scores)
 
+
 def _check_scores(positive_scores, where: str, required: bool) -> None:
     if required and positive_scores is None:
         raise UserError(f"{where}: no teacher scores, which --distill_weight needs in every record "

@@ -238,7 +238,7 @@ def test_old_flag_spellings_still_work():
     assert (data.query_prompt, data.passage_prompt) == ("query: ", "passage: ")
 
 
-def test_paired_averages_rows_joined_by_ampersand_query_by_query(tmp_path, capsys):
+def test_paired_averages_rows_joined_by_ampersand_query_by_query(tmp_path):
     """Seeds read as one row: "x & y" is the per-query mean of x and y, so against a row holding
     those means the difference is 0 with a zero-width interval; rows of other lengths are refused."""
     import paired
