@@ -52,6 +52,9 @@ def parts(row: dict) -> dict[str, dict]:
 def per_item(results: dict, spec: str, set_name: str, metric: str) -> dict[str, np.ndarray]:
     """Each part's per-query ``metric`` of a row, or of rows joined by `` & `` averaged query by query."""
     rows = [parts(scored(results, one.strip(), set_name)) for one in spec.split(" & ")]
+    for row in rows:
+        if metric not in row["all"]["per_item"]:
+            raise UserError(f"no metric {metric!r} in row {spec!r}; it has {', '.join(row['all']['per_item'])}")
     values = {part: [np.asarray(row[part]["per_item"][metric], dtype=np.float64) for row in rows]
               for part in rows[0] if all(part in row for row in rows)}
     if any(len({len(v) for v in each}) > 1 for each in values.values()):

@@ -256,3 +256,5 @@ def test_paired_averages_rows_joined_by_ampersand_query_by_query(tmp_path):
     assert below["a_mean"] == 0.5 and below["difference"] == 0.5
     with pytest.raises(UserError, match="different numbers of queries"):
         paired.main([str(tmp_path / "r.json"), "--pairs", "x & short", "ones"])
+    with pytest.raises(UserError, match="no metric 'recall@1'"):
+        paired.main([str(tmp_path / "r.json"), "--pairs", "x", "ones", "--metric", "recall@1"])
