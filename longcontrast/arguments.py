@@ -242,6 +242,13 @@ class DataArguments:
     query_max_len: int = field(default=256, metadata={"help": "Max query tokens; longer queries lose their start "
                                                       "(the latest dialogue turns are kept)."})
     passage_max_len: int = field(default=1024, metadata={"help": "Max passage tokens; longer passages lose their end."})
+    passage_segment_len: int | None = field(
+        default=None,
+        metadata={"help": "With late interaction (--colbert_dim): read each passage (up to --passage_max_len tokens) "
+                  "in consecutive segments of this many tokens, each wrapped in the special tokens, and score it over "
+                  "the token vectors of all of them, as evaluate.py reads a long document; the model reads this many "
+                  "positions, not --passage_max_len. None: a passage is one piece."},
+    )
     query_turns: int = field(default=5, metadata={"help": "A conversation query keeps its last N turns."})
     num_hard_negatives: int = field(
         default=1,

@@ -15,7 +15,7 @@ from .batching import unique_sequences
 from .distributed import sequence_id
 from .positions import draw_position_shifts
 from .records import Example
-from .tokenization import span_tokens, tokenize
+from .tokenization import span_tokens, split_windows, tokenize
 
 
 def make_dataset(examples: list[Example], teacher_scores: bool = False):
@@ -91,7 +91,10 @@ class ContrastiveCollator:
     Rows with teacher scores (``make_dataset(..., teacher_scores=True)``): also ``candidate_passages``
     and ``teacher_scores`` (B, 1 + num_hard_negatives), each query's own candidates for distillation.
     Rows with token ids (:func:`.token_ids.with_token_ids`, made with this collator's lengths and
-    prompts) are not tokenised again. Always ``dataset``: the rows' dataset index (-1 when they come from several), which a mixture
+    prompts) are not tokenised again. ``passage_segment_len`` set: ``passage_ids`` are the consecutive
+    segments of every passage (:func:`.tokenization.split_windows`, each a text of its own) and
+    ``passage_segment_owner`` the passage of each (non-decreasing); the loss scores a passage over all
+    of its segments' token vectors (:func:`.late_interaction.join_segments`). Always ``dataset``: the rows' dataset index (-1 when they come from several), which a mixture
     gives its own query prompt and number of hard negatives (``dataset_prompts``, ``dataset_negatives``).
     """
 
@@ -110,6 +113,7 @@ class ContrastiveCollator:
     dataset_prompts: tuple[str, ...] | None = None
     dataset_negatives: tuple[int, ...] | None = None
     corpus: object = None  # the documents rows name by id (.training_set.TrainingSet.corpus), or None
+    passage_segment_len: int | None = None  # read each passage in consecutive segments of this many tokens
 
     def _draw(self, *parts: str) -> int:
         """A 63-bit number fixed by the seed, the epoch and ``parts``: the same in every process
@@ -208,6 +212,9 @@ class ContrastiveCollator:
             batch["passage_pool_spans"] = spans
         if rows and rows[0].get("positive_scores") is not None:
             batch["candidate_passages"], batch["teacher_scores"] = self._candidates(rows, drawn, chosen)
+        if self.passage_segment_len is not None:
+            batch["passage_ids"], batch["passage_segment_owner"] = split_windows(
+                self.tokenizer, passage_ids, self.passage_segment_len, self.passage_prompt)
         if self.max_positions is not None:
             unique, copy_of = unique_sequences(passage_ids)
             # a generator keyed by the epoch and the batch's texts: a resumed run draws the same shifts

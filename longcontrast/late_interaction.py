@@ -50,6 +50,23 @@ def cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([F.pad(t, (0, 0, 0, length - t.size(1))) for t in tensors])  # (sum n_i, L, D)
 
 
+def join_segments(vectors: torch.Tensor, owner: list[int]) -> torch.Tensor:
+    """(P, K * L, D) token vectors of P passages from the (S, L, D) token vectors of their segments.
+
+    ``owner`` (S ints, non-decreasing, every passage 0..P-1 at least once): the passage of each
+    segment. A passage's segments sit side by side in its row and a passage of fewer than K
+    segments ends in zero rows, which are padding to MaxSim: its score is the sum over query tokens
+    of the best match among all of its segments' tokens, as a long document is searched.
+    """
+    owner = torch.as_tensor(owner, dtype=torch.long, device=vectors.device)  # (S,)
+    count = owner.size(0)
+    place = torch.arange(count, device=owner.device) - torch.searchsorted(owner, owner)  # (S,) index in its passage
+    index = torch.full((int(owner[-1]) + 1, int(place.max()) + 1), count, device=owner.device)  # (P, K); S: a zero row
+    index[owner, place] = torch.arange(count, device=owner.device)
+    padded = torch.cat([vectors, vectors.new_zeros(1, *vectors.shape[1:])])  # (S + 1, L, D)
+    return padded[index].flatten(1, 2)  # (P, K * L, D)
+
+
 def _block_size(queries: torch.Tensor, passages: torch.Tensor) -> int:
     per_passage = queries.size(0) * queries.size(1) * max(passages.size(1), passages.size(2))
     return max(1, BLOCK_ENTRIES // max(per_passage, 1))

@@ -12,6 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .batching import length_sorted_mini_batches, pad, unique_sequences
 from .distributed import gather_batch, world_size
 from .gradcache import grad_cache_step
+from .late_interaction import join_segments
 from .loss import BatchLabels, LossOutput, LossSettings, training_loss
 
 
@@ -31,6 +32,10 @@ def contrastive_step(
     encodes each distinct token sequence of a side once and the loss sees it at every row holding a
     copy (autograd adds the copies' gradients); the plain step encodes every copy.
 
+    ``passage_segment_owner`` in ``inputs`` (token vectors): ``passage_ids`` are segments, encoded
+    and cached one by one, and the loss scores each passage over all of its own
+    (:func:`.late_interaction.join_segments`).
+
     ``cross_device``: the loss spans the batches of all processes (:mod:`.distributed`); the
     backward runs on ``world_size * scale * loss`` so that DDP's averaging yields the gradient of
     the global loss. A ``DistributedDataParallel`` ``model`` synchronises gradients once, in the
@@ -41,8 +46,11 @@ def contrastive_step(
         ("candidates", "candidate_passages"), ("teacher_scores", "teacher_scores"))})
     shifts = inputs.get("passage_position_shifts")  # P ints (shifted position ids) or None
     spans = inputs.get("passage_pool_spans")  # P token ranges pooled (None: the whole text), or None
+    owner = inputs.get("passage_segment_owner")  # the passage of each segment, or None: a passage is one piece
 
-    def loss_fn(queries, passages):  # (B, D), (P, D) in batch order
+    def loss_fn(queries, passages):  # (B, D), (P, D) in batch order; (S, L, D) segments when read in segments
+        if owner is not None:
+            passages = join_segments(passages, owner)  # (P, K * L, D)
         if cross_device:
             return training_loss(*gather_batch(queries, passages, labels), loss)
         return training_loss(queries, passages, labels, loss)

@@ -29,7 +29,7 @@ from .sharding import gathered_state_dict, shard
 from .trainer import CheckpointOnSignal, CollatorEpoch, ContrastiveTrainer, TrainingStopped
 from .token_ids import with_token_ids
 from .training_set import TrainingSet, training_set
-from .validation import check_against_model, check_flags
+from .validation import check_against_model, check_flags, validate_segments
 
 logger = logging.getLogger(__name__)
 # DDP's deprecation notice for broadcast_buffers=False, which is deliberate here (ddp_broadcast_buffers below).
@@ -147,7 +147,7 @@ def save_settings(tokenizer, specs, model_args, data_args) -> dict:
     dataset prompts as the query prompt where one serves every dataset, else as named prompts)."""
     prompts = query_prompts(specs, data_args)
     one_prompt = prompts is not None and len(set(prompts)) == 1
-    return dict(tokenizer=tokenizer, max_seq_length=data_args.passage_max_len,
+    return dict(tokenizer=tokenizer, max_seq_length=data_args.passage_segment_len or data_args.passage_max_len,
                 query_prompt=prompts[0] if one_prompt else data_args.query_prompt,
                 passage_prompt=data_args.passage_prompt, trust_remote_code=model_args.trust_remote_code,
                 query_max_length=data_args.query_max_len,
@@ -165,7 +165,8 @@ def build_trainer(model, tokenizer, data: TrainingSet, specs, model_args, data_a
         data.max_known_positives, seed=training_args.data_seed or training_args.seed,
         negative_sampling=data_args.negative_sampling, dataset_prompts=query_prompts(specs, data_args),
         dataset_negatives=None if negatives == [None] * len(specs) else tuple(
-            data_args.num_hard_negatives if n is None else n for n in negatives), corpus=data.corpus)
+            data_args.num_hard_negatives if n is None else n for n in negatives), corpus=data.corpus,
+        passage_segment_len=data_args.passage_segment_len)
     trainer = ContrastiveTrainer(
         model=model, args=training_args, train_dataset=data.rows,
         data_collator=collator, processing_class=tokenizer, loss=model_args.loss_settings(),
@@ -180,7 +181,8 @@ def build_trainer(model, tokenizer, data: TrainingSet, specs, model_args, data_a
         dataset_names=[s.name for s in specs] if sampler is not None else None,
         # the Trainer wants an eval_dataset to evaluate at all; DevEvaluation reads the sets itself
         eval_dataset=dev_sets, dev_evaluation=None if dev_sets is None else DevEvaluation(
-            dev_sets, tokenizer, query_max_len=data_args.query_max_len, passage_max_len=data_args.passage_max_len,
+            dev_sets, tokenizer, query_max_len=data_args.query_max_len,
+            passage_max_len=data_args.passage_segment_len or data_args.passage_max_len,
             query_prompt=data_args.query_prompt, passage_prompt=data_args.passage_prompt),
         export=None if dev_sets is None or training_args.sharding else functools.partial(
             export_model, settings=save_settings(tokenizer, specs, model_args, data_args)),
@@ -261,6 +263,7 @@ def train(argv=None, gradcache: bool = True) -> str:
                        training_args=training_args)
     # 4. the model (sharded with --fsdp) and its trainer
     model = dual_encoder(encoder, model_args, pooling, trained_rows)
+    validate_segments(data_args, model_args, late_interaction=model.projection is not None, has_spans=bool(data.span_rows))
     if training_args.sharding:
         shard(model, **training_args.sharding.fully_shard_kwargs())
     logger.info(

@@ -73,12 +73,31 @@ def validate_loss(model_args, data_args) -> None:
 
 
 def validate_lengths(data_args, positions: int) -> None:
-    """Query and passage lengths must fit the model's positions (known once it is loaded)."""
-    for name in ("query_max_len", "passage_max_len"):
+    """Query and passage lengths must fit the model's positions (known once it is loaded); a passage
+    read in segments (``--passage_segment_len``) reads the segment's positions."""
+    segment = data_args.passage_segment_len
+    if segment is not None and not 3 <= segment < data_args.passage_max_len:
+        raise UserError(f"--passage_segment_len must be in [3, --passage_max_len {data_args.passage_max_len}), "
+                        f"got {segment}")
+    for name in ("query_max_len", "passage_max_len" if segment is None else "passage_segment_len"):
         value = getattr(data_args, name)
         if not 3 <= value <= positions:
             raise UserError(f"--{name} must be in [3, {positions}] (the positions the model reads; see "
                             f"--max_position_embeddings), got {value}")
+
+
+def validate_segments(data_args, model_args, *, late_interaction: bool, has_spans: bool) -> None:
+    """``--passage_segment_len`` reads a passage as late interaction does: token vectors, no
+    shifted positions, no pooling span."""
+    if data_args.passage_segment_len is None:
+        return
+    if not late_interaction:
+        raise UserError("--passage_segment_len reads a passage in segments whose token vectors MaxSim scores together: "
+                        "it needs late interaction (--colbert_dim)")
+    for flag, on in (("--shift_positions", model_args.shift_positions), ("span records", has_spans)):
+        if on:
+            raise UserError(f"--passage_segment_len with {flag}: a passage read in segments is neither shifted nor "
+                            "pooled over a span; drop one of the two")
 
 def validate_lora(model_args, training_args) -> None:
     """LoRA's flags, half-precision weights and activation checkpointing, checked before loading."""

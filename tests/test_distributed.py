@@ -102,8 +102,9 @@ def test_one_gradient_all_reduce_per_bucket_per_step(name, worker_results):
 
 @pytest.mark.parametrize("module, sharding", [("origin_train", []), ("efficient_train", []),
                                               ("efficient_train", ["--fsdp"]), ("efficient_train", ["--colbert_dim", "16"]),
-                                              ("efficient_train", ["--fsdp", "--colbert_dim", "16"])],
-                         ids=["origin", "efficient", "fsdp2", "colbert", "colbert_fsdp2"])
+                                              ("efficient_train", ["--fsdp", "--colbert_dim", "16"]),
+                                              ("efficient_train", ["--colbert_dim", "16", "--passage_segment_len", "8"])],
+                         ids=["origin", "efficient", "fsdp2", "colbert", "colbert_fsdp2", "colbert_segments"])
 def test_torchrun_step_equals_one_process_with_the_global_batch(module, sharding, tiny_model_dir, tmp_path):
     """torchrun, 2 processes x batch 3 (cross-device negatives by default) make the same two SGD
     updates as one process with batch 6: the processes share one shuffle (random, and

@@ -142,6 +142,50 @@ def test_copies_are_encoded_once(tiny_model_dir, mini_batch_size):
     assert_same(got, expected)
 
 
+def test_segments_are_scored_as_one_long_document():
+    """MaxSim of passages joined from their segments (each padded on its own) equals the brute force
+    over each passage's real tokens laid end to end, scores and gradients."""
+    segment_lengths, owner = [3, 5, 2, 4, 5, 1], [0, 0, 0, 1, 2, 2]
+    segments = padded_unit_vectors(segment_lengths, 5, 4, seed=3).requires_grad_()
+    queries = padded_unit_vectors([4, 2], 4, 4, seed=4)
+    weights_ = torch.randn(2, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    (maxsim(queries, late_interaction.join_segments(segments, owner)) * weights_).sum().backward()
+    got = segments.grad.clone()
+    segments.grad = None
+    whole = [torch.cat([segments[s, :n] for s, (o, n) in enumerate(zip(owner, segment_lengths)) if o == p])
+             for p in range(3)]  # each passage's real tokens, end to end
+    expected = torch.stack([torch.stack([(q[:n] @ w.T).max(dim=1).values.sum() for w in whole])
+                            for q, n in zip(queries, [4, 2])])
+    (expected * weights_).sum().backward()
+    torch.testing.assert_close(maxsim(queries, late_interaction.join_segments(segments, owner)), expected)
+    torch.testing.assert_close(got, segments.grad, rtol=1e-12, atol=1e-12)
+
+
+def segment_inputs():
+    """step_inputs' 12 texts as the segments of 8 passages; segment 8 repeats segment 1 and 11
+    repeats 9 (a segment shared by two passages is encoded once)."""
+    inputs = step_inputs()
+    inputs["passage_segment_owner"] = [0, 0, 1, 2, 3, 4, 5, 5, 6, 6, 6, 7]
+    inputs["passage_text_ids"] = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
+    return inputs
+
+
+@pytest.mark.parametrize("mini_batch_size", [1, 3, 12])  # 1, uneven, whole batch
+def test_segments_cached_equal_the_plain_step(tiny_model_dir, mini_batch_size):
+    """GradCache over segments, a passage's segments cached apart, equals the plain step; another
+    grouping of the same segments must give another gradient."""
+    model = colbert_model(tiny_model_dir, dropout=0.0)
+    plain, expected, _ = run_step(model, segment_inputs(), None)
+    out, got, seen = run_step(model, segment_inputs(), mini_batch_size)
+    assert seen == 2 * (4 + 10)  # the 4 distinct queries and 10 distinct segments, no-grad pass and replay
+    assert out.loss.item() == pytest.approx(plain.loss.item(), rel=1e-9)
+    assert_same(got, expected)
+    regrouped = segment_inputs()
+    regrouped["passage_segment_owner"] = [0, 1, 1, 2, 3, 4, 5, 5, 6, 6, 7, 7]
+    _, other, _ = run_step(model, regrouped, mini_batch_size)
+    assert max_relative_difference(other, expected) > 1e-2
+
+
 SGD = ["--optim", "sgd", "--learning_rate", "1", "--lr_scheduler_type", "constant", "--weight_decay", "0",
        "--max_grad_norm", "0", "--dropout", "0", "--max_steps", "1", "--per_device_train_batch_size", "7",
        "--colbert_dim", "16"]
@@ -188,9 +232,49 @@ def test_one_sgd_step_of_both_scripts_gives_the_same_update(tiny_model_dir, tmp_
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_passages_read_in_segments_train_alike_in_both_scripts(tiny_model_dir, tmp_path):
+    """--passage_segment_len: the collator cuts each passage into consecutive segments wrapped in
+    the special tokens; origin_train and efficient_train (mini-batches of 1 and 3) make the same
+    SGD update, another than reading each passage as one piece; the saved document length is the
+    segment's."""
+    from transformers import AutoTokenizer
+
+    from longcontrast.collator import ContrastiveCollator
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [{"query": "q", "positive": record["positive"], "negatives": record["hard_negatives"][:1]}
+            for record in conversation_records(2)]
+    whole = ContrastiveCollator(tokenizer, 32, 48)(rows)
+    cut = ContrastiveCollator(tokenizer, 32, 48, passage_segment_len=8)(rows)
+    owner = cut["passage_segment_owner"]
+    assert owner == sorted(owner) and max(owner) == 3 and len(owner) > 4
+    for passage, ids in enumerate(whole["passage_ids"]):
+        pieces = [piece for piece, o in zip(cut["passage_ids"], owner) if o == passage]
+        assert all(len(p) <= 8 and p[0] == ids[0] and p[-1] == ids[-1] for p in pieces)
+        assert [t for p in pieces for t in p[1:-1]] == ids[1:-1]  # the passage's text, end to end
+    assert torch.equal(cut["passage_text_ids"], whole["passage_text_ids"])
+
+    data = write_jsonl(tmp_path / "d.jsonl", conversation_records(7))
+    segments = [*SGD, "--passage_segment_len", "8"]
+    origin_train.main(common(tiny_model_dir, data, tmp_path / "o", *segments))
+    update_o = update(tiny_model_dir, tmp_path / "o")
+    for run, size in (("e1", "1"), ("e3", "3")):
+        efficient_train.main(common(tiny_model_dir, data, tmp_path / run, *segments, "--mini_batch_size", size))
+        update_e = update(tiny_model_dir, tmp_path / run)
+        assert ((update_e - update_o).norm() / update_o.norm()).item() <= 1e-5
+    efficient_train.main(common(tiny_model_dir, data, tmp_path / "one_piece", *SGD, "--mini_batch_size", "3"))
+    assert ((update(tiny_model_dir, tmp_path / "one_piece") - update_o).norm() / update_o.norm()).item() > 1e-2
+    config = json.loads((tmp_path / "o" / "config_sentence_transformers.json").read_text())
+    assert config["document_length"] == 8
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--colbert_dim", "-1"], "--colbert_dim must be >= 0"),
     (["--colbert_dim", "16", "--untie_encoders"], "--colbert_dim with --untie_encoders"),
+    (["--passage_segment_len", "8"], "--passage_segment_len reads a passage in segments"),
+    (["--colbert_dim", "16", "--passage_segment_len", "48"], "--passage_segment_len must be in [3, --passage_max_len 48)"),
+    (["--colbert_dim", "16", "--passage_segment_len", "8", "--shift_positions"], "--passage_segment_len with --shift"),
 ])
 def test_bad_flags_end_with_one_error_line(tiny_model_dir, tiny_train_file, tmp_path, capsys, extra, message):
     err = run_main(efficient_train, common(tiny_model_dir, tiny_train_file, tmp_path / "o", *extra), capsys)
