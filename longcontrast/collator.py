@@ -94,8 +94,9 @@ class ContrastiveCollator:
     prompts) are not tokenised again. ``passage_segment_len`` set: ``passage_ids`` are the consecutive
     segments of every passage (:func:`.tokenization.split_windows`, each a text of its own) and
     ``passage_segment_owner`` the passage of each (non-decreasing); the loss scores a passage over all
-    of its segments' token vectors (:func:`.late_interaction.join_segments`). Always ``dataset``: the rows' dataset index (-1 when they come from several), which a mixture
-    gives its own query prompt and number of hard negatives (``dataset_prompts``, ``dataset_negatives``).
+    of its segments' token vectors (:func:`.late_interaction.join_segments`). Always ``dataset``:
+    the rows' dataset index (-1 when they come from several), which a mixture gives its own query
+    prompt and number of hard negatives (``dataset_prompts``, ``dataset_negatives``).
     """
 
     tokenizer: object
