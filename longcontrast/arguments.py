@@ -270,6 +270,11 @@ class DataArguments:
         "Prefix added to every passage (E5's 'passage: ', nomic's 'search_document: '); saved as its 'document' "
         "prompt.")})
 
+    @property
+    def passage_read_len(self) -> int:
+        """The tokens the model reads a passage piece at: the segment's length, else the passage's."""
+        return self.passage_segment_len or self.passage_max_len
+
 
 @dataclass
 class GradCacheArguments:

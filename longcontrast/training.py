@@ -147,7 +147,7 @@ def save_settings(tokenizer, specs, model_args, data_args) -> dict:
     dataset prompts as the query prompt where one serves every dataset, else as named prompts)."""
     prompts = query_prompts(specs, data_args)
     one_prompt = prompts is not None and len(set(prompts)) == 1
-    return dict(tokenizer=tokenizer, max_seq_length=data_args.passage_segment_len or data_args.passage_max_len,
+    return dict(tokenizer=tokenizer, max_seq_length=data_args.passage_read_len,
                 query_prompt=prompts[0] if one_prompt else data_args.query_prompt,
                 passage_prompt=data_args.passage_prompt, trust_remote_code=model_args.trust_remote_code,
                 query_max_length=data_args.query_max_len,
@@ -182,7 +182,7 @@ def build_trainer(model, tokenizer, data: TrainingSet, specs, model_args, data_a
         # the Trainer wants an eval_dataset to evaluate at all; DevEvaluation reads the sets itself
         eval_dataset=dev_sets, dev_evaluation=None if dev_sets is None else DevEvaluation(
             dev_sets, tokenizer, query_max_len=data_args.query_max_len,
-            passage_max_len=data_args.passage_segment_len or data_args.passage_max_len,
+            passage_max_len=data_args.passage_read_len,
             query_prompt=data_args.query_prompt, passage_prompt=data_args.passage_prompt),
         export=None if dev_sets is None or training_args.sharding else functools.partial(
             export_model, settings=save_settings(tokenizer, specs, model_args, data_args)),

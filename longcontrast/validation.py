@@ -99,6 +99,7 @@ def validate_segments(data_args, model_args, *, late_interaction: bool, has_span
             raise UserError(f"--passage_segment_len with {flag}: a passage read in segments is neither shifted nor "
                             "pooled over a span; drop one of the two")
 
+
 def validate_lora(model_args, training_args) -> None:
     """LoRA's flags, half-precision weights and activation checkpointing, checked before loading."""
     lora = model_args.lora_r > 0
