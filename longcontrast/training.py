@@ -244,6 +244,8 @@ def train(argv=None, gradcache: bool = True) -> str:
                         scores=model_args.distill_weight > 0, cache_dir=data_args.data_cache_dir,
                         training_args=training_args)
     sampler = mixture_sampler(specs, data, data_args, training_args)
+    validate_segments(data_args, model_args, has_spans=bool(data.span_rows), late_interaction=bool(
+        model_args.colbert_dim) or read_projection(model_args.model_name_or_path) is not None)  # before the model loads
     dev_sets = load_dev_sets(training_args.eval_data, split=training_args.eval_split,
                              num_turns=data_args.query_turns) if training_args.eval_data else None
     if dev_sets:
@@ -263,7 +265,6 @@ def train(argv=None, gradcache: bool = True) -> str:
                        training_args=training_args)
     # 4. the model (sharded with --fsdp) and its trainer
     model = dual_encoder(encoder, model_args, pooling, trained_rows)
-    validate_segments(data_args, model_args, late_interaction=model.projection is not None, has_spans=bool(data.span_rows))
     if training_args.sharding:
         shard(model, **training_args.sharding.fully_shard_kwargs())
     logger.info(

@@ -281,6 +281,13 @@ def test_bad_flags_end_with_one_error_line(tiny_model_dir, tiny_train_file, tmp_
     assert message in err
 
 
+def test_a_late_interaction_folder_is_continued_in_segments(colbert_dir, tiny_train_file, tmp_path):
+    """--passage_segment_len without --colbert_dim: the folder's own projection makes it late interaction."""
+    assert efficient_train.main(common(colbert_dir, tiny_train_file, tmp_path / "o", "--passage_segment_len", "8",
+                                       "--max_steps", "1", "--mini_batch_size", "2")) == 0
+    assert json.loads((tmp_path / "o" / "config_sentence_transformers.json").read_text())["document_length"] == 8
+
+
 # --- retrieval: the token index, its blocked search, the retriever's readings ---
 
 def test_blocked_search_equals_the_brute_force(monkeypatch):
