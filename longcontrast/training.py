@@ -244,8 +244,7 @@ def train(argv=None, gradcache: bool = True) -> str:
                         scores=model_args.distill_weight > 0, cache_dir=data_args.data_cache_dir,
                         training_args=training_args)
     sampler = mixture_sampler(specs, data, data_args, training_args)
-    validate_segments(data_args, model_args, has_spans=bool(data.span_rows), late_interaction=bool(
-        model_args.colbert_dim) or read_projection(model_args.model_name_or_path) is not None)  # before the model loads
+    validate_segments(data_args, model_args, has_spans=bool(data.span_rows))  # before the model loads
     dev_sets = load_dev_sets(training_args.eval_data, split=training_args.eval_split,
                              num_turns=data_args.query_turns) if training_args.eval_data else None
     if dev_sets:

@@ -10,6 +10,7 @@ import os
 import torch
 
 from . import UserError
+from .late_interaction import read_projection
 from .positions import position_offset, position_table
 
 
@@ -86,12 +87,12 @@ def validate_lengths(data_args, positions: int) -> None:
                             f"--max_position_embeddings), got {value}")
 
 
-def validate_segments(data_args, model_args, *, late_interaction: bool, has_spans: bool) -> None:
-    """``--passage_segment_len`` reads a passage as late interaction does: token vectors, no
-    shifted positions, no pooling span."""
+def validate_segments(data_args, model_args, *, has_spans: bool) -> None:
+    """``--passage_segment_len`` reads a passage as late interaction does (``--colbert_dim``, or the
+    checkpoint's own projection): token vectors, no shifted positions, no pooling span."""
     if data_args.passage_segment_len is None:
         return
-    if not late_interaction:
+    if not model_args.colbert_dim and read_projection(model_args.model_name_or_path) is None:
         raise UserError("--passage_segment_len reads a passage in segments whose token vectors MaxSim scores together: "
                         "it needs late interaction (--colbert_dim)")
     for flag, on in (("--shift_positions", model_args.shift_positions), ("span records", has_spans)):
